@@ -1,0 +1,124 @@
+"""``load_config`` and ``load_model``: any checkpoint reference to a config or a ready model.
+
+A reference is a GGUF file, a Hugging Face folder, a Meta folder, or (for configs) a preset
+name. Formats are told apart by what the files contain, never by their names.
+
+Loading builds the model on the ``meta`` device (no memory), then fills it tensor by
+tensor with ``load_state_dict(assign=True)``: peak memory is about one copy of the weights.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from llamalab.checkpoint.names import canonical_names
+from llamalab.checkpoint.reader import CheckpointReader
+from llamalab.config import PRESETS, ModelConfig
+from llamalab.errors import LlamalabError
+
+
+def open_checkpoint(ref: str | Path) -> CheckpointReader:
+    """Open a checkpoint lazily, detecting its format from its contents."""
+    from llamalab.checkpoint.gguf_format import GGUF_MAGIC, GGUFReader
+    from llamalab.checkpoint.hf_format import HFReader, is_hf_folder
+    from llamalab.checkpoint.meta_format import MetaReader, is_meta_folder
+
+    path = Path(ref).expanduser()
+    if not path.exists():
+        hint = f" (known presets: {', '.join(PRESETS)})" if "/" not in str(ref) else ""
+        raise LlamalabError(f"{path}: no such file or folder{hint}")
+    if path.is_file():
+        with open(path, "rb") as f:
+            magic = f.read(4)
+        if magic == GGUF_MAGIC:
+            return GGUFReader(path)
+        raise LlamalabError(
+            f"{path}: not a model file (starts with {magic!r}, a GGUF file starts with {GGUF_MAGIC!r}); "
+            "pass the folder for Hugging Face or Meta checkpoints"
+        )
+    if is_meta_folder(path):
+        return MetaReader(path)
+    if is_hf_folder(path):
+        return HFReader(path)
+    raise LlamalabError(f"{path}: no checkpoint here (expected params.json or config.json)")
+
+
+def load_config(ref: str | Path) -> ModelConfig:
+    """The ModelConfig of a preset name or a checkpoint (GGUF file, HF folder, Meta folder)."""
+    if isinstance(ref, str) and ref in PRESETS:
+        return PRESETS[ref]
+    reader = open_checkpoint(ref)
+    try:
+        return reader.config
+    finally:
+        reader.close()
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    # This class of CPU has no fast bf16/fp16 matmul; GPUs are fastest in bf16.
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def load_model(
+    ref: str | Path,
+    *,
+    dtype: torch.dtype | str | None = None,
+    device: torch.device | str | None = None,
+) -> torch.nn.Module:
+    """Load a checkpoint into a :class:`~llamalab.model.Transformer`, in eval mode.
+
+    ``dtype`` defaults to float32 on the CPU and bfloat16 on CUDA; ``device`` to the CPU.
+    """
+    device = torch.device(device or "cpu")
+    if isinstance(dtype, str):
+        dtype = resolve_dtype(dtype)
+    dtype = dtype or default_dtype(device)
+    reader = open_checkpoint(ref)
+    try:
+        return build_model(reader, dtype, device)
+    finally:
+        reader.close()
+
+
+def build_model(reader: CheckpointReader, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
+    from llamalab.model import Transformer
+
+    config = reader.config
+    with torch.device("meta"):
+        model = Transformer(config)
+    expected = {name: tuple(p.shape) for name, p in model.state_dict().items()}
+    present = set(reader.names())
+    missing = [n for n in canonical_names(config.n_layers, config.tie_embeddings) if n not in present]
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise LlamalabError(f"{reader.path}: missing tensor(s) {shown}")
+    state: dict[str, torch.Tensor] = {}
+    for name in canonical_names(config.n_layers, config.tie_embeddings):
+        shape = reader.info(name).shape
+        if shape != expected[name]:
+            raise LlamalabError(
+                f"{reader.path}: tensor {name} has shape {list(shape)}, the config needs {list(expected[name])}"
+            )
+        state[name] = reader.load(name).to(device=device, dtype=dtype)
+    if config.tie_embeddings:
+        state["output.weight"] = state["tok_embeddings.weight"]
+    model.load_state_dict(state, strict=True, assign=True)
+    model.tie_weights()
+    model.init_buffers(device)
+    return model.eval()
+
+
+_DTYPES = {
+    "float32": torch.float32, "f32": torch.float32, "fp32": torch.float32,
+    "float16": torch.float16, "f16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+}  # fmt: skip
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    try:
+        return _DTYPES[name.lower()]
+    except KeyError:
+        raise LlamalabError(f"unknown dtype {name!r}; expected one of {', '.join(_DTYPES)}") from None

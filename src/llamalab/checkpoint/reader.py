@@ -1,0 +1,79 @@
+"""What every checkpoint reader offers: a config and lazily loaded canonical tensors.
+
+Readers translate names and layouts so that ``load(name)`` always returns the tensor as
+the model wants it (Meta's names, Meta's q/k order). They load one tensor at a time, so
+loading and converting hold about one copy of the model, never two.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from llamalab.config import ModelConfig
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Shape (PyTorch order) and stored type ("F32", "BF16", "Q4_1" ...) of one tensor."""
+
+    shape: tuple[int, ...]
+    stored_type: str
+    nbytes: int
+
+
+class CheckpointReader(ABC):
+    """One checkpoint on disk, opened lazily."""
+
+    format: str  # "gguf", "hf" or "meta"
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    @property
+    @abstractmethod
+    def config(self) -> ModelConfig: ...
+
+    @abstractmethod
+    def names(self) -> list[str]:
+        """Canonical names of the tensors this checkpoint holds."""
+
+    @abstractmethod
+    def info(self, name: str) -> TensorInfo: ...
+
+    @abstractmethod
+    def load(self, name: str) -> torch.Tensor:
+        """The tensor in canonical layout, in its stored float type (quantized → float32)."""
+
+    def stored_types(self) -> dict[str, int]:
+        """How many tensors of each stored type."""
+        counts: dict[str, int] = {}
+        for name in self.names():
+            kind = self.info(name).stored_type
+            counts[kind] = counts.get(kind, 0) + 1
+        return counts
+
+    def weights_nbytes(self) -> int:
+        return sum(self.info(name).nbytes for name in self.names())
+
+    def tokenizer_kind(self) -> str | None:
+        """A short description of the tokenizer the checkpoint carries, if any."""
+        return None
+
+    def close(self) -> None:
+        """Release open files (readers hold memory maps)."""
+
+
+_TORCH_TYPE_NAMES = {
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.float64: "F64",
+}
+
+
+def torch_type_name(dtype: torch.dtype) -> str:
+    return _TORCH_TYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))

@@ -1,0 +1,248 @@
+"""The LLaMA transformer, as the paper and Meta's reference code define it.
+
+One module trains and infers: ``model(tokens)`` runs full causal sequences (training,
+evaluation); after ``model.setup_cache(...)``, ``model(tokens, input_pos=pos)`` runs the
+new tokens against a preallocated key/value cache (generation).
+
+Parameter names follow Meta's checkpoints (``tok_embeddings``, ``layers.N.attention.wq``,
+``feed_forward.w1``, ``attention_norm`` ...), so Meta weights load without a name table.
+Rotary embeddings rotate *adjacent* pairs of each head's channels, Meta's convention;
+Hugging Face checkpoints are converted to it on load (``checkpoint/names.py``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llamalab.config import ModelConfig, RopeScaling
+from llamalab.kv_cache import KVCache
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm, computed in float32 whatever the input dtype (as Meta does)."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+
+def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None) -> torch.Tensor:
+    """Inverse frequencies of the rotary embedding, one per pair of channels: (head_dim/2,)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    if scaling is None:
+        return inv_freq
+    if scaling.kind == "linear":
+        return inv_freq / scaling.factor
+    if scaling.kind == "factors":
+        return inv_freq / torch.tensor(scaling.factors, dtype=torch.float64)
+    # llama3: keep high frequencies, divide low ones by `factor`, blend the band between.
+    low_wavelen = scaling.original_context_length / scaling.low_freq_factor
+    high_wavelen = scaling.original_context_length / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (scaling.original_context_length / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor
+    )
+    blended = (1 - smooth) * inv_freq / scaling.factor + smooth * inv_freq
+    out = torch.where(wavelen > low_wavelen, inv_freq / scaling.factor, blended)
+    return torch.where(wavelen < high_wavelen, inv_freq, out)
+
+
+def rope_cache(config: ModelConfig, length: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """cos and sin of every (position, frequency): (length, head_dim/2, 2), float32."""
+    inv_freq = rope_frequencies(config.head_dim, config.rope_theta, config.rope_scaling)
+    positions = torch.arange(length, dtype=torch.float64)
+    angles = torch.outer(positions, inv_freq).float()
+    return torch.stack([angles.cos(), angles.sin()], dim=-1).to(device)
+
+
+def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent channel pairs of x (B, T, H, D) by the angles in rope (B or 1, T, D/2, 2)."""
+    pairs = x.float().reshape(*x.shape[:-1], -1, 2)  # (B, T, H, D/2, 2)
+    rope = rope.unsqueeze(2)  # (B, T, 1, D/2, 2): the same angles for every head
+    cos, sin = rope[..., 0], rope[..., 1]
+    real, imag = pairs[..., 0], pairs[..., 1]
+    rotated = torch.stack([real * cos - imag * sin, real * sin + imag * cos], dim=-1)
+    return rotated.flatten(-2).type_as(x)
+
+
+class Attention(nn.Module):
+    """Causal self-attention with grouped-query heads (n_kv_heads ≤ n_heads)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads = config.n_heads
+        self.n_kv_heads = config.n_kv_heads
+        self.head_dim = config.head_dim
+        self.wq = nn.Linear(config.dim, self.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(self.n_heads * self.head_dim, config.dim, bias=False)
+        self.kv_cache: KVCache | None = None
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: torch.Tensor,
+        input_pos: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        q, k = apply_rope(q, rope), apply_rope(k, rope)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, head_dim)
+
+        if input_pos is None:
+            # Whole sequences: the fused causal kernel, which stores no attention weights.
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        else:
+            if self.kv_cache is None:
+                raise RuntimeError("input_pos given but no KV cache: call model.setup_cache() first")
+            k, v = self.kv_cache.update(input_pos, k, v)  # (B, kv_heads, max_seq_len, head_dim)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
+        return self.wo(out)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(config.dim, config.ffn_hidden_dim, bias=False)
+        self.w2 = nn.Linear(config.ffn_hidden_dim, config.dim, bias=False)
+        self.w3 = nn.Linear(config.dim, config.ffn_hidden_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm residual block: x + attention(norm(x)), then + feed_forward(norm(x))."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.attention = Attention(config)
+        self.feed_forward = FeedForward(config)
+        self.attention_norm = RMSNorm(config.dim, config.norm_eps)
+        self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: torch.Tensor,
+        input_pos: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), rope, input_pos, mask)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    """A LLaMA-family decoder-only transformer.
+
+    ``forward(tokens)`` with tokens (batch, seq) returns logits (batch, seq, vocab); with
+    ``targets`` it returns the mean next-token cross-entropy instead (targets equal to -100
+    are ignored). With ``input_pos`` (batch, seq) — the absolute position of each token —
+    it reads and extends the KV cache set up by :meth:`setup_cache`.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.tie_weights()
+        # Rotary angles are derived, not learned: a non-persistent buffer, rebuilt by
+        # init_buffers() when the model was created on the meta device.
+        self.register_buffer("rope", rope_cache(config, config.context_length, self._device()), persistent=False)
+        self.max_batch_size = 0
+        self.max_seq_len = 0
+
+    def _device(self) -> torch.device:
+        return self.tok_embeddings.weight.device
+
+    def tie_weights(self) -> None:
+        """Share the embedding matrix with the output projection when the config says so."""
+        if self.config.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+
+    def init_buffers(self, device: torch.device | str | None = None) -> None:
+        """(Re)build the rotary table on ``device`` (needed after building on ``meta``)."""
+        device = device if device is not None else self._device()
+        self.rope = rope_cache(self.config, self.config.context_length, device)
+
+    def reset_parameters(self, std: float = 0.02) -> None:
+        """Initialise weights for training from scratch: normal(0, std) matrices, unit norms."""
+        for name, param in self.named_parameters():
+            with torch.no_grad():
+                if name.endswith("norm.weight"):
+                    param.fill_(1.0)
+                else:
+                    param.normal_(0.0, std)
+
+    def setup_cache(
+        self, max_batch_size: int, max_seq_len: int, dtype: torch.dtype | None = None
+    ) -> None:
+        """Preallocate a KV cache in every layer for ``max_batch_size`` sequences of ``max_seq_len``."""
+        if max_seq_len > self.config.context_length:
+            raise ValueError(
+                f"max_seq_len {max_seq_len} exceeds the model's context length {self.config.context_length}"
+            )
+        dtype = dtype or self.tok_embeddings.weight.dtype
+        device = self._device()
+        for layer in self.layers:
+            layer.attention.kv_cache = KVCache(
+                max_batch_size, self.config.n_kv_heads, max_seq_len, self.config.head_dim, dtype, device
+            )
+        self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
+
+    def clear_cache(self) -> None:
+        for layer in self.layers:
+            layer.attention.kv_cache = None
+        self.max_batch_size = self.max_seq_len = 0
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        input_pos: torch.Tensor | None = None,
+        targets: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        B, T = tokens.shape
+        if input_pos is None:
+            if T > self.config.context_length:
+                raise ValueError(f"sequence of {T} tokens exceeds the context length {self.config.context_length}")
+            rope = self.rope[:T].unsqueeze(0)  # (1, T, head_dim/2, 2)
+            mask = None
+        else:
+            if input_pos.dim() == 1:
+                input_pos = input_pos.unsqueeze(0).expand(B, T)
+            rope = self.rope[input_pos]  # (B, T, head_dim/2, 2)
+            # A query at position p sees cache slots 0..p; callers may narrow it further
+            # (padding) with attn_mask (B, T, max_seq_len) of booleans.
+            slots = torch.arange(self.max_seq_len, device=tokens.device)
+            mask = (slots.view(1, 1, -1) <= input_pos.unsqueeze(-1)).unsqueeze(1)  # (B, 1, T, S)
+            if attn_mask is not None:
+                mask = mask & attn_mask.unsqueeze(1)
+
+        h = self.tok_embeddings(tokens)  # (B, T, dim)
+        for layer in self.layers:
+            h = layer(h, rope, input_pos, mask)
+        logits = self.output(self.norm(h))  # (B, T, vocab)
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
