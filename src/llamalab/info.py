@@ -50,10 +50,11 @@ def describe(ref: str | None) -> dict[str, Any]:
         report["weights_bytes"] = None
         return report
 
-    from llamalab.checkpoint.load import open_checkpoint
+    from llamalab.checkpoint.load import open_checkpoint, validate
 
     reader = open_checkpoint(ref)
     try:
+        validate(reader)
         config = reader.config
         report = {"format": reader.format, "path": str(Path(ref).resolve()), "name": config.name}
         report.update(_config_fields(config))

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from llamalab.checkpoint import names as tensor_names
-from llamalab.checkpoint.load import open_checkpoint
+from llamalab.checkpoint.load import open_checkpoint, validate
 from llamalab.checkpoint.reader import CheckpointReader
 from llamalab.errors import LlamalabError
 
@@ -51,6 +51,7 @@ def convert(
         raise LlamalabError("--shards applies to Meta checkpoints only")
     reader = open_checkpoint(src)
     try:
+        validate(reader)
         out_type = dtype or source_float_type(reader)
         with staging(dst) as tmp:
             if to == "hf":

@@ -94,8 +94,8 @@ class GGUFReader(CheckpointReader):
             n_kv_heads=int(self._meta("attention.head_count_kv", n_heads)),
             vocab_size=int(vocab),
             ffn_hidden_dim=int(self._meta("feed_forward_length", required=True)),
-            norm_eps=float(self._meta("attention.layer_norm_rms_epsilon", 1e-5)),
-            rope_theta=float(self._meta("rope.freq_base", 10000.0)),
+            norm_eps=_float32(self._meta("attention.layer_norm_rms_epsilon", 1e-5)),
+            rope_theta=_float32(self._meta("rope.freq_base", 10000.0)),
             rope_scaling=self._rope_scaling(head_dim),
             context_length=int(self._meta("context_length", 2048)),
             tie_embeddings="output.weight" not in self._tensors,
@@ -148,6 +148,11 @@ class GGUFReader(CheckpointReader):
             return None
         pre = field_value(self._reader, "tokenizer.ggml.pre")
         return f"{model} (pre-tokenizer {pre})" if pre else str(model)
+
+
+def _float32(value: float) -> float:
+    """GGUF stores these as float32: read back the shortest decimal that rounds to it (1e-5, not 9.99e-6)."""
+    return float(str(np.float32(value)))
 
 
 def llama3_rope_factors(head_dim: int, theta: float) -> tuple[float, ...]:

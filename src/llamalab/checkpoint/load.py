@@ -82,25 +82,38 @@ def load_model(
         reader.close()
 
 
+def validate(reader: CheckpointReader, model: torch.nn.Module | None = None) -> None:
+    """Check that the checkpoint holds every tensor its config needs, each of the right shape."""
+    from llamalab.model import Transformer
+
+    config = reader.config
+    if model is None:
+        with torch.device("meta"):
+            model = Transformer(config)
+    expected = {name: tuple(p.shape) for name, p in model.state_dict().items()}
+    needed = canonical_names(config.n_layers, config.tie_embeddings)
+    present = set(reader.names())
+    missing = [n for n in needed if n not in present]
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise LlamalabError(f"{reader.path}: missing tensor(s) {shown}")
+    for name in needed:
+        shape = reader.info(name).shape
+        if shape != expected[name]:
+            raise LlamalabError(
+                f"{reader.path}: tensor {name} has shape {list(shape)}, the config needs {list(expected[name])}"
+            )
+
+
 def build_model(reader: CheckpointReader, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
     from llamalab.model import Transformer
 
     config = reader.config
     with torch.device("meta"):
         model = Transformer(config)
-    expected = {name: tuple(p.shape) for name, p in model.state_dict().items()}
-    present = set(reader.names())
-    missing = [n for n in canonical_names(config.n_layers, config.tie_embeddings) if n not in present]
-    if missing:
-        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
-        raise LlamalabError(f"{reader.path}: missing tensor(s) {shown}")
+    validate(reader, model)
     state: dict[str, torch.Tensor] = {}
     for name in canonical_names(config.n_layers, config.tie_embeddings):
-        shape = reader.info(name).shape
-        if shape != expected[name]:
-            raise LlamalabError(
-                f"{reader.path}: tensor {name} has shape {list(shape)}, the config needs {list(expected[name])}"
-            )
         state[name] = reader.load(name).to(device=device, dtype=dtype)
     if config.tie_embeddings:
         state["output.weight"] = state["tok_embeddings.weight"]

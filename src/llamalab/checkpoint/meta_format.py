@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pickle
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -62,12 +63,19 @@ def split_dim(name: str, tok_embeddings_dim: int = 1) -> int | None:
 def load_pth(path: Path) -> dict[str, torch.Tensor]:
     """Open one shard memory-mapped, refusing pickles that would run code."""
     try:
-        data = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's pickle-protocol chatter is not the user's concern
+            try:
+                data = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+            except RuntimeError as exc:
+                if "zipfile" not in str(exc):
+                    raise
+                # A legacy (pre-zip) torch.save file cannot be memory-mapped: read it whole.
+                data = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsafe pickle"
-        raise LlamalabError(
-            f"{path}: refused to load: the pickle holds more than tensors ({first_line})"
-        ) from None
+        lines = [ln.strip() for ln in str(exc).splitlines() if "Unsupported" in ln or "Unpickler error" in ln]
+        why = lines[0] if lines else "objects other than tensors"
+        raise LlamalabError(f"{path}: refused to load: the pickle would run code ({why})") from None
     except (RuntimeError, OSError, EOFError, ValueError) as exc:
         raise LlamalabError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): {exc}") from None
     if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):

