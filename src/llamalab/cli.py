@@ -43,6 +43,18 @@ def _cmd_tokenize(args: argparse.Namespace) -> int:
     return run_tokenize(args)
 
 
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from llamalab.cli_generate import run_generate
+
+    return run_generate(args)
+
+
+def _cmd_chat(args: argparse.Namespace) -> int:
+    from llamalab.cli_generate import run_chat
+
+    return run_chat(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="llamalab", description="Run, convert, train and evaluate LLaMA-family models."
@@ -88,6 +100,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-bos", action="store_true", help="do not add the BOS token")
     p.add_argument("--no-special", action="store_true", help="treat special-token text as plain text")
     p.set_defaults(func=_cmd_tokenize)
+
+    from llamalab.cli_generate import add_sampling_arguments
+
+    p = sub.add_parser(
+        "generate",
+        help="continue a prompt",
+        description="Generate text from PROMPT (or stdin), streaming it to stdout. Special tokens "
+        "written in the prompt are parsed.",
+    )
+    p.add_argument("prompt", nargs="?", default=None, help="the prompt (default: read stdin)")
+    add_sampling_arguments(p)
+    p.add_argument("--stop", action="append", default=[], metavar="STR", help="stop at this text (repeatable; never printed)")
+    p.add_argument("--logprobs", type=int, default=None, metavar="K", help="report each token's logprob and K alternatives (with --json)")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--system", default=None, help="system message (with --chat)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser(
+        "chat",
+        help="talk with a model",
+        description="An interactive multi-turn conversation in the model's chat template. "
+        "/reset starts over, /exit leaves, Ctrl-C interrupts a reply.",
+    )
+    add_sampling_arguments(p)
+    p.add_argument("--system", default=None, help="system message")
+    p.set_defaults(func=_cmd_chat)
     return parser
 
 

@@ -28,15 +28,24 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(
-        self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+        self,
+        input_pos: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        row: int = 0,
+        kv_len: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, n_kv_heads, T, head_dim) at positions input_pos (B, T); return the cache.
+        """Write k, v (B, n_kv_heads, T, head_dim) at positions input_pos (B, T) of rows
+        ``row .. row+B``; return those rows' keys and values for slots ``0 .. kv_len``.
 
-        Only the first B rows of the cache are used, so one cache serves any batch up to
-        its size.
+        Every row is an independent sequence with its own positions, so one cache serves a
+        batch whose members started at different times and have different lengths. Rows
+        and slots are contiguous slices: views, never copies.
         """
         B = k.shape[0]
+        kv_len = kv_len or self.k.shape[2]
+        keys, values = self.k[row : row + B], self.v[row : row + B]
         index = input_pos.view(B, 1, -1, 1).expand_as(k)
-        self.k[:B].scatter_(2, index, k.to(self.k.dtype))
-        self.v[:B].scatter_(2, index, v.to(self.v.dtype))
-        return self.k[:B], self.v[:B]
+        keys.scatter_(2, index, k.to(keys.dtype))
+        values.scatter_(2, index, v.to(values.dtype))
+        return keys[:, :, :kv_len], values[:, :, :kv_len]

@@ -95,6 +95,7 @@ class Attention(nn.Module):
         rope: torch.Tensor,
         input_pos: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
+        row: int = 0,
     ) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
@@ -109,7 +110,8 @@ class Attention(nn.Module):
         else:
             if self.kv_cache is None:
                 raise RuntimeError("input_pos given but no KV cache: call model.setup_cache() first")
-            k, v = self.kv_cache.update(input_pos, k, v)  # (B, kv_heads, max_seq_len, head_dim)
+            kv_len = mask.shape[-1] if mask is not None else None
+            k, v = self.kv_cache.update(input_pos, k, v, row, kv_len)  # (B, kv_heads, kv_len, head_dim)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
         out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
         return self.wo(out)
@@ -144,8 +146,9 @@ class TransformerBlock(nn.Module):
         rope: torch.Tensor,
         input_pos: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
+        row: int = 0,
     ) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), rope, input_pos, mask)
+        h = x + self.attention(self.attention_norm(x), rope, input_pos, mask, row)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -220,7 +223,10 @@ class Transformer(nn.Module):
         tokens: torch.Tensor,
         input_pos: torch.Tensor | None = None,
         targets: torch.Tensor | None = None,
-        attn_mask: torch.Tensor | None = None,
+        *,
+        row: int = 0,
+        kv_len: int | None = None,
+        last_only: bool = False,
     ) -> torch.Tensor:
         B, T = tokens.shape
         if input_pos is None:
@@ -232,16 +238,17 @@ class Transformer(nn.Module):
             if input_pos.dim() == 1:
                 input_pos = input_pos.unsqueeze(0).expand(B, T)
             rope = self.rope[input_pos]  # (B, T, head_dim/2, 2)
-            # A query at position p sees cache slots 0..p; callers may narrow it further
-            # (padding) with attn_mask (B, T, max_seq_len) of booleans.
-            slots = torch.arange(self.max_seq_len, device=tokens.device)
+            # A query at position p sees cache slots 0..p of its own row. Attending over
+            # kv_len slots rather than the whole cache keeps decode cost proportional to
+            # the text so far; callers round kv_len up to keep the set of shapes small.
+            slots = torch.arange(kv_len or self.max_seq_len, device=tokens.device)
             mask = (slots.view(1, 1, -1) <= input_pos.unsqueeze(-1)).unsqueeze(1)  # (B, 1, T, S)
-            if attn_mask is not None:
-                mask = mask & attn_mask.unsqueeze(1)
 
         h = self.tok_embeddings(tokens)  # (B, T, dim)
         for layer in self.layers:
-            h = layer(h, rope, input_pos, mask)
+            h = layer(h, rope, input_pos, mask, row)
+        if last_only:  # prefill needs only the next token's logits: skip the rest of the head
+            h = h[:, -1:]
         logits = self.output(self.norm(h))  # (B, T, vocab)
         if targets is None:
             return logits

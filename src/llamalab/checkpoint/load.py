@@ -66,10 +66,12 @@ def load_model(
     *,
     dtype: torch.dtype | str | None = None,
     device: torch.device | str | None = None,
+    progress: bool = False,
 ) -> torch.nn.Module:
     """Load a checkpoint into a :class:`~llamalab.model.Transformer`, in eval mode.
 
     ``dtype`` defaults to float32 on the CPU and bfloat16 on CUDA; ``device`` to the CPU.
+    ``progress`` shows a progress bar on stderr while the tensors load.
     """
     device = torch.device(device or "cpu")
     if isinstance(dtype, str):
@@ -77,7 +79,7 @@ def load_model(
     dtype = dtype or default_dtype(device)
     reader = open_checkpoint(ref)
     try:
-        return build_model(reader, dtype, device)
+        return build_model(reader, dtype, device, progress=progress)
     finally:
         reader.close()
 
@@ -105,7 +107,9 @@ def validate(reader: CheckpointReader, model: torch.nn.Module | None = None) -> 
             )
 
 
-def build_model(reader: CheckpointReader, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
+def build_model(
+    reader: CheckpointReader, dtype: torch.dtype, device: torch.device, *, progress: bool = False
+) -> torch.nn.Module:
     from llamalab.model import Transformer
 
     config = reader.config
@@ -113,7 +117,12 @@ def build_model(reader: CheckpointReader, dtype: torch.dtype, device: torch.devi
         model = Transformer(config)
     validate(reader, model)
     state: dict[str, torch.Tensor] = {}
-    for name in canonical_names(config.n_layers, config.tie_embeddings):
+    names = canonical_names(config.n_layers, config.tie_embeddings)
+    if progress:
+        from tqdm import tqdm
+
+        names = tqdm(names, desc="loading", unit="tensor", leave=False)
+    for name in names:
         state[name] = reader.load(name).to(device=device, dtype=dtype)
     if config.tie_embeddings:
         state["output.weight"] = state["tok_embeddings.weight"]
