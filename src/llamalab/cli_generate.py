@@ -53,14 +53,14 @@ def _read_prompt(args: argparse.Namespace) -> str:
 
 def run_generate(args: argparse.Namespace) -> int:
     from llamalab.generation import Engine, Request
-    from llamalab.generation.chat import build_messages, chat_prompt_ids
+    from llamalab.generation.chat import build_messages
     from llamalab.runtime import load_runtime
 
     sampling = _sampling(args)  # validate before the slow load
     prompt = _read_prompt(args)
     model, tokenizer = load_runtime(args.model, args.dtype)
     if args.chat:
-        prompt_ids = chat_prompt_ids(tokenizer, build_messages(prompt, args.system))
+        prompt_ids = tokenizer.encode_chat(build_messages(prompt, args.system))
     else:
         prompt_ids = tokenizer.encode(prompt, special=True)
     engine = Engine(model, tokenizer, max_seq_len=args.ctx, progress=sys.stderr.isatty())
@@ -117,7 +117,6 @@ CHAT_HELP = "Type a message and press Enter. /reset starts over, /exit (or Ctrl-
 
 def run_chat(args: argparse.Namespace) -> int:
     from llamalab.generation import Engine, Request
-    from llamalab.generation.chat import chat_prompt_ids
     from llamalab.runtime import load_runtime
 
     sampling = _sampling(args)
@@ -149,7 +148,7 @@ def run_chat(args: argparse.Namespace) -> int:
             continue
         history.append({"role": "user", "content": line})
         try:
-            prompt_ids = chat_prompt_ids(tokenizer, system + history)
+            prompt_ids = tokenizer.encode_chat(system + history)
             request = Request(prompt_ids, max_tokens=args.max_tokens, sampling=sampling)
             reply = _stream_reply(engine, request)
         except LlamalabError as exc:

@@ -1,0 +1,57 @@
+"""GPT-2's byte ↔ printable-character table, used by every byte-level BPE vocabulary.
+
+Byte-level BPE vocabularies (GPT-2, Llama 3, SmolLM2) store each token's bytes as a
+string of printable characters: the 188 printable Latin-1 bytes stand for themselves and
+the other 68 bytes (controls, space, ...) are mapped, in byte order, to U+0100 onwards. So
+a space is ``Ġ`` (U+0120) and a newline ``Ċ`` (U+010A).
+"""
+
+from __future__ import annotations
+
+from functools import cache
+
+
+@cache
+def byte_to_char() -> tuple[str, ...]:
+    """The character that stands for each byte value 0..255."""
+    printable = (
+        set(range(ord("!"), ord("~") + 1)) | set(range(0xA1, 0xAC + 1)) | set(range(0xAE, 0xFF + 1))
+    )
+    table: list[str] = []
+    shifted = 0
+    for b in range(256):
+        if b in printable:
+            table.append(chr(b))
+        else:
+            table.append(chr(256 + shifted))
+            shifted += 1
+    return tuple(table)
+
+
+@cache
+def char_to_byte() -> dict[str, int]:
+    """The inverse of `byte_to_char`."""
+    return {c: b for b, c in enumerate(byte_to_char())}
+
+
+def bytes_to_piece(data: bytes) -> str:
+    """Bytes → the printable form a byte-level vocabulary stores."""
+    table = byte_to_char()
+    return "".join(table[b] for b in data)
+
+
+def piece_to_bytes(piece: str) -> bytes:
+    """A byte-level vocabulary entry → its bytes.
+
+    A character outside the table (a malformed vocabulary) stands for its own UTF-8
+    bytes rather than failing: decoding must not crash on one odd entry.
+    """
+    table = char_to_byte()
+    out = bytearray()
+    for ch in piece:
+        b = table.get(ch)
+        if b is None:
+            out += ch.encode("utf-8")
+        else:
+            out.append(b)
+    return bytes(out)
