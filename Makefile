@@ -27,7 +27,7 @@ setup: $(VENV)/.installed
 setup-test: $(VENV)/.installed-test
 
 run: setup
-	$(VENV)/bin/llamalab info
+	$(VENV)/bin/llamalab generate --chat "Tell me a short story about a llama." --max-tokens 128
 
 test: setup-test
 	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -q

@@ -47,6 +47,7 @@ def test_ctrl_c_interrupts_a_reply_without_leaving(smollm2_path):
     )
     child.expect_exact("> ")
     child.sendline("Write a very long story about a dragon.")
+    child.expect_exact("dragon.")  # the terminal's echo of the line
     child.expect(r"\w+ \w+ \w+")  # the reply has started streaming
     child.sendintr()
     child.expect_exact("[interrupted]")
