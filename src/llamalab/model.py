@@ -31,8 +31,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return normed.type_as(x) * self.weight
 
 
@@ -58,21 +57,38 @@ def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None) -
 
 
 def rope_cache(config: ModelConfig, length: int, device: torch.device | str | None = None) -> torch.Tensor:
-    """cos and sin of every (position, frequency): (length, head_dim/2, 2), float32."""
+    """e^(i·angle) for every (position, frequency) as (real, imag): (length, head_dim/2, 2), float32."""
     inv_freq = rope_frequencies(config.head_dim, config.rope_theta, config.rope_scaling)
     positions = torch.arange(length, dtype=torch.float64)
     angles = torch.outer(positions, inv_freq).float()
-    return torch.stack([angles.cos(), angles.sin()], dim=-1).to(device)
+    return torch.view_as_real(torch.polar(torch.ones_like(angles), angles)).to(device)
 
 
 def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent channel pairs of x (B, T, H, D) by the angles in rope (B or 1, T, D/2, 2)."""
-    pairs = x.float().reshape(*x.shape[:-1], -1, 2)  # (B, T, H, D/2, 2)
-    rope = rope.unsqueeze(2)  # (B, T, 1, D/2, 2): the same angles for every head
-    cos, sin = rope[..., 0], rope[..., 1]
-    real, imag = pairs[..., 0], pairs[..., 1]
-    rotated = torch.stack([real * cos - imag * sin, real * sin + imag * cos], dim=-1)
+    """Rotate adjacent channel pairs of x (B, T, H, D) by the angles in rope (B or 1, T, D/2, 2).
+
+    Each pair (x[2j], x[2j+1]) is read as the complex number x[2j] + i·x[2j+1] and
+    multiplied by e^(i·angle), as in Meta's reference code.
+    """
+    pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))  # (B, T, H, D/2)
+    rotated = torch.view_as_real(pairs * torch.view_as_complex(rope).unsqueeze(2))  # same angles for every head
     return rotated.flatten(-2).type_as(x)
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Attention of one new token per sequence: q (B, H, 1, D), k and v (B, KVH, S, D).
+
+    The same maths as scaled_dot_product_attention, written as two small matmuls: for a
+    single query the fused CPU kernel spends far longer on set-up than on arithmetic.
+    Query heads are grouped by the key/value head they share, which avoids repeating K/V.
+    """
+    B, H, _, D = q.shape
+    kv_heads = k.shape[1]
+    q = q.view(B, kv_heads, H // kv_heads, D)  # (B, KVH, group, D)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * (D**-0.5)  # (B, KVH, group, S)
+    scores = scores.masked_fill(~mask.view(B, 1, 1, -1), float("-inf"))
+    out = torch.matmul(torch.softmax(scores.float(), dim=-1).type_as(v), v)  # (B, KVH, group, D)
+    return out.view(B, H, 1, D)
 
 
 class Attention(nn.Module):
@@ -112,7 +128,10 @@ class Attention(nn.Module):
                 raise RuntimeError("input_pos given but no KV cache: call model.setup_cache() first")
             kv_len = mask.shape[-1] if mask is not None else None
             k, v = self.kv_cache.update(input_pos, k, v, row, kv_len)  # (B, kv_heads, kv_len, head_dim)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+            if T == 1:
+                out = decode_attention(q, k, v, mask)
+            else:
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
         out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
         return self.wo(out)
 
@@ -180,8 +199,17 @@ class Transformer(nn.Module):
 
     def tie_weights(self) -> None:
         """Share the embedding matrix with the output projection when the config says so."""
-        if self.config.tie_embeddings:
+        # A packed output layer (quant/linear.py) holds its own copy of the matrix.
+        if self.config.tie_embeddings and isinstance(self.output, nn.Linear):
             self.output.weight = self.tok_embeddings.weight
+
+    def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202 (nn.Module's signature)
+        # .to(dtype) would round the rotary table to half precision; it is derived data,
+        # so rebuild it exactly in float32 instead.
+        super()._apply(fn, recurse)
+        if self.rope.dtype != torch.float32 and not self.rope.is_meta:
+            self.init_buffers(self.rope.device)
+        return self
 
     def init_buffers(self, device: torch.device | str | None = None) -> None:
         """(Re)build the rotary table on ``device`` (needed after building on ``meta``)."""

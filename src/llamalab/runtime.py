@@ -36,12 +36,12 @@ def load_runtime(ref: str | None, dtype: str = "auto", *, progress: bool | None 
     if progress is None:
         progress = sys.stderr.isatty()
     tokenizer = load_tokenizer(path)
-    model = load_model(path, dtype=torch.float32, progress=progress)
-    if dtype == "auto":
-        model = fast_form(model, path)
+    model = load_model(path, dtype=torch.float32, progress=progress, packed=dtype == "auto" and packed_kernels_available())
     return model, tokenizer
 
 
-def fast_form(model: torch.nn.Module, path: Path) -> torch.nn.Module:
-    """The fastest way this machine can run ``model`` (packed quantized weights where they pay)."""
-    return model
+def packed_kernels_available() -> bool:
+    """Whether this torch build has the CPU kernels that packed linear layers run on."""
+    from llamalab.quant.linear import fp16_kernel_available
+
+    return fp16_kernel_available()

@@ -142,6 +142,12 @@ class GGUFReader(CheckpointReader):
         tensor = self._tensors[name]
         return dequantize(tensor.data, tensor.tensor_type, self._shape(name))
 
+    def raw(self, name: str):
+        from llamalab.quant.linear import GGUFWeight
+
+        tensor = self._tensors[name]
+        return GGUFWeight(tensor.data, tensor.tensor_type, self._shape(name))
+
     def tokenizer_kind(self) -> str | None:
         model = field_value(self._reader, "tokenizer.ggml.model")
         if model is None:

@@ -67,11 +67,15 @@ def load_model(
     dtype: torch.dtype | str | None = None,
     device: torch.device | str | None = None,
     progress: bool = False,
+    packed: bool = False,
 ) -> torch.nn.Module:
     """Load a checkpoint into a :class:`~llamalab.model.Transformer`, in eval mode.
 
     ``dtype`` defaults to float32 on the CPU and bfloat16 on CUDA; ``device`` to the CPU.
-    ``progress`` shows a progress bar on stderr while the tensors load.
+    ``progress`` shows a progress bar on stderr while the tensors load. ``packed`` (CPU
+    inference only) builds the linear layers as packed :class:`~llamalab.quant.linear.QuantizedLinear`
+    modules straight from the stored weights — GGUF bytes are never expanded to a float32
+    copy — for faster decoding; the embedding and norms stay in ``dtype``.
     """
     device = torch.device(device or "cpu")
     if isinstance(dtype, str):
@@ -79,7 +83,7 @@ def load_model(
     dtype = dtype or default_dtype(device)
     reader = open_checkpoint(ref)
     try:
-        return build_model(reader, dtype, device, progress=progress)
+        return build_model(reader, dtype, device, progress=progress, packed=packed)
     finally:
         reader.close()
 
@@ -108,7 +112,12 @@ def validate(reader: CheckpointReader, model: torch.nn.Module | None = None) -> 
 
 
 def build_model(
-    reader: CheckpointReader, dtype: torch.dtype, device: torch.device, *, progress: bool = False
+    reader: CheckpointReader,
+    dtype: torch.dtype,
+    device: torch.device,
+    *,
+    progress: bool = False,
+    packed: bool = False,
 ) -> torch.nn.Module:
     from llamalab.model import Transformer
 
@@ -118,13 +127,22 @@ def build_model(
     validate(reader, model)
     state: dict[str, torch.Tensor] = {}
     names = canonical_names(config.n_layers, config.tie_embeddings)
+    if packed:
+        if device.type != "cpu":
+            raise LlamalabError("packed linear layers run on the CPU only")
+        from llamalab.quant.linear import quantize_model
+
+        present = set(reader.names())
+        source = lambda name: reader.raw(name) if name in present else None  # noqa: E731
+        replaced = {f"{name}.weight" for name in quantize_model(model, source)}
+        names = [n for n in names if n not in replaced]
     if progress:
         from tqdm import tqdm
 
         names = tqdm(names, desc="loading", unit="tensor", leave=False)
     for name in names:
         state[name] = reader.load(name).to(device=device, dtype=dtype)
-    if config.tie_embeddings:
+    if config.tie_embeddings and isinstance(model.output, torch.nn.Linear):
         state["output.weight"] = state["tok_embeddings.weight"]
     model.load_state_dict(state, strict=True, assign=True)
     model.tie_weights()

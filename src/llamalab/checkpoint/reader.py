@@ -48,6 +48,14 @@ class CheckpointReader(ABC):
     def load(self, name: str) -> torch.Tensor:
         """The tensor in canonical layout, in its stored float type (quantized → float32)."""
 
+    def raw(self, name: str):
+        """The tensor in the form a packed linear layer is built from (see ``quant/linear.py``).
+
+        Float formats hand over the float tensor; GGUF hands over its stored bytes, so that
+        quantized weights never pass through a float32 copy.
+        """
+        return self.load(name)
+
     def stored_types(self) -> dict[str, int]:
         """How many tensors of each stored type."""
         counts: dict[str, int] = {}

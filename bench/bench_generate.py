@@ -1,0 +1,204 @@
+"""Generation speed on SmolLM2-135M: llamalab beside llama.cpp and transformers, interleaved.
+
+For each engine, in a fresh process each time (so peak memory is its own):
+- prefill: a 512-token prompt, tokens/s;
+- time to first token: from handing over the prompt to having the first new token;
+- decode: 128 further tokens one at a time (greedy, EOS ignored), tokens/s;
+- peak resident memory of the process (VmHWM).
+
+Engines run round-robin, ``--repeats`` times each, and the table reports medians with
+min/max. llama.cpp (llama-cpp-python, which compiles for ~20 minutes) is optional: it is
+skipped with a note when not installed. All engines use the same thread count.
+
+    python bench/bench_generate.py --repeats 5 [--threads 2] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+PROMPT_TOKENS = 512
+DECODE_TOKENS = 128
+ENGINES = ("llamalab", "llamalab-float32", "llama.cpp", "transformers-float32")
+
+
+def prompt_ids() -> list[int]:
+    """512 real-text tokens (llamalab's tokenizer equals llama.cpp's on this model)."""
+    import llamalab
+    from llamalab.default_model import default_model_path
+
+    text = (
+        "The history of the llama begins in the high Andes, where wild guanacos were domesticated "
+        "thousands of years ago. Herders valued them for wool, meat and as pack animals that could "
+        "carry loads across mountain passes where no cart could go. "
+    )
+    ids = llamalab.load_tokenizer(default_model_path()).encode(text * 40, add_bos=False)
+    return ids[:PROMPT_TOKENS]
+
+
+def peak_rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def run_llamalab(ids: list[int], dtype: str) -> dict:
+    from llamalab.generation import GREEDY, Engine, Request
+    from llamalab.runtime import load_runtime
+
+    model, tokenizer = load_runtime(None, dtype, progress=False)
+    engine = Engine(model, tokenizer, max_seq_len=1024)
+    list(engine.generate(Request(ids[:16], max_tokens=4, sampling=GREEDY)))  # warm-up
+    start = time.perf_counter()
+    seq, _ = engine.submit(Request(ids, max_tokens=DECODE_TOKENS + 1, sampling=GREEDY, ignore_eos=True))
+    ttft = time.perf_counter() - start
+    t0 = time.perf_counter()
+    while not seq.finished:
+        engine.step()
+    decode_s = time.perf_counter() - t0
+    return {"prefill_tps": len(ids) / seq.timing.prefill_s, "ttft_s": ttft, "decode_tps": DECODE_TOKENS / decode_s}
+
+
+def run_llamacpp(ids: list[int], threads: int) -> dict:
+    import numpy as np
+    from llama_cpp import Llama
+
+    from llamalab.default_model import default_model_path
+
+    llm = Llama(
+        model_path=str(default_model_path()), n_ctx=1024, n_batch=512, n_threads=threads,
+        n_threads_batch=threads, verbose=False,
+    )  # fmt: skip
+    llm.eval(ids[:16])  # warm-up
+    llm.reset()
+    start = time.perf_counter()
+    llm.eval(ids)
+    token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    ttft = time.perf_counter() - start
+    prefill_s = ttft
+    t0 = time.perf_counter()
+    for _ in range(DECODE_TOKENS):
+        llm.eval([token])
+        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    decode_s = time.perf_counter() - t0
+    return {"prefill_tps": len(ids) / prefill_s, "ttft_s": ttft, "decode_tps": DECODE_TOKENS / decode_s}
+
+
+def run_transformers(ids: list[int]) -> dict:
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from llamalab.default_model import default_model_path
+
+    path = default_model_path()
+    model = LlamaForCausalLM.from_pretrained(path.parent, gguf_file=path.name, torch_dtype=torch.float32).eval()
+    with torch.inference_mode():
+        model(torch.tensor([ids[:16]]))  # warm-up
+        start = time.perf_counter()
+        out = model(torch.tensor([ids]), use_cache=True)
+        token = out.logits[0, -1].argmax().view(1, 1)
+        ttft = time.perf_counter() - start
+        past = out.past_key_values
+        t0 = time.perf_counter()
+        for _ in range(DECODE_TOKENS):
+            out = model(token, past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            token = out.logits[0, -1].argmax().view(1, 1)
+        decode_s = time.perf_counter() - t0
+    return {"prefill_tps": len(ids) / ttft, "ttft_s": ttft, "decode_tps": DECODE_TOKENS / decode_s}
+
+
+def child(engine: str, threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    ids = prompt_ids()
+    if engine == "llamalab":
+        result = run_llamalab(ids, "auto")
+    elif engine == "llamalab-float32":
+        result = run_llamalab(ids, "float32")
+    elif engine == "llama.cpp":
+        result = run_llamacpp(ids, threads)
+    else:
+        result = run_transformers(ids)
+    result["peak_rss_mb"] = peak_rss_mb()
+    print(json.dumps(result))
+
+
+def available(engine: str) -> bool:
+    if engine != "llama.cpp":
+        return True
+    import importlib.util
+
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
+def summary(values: list[float]) -> str:
+    return f"{statistics.median(values):8.1f} [{min(values):.1f}–{max(values):.1f}]"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--engines", default=",".join(ENGINES))
+    parser.add_argument("--json", default=None, help="also write the raw results here")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args.child, args.threads)
+        return
+
+    engines = [e for e in args.engines.split(",") if e]
+    missing = [e for e in engines if not available(e)]
+    for e in missing:
+        print(f"note: {e} is not installed (pip install llama-cpp-python; it compiles for ~20 min); skipped")
+    engines = [e for e in engines if e not in missing]
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": str(args.threads)}
+    results: dict[str, list[dict]] = {e: [] for e in engines}
+    for r in range(args.repeats):
+        for engine in engines:  # round-robin: every engine sees the same machine noise
+            out = subprocess.run(
+                [sys.executable, __file__, "--child", engine, "--threads", str(args.threads)],
+                capture_output=True, text=True, env=env, check=False,
+            )  # fmt: skip
+            if out.returncode != 0:
+                print(f"{engine} failed:\n{out.stderr[-2000:]}", file=sys.stderr)
+                continue
+            results[engine].append(json.loads(out.stdout.strip().splitlines()[-1]))
+            print(f"run {r + 1}/{args.repeats} {engine}: {results[engine][-1]}", file=sys.stderr)
+
+    print(f"\nSmolLM2-135M-Instruct Q4_1, {args.threads} threads, {PROMPT_TOKENS}-token prompt, "
+          f"{DECODE_TOKENS} decode tokens; median [min–max] of {args.repeats} runs\n")  # fmt: skip
+    header = f"{'engine':<22}{'prefill tok/s':>26}{'decode tok/s':>26}{'TTFT s':>26}{'peak RSS MB':>26}"
+    print(header)
+    for engine, runs in results.items():
+        if not runs:
+            continue
+        cols = [summary([r[k] for r in runs]) for k in ("prefill_tps", "decode_tps")]
+        ttft = [r["ttft_s"] for r in runs]
+        rss = [r["peak_rss_mb"] for r in runs]
+        ttft_s = f"{statistics.median(ttft):8.3f} [{min(ttft):.3f}–{max(ttft):.3f}]"
+        print(f"{engine:<22}{cols[0]:>26}{cols[1]:>26}{ttft_s:>26}{summary(rss):>26}")
+    base = results.get("llamalab")
+    if base:
+        ours = statistics.median(r["decode_tps"] for r in base)
+        for peer in ("llama.cpp", "transformers-float32"):
+            if results.get(peer):
+                theirs = statistics.median(r["decode_tps"] for r in results[peer])
+                print(f"decode speed, llamalab / {peer}: {ours / theirs:.2f}×")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

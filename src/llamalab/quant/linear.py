@@ -1,0 +1,336 @@
+"""Linear layers that keep their weights packed, for fast CPU inference.
+
+Why float16 weights run through fbgemm
+--------------------------------------
+Decoding one token reads every weight once, so on a CPU the speed of a decode step
+is the number of weight bytes divided by the memory bandwidth.  float32 weights cost
+4 bytes each; GGUF's Q4_1 / Q8_0 store 0.6 / 1.06 bytes.  What matters is which
+*kernel* can read a smaller form while the activations stay float32 (this class of
+CPU has no fast bf16/fp16 arithmetic, and float32 activations keep the model's
+output where the float32 model puts it).  Measured with torch 2.13 on this machine
+(``bench/bench_kernels.py``):
+
+* ``aten._weight_int4pack_mm_for_cpu`` (groupwise scale + zero, which is exactly
+  Q4_1's ``d * q + m``) and ``aten._weight_int8pack_mm`` accept float32
+  activations, but only their bfloat16 path is vectorised: with float32 they run
+  10-50x *slower* than a float32 matmul.  The bf16 path is fast only where the CPU
+  has AVX-512 (bf16), and rounds activations and outputs to bf16.
+* fbgemm's dynamic int8 linear (``quantized::linear_dynamic``) is fast but
+  quantizes the activations to 8 bits per tensor: ~2 % output error.
+* A ``torch.compile``d dequantize-and-reduce over packed nibbles is exact, but the
+  generated code is compute bound and no faster than float32 (and costs ~50 s of
+  compiling).
+* fbgemm's float16-weight GEMM (``quantized::linear_dynamic_fp16``) reads half
+  the bytes of float32, converts them with F16C in registers and computes in
+  float32: it beats float32 both for one token and for 512-token prefill, needs
+  only AVX2 + F16C, and its only error is rounding each dequantized weight to
+  float16 (at most 2**-11 relative, far below the 4-bit quantization step).
+
+So :class:`QuantizedLinear` dequantizes GGUF blocks (with ``gguf_dequant``, bit
+exact) to float16 and hands them to fbgemm's packed format.  Where that kernel is
+missing (a torch build without fbgemm, e.g. on ARM) or a weight does not fit in
+float16, it keeps a float32 weight and calls ``F.linear``: slower, never wrong.
+
+The layers are for inference: they hold no parameters and have no backward pass.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterator, Mapping
+from typing import Literal, NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from gguf.constants import GGMLQuantizationType
+from torch import nn
+
+from llamalab.errors import LlamalabError
+from llamalab.quant.gguf_dequant import BLOCK_LAYOUTS, SUPPORTED_TYPES, _as_bytes, dequantize
+
+__all__ = [
+    "GGUFWeight",
+    "Kernel",
+    "QuantizedLinear",
+    "fp16_kernel_available",
+    "quantizable_linears",
+    "quantize_model",
+]
+
+Kernel = Literal["fp16", "float32"]
+
+_FP16_MAX = 65504.0
+# Rows dequantized at a time when building from GGUF bytes: bounds the transient
+# float32 copy (4096 x 576 floats = 9 MB) however large the matrix is.
+_ROW_CHUNK = 4096
+
+
+class GGUFWeight(NamedTuple):
+    """One GGUF tensor as stored: raw bytes, type, and PyTorch-order shape.
+
+    ``data`` is what ``gguf.GGUFReader`` exposes as ``tensor.data`` (a read-only
+    memory map is fine: nothing writes into it), or a uint8 torch tensor.
+    """
+
+    data: np.ndarray | torch.Tensor
+    qtype: GGMLQuantizationType
+    shape: tuple[int, ...]
+
+
+@functools.cache
+def fp16_kernel_available() -> bool:
+    """Whether this torch build runs fbgemm's float16-weight linear on this CPU.
+
+    Checked by running it once on a tiny matrix, since the op exists in builds
+    where it then fails (no fbgemm, or a CPU without AVX2/F16C).
+    """
+    try:
+        packed = torch.ops.quantized.linear_prepack_fp16(torch.ones(8, 8), None)
+        out = torch.ops.quantized.linear_dynamic_fp16(torch.ones(1, 8), packed)
+    except (RuntimeError, AttributeError, NotImplementedError):
+        return False
+    return bool(torch.all(out == 8.0))
+
+
+class QuantizedLinear(nn.Module):
+    """``y = x @ W.T`` (no bias) with ``W`` stored in float16 for fbgemm, or float32.
+
+    Build it with :meth:`from_gguf` (straight from a GGUF tensor's bytes, never
+    holding more than a few MB of float32) or :meth:`from_float`.  ``forward``
+    accepts any leading batch shape; non-float32 inputs are computed in float32 and
+    cast back.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        packed: torch.ScriptObject | None,
+        weight: torch.Tensor | None,
+        source_type: str,
+    ) -> None:
+        super().__init__()
+        if (packed is None) == (weight is None):
+            raise ValueError("give exactly one of packed (fp16 kernel) and weight (float32 kernel)")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.source_type = source_type  # e.g. "Q4_1": what the weight was built from
+        self._packed = packed
+        # A plain attribute, not a parameter or buffer: the tied-embedding case must
+        # never make the model's state_dict alias or re-tie it.
+        self._weight = weight
+
+    @property
+    def kernel(self) -> Kernel:
+        return "fp16" if self._packed is not None else "float32"
+
+    # -- construction ---------------------------------------------------------
+
+    @classmethod
+    def from_float(
+        cls, weight: torch.Tensor, *, kernel: Kernel | None = None, source_type: str = "F32"
+    ) -> QuantizedLinear:
+        """Pack a float ``(out_features, in_features)`` weight.
+
+        ``kernel`` defaults to ``"fp16"`` where available and the weight fits in
+        float16's range, else ``"float32"``.
+        """
+        if weight.dim() != 2:
+            raise LlamalabError(f"a linear weight must be 2-D, got shape {tuple(weight.shape)}")
+        out_features, in_features = weight.shape
+        weight = weight.detach().to(device="cpu", dtype=torch.float32)
+        kernel = kernel or _pick_kernel(float(weight.abs().max()) if weight.numel() else 0.0)
+        if kernel == "fp16":
+            return cls(in_features, out_features, _prepack_fp16(weight.to(torch.float16)), None, source_type)
+        return cls(in_features, out_features, None, weight.contiguous(), source_type)
+
+    @classmethod
+    def from_gguf(
+        cls,
+        data: np.ndarray | torch.Tensor,
+        qtype: GGMLQuantizationType | int,
+        shape: tuple[int, ...] | list[int],
+        *,
+        kernel: Kernel | None = None,
+    ) -> QuantizedLinear:
+        """Build from a GGUF tensor's stored bytes (``shape`` in PyTorch order).
+
+        The bytes are dequantized bit-exactly by ``gguf_dequant``, a band of rows at
+        a time, and each band is rounded to float16 right away, so a 49152-row
+        output matrix never exists in float32.
+        """
+        qtype = GGMLQuantizationType(qtype)
+        if qtype not in SUPPORTED_TYPES:
+            raise LlamalabError(f"cannot build a quantized linear from GGUF type {qtype.name}")
+        shape = tuple(int(s) for s in shape)
+        if len(shape) != 2:
+            raise LlamalabError(f"a linear weight must be 2-D, got shape {shape}")
+        out_features, in_features = shape
+        block_size, type_size = BLOCK_LAYOUTS[qtype]
+        if in_features % block_size:
+            raise LlamalabError(
+                f"{qtype.name} weight of shape {shape}: {in_features} is not a multiple of {block_size}"
+            )
+        row_bytes = in_features // block_size * type_size
+        raw = _flat_bytes(data)
+        if raw.numel() != out_features * row_bytes:
+            raise LlamalabError(
+                f"{qtype.name} weight of shape {shape} needs {out_features * row_bytes} bytes, got {raw.numel()}"
+            )
+        if kernel is None and not fp16_kernel_available():
+            kernel = "float32"
+        if kernel == "float32":
+            weight = dequantize(raw, qtype, shape)
+            return cls(in_features, out_features, None, weight, qtype.name)
+
+        half = torch.empty(shape, dtype=torch.float16)
+        absmax = 0.0
+        for start, rows in _row_bands(out_features, raw, row_bytes):
+            band = dequantize(rows, qtype, (rows.numel() // row_bytes, in_features))
+            absmax = max(absmax, float(band.abs().max()))
+            half[start : start + band.shape[0]] = band  # rounds to nearest even
+        if kernel is None and _pick_kernel(absmax) == "float32":
+            return cls(in_features, out_features, None, dequantize(raw, qtype, shape), qtype.name)
+        return cls(in_features, out_features, _prepack_fp16(half), None, qtype.name)
+
+    # -- use --------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        if dtype != torch.float32:
+            x = x.float()
+        if self._packed is not None:
+            # fbgemm flattens leading dimensions itself and copies strided input.
+            y = torch.ops.quantized.linear_dynamic_fp16(x, self._packed)
+        else:
+            y = F.linear(x, self._weight)
+        return y if dtype == torch.float32 else y.to(dtype)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The weight this layer multiplies by, as a new float32 tensor (for checks)."""
+        if self._packed is not None:
+            weight, _ = torch.ops.quantized.linear_unpack_fp16(self._packed)
+            return weight.float()
+        return self._weight.clone()
+
+    def weight_nbytes(self) -> int:
+        """Bytes of weight read per forward call (the decode-speed cost)."""
+        per = 2 if self._packed is not None else 4
+        return self.in_features * self.out_features * per
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"kernel={self.kernel}, source={self.source_type}"
+        )
+
+
+def _pick_kernel(absmax: float) -> Kernel:
+    # fbgemm saturates out-of-range weights to +-65504 (with only a log warning):
+    # such a matrix keeps float32 instead.
+    if fp16_kernel_available() and absmax <= _FP16_MAX:
+        return "fp16"
+    return "float32"
+
+
+def _prepack_fp16(half: torch.Tensor) -> torch.ScriptObject:
+    # The op also accepts float32 and rounds it itself; giving it float16 means
+    # no float32 copy of the whole matrix is ever needed (round-to-nearest-even
+    # either way, so the packed values are the same).
+    return torch.ops.quantized.linear_prepack_fp16(half, None)
+
+
+def _flat_bytes(data: np.ndarray | torch.Tensor) -> torch.Tensor:
+    # gguf_dequant's own conversion: no copy of a memory map, aligned for its views.
+    return _as_bytes(data.cpu() if isinstance(data, torch.Tensor) else data)
+
+
+def _row_bands(n_rows: int, raw: torch.Tensor, row_bytes: int) -> Iterator[tuple[int, torch.Tensor]]:
+    for start in range(0, n_rows, _ROW_CHUNK):
+        stop = min(n_rows, start + _ROW_CHUNK)
+        yield start, raw[start * row_bytes : stop * row_bytes]
+
+
+# ---------------------------------------------------------------------------
+# Swapping a Transformer's linears.
+# ---------------------------------------------------------------------------
+
+
+def quantizable_linears(model: nn.Module) -> list[str]:
+    """Module names of the linears :func:`quantize_model` replaces: every ``nn.Linear``
+    under ``layers.`` plus ``output``.
+
+    A loader uses this list to know which ``<name>.weight`` tensors it must *not*
+    load as float (they are built from GGUF bytes instead).
+    """
+    names = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and (name.startswith("layers.") or name == "output"):
+            if module.bias is not None:
+                continue  # LLaMA has no biases; leave anything else alone
+            names.append(name)
+    return names
+
+
+WeightSource = Mapping[str, GGUFWeight | torch.Tensor] | Callable[[str], GGUFWeight | torch.Tensor | None]
+
+
+def quantize_model(
+    model: nn.Module,
+    weights: WeightSource | None = None,
+    *,
+    kernel: Kernel | None = None,
+) -> list[str]:
+    """Replace the model's ``layers.*`` and ``output`` linears by :class:`QuantizedLinear`.
+
+    Args:
+        model: a Transformer (its linears may live on the ``meta`` device when
+            ``weights`` provides every one of them).
+        weights: where each weight comes from, looked up by canonical parameter
+            name (``"layers.0.attention.wq.weight"``): a mapping or a function
+            returning a :class:`GGUFWeight` (raw bytes, built without a float32
+            copy) or a float tensor; ``None`` or a missing entry means the module's
+            current float weight.  For a model with tied embeddings and no
+            ``output.weight`` entry, ``output`` is built from
+            ``tok_embeddings.weight``'s entry; the embedding itself is untouched
+            (it stays a float lookup table; only the projection gets a packed copy).
+        kernel: force ``"fp16"`` or ``"float32"``; default: fp16 where it can run.
+
+    Returns:
+        The names of the replaced modules.
+    """
+    lookup = _as_lookup(weights)
+    tied = bool(getattr(getattr(model, "config", None), "tie_embeddings", False))
+    replaced = []
+    for name in quantizable_linears(model):
+        source = lookup(f"{name}.weight")
+        if source is None and name == "output" and tied:
+            source = lookup("tok_embeddings.weight")
+        if source is None:
+            weight = model.get_submodule(name).weight
+            if weight.is_meta:
+                raise LlamalabError(f"no weight for {name}: the module is on the meta device and none was given")
+            source = weight
+        if isinstance(source, GGUFWeight):
+            layer = QuantizedLinear.from_gguf(source.data, source.qtype, source.shape, kernel=kernel)
+        else:
+            layer = QuantizedLinear.from_float(source, kernel=kernel)
+        old = model.get_submodule(name)
+        if (layer.out_features, layer.in_features) != (old.out_features, old.in_features):
+            raise LlamalabError(
+                f"{name}: weight of shape {(layer.out_features, layer.in_features)}, "
+                f"the model needs {(old.out_features, old.in_features)}"
+            )
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+        replaced.append(name)
+    return replaced
+
+
+def _as_lookup(weights: WeightSource | None) -> Callable[[str], GGUFWeight | torch.Tensor | None]:
+    if weights is None:
+        return lambda name: None
+    if isinstance(weights, Mapping):
+        return weights.get
+    return weights
