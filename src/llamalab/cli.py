@@ -55,6 +55,12 @@ def _cmd_chat(args: argparse.Namespace) -> int:
     return run_chat(args)
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from llamalab.serve.main import run_serve
+
+    return run_serve(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="llamalab", description="Run, convert, train and evaluate LLaMA-family models."
@@ -127,6 +133,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_arguments(p)
     p.add_argument("--system", default=None, help="system message")
     p.set_defaults(func=_cmd_chat)
+
+    from llamalab.serve.main import add_serve_arguments
+
+    p = sub.add_parser(
+        "serve",
+        help="serve an OpenAI-compatible API and a chat page",
+        description="Serve /v1/models, /v1/completions and /v1/chat/completions (OpenAI's API, "
+        "streaming included) and a chat page at /, batching concurrent requests together.",
+    )
+    add_serve_arguments(p)
+    p.set_defaults(func=_cmd_serve)
     return parser
 
 

@@ -136,17 +136,39 @@ class GGUFReader(CheckpointReader):
         tensor = self._tensors[name]
         return TensorInfo(self._shape(name), tensor.tensor_type.name, int(tensor.n_bytes))
 
+    def _read_bytes(self, name: str) -> np.ndarray:
+        """A tensor's stored bytes, read from the file rather than through the mapping.
+
+        Pages read through the reader's memory map stay resident (and counted) until the
+        file is closed; a plain read into a buffer that is dropped after use keeps peak
+        memory at one copy of the weights.
+        """
+        tensor = self._tensors[name]
+        buffer = np.empty(int(tensor.n_bytes), dtype=np.uint8)
+        with open(self.path, "rb") as f:
+            f.seek(int(tensor.data_offset))
+            if f.readinto(memoryview(buffer)) != buffer.nbytes:
+                raise LlamalabError(f"{self.path}: tensor {tensor.name} is cut short (truncated file?)")
+        return buffer
+
     def load(self, name: str) -> torch.Tensor:
         from llamalab.quant.gguf_dequant import dequantize
 
         tensor = self._tensors[name]
-        return dequantize(tensor.data, tensor.tensor_type, self._shape(name))
+        if tensor.tensor_type.name == "F32":  # read straight into the result: no second copy
+            out = torch.empty(self._shape(name), dtype=torch.float32)
+            with open(self.path, "rb") as f:
+                f.seek(int(tensor.data_offset))
+                if f.readinto(memoryview(out.numpy()).cast("B")) != out.numel() * 4:
+                    raise LlamalabError(f"{self.path}: tensor {tensor.name} is cut short (truncated file?)")
+            return out
+        return dequantize(self._read_bytes(name), tensor.tensor_type, self._shape(name))
 
     def raw(self, name: str):
         from llamalab.quant.linear import GGUFWeight
 
         tensor = self._tensors[name]
-        return GGUFWeight(tensor.data, tensor.tensor_type, self._shape(name))
+        return GGUFWeight(self._read_bytes(name), tensor.tensor_type, self._shape(name))
 
     def tokenizer_kind(self) -> str | None:
         model = field_value(self._reader, "tokenizer.ggml.model")

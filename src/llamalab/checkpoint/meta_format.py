@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from llamalab.checkpoint.hf_format import read_json
-from llamalab.checkpoint.reader import CheckpointReader, TensorInfo, torch_type_name
+from llamalab.checkpoint.reader import CheckpointReader, TensorInfo, release_pages, torch_type_name
 from llamalab.config import (
     LLAMA3_ROPE_SCALING,
     ModelConfig,
@@ -200,13 +200,18 @@ class MetaReader(CheckpointReader):
 
     def load(self, name: str) -> torch.Tensor:
         parts = [shard[name] for shard in self._shards]
+        if len(parts) == 1:
+            return parts[0]  # a view of the mapped file: no copy at all
         dim = split_dim(name, self._tok_dim)
-        if len(parts) == 1 or dim is None:
-            return parts[0]
         try:
-            return torch.cat(parts, dim=dim)
+            # Copy out of the mapping (merged or replicated), then let the shards' pages go,
+            # so that loading N shards holds one copy of the model, not two.
+            merged = parts[0].clone() if dim is None else torch.cat(parts, dim=dim)
         except RuntimeError as exc:
             raise LlamalabError(f"{self.path}: shards of {name} do not fit together: {exc}") from None
+        for part in parts:
+            release_pages(part)
+        return merged
 
     def tokenizer_kind(self) -> str | None:
         tok = self.path / "tokenizer.model"

@@ -75,6 +75,27 @@ class CheckpointReader(ABC):
         """Release open files (readers hold memory maps)."""
 
 
+def release_pages(tensor: torch.Tensor) -> None:
+    """Drop the resident pages of a tensor that views a read-only file mapping.
+
+    Pages of a memory-mapped checkpoint count toward the process's resident memory once
+    read; after a tensor has been copied out (merged, converted) they are dead weight.
+    The mapping stays valid: the kernel re-reads the file if the pages are touched again.
+    """
+    import ctypes
+    import mmap
+
+    nbytes = tensor.untyped_storage().nbytes()
+    if nbytes < mmap.PAGESIZE:
+        return
+    start = tensor.untyped_storage().data_ptr()
+    aligned = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE  # only whole pages inside the tensor
+    length = (start + nbytes - aligned) // mmap.PAGESIZE * mmap.PAGESIZE
+    if length > 0:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise(ctypes.c_void_p(aligned), ctypes.c_size_t(length), mmap.MADV_DONTNEED)
+
+
 _TORCH_TYPE_NAMES = {
     torch.float32: "F32",
     torch.float16: "F16",
