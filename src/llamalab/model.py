@@ -103,6 +103,7 @@ class Attention(nn.Module):
         self.wk = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(self.n_heads * self.head_dim, config.dim, bias=False)
+        self.wqkv: nn.Module | None = None  # set when packed inference fuses wq, wk, wv
         self.kv_cache: KVCache | None = None
 
     def forward(
@@ -114,9 +115,14 @@ class Attention(nn.Module):
         row: int = 0,
     ) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
-        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        kv_dim = self.n_kv_heads * self.head_dim
+        if self.wqkv is not None:
+            q, k, v = self.wqkv(x).split([self.n_heads * self.head_dim, kv_dim, kv_dim], dim=-1)
+        else:
+            q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        q = q.view(B, T, self.n_heads, self.head_dim)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim)
         q, k = apply_rope(q, rope), apply_rope(k, rope)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, head_dim)
 
@@ -144,8 +150,12 @@ class FeedForward(nn.Module):
         self.w1 = nn.Linear(config.dim, config.ffn_hidden_dim, bias=False)
         self.w2 = nn.Linear(config.ffn_hidden_dim, config.dim, bias=False)
         self.w3 = nn.Linear(config.dim, config.ffn_hidden_dim, bias=False)
+        self.w13: nn.Module | None = None  # set when packed inference fuses w1 and w3
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.w13 is not None:
+            gate, up = self.w13(x).chunk(2, dim=-1)
+            return self.w2(F.silu(gate) * up)
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
@@ -240,6 +250,7 @@ class Transformer(nn.Module):
                 max_batch_size, self.config.n_kv_heads, max_seq_len, self.config.head_dim, dtype, device
             )
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
+        self.slots = torch.arange(max_seq_len, device=device)  # cache slot indices, for masks
 
     def clear_cache(self) -> None:
         for layer in self.layers:
@@ -269,7 +280,7 @@ class Transformer(nn.Module):
             # A query at position p sees cache slots 0..p of its own row. Attending over
             # kv_len slots rather than the whole cache keeps decode cost proportional to
             # the text so far; callers round kv_len up to keep the set of shapes small.
-            slots = torch.arange(kv_len or self.max_seq_len, device=tokens.device)
+            slots = self.slots[: kv_len or self.max_seq_len]
             mask = (slots.view(1, 1, -1) <= input_pos.unsqueeze(-1)).unsqueeze(1)  # (B, 1, T, S)
 
         h = self.tok_embeddings(tokens)  # (B, T, dim)

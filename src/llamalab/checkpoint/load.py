@@ -130,7 +130,7 @@ def build_model(
     if packed:
         if device.type != "cpu":
             raise LlamalabError("packed linear layers run on the CPU only")
-        from llamalab.quant.linear import quantize_model
+        from llamalab.quant.linear import fuse_projections, quantize_model
 
         present = set(reader.names())
         source = lambda name: reader.raw(name) if name in present else None  # noqa: E731
@@ -145,6 +145,8 @@ def build_model(
     if config.tie_embeddings and isinstance(model.output, torch.nn.Linear):
         state["output.weight"] = state["tok_embeddings.weight"]
     model.load_state_dict(state, strict=True, assign=True)
+    if packed:
+        fuse_projections(model)
     model.tie_weights()
     model.init_buffers(device)
     return model.eval()
