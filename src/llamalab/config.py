@@ -110,10 +110,7 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
         """Build a config from a plain dict; unknown keys are an error, not silently dropped."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise LlamalabError(f"config: unknown keys {', '.join(unknown)}")
+        _reject_unknown_keys(cls, data, "config")
         return cls(**data)
 
     def to_dict(self) -> dict[str, Any]:
@@ -133,11 +130,14 @@ def rope_scaling_from_dict(data: dict[str, Any]) -> RopeScaling:
     data = dict(data)
     if "factors" in data and data["factors"] is not None:
         data["factors"] = tuple(float(x) for x in data["factors"])
-    known = {f.name for f in dataclasses.fields(RopeScaling)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise LlamalabError(f"config: unknown rope_scaling keys {', '.join(unknown)}")
+    _reject_unknown_keys(RopeScaling, data, "config: rope_scaling")
     return RopeScaling(**data)
+
+
+def _reject_unknown_keys(cls: type, data: dict[str, Any], what: str) -> None:
+    unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+        raise LlamalabError(f"{what}: unknown keys {', '.join(unknown)}")
 
 
 def _llama1(name: str, dim: int, n_heads: int, n_layers: int) -> ModelConfig:
