@@ -31,6 +31,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)  # one fused call
         normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return normed.type_as(x) * self.weight
 
@@ -64,31 +66,41 @@ def rope_cache(config: ModelConfig, length: int, device: torch.device | str | No
     return torch.view_as_real(torch.polar(torch.ones_like(angles), angles)).to(device)
 
 
-def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent channel pairs of x (B, T, H, D) by the angles in rope (B or 1, T, D/2, 2).
+def apply_rope(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent channel pairs of x (B, T, H, D) by rotation (B or 1, T, 1, D/2), complex.
 
     Each pair (x[2j], x[2j+1]) is read as the complex number x[2j] + i·x[2j+1] and
-    multiplied by e^(i·angle), as in Meta's reference code.
+    multiplied by e^(i·angle), as in Meta's reference code. ``rotation`` comes from
+    :func:`rope_rotation`; its head axis broadcasts over every head.
     """
-    pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))  # (B, T, H, D/2)
-    rotated = torch.view_as_real(pairs * torch.view_as_complex(rope).unsqueeze(2))  # same angles for every head
-    return rotated.flatten(-2).type_as(x)
+    x32 = x if x.dtype == torch.float32 else x.float()
+    pairs = torch.view_as_complex(x32.unflatten(-1, (-1, 2)))  # (B, T, H, D/2)
+    rotated = torch.view_as_real(pairs * rotation).flatten(-2)
+    return rotated if x.dtype == torch.float32 else rotated.to(x.dtype)
 
 
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def rope_rotation(rope: torch.Tensor) -> torch.Tensor:
+    """The (B, T, D/2, 2) real table as complex (B, T, 1, D/2), ready for :func:`apply_rope`."""
+    return torch.view_as_complex(rope).unsqueeze(2)
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """Attention of one new token per sequence: q (B, H, 1, D), k and v (B, KVH, S, D).
 
-    The same maths as scaled_dot_product_attention, written as two small matmuls: for a
-    single query the fused CPU kernel spends far longer on set-up than on arithmetic.
-    Query heads are grouped by the key/value head they share, which avoids repeating K/V.
+    The same maths as scaled_dot_product_attention with an additive mask ``bias``
+    (B, 1, 1, S), written as two small matmuls: for a single query the fused CPU kernel
+    spends far longer on set-up than on arithmetic. Query heads are grouped by the
+    key/value head they share, which avoids repeating K/V.
     """
     B, H, _, D = q.shape
     kv_heads = k.shape[1]
-    q = q.view(B, kv_heads, H // kv_heads, D)  # (B, KVH, group, D)
-    scores = torch.matmul(q, k.transpose(-1, -2)) * (D**-0.5)  # (B, KVH, group, S)
-    scores = scores.masked_fill(~mask.view(B, 1, 1, -1), float("-inf"))
-    out = torch.matmul(torch.softmax(scores.float(), dim=-1).type_as(v), v)  # (B, KVH, group, D)
-    return out.view(B, H, 1, D)
+    q = q.reshape(B, kv_heads, H // kv_heads, D)  # (B, KVH, group, D)
+    scores = torch.matmul(q, k.transpose(-1, -2)).mul_(D**-0.5).add_(bias)  # (B, KVH, group, S)
+    if scores.dtype == torch.float32:
+        probs = torch.softmax(scores, dim=-1)
+    else:
+        probs = torch.softmax(scores.float(), dim=-1).to(v.dtype)
+    return torch.matmul(probs, v).view(B, H, 1, D)  # (B, KVH, group, D) → (B, H, 1, D)
 
 
 class Attention(nn.Module):
@@ -115,15 +127,16 @@ class Attention(nn.Module):
         row: int = 0,
     ) -> torch.Tensor:
         B, T, _ = x.shape
-        kv_dim = self.n_kv_heads * self.head_dim
+        H, KVH, D = self.n_heads, self.n_kv_heads, self.head_dim
         if self.wqkv is not None:
-            q, k, v = self.wqkv(x).split([self.n_heads * self.head_dim, kv_dim, kv_dim], dim=-1)
+            qkv = self.wqkv(x).view(B, T, H + 2 * KVH, D)
+            # Queries and keys side by side: one rotation call for both.
+            q, k = apply_rope(qkv[:, :, : H + KVH], rope).split([H, KVH], dim=2)
+            v = qkv[:, :, H + KVH :]
         else:
-            q, k, v = self.wq(x), self.wk(x), self.wv(x)
-        q = q.view(B, T, self.n_heads, self.head_dim)
-        k = k.view(B, T, self.n_kv_heads, self.head_dim)
-        v = v.view(B, T, self.n_kv_heads, self.head_dim)
-        q, k = apply_rope(q, rope), apply_rope(k, rope)
+            q = apply_rope(self.wq(x).view(B, T, H, D), rope)
+            k = apply_rope(self.wk(x).view(B, T, KVH, D), rope)
+            v = self.wv(x).view(B, T, KVH, D)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, head_dim)
 
         if input_pos is None:
@@ -271,17 +284,20 @@ class Transformer(nn.Module):
         if input_pos is None:
             if T > self.config.context_length:
                 raise ValueError(f"sequence of {T} tokens exceeds the context length {self.config.context_length}")
-            rope = self.rope[:T].unsqueeze(0)  # (1, T, head_dim/2, 2)
+            rope = rope_rotation(self.rope[:T].unsqueeze(0))  # (1, T, 1, head_dim/2)
             mask = None
         else:
             if input_pos.dim() == 1:
                 input_pos = input_pos.unsqueeze(0).expand(B, T)
-            rope = self.rope[input_pos]  # (B, T, head_dim/2, 2)
+            rope = rope_rotation(self.rope[input_pos])  # (B, T, 1, head_dim/2)
             # A query at position p sees cache slots 0..p of its own row. Attending over
             # kv_len slots rather than the whole cache keeps decode cost proportional to
             # the text so far; callers round kv_len up to keep the set of shapes small.
             slots = self.slots[: kv_len or self.max_seq_len]
-            mask = (slots.view(1, 1, -1) <= input_pos.unsqueeze(-1)).unsqueeze(1)  # (B, 1, T, S)
+            visible = slots.view(1, 1, -1) <= input_pos.unsqueeze(-1)
+            # Additive: 0 where visible, -inf elsewhere; built once, used by every layer.
+            mask = torch.zeros(visible.shape, dtype=self.tok_embeddings.weight.dtype, device=tokens.device)
+            mask = mask.masked_fill_(~visible, float("-inf")).unsqueeze(1)  # (B, 1, T, S)
 
         h = self.tok_embeddings(tokens)  # (B, T, dim)
         for layer in self.layers:
