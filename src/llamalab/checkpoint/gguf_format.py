@@ -1,4 +1,4 @@
-"""GGUF files (llama.cpp's format), read with the ``gguf`` package's memory-mapped reader.
+"""GGUF files (llama.cpp's format): header parsed by ``llamalab.gguf_header``, data read per tensor.
 
 GGUF keeps LLaMA's q/k rows in Meta's order, so only names change. The config comes from
 the ``llama.*`` metadata; a ``rope_freqs`` tensor carries per-frequency RoPE divisors
@@ -7,6 +7,7 @@ the ``llama.*`` metadata; a ``rope_freqs`` tensor carries per-frequency RoPE div
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -17,60 +18,59 @@ from llamalab.checkpoint import names as tensor_names
 from llamalab.checkpoint.reader import CheckpointReader, TensorInfo
 from llamalab.config import LLAMA3_ROPE_SCALING, ModelConfig, RopeScaling
 from llamalab.errors import LlamalabError
+from llamalab.gguf_header import GGUF_MAGIC
 
-GGUF_MAGIC = b"GGUF"
+__all__ = ["GGUF_MAGIC", "GGUFReader", "llama3_rope_factors"]
+
 SUPPORTED_ARCHITECTURES = ("llama",)
 
 
-def is_gguf(path: Path) -> bool:
-    with open(path, "rb") as f:
-        return f.read(4) == GGUF_MAGIC
+class _Tensor:
+    """One tensor of the file: its type, PyTorch-order shape, absolute offset and size."""
 
-
-def open_gguf(path: Path) -> Any:
-    """Open a GGUF file with the ``gguf`` reader, turning its failures into one clear error."""
-    import gguf
-
-    try:
-        return gguf.GGUFReader(path, "r")
-    except Exception as exc:  # the reader raises ValueError, IndexError, struct errors...
-        size = path.stat().st_size
-        raise LlamalabError(
-            f"{path}: not a readable GGUF file ({size} bytes; truncated or corrupt?): {exc}"
-        ) from None
-
-
-def field_value(reader: Any, key: str, default: Any = None) -> Any:
-    """A metadata value as a Python object (str, number, bool, list), or ``default``."""
-    field = reader.fields.get(key)
-    if field is None:
-        return default
-    return field.contents()
+    def __init__(self, name: str, qtype: Any, shape: tuple[int, ...], offset: int, n_bytes: int) -> None:
+        self.name, self.qtype, self.shape, self.offset, self.n_bytes = name, qtype, shape, offset, n_bytes
 
 
 class GGUFReader(CheckpointReader):
     format = "gguf"
 
     def __init__(self, path: Path) -> None:
+        import gguf
+
+        from llamalab.gguf_header import read_gguf_header
+
         super().__init__(path)
-        self._reader = open_gguf(path)
-        arch = field_value(self._reader, "general.architecture")
+        self._meta_values, table = read_gguf_header(path)
+        arch = self._meta_values.get("general.architecture")
         if arch not in SUPPORTED_ARCHITECTURES:
             raise LlamalabError(
                 f"{path}: unsupported architecture {arch!r} (llamalab runs {', '.join(SUPPORTED_ARCHITECTURES)})"
             )
-        self._tensors: dict[str, Any] = {}
-        self._extra: dict[str, Any] = {}
-        for tensor in self._reader.tensors:
-            canonical = tensor_names.from_format(tensor.name, "gguf")
+        size = path.stat().st_size
+        self._tensors: dict[str, _Tensor] = {}
+        self._extra: dict[str, _Tensor] = {}
+        for info in table:
+            try:
+                qtype = gguf.GGMLQuantizationType(info.ggml_type)
+            except ValueError:
+                raise LlamalabError(f"{path}: tensor {info.name} has unknown GGML type {info.ggml_type}") from None
+            block, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
+            n_bytes = math.prod(info.shape) // block * block_bytes
+            if info.offset + n_bytes > size:
+                raise LlamalabError(
+                    f"{path}: truncated: tensor {info.name} ends at byte {info.offset + n_bytes}, the file has {size}"
+                )
+            tensor = _Tensor(info.name, qtype, info.shape, info.offset, n_bytes)
+            canonical = tensor_names.from_format(info.name, "gguf")
             if canonical is not None:
                 self._tensors[canonical] = tensor
             else:
-                self._extra[tensor.name] = tensor
+                self._extra[info.name] = tensor
         self._config = self._read_config()
 
     def _meta(self, key: str, default: Any = None, required: bool = False) -> Any:
-        value = field_value(self._reader, f"llama.{key}", default)
+        value = self._meta_values.get(f"llama.{key}", default)
         if required and value is None:
             raise LlamalabError(f"{self.path}: GGUF metadata lacks llama.{key}")
         return value
@@ -80,14 +80,14 @@ class GGUFReader(CheckpointReader):
         n_heads = int(self._meta("attention.head_count", required=True))
         vocab = self._meta("vocab_size")
         if vocab is None:
-            tokens = self._reader.fields.get("tokenizer.ggml.tokens")
-            vocab = len(tokens.data) if tokens is not None else self._shape("tok_embeddings.weight")[0]
+            tokens = self._meta_values.get("tokenizer.ggml.tokens")
+            vocab = len(tokens) if tokens is not None else self._shape("tok_embeddings.weight")[0]
         head_dim = dim // n_heads
         rope_dims = self._meta("rope.dimension_count")
         if rope_dims is not None and int(rope_dims) != head_dim:
             raise LlamalabError(f"{self.path}: partial rotary embeddings ({rope_dims} of {head_dim}) are not supported")
         return ModelConfig(
-            name=str(field_value(self._reader, "general.name", "")),
+            name=str(self._meta_values.get("general.name", "")),
             dim=dim,
             n_layers=int(self._meta("block_count", required=True)),
             n_heads=n_heads,
@@ -110,31 +110,30 @@ class GGUFReader(CheckpointReader):
         freqs = self._extra.get("rope_freqs.weight")
         if freqs is None:
             return None
-        factors = tuple(float(x) for x in np.asarray(freqs.data, dtype=np.float32).reshape(-1))
+        factors = tuple(float(x) for x in self._read_bytes_of(freqs).view(np.float32))
         expected = llama3_rope_factors(head_dim, float(self._meta("rope.freq_base", 10000.0)))
         if np.allclose(factors, expected, rtol=1e-5, atol=0):
             return LLAMA3_ROPE_SCALING
         return RopeScaling(kind="factors", factors=factors)
 
     def _shape(self, name: str) -> tuple[int, ...]:
-        # GGUF lists dimensions innermost first; PyTorch lists them outermost first.
-        return tuple(int(d) for d in reversed(self._tensors[name].shape))
+        return self._tensors[name].shape
 
     @property
     def config(self) -> ModelConfig:
         return self._config
 
     @property
-    def metadata(self) -> Any:
-        """The underlying ``gguf.GGUFReader`` (fields, tokenizer keys)."""
-        return self._reader
+    def metadata(self) -> dict[str, Any]:
+        """Every metadata key of the file (``general.*``, ``llama.*``, ``tokenizer.*``)."""
+        return self._meta_values
 
     def names(self) -> list[str]:
         return list(self._tensors)
 
     def info(self, name: str) -> TensorInfo:
         tensor = self._tensors[name]
-        return TensorInfo(self._shape(name), tensor.tensor_type.name, int(tensor.n_bytes))
+        return TensorInfo(tensor.shape, tensor.qtype.name, tensor.n_bytes)
 
     def _read_bytes(self, name: str) -> np.ndarray:
         """A tensor's stored bytes, read from the file rather than through the mapping.
@@ -143,10 +142,12 @@ class GGUFReader(CheckpointReader):
         file is closed; a plain read into a buffer that is dropped after use keeps peak
         memory at one copy of the weights.
         """
-        tensor = self._tensors[name]
-        buffer = np.empty(int(tensor.n_bytes), dtype=np.uint8)
+        return self._read_bytes_of(self._tensors[name])
+
+    def _read_bytes_of(self, tensor: _Tensor) -> np.ndarray:
+        buffer = np.empty(tensor.n_bytes, dtype=np.uint8)
         with open(self.path, "rb") as f:
-            f.seek(int(tensor.data_offset))
+            f.seek(tensor.offset)
             if f.readinto(memoryview(buffer)) != buffer.nbytes:
                 raise LlamalabError(f"{self.path}: tensor {tensor.name} is cut short (truncated file?)")
         return buffer
@@ -155,26 +156,26 @@ class GGUFReader(CheckpointReader):
         from llamalab.quant.gguf_dequant import dequantize
 
         tensor = self._tensors[name]
-        if tensor.tensor_type.name == "F32":  # read straight into the result: no second copy
-            out = torch.empty(self._shape(name), dtype=torch.float32)
+        if tensor.qtype.name == "F32":  # read straight into the result: no second copy
+            out = torch.empty(tensor.shape, dtype=torch.float32)
             with open(self.path, "rb") as f:
-                f.seek(int(tensor.data_offset))
+                f.seek(tensor.offset)
                 if f.readinto(memoryview(out.numpy()).cast("B")) != out.numel() * 4:
                     raise LlamalabError(f"{self.path}: tensor {tensor.name} is cut short (truncated file?)")
             return out
-        return dequantize(self._read_bytes(name), tensor.tensor_type, self._shape(name))
+        return dequantize(self._read_bytes(name), tensor.qtype, tensor.shape)
 
     def raw(self, name: str):
         from llamalab.quant.linear import GGUFWeight
 
         tensor = self._tensors[name]
-        return GGUFWeight(self._read_bytes(name), tensor.tensor_type, self._shape(name))
+        return GGUFWeight(self._read_bytes(name), tensor.qtype, tensor.shape)
 
     def tokenizer_kind(self) -> str | None:
-        model = field_value(self._reader, "tokenizer.ggml.model")
+        model = self._meta_values.get("tokenizer.ggml.model")
         if model is None:
             return None
-        pre = field_value(self._reader, "tokenizer.ggml.pre")
+        pre = self._meta_values.get("tokenizer.ggml.pre")
         return f"{model} (pre-tokenizer {pre})" if pre else str(model)
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from llamalab.errors import LlamalabError
-from llamalab.tokenizer._gguf_meta import is_gguf, read_gguf_metadata
+from llamalab.gguf_header import is_gguf, read_gguf_metadata
 from llamalab.tokenizer.base import Tokenizer
 from llamalab.tokenizer.chat import BUILTIN_TEMPLATES, ChatTemplate, builtin_template_name
 
