@@ -15,7 +15,7 @@ import pytest
 
 from llamalab import load_tokenizer
 from llamalab.tokenizer import Tokenizer, add_vocab_to_gguf
-from llamalab.tokenizer._gguf_meta import read_gguf_metadata
+from llamalab.gguf_header import read_gguf_metadata
 from llamalab.tokenizer.gguf_export import tiktoken_merges
 
 LLAMA_BPE_GGUF = (
