@@ -77,17 +77,22 @@ def run_llamacpp(ids: list[int], threads: int) -> dict:
         model_path=str(default_model_path()), n_ctx=1024, n_batch=512, n_threads=threads,
         n_threads_batch=threads, verbose=False,
     )  # fmt: skip
+    n_vocab = llm.n_vocab()
+
+    def last_logits() -> np.ndarray:  # the context's logits for the last evaluated token
+        return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n_vocab,))
+
     llm.eval(ids[:16])  # warm-up
     llm.reset()
     start = time.perf_counter()
     llm.eval(ids)
-    token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    token = int(np.argmax(last_logits()))
     ttft = time.perf_counter() - start
     prefill_s = ttft
     t0 = time.perf_counter()
     for _ in range(DECODE_TOKENS):
         llm.eval([token])
-        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        token = int(np.argmax(last_logits()))
     decode_s = time.perf_counter() - t0
     return {"prefill_tps": len(ids) / prefill_s, "ttft_s": ttft, "decode_tps": DECODE_TOKENS / decode_s}
 
