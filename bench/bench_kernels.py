@@ -192,7 +192,7 @@ class Int8DynLinear(torch.nn.Module):
 
 def build_models(path) -> dict[str, torch.nn.Module]:
     from llamalab import load_model
-    from llamalab.quant.linear import QuantizedLinear, quantize_model, quantizable_linears
+    from llamalab.quant.linear import QuantizedLinear, quantizable_linears, quantize_model
 
     raw = gguf_weights(path)
     models = {"f32": load_model(path)}

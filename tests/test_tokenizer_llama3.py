@@ -14,8 +14,8 @@ import gguf
 import pytest
 
 from llamalab import load_tokenizer
-from llamalab.tokenizer import Tokenizer, add_vocab_to_gguf
 from llamalab.gguf_header import read_gguf_metadata
+from llamalab.tokenizer import Tokenizer, add_vocab_to_gguf
 from llamalab.tokenizer.gguf_export import tiktoken_merges
 
 LLAMA_BPE_GGUF = (

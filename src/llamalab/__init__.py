@@ -18,7 +18,7 @@ _LAZY = {
     "LlamalabError": "llamalab.errors",
 }
 
-__all__ = list(_LAZY)
+__all__ = ["LlamalabError", "ModelConfig", "Transformer", "load_config", "load_model", "load_tokenizer"]
 
 if TYPE_CHECKING:  # pragma: no cover
     from llamalab.checkpoint.load import load_config, load_model

@@ -71,7 +71,7 @@ class CheckpointReader(ABC):
         """A short description of the tokenizer the checkpoint carries, if any."""
         return None
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 (a default that readers without open files keep)
         """Release open files (readers hold memory maps)."""
 
 
