@@ -114,3 +114,14 @@ def test_missing_path_and_existing_destination(checkpoints, tmp_path):
     before = gguf_file.read_bytes()
     assert_clean_error(run_cli("convert", str(hf), str(gguf_file), "--to", "gguf"), "already exists")
     assert gguf_file.read_bytes() == before
+
+
+def test_config_missing_keys_and_bad_values(checkpoints, tmp_path):
+    _, hf, _ = checkpoints
+    broken = convert(hf, tmp_path / "hf", to="hf")
+    (broken / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    assert_clean_error(run_cli("info", str(broken)), "config.json", "missing key")
+    meta = convert(hf, tmp_path / "meta", to="meta")
+    params = json.loads((meta / "params.json").read_text())
+    (meta / "params.json").write_text(json.dumps({**params, "n_heads": "four"}))
+    assert_clean_error(run_cli("info", str(meta)), "params.json", "invalid value")

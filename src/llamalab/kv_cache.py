@@ -6,8 +6,24 @@ decode step is the same graph at every position and ``torch.compile`` can captur
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import nn
+
+
+class CacheSlice(NamedTuple):
+    """Which part of the cache a forward pass uses.
+
+    Batch row i is cache row ``row + i``; attention covers slots ``0 .. kv_len``. ``start``
+    is set when the batch is one sequence whose new tokens take the consecutive slots from
+    ``start`` on (every prefill and single-sequence decode): then the write is a plain slice
+    copy rather than a scatter.
+    """
+
+    row: int
+    kv_len: int
+    start: int | None = None
 
 
 class KVCache(nn.Module):
@@ -28,24 +44,22 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(
-        self,
-        input_pos: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        row: int = 0,
-        kv_len: int | None = None,
+        self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, where: CacheSlice
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, n_kv_heads, T, head_dim) at positions input_pos (B, T) of rows
-        ``row .. row+B``; return those rows' keys and values for slots ``0 .. kv_len``.
+        """Write k, v (B, n_kv_heads, T, head_dim) at positions input_pos (B, T) of the rows
+        ``where`` names; return those rows' keys and values for its slots ``0 .. kv_len``.
 
         Every row is an independent sequence with its own positions, so one cache serves a
         batch whose members started at different times and have different lengths. Rows
         and slots are contiguous slices: views, never copies.
         """
-        B = k.shape[0]
-        kv_len = kv_len or self.k.shape[2]
-        keys, values = self.k[row : row + B], self.v[row : row + B]
-        index = input_pos.view(B, 1, -1, 1).expand_as(k)
-        keys.scatter_(2, index, k.to(keys.dtype))
-        values.scatter_(2, index, v.to(values.dtype))
-        return keys[:, :, :kv_len], values[:, :, :kv_len]
+        B, T = k.shape[0], k.shape[2]
+        keys, values = self.k[where.row : where.row + B], self.v[where.row : where.row + B]
+        if where.start is not None:
+            keys[:, :, where.start : where.start + T] = k
+            values[:, :, where.start : where.start + T] = v
+        else:
+            index = input_pos.view(B, 1, -1, 1).expand_as(k)
+            keys.scatter_(2, index, k.to(keys.dtype))
+            values.scatter_(2, index, v.to(values.dtype))
+        return keys[:, :, : where.kv_len], values[:, :, : where.kv_len]

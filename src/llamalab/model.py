@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llamalab.config import ModelConfig, RopeScaling
-from llamalab.kv_cache import KVCache
+from llamalab.kv_cache import CacheSlice, KVCache
 
 
 class RMSNorm(nn.Module):
@@ -124,7 +124,7 @@ class Attention(nn.Module):
         rope: torch.Tensor,
         input_pos: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
-        row: int = 0,
+        where: CacheSlice | None = None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
         H, KVH, D = self.n_heads, self.n_kv_heads, self.head_dim
@@ -145,9 +145,10 @@ class Attention(nn.Module):
         else:
             if self.kv_cache is None:
                 raise RuntimeError("input_pos given but no KV cache: call model.setup_cache() first")
-            kv_len = mask.shape[-1] if mask is not None else None
-            k, v = self.kv_cache.update(input_pos, k, v, row, kv_len)  # (B, kv_heads, kv_len, head_dim)
-            if T == 1:
+            k, v = self.kv_cache.update(input_pos, k, v, where)  # (B, kv_heads, kv_len, head_dim)
+            if mask is None:  # one query that sees every slot in view: the unmasked kernel
+                out = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+            elif T == 1:
                 out = decode_attention(q, k, v, mask)
             else:
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
@@ -188,9 +189,9 @@ class TransformerBlock(nn.Module):
         rope: torch.Tensor,
         input_pos: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
-        row: int = 0,
+        where: CacheSlice | None = None,
     ) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), rope, input_pos, mask, row)
+        h = x + self.attention(self.attention_norm(x), rope, input_pos, mask, where)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -216,6 +217,7 @@ class Transformer(nn.Module):
         self.register_buffer("rope", rope_cache(config, config.context_length, self._device()), persistent=False)
         self.max_batch_size = 0
         self.max_seq_len = 0
+        self.register_buffer("slots", torch.arange(0, device=self._device()), persistent=False)
 
     def _device(self) -> torch.device:
         return self.tok_embeddings.weight.device
@@ -285,23 +287,34 @@ class Transformer(nn.Module):
             if T > self.config.context_length:
                 raise ValueError(f"sequence of {T} tokens exceeds the context length {self.config.context_length}")
             rope = rope_rotation(self.rope[:T].unsqueeze(0))  # (1, T, 1, head_dim/2)
-            mask = None
+            mask = where = None
         else:
             if input_pos.dim() == 1:
                 input_pos = input_pos.unsqueeze(0).expand(B, T)
             rope = rope_rotation(self.rope[input_pos])  # (B, T, 1, head_dim/2)
-            # A query at position p sees cache slots 0..p of its own row. Attending over
-            # kv_len slots rather than the whole cache keeps decode cost proportional to
-            # the text so far; callers round kv_len up to keep the set of shapes small.
-            slots = self.slots[: kv_len or self.max_seq_len]
-            visible = slots.view(1, 1, -1) <= input_pos.unsqueeze(-1)
-            # Additive: 0 where visible, -inf elsewhere; built once, used by every layer.
-            mask = torch.zeros(visible.shape, dtype=self.tok_embeddings.weight.dtype, device=tokens.device)
-            mask = mask.masked_fill_(~visible, float("-inf")).unsqueeze(1)  # (B, 1, T, S)
+            # Attending over kv_len slots rather than the whole cache keeps decode cost
+            # proportional to the text so far.
+            kv_len = kv_len or self.max_seq_len
+            # One sequence whose tokens take consecutive slots (prefill chunks, decoding)
+            # is written with a slice copy rather than a scatter.
+            start = None
+            if B == 1:
+                first = int(input_pos[0, 0])
+                if T == 1 or int(input_pos[0, -1]) - first == T - 1 and bool((input_pos[0].diff() == 1).all()):
+                    start = first
+            where = CacheSlice(row, kv_len, start)
+            if T == 1 and start is not None and kv_len == start + 1:
+                mask = None  # a single query that sees every slot in view
+            else:
+                # A query at position p sees cache slots 0..p of its own row. Additive:
+                # 0 where visible, -inf elsewhere; built once, used by every layer.
+                visible = self.slots[:kv_len].view(1, 1, -1) <= input_pos.unsqueeze(-1)
+                mask = torch.zeros(visible.shape, dtype=self.tok_embeddings.weight.dtype, device=tokens.device)
+                mask = mask.masked_fill_(~visible, float("-inf")).unsqueeze(1)  # (B, 1, T, S)
 
         h = self.tok_embeddings(tokens)  # (B, T, dim)
         for layer in self.layers:
-            h = layer(h, rope, input_pos, mask, row)
+            h = layer(h, rope, input_pos, mask, where)
         if last_only:  # prefill needs only the next token's logits: skip the rest of the head
             h = h[:, -1:]
         logits = self.output(self.norm(h))  # (B, T, vocab)

@@ -67,7 +67,10 @@ class GGUFReader(CheckpointReader):
                 self._tensors[canonical] = tensor
             else:
                 self._extra[info.name] = tensor
-        self._config = self._read_config()
+        try:
+            self._config = self._read_config()
+        except (KeyError, TypeError, ValueError, ZeroDivisionError) as exc:
+            raise LlamalabError(f"{path}: invalid model metadata: {exc!r}") from None
 
     def _meta(self, key: str, default: Any = None, required: bool = False) -> Any:
         value = self._meta_values.get(f"llama.{key}", default)

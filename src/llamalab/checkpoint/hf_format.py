@@ -28,7 +28,7 @@ def is_hf_folder(path: Path) -> bool:
 
 def read_json(path: Path) -> dict[str, Any]:
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise LlamalabError(f"{path}: cannot read JSON: {exc}") from None
     if not isinstance(data, dict):
@@ -38,6 +38,15 @@ def read_json(path: Path) -> dict[str, Any]:
 
 def config_from_hf(data: dict[str, Any], source: Path) -> ModelConfig:
     """Translate a transformers ``LlamaConfig`` dict (v4 or v5 spelling) into a ModelConfig."""
+    try:
+        return _config_from_hf(data, source)
+    except KeyError as exc:
+        raise LlamalabError(f"{source}: missing key {exc}") from None
+    except (TypeError, ValueError, ZeroDivisionError, AttributeError) as exc:
+        raise LlamalabError(f"{source}: invalid value: {exc}") from None
+
+
+def _config_from_hf(data: dict[str, Any], source: Path) -> ModelConfig:
     model_type = data.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise LlamalabError(

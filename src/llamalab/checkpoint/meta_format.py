@@ -60,11 +60,15 @@ def split_dim(name: str, tok_embeddings_dim: int = 1) -> int | None:
     return None
 
 
-def load_pth(path: Path) -> dict[str, torch.Tensor]:
-    """Open one shard memory-mapped, refusing pickles that would run code."""
+def load_pth(path: Path) -> tuple[dict[str, torch.Tensor], bool]:
+    """Open one shard, memory-mapped where the file allows it, refusing pickles that would run code.
+
+    Returns the tensors and whether they view a file mapping.
+    """
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch's pickle-protocol chatter is not the user's concern
+            mapped = True
             try:
                 data = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
             except RuntimeError as exc:
@@ -72,6 +76,7 @@ def load_pth(path: Path) -> dict[str, torch.Tensor]:
                     raise
                 # A legacy (pre-zip) torch.save file cannot be memory-mapped: read it whole.
                 data = torch.load(path, map_location="cpu", weights_only=True)
+                mapped = False
     except pickle.UnpicklingError as exc:
         lines = [ln.strip() for ln in str(exc).splitlines() if "Unsupported" in ln or "Unpickler error" in ln]
         why = lines[0] if lines else "objects other than tensors"
@@ -80,7 +85,7 @@ def load_pth(path: Path) -> dict[str, torch.Tensor]:
         raise LlamalabError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): {exc}") from None
     if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
         raise LlamalabError(f"{path}: expected a dict of tensors")
-    return data
+    return data, mapped
 
 
 class MetaReader(CheckpointReader):
@@ -95,7 +100,9 @@ class MetaReader(CheckpointReader):
                 f"{path / 'params.json'}: unsupported keys {', '.join(unknown)} (not a LLaMA text model?)"
             )
         self._shard_paths = self._find_shards()
-        self._shards = [load_pth(p) for p in self._shard_paths]
+        loaded = [load_pth(p) for p in self._shard_paths]
+        self._shards = [tensors for tensors, _ in loaded]
+        self._mapped = all(mapped for _, mapped in loaded)
         first = self._shards[0]
         for p, shard in zip(self._shard_paths[1:], self._shards[1:], strict=True):
             if shard.keys() != first.keys():
@@ -122,7 +129,7 @@ class MetaReader(CheckpointReader):
         if emb is None:
             raise LlamalabError(f"{self._shard_paths[0]}: no tok_embeddings.weight")
         # A full-width row means the shards split the vocabulary (Llama 3) rather than dim.
-        return 0 if len(self._shards) > 1 and emb.shape[1] == self._params["dim"] else 1
+        return 0 if len(self._shards) > 1 and emb.shape[1] == self._params.get("dim") else 1
 
     def _merged_shape(self, name: str) -> tuple[int, ...]:
         shape = list(self._shards[0][name].shape)
@@ -133,6 +140,12 @@ class MetaReader(CheckpointReader):
 
     def _read_config(self) -> ModelConfig:
         p = self._params
+        try:
+            return self._config_from_params(p)
+        except (TypeError, ValueError, ZeroDivisionError, AttributeError) as exc:
+            raise LlamalabError(f"{self.path / 'params.json'}: invalid value: {exc}") from None
+
+    def _config_from_params(self, p: dict) -> ModelConfig:
         try:
             dim, n_heads = int(p["dim"]), int(p["n_heads"])
             vocab = int(p.get("vocab_size", -1))
@@ -209,8 +222,9 @@ class MetaReader(CheckpointReader):
             merged = parts[0].clone() if dim is None else torch.cat(parts, dim=dim)
         except RuntimeError as exc:
             raise LlamalabError(f"{self.path}: shards of {name} do not fit together: {exc}") from None
-        for part in parts:
-            release_pages(part)
+        if self._mapped:
+            for part in parts:
+                release_pages(part)
         return merged
 
     def tokenizer_kind(self) -> str | None:

@@ -78,6 +78,9 @@ class CheckpointReader(ABC):
 def release_pages(tensor: torch.Tensor) -> None:
     """Drop the resident pages of a tensor that views a read-only file mapping.
 
+    Only for tensors that view a private file mapping nobody wrote to (``torch.load(mmap=True)``):
+    on ordinary memory, MADV_DONTNEED would turn the data into zeros.
+
     Pages of a memory-mapped checkpoint count toward the process's resident memory once
     read; after a tensor has been copied out (merged, converted) they are dead weight.
     The mapping stays valid: the kernel re-reads the file if the pages are touched again.
@@ -85,10 +88,10 @@ def release_pages(tensor: torch.Tensor) -> None:
     import ctypes
     import mmap
 
-    nbytes = tensor.untyped_storage().nbytes()
-    if nbytes < mmap.PAGESIZE:
+    nbytes = tensor.numel() * tensor.element_size()
+    if nbytes < mmap.PAGESIZE or not tensor.is_contiguous():
         return
-    start = tensor.untyped_storage().data_ptr()
+    start = tensor.data_ptr()
     aligned = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE  # only whole pages inside the tensor
     length = (start + nbytes - aligned) // mmap.PAGESIZE * mmap.PAGESIZE
     if length > 0:

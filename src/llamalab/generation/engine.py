@@ -153,7 +153,10 @@ class Engine:
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch = max_batch
+        if max_seq_len is not None and max_seq_len < 2:
+            raise LlamalabError(f"the context must hold at least 2 tokens, got {max_seq_len}")
         self.max_seq_len = min(max_seq_len or 2048, model.config.context_length)
+        self.device = model.tok_embeddings.weight.device
         self.prefill_chunk = prefill_chunk
         self.progress = progress
         model.setup_cache(max_batch, self.max_seq_len)
@@ -187,12 +190,12 @@ class Engine:
         start = time.perf_counter()
         try:
             logits = self._prefill(row, prompt, seq.timing)
+            seq.pos = len(prompt)
+            event = seq.accept(logits, self.max_seq_len)
         except BaseException:
             self._rows[row] = None
             self._cached[row] = []
             raise
-        seq.pos = len(prompt)
-        event = seq.accept(logits, self.max_seq_len)
         seq.timing.first_token_s = time.perf_counter() - start
         if seq.finished:
             self._release(seq)
@@ -220,9 +223,9 @@ class Engine:
         with torch.inference_mode():
             for start in chunks:
                 end = min(start + self.prefill_chunk, len(prompt))
-                tokens = torch.tensor([prompt[start:end]], dtype=torch.long)
-                pos = torch.arange(start, end).unsqueeze(0)
-                logits = self.model(tokens, pos, row=row, kv_len=_round_up(end, self.max_seq_len), last_only=True)
+                tokens = torch.tensor([prompt[start:end]], dtype=torch.long, device=self.device)
+                pos = torch.arange(start, end, device=self.device).unsqueeze(0)
+                logits = self.model(tokens, pos, row=row, kv_len=end, last_only=True)
                 self._cached[row] = prompt[:end]
                 if bar is not None:
                     bar.update(end - start)
@@ -230,7 +233,7 @@ class Engine:
             bar.close()
         timing.prefill_s = time.perf_counter() - t0
         timing.prefill_tokens = len(prompt) - reuse
-        return logits[0, -1]
+        return logits[0, -1].float().cpu()  # sampling runs on the CPU
 
     # ------------------------------------------------------------------ decoding
     def step(self) -> list[tuple[Generation, GenerationEvent]]:
@@ -250,11 +253,17 @@ class Engine:
                 # An idle row inside the span computes a throwaway token just past what its
                 # cache holds, so its cached prefix stays intact.
                 p = min(len(self._cached[r]), self.max_seq_len - 1)
-                self._cached[r] = self._cached[r][:p]
+                del self._cached[r][p:]
                 pos[r - lo, 0] = p
+        # One sequence attends to exactly its slots, with no mask; a batch rounds kv_len up
+        # so that rows of different lengths share a small set of shapes.
+        kv_len = int(pos.max()) + 1
+        if hi - lo > 1:
+            kv_len = _round_up(kv_len, self.max_seq_len)
         t0 = time.perf_counter()
         with torch.inference_mode():
-            logits = self.model(tokens, pos, row=lo, kv_len=_round_up(int(pos.max()) + 1, self.max_seq_len))
+            logits = self.model(tokens.to(self.device), pos.to(self.device), row=lo, kv_len=kv_len)
+            logits = logits[:, -1].float().cpu()  # (rows, vocab): sampling runs on the CPU
         elapsed = time.perf_counter() - t0
         events = []
         for seq in running:
@@ -262,7 +271,7 @@ class Engine:
             seq.pos += 1
             seq.timing.decode_tokens += 1
             seq.timing.decode_s += elapsed
-            event = seq.accept(logits[seq.row - lo, -1], self.max_seq_len)
+            event = seq.accept(logits[seq.row - lo], self.max_seq_len)
             events.append((seq, event))
             if seq.finished:
                 self._release(seq)
@@ -282,8 +291,8 @@ class Engine:
     def generate(self, request: Request) -> Iterator[GenerationEvent]:
         """Run one request to the end, yielding its events (other rows must be idle)."""
         seq, event = self.submit(request)
-        yield event
         try:
+            yield event
             while not seq.finished:
                 for other, ev in self.step():
                     if other is seq:
@@ -295,9 +304,15 @@ class Engine:
         """Run several requests together to the end; returns their finished states."""
         if len(requests) > self.max_batch:
             raise LlamalabError(f"{len(requests)} requests but the engine has {self.max_batch} rows")
-        seqs = [self.submit(r)[0] for r in requests]
-        while any(not s.finished for s in seqs):
-            self.step()
+        seqs: list[Generation] = []
+        try:
+            for r in requests:
+                seqs.append(self.submit(r)[0])
+            while any(not s.finished for s in seqs):
+                self.step()
+        finally:
+            for s in seqs:
+                self.cancel(s)
         return seqs
 
 
