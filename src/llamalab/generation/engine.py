@@ -102,7 +102,9 @@ class Generation:
     def accept(self, logits: torch.Tensor, max_pos: int) -> GenerationEvent:
         """Choose the next token from this row's logits (V,) and turn it into an event."""
         req = self.request
-        recent = torch.tensor(self._recent[-req.sampling.repeat_last_n :], dtype=torch.long)
+        recent = None
+        if req.sampling.repeat_penalty != 1.0 and req.sampling.repeat_last_n > 0:
+            recent = torch.tensor(self._recent[-req.sampling.repeat_last_n :], dtype=torch.long)
         token = sample(logits, req.sampling, self._generator, recent)
         logprob = alternatives = None
         if req.logprobs is not None:

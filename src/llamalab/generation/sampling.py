@@ -36,6 +36,8 @@ class SamplingParams:
             raise LlamalabError(f"min_p must be in [0, 1], got {self.min_p}")
         if self.repeat_penalty <= 0:
             raise LlamalabError(f"repeat_penalty must be positive, got {self.repeat_penalty}")
+        if self.repeat_last_n < 0:
+            raise LlamalabError(f"repeat_last_n must be at least 0 (0 = off), got {self.repeat_last_n}")
 
     @property
     def greedy(self) -> bool:
@@ -95,5 +97,5 @@ def top_logprobs(logits: torch.Tensor, token: int, k: int) -> tuple[float, list[
     chosen = float(logprobs[token])
     if k <= 0:
         return chosen, []
-    values, ids = torch.topk(logprobs, k)
+    values, ids = torch.topk(logprobs, min(k, logprobs.shape[-1]))
     return chosen, list(zip(ids.tolist(), values.tolist(), strict=True))
