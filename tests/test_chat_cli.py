@@ -8,15 +8,21 @@ import pytest
 pexpect = pytest.importorskip("pexpect")
 
 
-def test_two_turns_and_the_second_sees_the_first(smollm2_path):
+def spawn_chat(model, *args: str):
+    """Start `llamalab chat` on a pseudo-terminal and wait for its first prompt."""
     child = pexpect.spawn(
         sys.executable,
-        ["-m", "llamalab.cli", "chat", "--model", str(smollm2_path), "--temperature", "0", "--max-tokens", "40"],
+        ["-m", "llamalab.cli", "chat", "--model", str(model), *args],
         env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"},
         encoding="utf-8",
         timeout=180,
     )
     child.expect_exact("> ")
+    return child
+
+
+def test_two_turns_and_the_second_sees_the_first(smollm2_path):
+    child = spawn_chat(smollm2_path, "--temperature", "0", "--max-tokens", "40")
     child.sendline("The secret word is banana.")
     child.expect_exact("> ")
     assert child.before.strip()  # a reply appeared
@@ -38,14 +44,7 @@ def test_two_turns_and_the_second_sees_the_first(smollm2_path):
 
 
 def test_ctrl_c_interrupts_a_reply_without_leaving(smollm2_path):
-    child = pexpect.spawn(
-        sys.executable,
-        ["-m", "llamalab.cli", "chat", "--model", str(smollm2_path), "--max-tokens", "2000", "--seed", "1"],
-        env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"},
-        encoding="utf-8",
-        timeout=180,
-    )
-    child.expect_exact("> ")
+    child = spawn_chat(smollm2_path, "--max-tokens", "2000", "--seed", "1")
     child.sendline("Write a very long story about a dragon.")
     child.expect_exact("dragon.")  # the terminal's echo of the line
     child.expect(r"\w+ \w+ \w+")  # the reply has started streaming
