@@ -163,7 +163,7 @@ class Int4Bf16Linear(torch.nn.Module):
 
     def __init__(self, w) -> None:
         super().__init__()
-        from llamalab.quant.gguf_dequant import _as_bytes, _unpack_q4_1
+        from llamalab.gguf.dequant import _as_bytes, _unpack_q4_1
 
         n, k = w.shape
         d, mn, q = _unpack_q4_1(_as_bytes(w.data).view(-1, 20))

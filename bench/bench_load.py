@@ -173,12 +173,12 @@ def child(path: str) -> None:
     import torch
 
     import llamalab
-    import llamalab.checkpoint.gguf_format
+    import llamalab.gguf.reader
     import llamalab.checkpoint.hf_format
     import llamalab.checkpoint.load
     import llamalab.checkpoint.meta_format
     import llamalab.model
-    import llamalab.quant.gguf_dequant
+    import llamalab.gguf.dequant
 
     import_s = time.perf_counter() - t0
     baseline = read_status()

@@ -1,4 +1,4 @@
-"""``llamalab.quant.gguf_dequant`` against the ``gguf`` package's numpy dequantizer.
+"""``llamalab.gguf.dequant`` against the ``gguf`` package's numpy dequantizer.
 
 Equality is checked on bit patterns, not values: a dequantized weight must be the
 very float32 that ``gguf.quants.dequantize`` produces.  The only latitude is in
@@ -20,7 +20,7 @@ import torch
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from llamalab.errors import LlamalabError
-from llamalab.quant.gguf_dequant import (
+from llamalab.gguf.dequant import (
     BLOCK_LAYOUTS,
     SUPPORTED_TYPES,
     dequantize,

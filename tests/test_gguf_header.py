@@ -5,7 +5,7 @@ import pytest
 from conftest import make_hf_model
 
 from llamalab.checkpoint.convert import convert
-from llamalab.gguf_header import read_gguf_header
+from llamalab.gguf.header import read_gguf_header
 
 
 def assert_same_header(path):
@@ -23,7 +23,8 @@ def assert_same_header(path):
         assert ours == expected, key
     assert [t.name for t in tensors] == [t.name for t in reference.tensors]
     for ours, theirs in zip(tensors, reference.tensors, strict=True):
-        assert ours.ggml_type == int(theirs.tensor_type), ours.name
+        assert int(ours.qtype) == int(theirs.tensor_type), ours.name
+        assert ours.n_bytes == int(theirs.n_bytes), ours.name
         assert ours.shape == tuple(int(d) for d in reversed(theirs.shape)), ours.name
         assert ours.offset == int(theirs.data_offset), ours.name
 

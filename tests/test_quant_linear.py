@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from gguf.constants import GGMLQuantizationType as T
 
-from llamalab.quant.gguf_dequant import dequantize
+from llamalab.gguf.dequant import dequantize
 from llamalab.quant.linear import (
     GGUFWeight,
     QuantizedLinear,

@@ -12,7 +12,8 @@ import pytest
 from llamalab import load_tokenizer
 from llamalab.cli import main
 from llamalab.errors import LlamalabError
-from llamalab.tokenizer import add_vocab_to_gguf, detect_file_format
+from llamalab.gguf.vocab import add_vocab_to_gguf
+from llamalab.tokenizer import detect_file_format
 
 VOCAB_DIR = Path(__file__).parent / "fixtures" / "tokenizer" / "llamacpp-vocab"
 GPT2 = VOCAB_DIR / "ggml-vocab-gpt-2.gguf"

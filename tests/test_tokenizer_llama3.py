@@ -14,9 +14,10 @@ import gguf
 import pytest
 
 from llamalab import load_tokenizer
-from llamalab.gguf_header import read_gguf_metadata
-from llamalab.tokenizer import Tokenizer, add_vocab_to_gguf
-from llamalab.tokenizer.gguf_export import tiktoken_merges
+from llamalab.gguf.header import read_gguf_metadata
+from llamalab.gguf.vocab import add_vocab_to_gguf
+from llamalab.tokenizer import Tokenizer
+from llamalab.gguf.vocab import tiktoken_merges
 
 LLAMA_BPE_GGUF = (
     Path(__file__).parent

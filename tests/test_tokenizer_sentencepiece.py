@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from llamalab import load_tokenizer
-from llamalab.tokenizer import add_vocab_to_gguf
+from llamalab.gguf.vocab import add_vocab_to_gguf
 
 TRAINING_TEXT = [
     "LLaMA is a collection of foundation language models ranging from 7B to 65B parameters.",

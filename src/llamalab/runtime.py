@@ -5,8 +5,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import torch
-
 from llamalab.errors import LlamalabError
 
 DTYPE_CHOICES = ("auto", "float32")
@@ -27,6 +25,8 @@ def load_runtime(ref: str | None, dtype: str = "auto", *, progress: bool | None 
     ``dtype="float32"`` dequantizes every weight: the exact reference maths.
     ``dtype="auto"`` runs the fastest form the kernels allow on this device.
     """
+    import torch
+
     from llamalab.checkpoint.load import load_model
     from llamalab.tokenizer import load_tokenizer
 

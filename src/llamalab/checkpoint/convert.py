@@ -59,7 +59,7 @@ def convert(
             elif to == "meta":
                 write_meta(reader, tmp, TORCH_DTYPES[out_type], shards)
             else:
-                from llamalab.checkpoint.gguf_writer import write_gguf
+                from llamalab.gguf.writer import write_gguf
 
                 write_gguf(reader, tmp, out_type)
     finally:

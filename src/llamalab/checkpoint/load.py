@@ -21,7 +21,8 @@ from llamalab.errors import LlamalabError
 
 def open_checkpoint(ref: str | Path) -> CheckpointReader:
     """Open a checkpoint lazily, detecting its format from its contents."""
-    from llamalab.checkpoint.gguf_format import GGUF_MAGIC, GGUFReader
+    from llamalab.gguf.header import has_gguf_magic
+    from llamalab.gguf.reader import GGUFReader
     from llamalab.checkpoint.hf_format import HFReader, is_hf_folder
     from llamalab.checkpoint.meta_format import MetaReader, is_meta_folder
 
@@ -29,13 +30,18 @@ def open_checkpoint(ref: str | Path) -> CheckpointReader:
     if not path.exists():
         hint = f" (known presets: {', '.join(PRESETS)})" if "/" not in str(ref) else ""
         raise LlamalabError(f"{path}: no such file or folder{hint}")
+    if not path.is_file() and not path.is_dir():
+        raise LlamalabError(f"{path}: not a regular file or folder")
     if path.is_file():
-        with open(path, "rb") as f:
-            magic = f.read(4)
-        if magic == GGUF_MAGIC:
+        try:
+            with open(path, "rb") as f:
+                magic = f.read(4)
+        except OSError as exc:
+            raise LlamalabError(f"{path}: cannot read: {exc.strerror or exc}") from None
+        if has_gguf_magic(magic):
             return GGUFReader(path)
         raise LlamalabError(
-            f"{path}: not a model file (starts with {magic!r}, a GGUF file starts with {GGUF_MAGIC!r}); "
+            f"{path}: not a model file (starts with {magic!r}, a GGUF file starts with b'GGUF'); "
             "pass the folder for Hugging Face or Meta checkpoints"
         )
     if is_meta_folder(path):

@@ -26,7 +26,7 @@ output where the float32 model puts it).  Measured with torch 2.13 on this machi
   only AVX2 + F16C, and its only error is rounding each dequantized weight to
   float16 (at most 2**-11 relative, far below the 4-bit quantization step).
 
-So :class:`QuantizedLinear` dequantizes GGUF blocks (with ``gguf_dequant``, bit
+So :class:`QuantizedLinear` dequantizes GGUF blocks (with ``llamalab.gguf.dequant``, bit
 exact) to float16 and hands them to fbgemm's packed format.  Where that kernel is
 missing (a torch build without fbgemm, e.g. on ARM) or a weight does not fit in
 float16, it keeps a float32 weight and calls ``F.linear``: slower, never wrong.
@@ -47,7 +47,7 @@ from gguf.constants import GGMLQuantizationType
 from torch import nn
 
 from llamalab.errors import LlamalabError
-from llamalab.quant.gguf_dequant import BLOCK_LAYOUTS, SUPPORTED_TYPES, _as_bytes, dequantize
+from llamalab.gguf.dequant import BLOCK_LAYOUTS, SUPPORTED_TYPES, _as_bytes, dequantize
 
 __all__ = [
     "GGUFWeight",
@@ -156,7 +156,7 @@ class QuantizedLinear(nn.Module):
     ) -> QuantizedLinear:
         """Build from a GGUF tensor's stored bytes (``shape`` in PyTorch order).
 
-        The bytes are dequantized bit-exactly by ``gguf_dequant``, a band of rows at
+        The bytes are dequantized bit-exactly by ``llamalab.gguf.dequant``, a band of rows at
         a time, and each band is rounded to float16 right away, so a 49152-row
         output matrix never exists in float32.
         """
@@ -242,7 +242,7 @@ def _prepack_fp16(half: torch.Tensor) -> torch.ScriptObject:
 
 
 def _flat_bytes(data: np.ndarray | torch.Tensor) -> torch.Tensor:
-    # gguf_dequant's own conversion: no copy of a memory map, aligned for its views.
+    # llamalab.gguf.dequant's own conversion: no copy of a memory map, aligned for its views.
     return _as_bytes(data.cpu() if isinstance(data, torch.Tensor) else data)
 
 

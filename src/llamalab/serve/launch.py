@@ -54,7 +54,7 @@ class ServerProcess:
         command = [
             sys.executable,
             "-m",
-            "llamalab.cli",
+            "llamalab",
             "serve",
             "--port",
             str(self.port),

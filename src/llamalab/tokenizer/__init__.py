@@ -14,14 +14,12 @@ from __future__ import annotations
 
 from llamalab.tokenizer.base import StreamDecoder, Tokenizer
 from llamalab.tokenizer.chat import ChatTemplate
-from llamalab.tokenizer.gguf_export import add_vocab_to_gguf
 from llamalab.tokenizer.load import detect_file_format, load_tokenizer
 
 __all__ = [
     "ChatTemplate",
     "StreamDecoder",
     "Tokenizer",
-    "add_vocab_to_gguf",
     "detect_file_format",
     "load_tokenizer",
 ]

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from llamalab.errors import LlamalabError
-from llamalab.gguf_header import is_gguf, read_gguf_metadata
+from llamalab.gguf.header import has_gguf_magic, is_gguf, read_gguf_metadata
 from llamalab.tokenizer.base import Tokenizer
 from llamalab.tokenizer.chat import BUILTIN_TEMPLATES, ChatTemplate, builtin_template_name
 
@@ -32,7 +32,7 @@ def detect_file_format(path: Path) -> str:
             head = f.read(4096)
     except OSError as exc:
         raise LlamalabError(f"{path}: cannot read: {exc}") from None
-    if head.startswith(b"GGUF"):
+    if has_gguf_magic(head):
         return "gguf"
     if head.lstrip()[:1] == b"{":
         return "tokenizer.json"

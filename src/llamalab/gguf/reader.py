@@ -1,4 +1,4 @@
-"""GGUF files (llama.cpp's format): header parsed by ``llamalab.gguf_header``, data read per tensor.
+"""GGUF checkpoints (llama.cpp's format): the header from ``gguf.header``, data read per tensor.
 
 GGUF keeps LLaMA's q/k rows in Meta's order, so only names change. The config comes from
 the ``llama.*`` metadata; a ``rope_freqs`` tensor carries per-frequency RoPE divisors
@@ -7,7 +7,6 @@ the ``llama.*`` metadata; a ``rope_freqs`` tensor carries per-frequency RoPE div
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -18,28 +17,17 @@ from llamalab.checkpoint import names as tensor_names
 from llamalab.checkpoint.reader import CheckpointReader, TensorInfo
 from llamalab.config import LLAMA3_ROPE_SCALING, ModelConfig, RopeScaling
 from llamalab.errors import LlamalabError
-from llamalab.gguf_header import GGUF_MAGIC
+from llamalab.gguf.header import TensorRecord, read_gguf_header
 
-__all__ = ["GGUF_MAGIC", "GGUFReader", "llama3_rope_factors"]
+__all__ = ["GGUFReader", "llama3_rope_factors"]
 
 SUPPORTED_ARCHITECTURES = ("llama",)
-
-
-class _Tensor:
-    """One tensor of the file: its type, PyTorch-order shape, absolute offset and size."""
-
-    def __init__(self, name: str, qtype: Any, shape: tuple[int, ...], offset: int, n_bytes: int) -> None:
-        self.name, self.qtype, self.shape, self.offset, self.n_bytes = name, qtype, shape, offset, n_bytes
 
 
 class GGUFReader(CheckpointReader):
     format = "gguf"
 
     def __init__(self, path: Path) -> None:
-        import gguf
-
-        from llamalab.gguf_header import read_gguf_header
-
         super().__init__(path)
         self._meta_values, table = read_gguf_header(path)
         arch = self._meta_values.get("general.architecture")
@@ -48,25 +36,19 @@ class GGUFReader(CheckpointReader):
                 f"{path}: unsupported architecture {arch!r} (llamalab runs {', '.join(SUPPORTED_ARCHITECTURES)})"
             )
         size = path.stat().st_size
-        self._tensors: dict[str, _Tensor] = {}
-        self._extra: dict[str, _Tensor] = {}
-        for info in table:
-            try:
-                qtype = gguf.GGMLQuantizationType(info.ggml_type)
-            except ValueError:
-                raise LlamalabError(f"{path}: tensor {info.name} has unknown GGML type {info.ggml_type}") from None
-            block, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
-            n_bytes = math.prod(info.shape) // block * block_bytes
-            if info.offset + n_bytes > size:
+        self._tensors: dict[str, TensorRecord] = {}
+        self._extra: dict[str, TensorRecord] = {}
+        for record in table:
+            end = record.offset + record.n_bytes
+            if end > size:
                 raise LlamalabError(
-                    f"{path}: truncated: tensor {info.name} ends at byte {info.offset + n_bytes}, the file has {size}"
+                    f"{path}: truncated: tensor {record.name} ends at byte {end}, the file has {size}"
                 )
-            tensor = _Tensor(info.name, qtype, info.shape, info.offset, n_bytes)
-            canonical = tensor_names.from_format(info.name, "gguf")
+            canonical = tensor_names.from_format(record.name, "gguf")
             if canonical is not None:
-                self._tensors[canonical] = tensor
+                self._tensors[canonical] = record
             else:
-                self._extra[info.name] = tensor
+                self._extra[record.name] = record
         try:
             self._config = self._read_config()
         except (KeyError, TypeError, ValueError, ZeroDivisionError) as exc:
@@ -147,7 +129,7 @@ class GGUFReader(CheckpointReader):
         """
         return self._read_bytes_of(self._tensors[name])
 
-    def _read_bytes_of(self, tensor: _Tensor) -> np.ndarray:
+    def _read_bytes_of(self, tensor: TensorRecord) -> np.ndarray:
         buffer = np.empty(tensor.n_bytes, dtype=np.uint8)
         with open(self.path, "rb") as f:
             f.seek(tensor.offset)
@@ -156,7 +138,7 @@ class GGUFReader(CheckpointReader):
         return buffer
 
     def load(self, name: str) -> torch.Tensor:
-        from llamalab.quant.gguf_dequant import dequantize
+        from llamalab.gguf.dequant import dequantize
 
         tensor = self._tensors[name]
         if tensor.qtype.name == "F32":  # read straight into the result: no second copy

@@ -22,7 +22,7 @@ from typing import Any
 import gguf
 
 from llamalab.errors import LlamalabError
-from llamalab.gguf_header import is_gguf, read_gguf_metadata
+from llamalab.gguf.header import is_gguf, read_gguf_metadata
 from llamalab.tokenizer.base import Tokenizer
 from llamalab.tokenizer.bpe import GPT2_PATTERN, LLAMA3_PATTERN, HFJsonTokenizer
 from llamalab.tokenizer.bytelevel import bytes_to_piece

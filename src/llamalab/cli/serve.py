@@ -1,4 +1,4 @@
-"""`llamalab serve`: load a model, start the scheduler, run uvicorn."""
+"""``llamalab serve``: load a model, start the scheduler, run uvicorn."""
 
 from __future__ import annotations
 
@@ -8,9 +8,14 @@ import os
 import sys
 from pathlib import Path
 
+from llamalab.cli.options import add_runtime_options
 from llamalab.errors import LlamalabError
 
 API_KEY_ENV = "LLAMALAB_API_KEY"
+DESCRIPTION = (
+    "Serve /v1/models, /v1/completions and /v1/chat/completions (OpenAI's API, streaming "
+    "included) and a chat page at /, batching concurrent requests together."
+)
 
 
 def model_id_for(path: Path) -> str:
@@ -18,12 +23,8 @@ def model_id_for(path: Path) -> str:
     return path.stem if path.is_file() else path.name
 
 
-def add_serve_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--model",
-        default=None,
-        help="GGUF file, Hugging Face or Meta folder (default: $LLAMALAB_MODEL or SmolLM2-135M-Instruct)",
-    )
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_runtime_options(p)
     p.add_argument(
         "--host",
         default="127.0.0.1",
@@ -42,18 +43,6 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         help="requests decoded together; each holds a KV-cache row (default: %(default)s)",
     )
     p.add_argument(
-        "--ctx",
-        type=int,
-        default=2048,
-        help="context size per request in tokens, prompt and reply together (default: %(default)s)",
-    )
-    p.add_argument(
-        "--dtype",
-        default="auto",
-        choices=["auto", "float32"],
-        help="auto: the fastest form the kernels allow; float32: reference maths",
-    )
-    p.add_argument(
         "--log-level",
         default="info",
         choices=["critical", "error", "warning", "info", "debug"],
@@ -70,7 +59,7 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def run_serve(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     try:
         import fastapi  # noqa: F401  (imported by the app; checked here for a clear message)
         import uvicorn

@@ -2,10 +2,30 @@
 
 from __future__ import annotations
 
+import argparse
+import json
 from pathlib import Path
 from typing import Any
 
 from llamalab.config import PRESETS, ModelConfig
+
+DESCRIPTION = (
+    "Describe a checkpoint (GGUF file, Hugging Face folder, Meta folder) or a preset: format, "
+    "architecture, parameter count, tensor types, tokenizer, memory needed."
+)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "ref", nargs="?", default=None, help="checkpoint path or preset name (default: the default model)"
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def run(args: argparse.Namespace) -> int:
+    report = describe(args.ref)
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0
 
 
 def kv_cache_bytes_per_token(config: ModelConfig, bytes_per_value: int = 4) -> int:

@@ -127,9 +127,7 @@ def write_gguf(reader: CheckpointReader, path: Path, out_type: str) -> None:
 
 
 def _add_tokenizer(writer, reader: CheckpointReader) -> bool:
-    """Carry the source's tokenizer into the GGUF, when the tokenizer layer can export it."""
-    try:
-        from llamalab.tokenizer import add_vocab_to_gguf
-    except ImportError:
-        return False
-    return bool(add_vocab_to_gguf(writer, reader.path))
+    """Carry the source's tokenizer into the GGUF; False when the source has none."""
+    from llamalab.gguf.vocab import add_vocab_to_gguf
+
+    return add_vocab_to_gguf(writer, reader.path)

@@ -9,12 +9,14 @@ data. Tests check it against ``gguf.GGUFReader`` field by field and tensor by te
 
 from __future__ import annotations
 
+import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from llamalab.errors import LlamalabError
 
@@ -50,11 +52,16 @@ _NUMPY = {
 _STRING, _ARRAY = 8, 9
 
 
-def is_gguf(path: Path) -> bool:
+def has_gguf_magic(head: bytes) -> bool:
+    """Whether the first bytes of a file are GGUF's magic number."""
+    return head[:4] == GGUF_MAGIC
+
+
+def is_gguf(path: str | Path) -> bool:
     """Whether a file starts with the GGUF magic bytes."""
     try:
         with open(path, "rb") as f:
-            return f.read(4) == GGUF_MAGIC
+            return has_gguf_magic(f.read(4))
     except OSError:
         return False
 
@@ -129,52 +136,96 @@ _FIRST_READ = 32 << 20
 
 
 @dataclass(frozen=True)
-class GGUFTensorInfo:
-    """Where one tensor lies: its name, GGML type code, shape (PyTorch order) and absolute byte offset."""
+class TensorRecord:
+    """One entry of the tensor table: where a tensor lies and how it is stored.
+
+    ``shape`` is in PyTorch order (outermost first); ``offset`` is absolute in the file;
+    ``n_bytes`` is the size of its stored data.
+    """
 
     name: str
-    ggml_type: int
+    qtype: GGMLQuantizationType
     shape: tuple[int, ...]
     offset: int
+    n_bytes: int
 
 
 DEFAULT_ALIGNMENT = 32
 
 
-def read_gguf_header(path: str | Path) -> tuple[dict[str, Any], list[GGUFTensorInfo]]:
-    """Return a GGUF file's metadata and its tensor table (offsets are absolute in the file)."""
-    tensors: list[GGUFTensorInfo] = []
-    meta = read_gguf_metadata(path, tensors=tensors)
-    return meta, tensors
+@dataclass(frozen=True)
+class GGUFHeader:
+    """Everything before a GGUF file's tensor data.
+
+    ``metadata`` maps each key to its value (arrays of numbers as numpy arrays, of strings
+    as lists); ``types`` maps each key to its GGUF value type and, for arrays, element
+    type, so values can be written back unchanged; ``tensors`` is the tensor table.
+    """
+
+    metadata: dict[str, Any]
+    types: dict[str, tuple[int, int | None]]
+    tensors: list[TensorRecord]
+
+
+# Loading a model reads the header twice (the tokenizer and the weights each need it), and
+# a vocabulary takes a noticeable time to parse: keep the last header, keyed by the file's
+# identity, so a second read of an unchanged file costs nothing.
+_last_header: tuple[tuple[int, int, int, int], GGUFHeader] | None = None
+
+
+def read_header(path: str | Path) -> GGUFHeader:
+    """Parse a GGUF file's header (metadata, value types, tensor table) once per file version."""
+    global _last_header
+    path = Path(path)
+    try:
+        st = path.stat()
+    except OSError as exc:
+        raise LlamalabError(f"{path}: cannot read GGUF file: {exc.strerror or exc}") from None
+    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    cached = _last_header
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    header = _read_uncached(path)
+    _last_header = (key, header)
+    return header
+
+
+def read_gguf_header(path: str | Path) -> tuple[dict[str, Any], list[TensorRecord]]:
+    """A GGUF file's metadata and its tensor table (offsets are absolute in the file)."""
+    header = read_header(path)
+    return dict(header.metadata), list(header.tensors)
 
 
 def read_gguf_metadata(
-    path: str | Path,
-    types: dict[str, tuple[int, int | None]] | None = None,
-    *,
-    tensors: list[GGUFTensorInfo] | None = None,
+    path: str | Path, types: dict[str, tuple[int, int | None]] | None = None
 ) -> dict[str, Any]:
-    """Return every key/value of a GGUF file: arrays of numbers as numpy arrays, of strings as lists.
+    """A GGUF file's metadata; ``types``, if given, is filled with each key's value types."""
+    header = read_header(path)
+    if types is not None:
+        types.update(header.types)
+    return dict(header.metadata)
 
-    If ``types`` is given, it is filled with each key's GGUF value type and, for arrays,
-    element type, so the values can be written back unchanged. If ``tensors`` is given,
-    it is filled with the tensor table.
-    """
-    path = Path(path)
+
+def _read_uncached(path: Path) -> GGUFHeader:
+    types: dict[str, tuple[int, int | None]] = {}
+    tensors: list[TensorRecord] = []
     try:
         with open(path, "rb") as f:
             data = f.read(_FIRST_READ)
             try:
-                return _parse(memoryview(data), path, whole=len(data) < _FIRST_READ, types=types, tensors=tensors)
+                meta = _parse(
+                    memoryview(data), path, whole=len(data) < _FIRST_READ, types=types, tensors=tensors
+                )
             except _Truncated:
                 data += f.read()
-                if tensors is not None:
-                    tensors.clear()
-                return _parse(memoryview(data), path, whole=True, types=types, tensors=tensors)
+                types.clear()
+                tensors.clear()
+                meta = _parse(memoryview(data), path, whole=True, types=types, tensors=tensors)
     except _Truncated:
         raise LlamalabError(f"{path}: GGUF metadata is truncated") from None
     except OSError as exc:
         raise LlamalabError(f"{path}: cannot read GGUF file: {exc}") from None
+    return GGUFHeader(meta, types, tensors)
 
 
 def _parse(
@@ -183,10 +234,10 @@ def _parse(
     *,
     whole: bool,
     types: dict[str, tuple[int, int | None]] | None,
-    tensors: list[GGUFTensorInfo] | None = None,
+    tensors: list[TensorRecord] | None = None,
 ) -> dict[str, Any]:
     cur = _Cursor(buf, path, whole)
-    if bytes(cur.take(4)) != GGUF_MAGIC:
+    if not has_gguf_magic(bytes(cur.take(4))):
         raise LlamalabError(f"{path}: not a GGUF file (no GGUF magic bytes)")
     version = cur.scalar("I")
     if version not in (2, 3):
@@ -217,5 +268,14 @@ def _parse(
             table.append((name, ggml_type, tuple(reversed(dims)), offset))
         alignment = int(meta.get("general.alignment", DEFAULT_ALIGNMENT))
         data_start = -(-cur.pos // alignment) * alignment
-        tensors.extend(GGUFTensorInfo(n, t, shape, data_start + off) for n, t, shape, off in table)
+        for name, ggml_type, shape, offset in table:
+            try:
+                qtype = GGMLQuantizationType(ggml_type)
+            except ValueError:
+                raise LlamalabError(
+                    f"{path}: tensor {name} has unknown GGML type {ggml_type}"
+                ) from None
+            block, block_bytes = GGML_QUANT_SIZES[qtype]
+            n_bytes = math.prod(shape) // block * block_bytes
+            tensors.append(TensorRecord(name, qtype, shape, data_start + offset, n_bytes))
     return meta

@@ -1,0 +1,73 @@
+"""`llamalab <subcommand>`: the console command.
+
+One module per subcommand (``cli/info.py``, ``cli/generate.py`` ...), each with
+``add_arguments(parser)`` and ``run(args)``. Building the parser imports only those
+small modules; each ``run`` imports the layers it needs when it runs, so
+``llamalab --help`` stays fast and ``tokenize`` never loads the model code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+# OpenMP's default spin-wait makes two torch threads crawl whenever another process is
+# busy on this kind of machine; passive waiting costs nothing measurable when idle.
+# Set before torch loads; it applies to llamalab's own process only.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+# (name, module, one-line help); the module's docstring is the command's description.
+COMMANDS = (
+    ("info", "info", "describe a checkpoint or preset"),
+    ("convert", "convert", "convert a checkpoint between formats"),
+    ("tokenize", "tokenize", "show the token ids and pieces of a text"),
+    ("generate", "generate", "continue a prompt"),
+    ("chat", "chat", "talk with a model"),
+    ("serve", "serve", "serve an OpenAI-compatible API and a chat page"),
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from llamalab import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="llamalab", description="Run, convert, train and evaluate LLaMA-family models."
+    )
+    parser.add_argument("--version", action="version", version=f"llamalab {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, module_name, summary in COMMANDS:
+        module = importlib.import_module(f"llamalab.cli.{module_name}")
+        p = sub.add_parser(
+            name,
+            help=summary,
+            description=module.DESCRIPTION,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        module.add_arguments(p)
+        p.set_defaults(func=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line ``argv`` (default: ``sys.argv[1:]``); return the exit status."""
+    args = build_parser().parse_args(argv)
+    from llamalab.errors import LlamalabError
+
+    try:
+        return args.func(args)
+    except LlamalabError as exc:
+        print(f"llamalab: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("llamalab: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # The reader went away (`llamalab generate ... | head`): stop quietly, as Unix tools do.
+        sys.stderr.close()
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

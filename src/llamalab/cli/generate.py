@@ -1,0 +1,101 @@
+"""``llamalab generate``: continue one prompt, streaming the text (or one JSON object)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from llamalab.cli.options import (
+    add_runtime_options,
+    add_sampling_options,
+    check_text_argument,
+    read_text_stdin,
+    sampling_from_args,
+)
+from llamalab.errors import LlamalabError
+
+DESCRIPTION = (
+    "Generate text from PROMPT (or stdin), streaming it to stdout. Special tokens written in "
+    "the prompt are parsed."
+)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("prompt", nargs="?", default=None, help="the prompt (default: read stdin)")
+    add_runtime_options(p)
+    add_sampling_options(p)
+    p.add_argument("--stop", action="append", default=[], metavar="STR", help="stop at this text (repeatable; never printed)")
+    p.add_argument("--logprobs", type=int, default=None, metavar="K", help="report each token's logprob and K alternatives (with --json)")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--system", default=None, help="system message (with --chat)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+
+
+def _read_prompt(args: argparse.Namespace) -> str:
+    if args.prompt is not None:
+        return check_text_argument(args.prompt, "prompt")
+    if sys.stdin.isatty():
+        raise LlamalabError("no prompt: pass it as an argument or on stdin")
+    return read_text_stdin("prompt")
+
+
+def run(args: argparse.Namespace) -> int:
+    from llamalab.generation import Engine, Request
+    from llamalab.generation.chat import build_messages
+    from llamalab.runtime import load_runtime
+
+    sampling = sampling_from_args(args)  # validate before the slow load
+    prompt = _read_prompt(args)
+    model, tokenizer = load_runtime(args.model, args.dtype)
+    if args.chat:
+        prompt_ids = tokenizer.encode_chat(build_messages(prompt, args.system))
+    else:
+        prompt_ids = tokenizer.encode(prompt, special=True)
+    engine = Engine(model, tokenizer, max_seq_len=args.ctx, progress=sys.stderr.isatty())
+    request = Request(prompt_ids, max_tokens=args.max_tokens, sampling=sampling, stop=args.stop, logprobs=args.logprobs)
+
+    seq, first = engine.submit(request)
+    events = [first]
+    if not args.json:
+        sys.stdout.write(first.text)
+        sys.stdout.flush()
+    try:
+        while not seq.finished:
+            for _, event in engine.step():
+                events.append(event)
+                if not args.json:
+                    sys.stdout.write(event.text)
+                    sys.stdout.flush()
+    finally:
+        engine.cancel(seq)
+    if args.json:
+        out = {
+            "prompt_ids": prompt_ids,
+            "ids": seq.ids,
+            "text": seq.text,
+            "finish_reason": seq.finish_reason,
+            "timing": seq.timing.as_dict(),
+        }
+        if args.logprobs is not None:
+            out["logprobs"] = [
+                {
+                    "id": e.token_id,
+                    "token": tokenizer.token_bytes(e.token_id).decode("utf-8", "replace"),
+                    "logprob": e.logprob,
+                    "top_logprobs": [{"id": i, "logprob": lp} for i, lp in e.top_logprobs or []],
+                }
+                for e in events
+                if e.token_id is not None
+            ]
+        print(json.dumps(out, ensure_ascii=False))
+    else:
+        sys.stdout.write("\n")
+        timing = seq.timing.as_dict()
+        if sys.stderr.isatty():
+            print(
+                f"[{timing['prompt_tokens']} prompt tokens, {timing['prefill_tokens_per_s']:.1f} tok/s prefill, "
+                f"{timing['decode_tokens_per_s']:.1f} tok/s decode, finish: {seq.finish_reason}]",
+                file=sys.stderr,
+            )
+    return 0

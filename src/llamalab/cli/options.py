@@ -1,0 +1,123 @@
+"""Options that several subcommands share, defined once.
+
+Nothing here imports torch: building the parser (``llamalab --help``) must stay fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+from llamalab.errors import LlamalabError
+from llamalab.runtime import DTYPE_CHOICES
+
+MODEL_HELP = "GGUF file, Hugging Face or Meta folder (default: $LLAMALAB_MODEL or SmolLM2-135M-Instruct)"
+
+
+def add_model_option(p: argparse.ArgumentParser, help: str = MODEL_HELP) -> None:  # noqa: A002
+    p.add_argument("--model", default=None, help=help)
+
+
+def add_runtime_options(p: argparse.ArgumentParser) -> None:
+    """The model, the context size and the weight form: what every command that runs a model takes."""
+    add_model_option(p)
+    p.add_argument(
+        "--ctx",
+        type=positive_int,
+        default=2048,
+        help="context size in tokens, prompt and reply together (default: %(default)s)",
+    )
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=DTYPE_CHOICES,
+        help="auto: the fastest form the kernels allow; float32: dequantize everything (reference maths)",
+    )
+
+
+def add_sampling_options(p: argparse.ArgumentParser) -> None:
+    """How to sample and how much to generate (``generate`` and ``chat``)."""
+    from llamalab.generation.sampling import SamplingParams
+
+    d = SamplingParams()
+    p.add_argument("--max-tokens", type=positive_int, default=256, help="most tokens to generate (default: %(default)s)")
+    p.add_argument("--temperature", type=finite_float, default=d.temperature, help="0 = greedy (default: %(default)s)")
+    p.add_argument("--top-k", type=int, default=d.top_k, help="0 = off (default: %(default)s)")
+    p.add_argument("--top-p", type=finite_float, default=d.top_p, help="1 = off (default: %(default)s)")
+    p.add_argument("--min-p", type=finite_float, default=d.min_p, help="0 = off (default: %(default)s)")
+    p.add_argument("--repeat-penalty", type=finite_float, default=d.repeat_penalty, help="1 = off (default: %(default)s)")
+    p.add_argument("--seed", type=seed_int, default=None, help="random seed: the same seed gives the same text")
+
+
+def sampling_from_args(args: argparse.Namespace):
+    """The engine's SamplingParams from the options above; bad values are a LlamalabError."""
+    from llamalab.generation.sampling import SamplingParams
+
+    return SamplingParams(
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        repeat_penalty=args.repeat_penalty,
+        seed=args.seed,
+    )
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer ≥ 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+MAX_SEED = 2**64 - 1
+
+
+def seed_int(text: str) -> int:
+    """An argparse type: a seed in [0, 2**64)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 2**64 - 1, got {value}")
+    return value
+
+
+def finite_float(text: str) -> float:
+    """An argparse type: a finite number (``nan`` and ``inf`` are refused)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def read_text_stdin(what: str = "prompt") -> str:
+    """All of stdin as text; bytes that are not UTF-8 are an error that says so."""
+    import sys
+
+    data = sys.stdin.buffer.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise LlamalabError(
+            f"the {what} on stdin is not valid UTF-8 (byte {data[exc.start]:#04x} at offset {exc.start})"
+        ) from None
+
+
+def check_text_argument(text: str, what: str) -> str:
+    """Command-line text with bytes that are not UTF-8 (surrogate escapes) is refused, not crashed on."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        bad = ord(text[exc.start])
+        shown = f"byte {bad - 0xDC00:#04x}" if 0xDC80 <= bad <= 0xDCFF else f"character U+{bad:04X}"
+        raise LlamalabError(f"the {what} is not valid UTF-8 ({shown} at position {exc.start})") from None
+    return text
