@@ -79,11 +79,29 @@ def smollm2_reference() -> dict:
     return json.loads((FIXTURES / "smollm2" / "smollm2_llamacpp_reference.json").read_text())
 
 
+def write_vocab_gguf(path: Path, source: Path | str | None = None) -> Path:
+    """A vocabulary-only GGUF file at ``path``: the tokenizer of ``source`` (None: no tokenizer).
+
+    Returns ``path``. Asserts that the source carries a tokenizer when one is given.
+    """
+    import gguf
+
+    from llamalab.gguf.vocab import add_vocab_to_gguf
+
+    writer = gguf.GGUFWriter(path, "llama")
+    if source is not None:
+        assert add_vocab_to_gguf(writer, source) is True
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+    return path
+
+
 def run_cli(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run ``llamalab ARGS`` in a fresh interpreter, as a user would."""
     full_env = {**os.environ, **(env or {})}
     return subprocess.run(
-        [sys.executable, "-m", "llamalab.cli", *args],
+        [sys.executable, "-m", "llamalab", *args],
         capture_output=True,
         text=True,
         env=full_env,

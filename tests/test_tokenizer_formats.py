@@ -8,6 +8,7 @@ from pathlib import Path
 
 import gguf
 import pytest
+from conftest import write_vocab_gguf
 
 from llamalab import load_tokenizer
 from llamalab.cli import main
@@ -57,11 +58,7 @@ def test_missing_and_tokenizerless(tmp_path: Path) -> None:
         load_tokenizer(tmp_path / "absent")
     with pytest.raises(LlamalabError, match="no tokenizer"):
         load_tokenizer(tmp_path)
-    bare = tmp_path / "weights.gguf"
-    writer = gguf.GGUFWriter(bare, "llama")
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.close()
+    bare = write_vocab_gguf(tmp_path / "weights.gguf")
     with pytest.raises(LlamalabError, match="carries no tokenizer"):
         load_tokenizer(bare)
     out = gguf.GGUFWriter(tmp_path / "out.gguf", "llama")
@@ -70,12 +67,7 @@ def test_missing_and_tokenizerless(tmp_path: Path) -> None:
 
 
 def test_gguf_to_gguf_copy_keeps_tokenization(tmp_path: Path) -> None:
-    out = tmp_path / "copy.gguf"
-    writer = gguf.GGUFWriter(out, "llama")
-    assert add_vocab_to_gguf(writer, SPM) is True
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.close()
+    out = write_vocab_gguf(tmp_path / "copy.gguf", SPM)
     a, b = load_tokenizer(SPM), load_tokenizer(out)
     text = "Hello wörld 12345 🙂 <s>"
     assert a.encode(text) == b.encode(text) and b.add_bos_default

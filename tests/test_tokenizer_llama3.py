@@ -10,14 +10,13 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-import gguf
 import pytest
+from conftest import write_vocab_gguf
 
 from llamalab import load_tokenizer
 from llamalab.gguf.header import read_gguf_metadata
-from llamalab.gguf.vocab import add_vocab_to_gguf
-from llamalab.tokenizer import Tokenizer
 from llamalab.gguf.vocab import tiktoken_merges
+from llamalab.tokenizer import Tokenizer
 
 LLAMA_BPE_GGUF = (
     Path(__file__).parent
@@ -100,12 +99,7 @@ def test_export_to_gguf_tokenizes_like_tiktoken(tok: Tokenizer, tmp_path: Path) 
     folder.mkdir()
     (folder / "tokenizer.model").write_bytes(META_MODEL.read_bytes())  # type: ignore[union-attr]
     (folder / "params.json").write_text('{"dim": 64}')
-    out = tmp_path / "vocab.gguf"
-    writer = gguf.GGUFWriter(out, "llama")
-    assert add_vocab_to_gguf(writer, folder) is True
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.close()
+    out = write_vocab_gguf(tmp_path / "vocab.gguf", folder)
     exported = load_tokenizer(out)
     assert exported.kind == "bpe" and exported.vocab_size == 128256
     assert (exported.bos_id, exported.eos_id, exported.add_bos_default) == (128000, 128001, True)

@@ -22,7 +22,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="tensor type to write (default: f32 for quantized sources, else the source's float "
         "type; q8_0 is GGUF only)",
     )
-    p.add_argument("--shards", type=int, default=1, help="number of model-parallel shards (meta only)")
+    p.add_argument(
+        "--shards", type=int, default=1, help="number of model-parallel shards (meta only)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -25,11 +25,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompt", nargs="?", default=None, help="the prompt (default: read stdin)")
     add_runtime_options(p)
     add_sampling_options(p)
-    p.add_argument("--stop", action="append", default=[], metavar="STR", help="stop at this text (repeatable; never printed)")
-    p.add_argument("--logprobs", type=int, default=None, metavar="K", help="report each token's logprob and K alternatives (with --json)")
-    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument(
+        "--stop",
+        action="append",
+        default=[],
+        metavar="STR",
+        help="stop at this text (repeatable; never printed)",
+    )
+    p.add_argument(
+        "--logprobs",
+        type=int,
+        default=None,
+        metavar="K",
+        help="report each token's logprob and K alternatives (with --json)",
+    )
+    p.add_argument(
+        "--chat", action="store_true", help="wrap the prompt in the model's chat template"
+    )
     p.add_argument("--system", default=None, help="system message (with --chat)")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    p.add_argument(
+        "--json", action="store_true", help="print one JSON object instead of streaming text"
+    )
 
 
 def _read_prompt(args: argparse.Namespace) -> str:
@@ -53,7 +69,13 @@ def run(args: argparse.Namespace) -> int:
     else:
         prompt_ids = tokenizer.encode(prompt, special=True)
     engine = Engine(model, tokenizer, max_seq_len=args.ctx, progress=sys.stderr.isatty())
-    request = Request(prompt_ids, max_tokens=args.max_tokens, sampling=sampling, stop=args.stop, logprobs=args.logprobs)
+    request = Request(
+        prompt_ids,
+        max_tokens=args.max_tokens,
+        sampling=sampling,
+        stop=args.stop,
+        logprobs=args.logprobs,
+    )
 
     seq, first = engine.submit(request)
     events = [first]

@@ -17,7 +17,10 @@ DESCRIPTION = (
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "ref", nargs="?", default=None, help="checkpoint path or preset name (default: the default model)"
+        "ref",
+        nargs="?",
+        default=None,
+        help="checkpoint path or preset name (default: the default model)",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -104,22 +107,38 @@ def format_report(report: dict[str, Any]) -> str:
     kv = report["kv_cache_bytes_per_token_f32"]
     types = ", ".join(f"{k} ×{v}" for k, v in sorted(report["tensor_types"].items())) or "-"
     lines = [
-        ("format", report["format"] + (f" ({report['shards']} shards)" if "shards" in report else "")),
+        (
+            "format",
+            report["format"] + (f" ({report['shards']} shards)" if "shards" in report else ""),
+        ),
         ("name", report.get("name") or "-"),
         ("architecture", report["architecture"]),
         ("parameters", f"{report['parameters']:,}"),
         ("layers", report["n_layers"]),
         ("dim / ffn", f"{report['dim']} / {report['ffn_hidden_dim']}"),
-        ("heads / kv heads", f"{report['n_heads']} / {report['n_kv_heads']} (head dim {report['head_dim']})"),
+        (
+            "heads / kv heads",
+            f"{report['n_heads']} / {report['n_kv_heads']} (head dim {report['head_dim']})",
+        ),
         ("vocabulary", report["vocab_size"]),
         ("context length", ctx),
-        ("rope", f"theta {report['rope_theta']:g}" + (f", {report['rope_scaling']} scaling" if report["rope_scaling"] else "")),
+        (
+            "rope",
+            f"theta {report['rope_theta']:g}"
+            + (f", {report['rope_scaling']} scaling" if report["rope_scaling"] else ""),
+        ),
         ("tied embeddings", "yes" if report["tied_embeddings"] else "no"),
         ("tensor types", types),
         ("tokenizer", report["tokenizer"] or "-"),
         ("weights on disk", _size(report["weights_bytes"])),
-        ("memory, float32", f"{_size(report['memory_f32_bytes'])} + KV cache {_size(kv * ctx)} at full context"),
-        ("memory, bfloat16", f"{_size(report['memory_bf16_bytes'])} + KV cache {_size(kv // 2 * ctx)} at full context"),
+        (
+            "memory, float32",
+            f"{_size(report['memory_f32_bytes'])} + KV cache {_size(kv * ctx)} at full context",
+        ),
+        (
+            "memory, bfloat16",
+            f"{_size(report['memory_bf16_bytes'])} + KV cache {_size(kv // 2 * ctx)} at full context",
+        ),
     ]
     width = max(len(k) for k, _ in lines)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in lines)

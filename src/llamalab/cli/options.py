@@ -11,10 +11,12 @@ import math
 from llamalab.errors import LlamalabError
 from llamalab.runtime import DTYPE_CHOICES
 
-MODEL_HELP = "GGUF file, Hugging Face or Meta folder (default: $LLAMALAB_MODEL or SmolLM2-135M-Instruct)"
+MODEL_HELP = (
+    "GGUF file, Hugging Face or Meta folder (default: $LLAMALAB_MODEL or SmolLM2-135M-Instruct)"
+)
 
 
-def add_model_option(p: argparse.ArgumentParser, help: str = MODEL_HELP) -> None:  # noqa: A002
+def add_model_option(p: argparse.ArgumentParser, help: str = MODEL_HELP) -> None:
     p.add_argument("--model", default=None, help=help)
 
 
@@ -40,13 +42,34 @@ def add_sampling_options(p: argparse.ArgumentParser) -> None:
     from llamalab.generation.sampling import SamplingParams
 
     d = SamplingParams()
-    p.add_argument("--max-tokens", type=positive_int, default=256, help="most tokens to generate (default: %(default)s)")
-    p.add_argument("--temperature", type=finite_float, default=d.temperature, help="0 = greedy (default: %(default)s)")
+    p.add_argument(
+        "--max-tokens",
+        type=positive_int,
+        default=256,
+        help="most tokens to generate (default: %(default)s)",
+    )
+    p.add_argument(
+        "--temperature",
+        type=finite_float,
+        default=d.temperature,
+        help="0 = greedy (default: %(default)s)",
+    )
     p.add_argument("--top-k", type=int, default=d.top_k, help="0 = off (default: %(default)s)")
-    p.add_argument("--top-p", type=finite_float, default=d.top_p, help="1 = off (default: %(default)s)")
-    p.add_argument("--min-p", type=finite_float, default=d.min_p, help="0 = off (default: %(default)s)")
-    p.add_argument("--repeat-penalty", type=finite_float, default=d.repeat_penalty, help="1 = off (default: %(default)s)")
-    p.add_argument("--seed", type=seed_int, default=None, help="random seed: the same seed gives the same text")
+    p.add_argument(
+        "--top-p", type=finite_float, default=d.top_p, help="1 = off (default: %(default)s)"
+    )
+    p.add_argument(
+        "--min-p", type=finite_float, default=d.min_p, help="0 = off (default: %(default)s)"
+    )
+    p.add_argument(
+        "--repeat-penalty",
+        type=finite_float,
+        default=d.repeat_penalty,
+        help="1 = off (default: %(default)s)",
+    )
+    p.add_argument(
+        "--seed", type=seed_int, default=None, help="random seed: the same seed gives the same text"
+    )
 
 
 def sampling_from_args(args: argparse.Namespace):
@@ -119,5 +142,7 @@ def check_text_argument(text: str, what: str) -> str:
     except UnicodeEncodeError as exc:
         bad = ord(text[exc.start])
         shown = f"byte {bad - 0xDC00:#04x}" if 0xDC80 <= bad <= 0xDCFF else f"character U+{bad:04X}"
-        raise LlamalabError(f"the {what} is not valid UTF-8 ({shown} at position {exc.start})") from None
+        raise LlamalabError(
+            f"the {what} is not valid UTF-8 ({shown} at position {exc.start})"
+        ) from None
     return text

@@ -12,11 +12,15 @@ DESCRIPTION = "Tokenize TEXT (or stdin) with a model's tokenizer and print ids a
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("text", nargs="?", default=None, help="the text to tokenize (default: read stdin)")
+    p.add_argument(
+        "text", nargs="?", default=None, help="the text to tokenize (default: read stdin)"
+    )
     add_model_option(p, help="checkpoint or tokenizer file (default: the default model)")
     p.add_argument("--json", action="store_true", help="print one JSON object with ids and pieces")
     p.add_argument("--no-bos", action="store_true", help="do not add the BOS token")
-    p.add_argument("--no-special", action="store_true", help="treat special-token text as plain text")
+    p.add_argument(
+        "--no-special", action="store_true", help="treat special-token text as plain text"
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -214,11 +214,6 @@ class QuantizedLinear(nn.Module):
             return weight.float()
         return self._weight.clone()
 
-    def weight_nbytes(self) -> int:
-        """Bytes of weight read per forward call (the decode-speed cost)."""
-        per = 2 if self._packed is not None else 4
-        return self.in_features * self.out_features * per
-
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "

@@ -69,7 +69,8 @@ def load_tokenizer(ref: TokenizerRef = None) -> Tokenizer:
     if path.is_dir():
         return _load_folder(path)
     if not path.is_file():
-        raise LlamalabError(f"{path}: no such file or folder")
+        what = "not a regular file or folder" if path.exists() else "no such file or folder"
+        raise LlamalabError(f"{path}: {what}")
     return _load_file(path, config={}, generation_config={})
 
 

@@ -1,0 +1,176 @@
+"""Hostile and careless command lines: one clear error, never a traceback, never a hang.
+
+Every case here was once a traceback or a hang; each runs the real ``llamalab`` command
+in a fresh interpreter, as a user would.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+from conftest import run_cli
+
+from llamalab.checkpoint import names as tensor_names
+from llamalab.config import ModelConfig
+from llamalab.gguf.vocab import add_vocab_to_gguf
+from llamalab.gguf.writer import add_model_metadata
+
+
+def run_raw(args: list[str | bytes], stdin: bytes | None = None, timeout: float = 120):
+    """Run ``llamalab`` with byte-level arguments and stdin (invalid UTF-8 included)."""
+    return subprocess.run(
+        [sys.executable, "-m", "llamalab", *args],
+        input=stdin if stdin is not None else b"",
+        capture_output=True,
+        timeout=timeout,
+        env={**os.environ},
+        check=False,
+    )
+
+
+def assert_one_line_error(returncode: int, stderr: str | bytes, *needles: str) -> str:
+    """Exit status 1 and a single ``llamalab: error:`` line that names the problem."""
+    text = stderr.decode("utf-8", "replace") if isinstance(stderr, bytes) else stderr
+    assert returncode == 1, text
+    assert "Traceback" not in text, text
+    lines = text.strip().splitlines()
+    assert len(lines) == 1, text
+    assert lines[0].startswith("llamalab: error: "), text
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]
+
+
+def assert_usage_error(result, *needles: str) -> None:
+    """argparse's refusal: exit status 2, the usage and one error line naming the option."""
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    for needle in needles:
+        assert needle in last, (needle, last)
+
+
+def test_invalid_utf8_on_stdin():
+    result = run_raw(["generate"], stdin=b"\xff")
+    assert_one_line_error(result.returncode, result.stderr, "not valid UTF-8", "0xff")
+
+
+def test_invalid_utf8_in_an_argument():
+    result = run_raw(["tokenize", b"a\xffb"])
+    assert_one_line_error(result.returncode, result.stderr, "not valid UTF-8", "0xff")
+    result = run_raw(["generate", b"\xfe prompt"])
+    assert_one_line_error(result.returncode, result.stderr, "not valid UTF-8", "0xfe")
+
+
+def test_tokenize_reads_stdin(smollm2_path):
+    result = run_raw(["tokenize", "--model", str(smollm2_path), "--json"], stdin=b"Hello")
+    assert result.returncode == 0, result.stderr
+    assert b'"ids"' in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("--seed", str(2**70)),
+        ("--seed", "-1"),
+        ("--temperature", "nan"),
+        ("--temperature", "inf"),
+        ("--repeat-penalty", "nan"),
+        ("--top-p", "nan"),
+        ("--max-tokens", "0"),
+        ("--ctx", "-5"),
+    ],
+)
+def test_bad_numbers_are_refused_by_the_parser(option, value):
+    assert_usage_error(run_cli("generate", "hi", option, value), option)
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "field"),
+    [
+        ("--top-p", "1e-300", "top_p"),
+        ("--repeat-penalty", "1e-40", "repeat_penalty"),
+        ("--temperature", "-1", "temperature"),
+        ("--min-p", "2", "min_p"),
+    ],
+)
+def test_out_of_range_sampling_values_name_the_field(option, value, field):
+    # Checked before the model loads, so this is quick.
+    result = run_cli("generate", "hi", option, value)
+    assert_one_line_error(result.returncode, result.stderr, field)
+
+
+def test_device_file_as_model():
+    for command in (["info", "/dev/zero"], ["generate", "hi", "--model", "/dev/zero"]):
+        result = run_cli(*command)
+        assert_one_line_error(result.returncode, result.stderr, "/dev/zero", "not a regular file")
+
+
+# --------------------------------------------------------------------------- chat templates
+def tiny_model_with_template(path: Path, vocab_source: Path, template: str) -> Path:
+    """A 1-layer random model carrying ``vocab_source``'s tokenizer and the given chat template."""
+    meta = gguf.GGUFReader(vocab_source).fields
+    n_vocab = len(meta["tokenizer.ggml.tokens"].data)
+    config = ModelConfig(
+        name="tiny", dim=64, n_layers=1, n_heads=4, n_kv_heads=4, vocab_size=n_vocab,
+        ffn_hidden_dim=128, norm_eps=1e-5, rope_theta=10000.0, context_length=256,
+        tie_embeddings=True,
+    )  # fmt: skip
+    writer = gguf.GGUFWriter(path, "llama")
+    add_model_metadata(writer, config)
+    assert add_vocab_to_gguf(writer, vocab_source)
+    writer.add_chat_template(template)  # the last value given for a key wins
+    rng = np.random.default_rng(0)
+    for name in tensor_names.canonical_names(config.n_layers, config.tie_embeddings):
+        if name.endswith("norm.weight"):
+            array = np.ones(config.dim, dtype=np.float32)
+        else:
+            shape = {
+                "tok_embeddings.weight": (n_vocab, config.dim),
+                "feed_forward.w1.weight": (config.ffn_hidden_dim, config.dim),
+                "feed_forward.w3.weight": (config.ffn_hidden_dim, config.dim),
+                "feed_forward.w2.weight": (config.dim, config.ffn_hidden_dim),
+            }.get(name.split(".", 2)[-1] if name.startswith("layers.") else name)
+            shape = shape or (config.dim, config.dim)
+            array = (rng.standard_normal(shape) * 0.02).astype(np.float32)
+        writer.add_tensor(tensor_names.to_format(name, "gguf"), array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.mark.parametrize(
+    ("name", "template"),
+    [
+        (
+            "nested-loops",
+            "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+        ),
+        ("huge-string", "{{ 'A' * 1000000000 }}"),
+    ],
+)
+def test_hostile_chat_template_is_stopped(tmp_path, smollm2_path, name, template):
+    model = tiny_model_with_template(tmp_path / f"{name}.gguf", smollm2_path, template)
+    start = time.monotonic()
+    result = run_cli("generate", "--chat", "hello", "--model", str(model), "--max-tokens", "2")
+    elapsed = time.monotonic() - start
+    assert_one_line_error(result.returncode, result.stderr, "chat template")
+    assert elapsed < 60, elapsed
+
+
+def test_a_harmless_template_still_runs(tmp_path, smollm2_path):
+    template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    model = tiny_model_with_template(tmp_path / "ok.gguf", smollm2_path, template)
+    result = run_cli(
+        "generate", "--chat", "hello", "--model", str(model), "--max-tokens", "2", "--json"
+    )
+    assert result.returncode == 0, result.stderr
