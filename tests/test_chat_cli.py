@@ -1,5 +1,6 @@
 """`llamalab chat` driven through a pseudo-terminal, as a person would use it."""
 
+import json
 import os
 import sys
 
@@ -8,12 +9,12 @@ import pytest
 pexpect = pytest.importorskip("pexpect")
 
 
-def spawn_chat(model, *args: str):
+def spawn_chat(model, *args: str, history: str = ""):
     """Start `llamalab chat` on a pseudo-terminal and wait for its first prompt."""
     child = pexpect.spawn(
         sys.executable,
-        ["-m", "llamalab.cli", "chat", "--model", str(model), *args],
-        env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"},
+        ["-m", "llamalab", "chat", "--model", str(model), *args],
+        env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "LLAMALAB_HISTORY": history},
         encoding="utf-8",
         timeout=180,
     )
@@ -55,3 +56,69 @@ def test_ctrl_c_interrupts_a_reply_without_leaving(smollm2_path):
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0
+
+
+def test_commands_system_and_save(smollm2_path, tmp_path):
+    history = tmp_path / "history"
+    child = spawn_chat(
+        smollm2_path, "--temperature", "0", "--max-tokens", "8", history=str(history)
+    )
+    child.sendline("/help")
+    child.expect_exact("/save FILE")
+    child.expect_exact("> ")
+    child.sendline("/system You are a pirate.")
+    child.expect_exact("(system message set)")
+    child.expect_exact("> ")
+    child.sendline("Hello there")
+    child.expect(r"\[\d+ tokens, [\d.]+ tok/s")  # per-reply statistics
+    child.expect_exact("> ")
+    saved = tmp_path / "chat.json"
+    child.sendline(f"/save {saved}")
+    child.expect_exact("(saved 3 messages")
+    child.expect_exact("> ")
+    child.sendline(f"/save {saved}")  # a second save must not overwrite the first
+    child.expect_exact("already exists")
+    child.expect_exact("> ")
+    child.sendline("/nonsense")
+    child.expect_exact("unknown command /nonsense")
+    child.expect_exact("> ")
+    child.sendline("/exit")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+    messages = json.loads(saved.read_text())["messages"]
+    assert [m["role"] for m in messages] == ["system", "user", "assistant"]
+    assert messages[0]["content"] == "You are a pirate."
+    assert messages[1]["content"] == "Hello there"
+    assert messages[2]["content"]
+    # readline kept the lines typed, for the next session's arrow keys
+    assert "Hello there" in history.read_text()
+
+
+def test_a_full_context_drops_the_oldest_turns_and_keeps_going(smollm2_path):
+    child = spawn_chat(
+        smollm2_path, "--temperature", "0", "--max-tokens", "24", "--ctx", "160",
+        "--system", "Be brief.",
+    )  # fmt: skip
+    dropped = False
+    for i in range(6):
+        child.sendline(f"Tell me one fact about the number {i + 1}.")
+        index = child.expect_exact(["(the context is full: dropped", "llamalab: error", "> "])
+        assert index != 1, child.before
+        if index == 0:
+            dropped = True
+            child.expect_exact("> ")
+    assert dropped, "six turns of up to 24 tokens never filled a 160-token context"
+    child.sendline("/exit")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+
+
+def test_a_reply_cut_off_by_max_tokens_is_marked(smollm2_path):
+    child = spawn_chat(smollm2_path, "--temperature", "0", "--max-tokens", "3")
+    child.sendline("Write a long poem about the sea.")
+    child.expect_exact("[cut off at 3 tokens")
+    child.expect_exact("> ")
+    child.sendline("/exit")
+    child.expect(pexpect.EOF)

@@ -1,29 +1,116 @@
-"""Load what a command needs to run a model: the weights in the chosen form, and the tokenizer."""
+"""Load what a command needs to run a model: the weights in the chosen form, and the tokenizer.
+
+Nothing here imports torch at module level: the CLI builds its parser from these names.
+"""
 
 from __future__ import annotations
 
+import os
 import sys
+from collections import Counter
 from pathlib import Path
 
 from llamalab.errors import LlamalabError
 
 DTYPE_CHOICES = ("auto", "float32")
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
 
 
 def resolve_model_ref(ref: str | None) -> Path:
-    """The model to run: the given path, else ``$LLAMALAB_MODEL``, else the embedded default."""
-    if ref:
-        return Path(ref)
-    from llamalab.default_model import default_model_path
+    """The model to run: the given path, else ``$LLAMALAB_MODEL``, else the embedded default.
 
+    The default model's file name on its own (``SmolLM2-135M-Instruct.Q4_1.gguf``) names
+    the embedded default too, unless a file of that name exists where it points.
+    """
+    from llamalab.default_model import DEFAULT_MODEL_FILE, default_model_path
+
+    if ref:
+        path = Path(ref).expanduser()
+        if ref == DEFAULT_MODEL_FILE and not path.exists():
+            return default_model_path()
+        return path
     return default_model_path()
 
 
-def load_runtime(ref: str | None, dtype: str = "auto", *, progress: bool | None = None):
+def physical_cores() -> int:
+    """Physical cores this process may run on (hyper-threads share one core's arithmetic).
+
+    What llama.cpp and Ollama default to: a second thread on the same core only contends
+    for the same floating-point units. Falls back to the logical count where the kernel
+    does not say.
+    """
+    allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    logical = len(allowed) if allowed else (os.cpu_count() or 1)
+    cores: set[tuple[str, str]] = set()
+    try:
+        cpu = physical = core = None
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in [*f, ""]:
+                key, _, value = line.partition(":")
+                key, value = key.strip(), value.strip()
+                if key == "processor":
+                    cpu = int(value)
+                elif key == "physical id":
+                    physical = value
+                elif key == "core id":
+                    core = value
+                elif not key and cpu is not None:  # a blank line ends one processor's block
+                    if core is not None and (allowed is None or cpu in allowed):
+                        cores.add((physical or "0", core))
+                    cpu = physical = core = None
+    except (OSError, ValueError):
+        return logical
+    return min(len(cores), logical) if cores else logical
+
+
+def resolve_device(device: str | None):
+    """``"auto"`` (or None) picks CUDA when torch sees a GPU, else the CPU."""
+    import torch
+
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in DEVICE_CHOICES:
+        raise LlamalabError(
+            f"unknown --device {device!r}; expected one of {', '.join(DEVICE_CHOICES)}"
+        )
+    if device == "cuda" and not torch.cuda.is_available():
+        raise LlamalabError("--device cuda: this torch build sees no CUDA device")
+    return torch.device(device)
+
+
+def describe_checkpoint(path: Path) -> str:
+    """One line naming a checkpoint before it loads: file, format, stored types, size."""
+    from llamalab.checkpoint.load import open_checkpoint
+
+    reader = open_checkpoint(path)
+    try:
+        config = reader.config
+        types = Counter(reader.info(n).stored_type for n in reader.names())
+        main_type = types.most_common(1)[0][0] if types else "?"
+        params = config.num_parameters()
+    finally:
+        reader.close()
+    size = f"{params / 1e9:.1f}B" if params >= 1e9 else f"{params / 1e6:.0f}M"
+    return f"{path.name} ({reader.format}, {main_type}, {size} parameters) from {path.resolve()}"
+
+
+def load_runtime(
+    ref: str | None,
+    dtype: str = "auto",
+    *,
+    device: str | None = None,
+    threads: int | None = None,
+    ctx: int | None = None,
+    progress: bool | None = None,
+    announce: bool = False,
+):
     """Return ``(model, tokenizer)`` for a checkpoint.
 
     ``dtype="float32"`` dequantizes every weight: the exact reference maths.
-    ``dtype="auto"`` runs the fastest form the kernels allow on this device.
+    ``dtype="auto"`` runs the fastest form the kernels allow on the device: packed linear
+    layers on the CPU, bfloat16 on CUDA. ``threads`` sets torch's CPU threads (default:
+    the physical cores). ``announce`` prints one line on stderr, before the slow part,
+    naming what is loaded (``ctx`` is only reported there).
     """
     import torch
 
@@ -31,12 +118,32 @@ def load_runtime(ref: str | None, dtype: str = "auto", *, progress: bool | None 
     from llamalab.tokenizer import load_tokenizer
 
     if dtype not in DTYPE_CHOICES:
-        raise LlamalabError(f"unknown --dtype {dtype!r}; expected one of {', '.join(DTYPE_CHOICES)}")
+        raise LlamalabError(
+            f"unknown --dtype {dtype!r}; expected one of {', '.join(DTYPE_CHOICES)}"
+        )
+    if threads is not None and threads < 1:
+        raise LlamalabError(f"--threads must be at least 1, got {threads}")
+    torch_device = resolve_device(device)
+    n_threads = threads or physical_cores()
+    if torch.get_num_threads() != n_threads:
+        torch.set_num_threads(n_threads)
     path = resolve_model_ref(ref)
     if progress is None:
         progress = sys.stderr.isatty()
+    if announce:
+        where = "cuda" if torch_device.type == "cuda" else f"cpu, {n_threads} threads"
+        context = f", context {ctx}" if ctx else ""
+        print(f"loading {describe_checkpoint(path)} on {where}{context}", file=sys.stderr)
     tokenizer = load_tokenizer(path)
-    model = load_model(path, dtype=torch.float32, progress=progress, packed=dtype == "auto" and packed_kernels_available())
+    if torch_device.type == "cuda":
+        model_dtype = torch.float32 if dtype == "float32" else torch.bfloat16
+        packed = False
+    else:
+        model_dtype = torch.float32
+        packed = dtype == "auto" and packed_kernels_available()
+    model = load_model(
+        path, dtype=model_dtype, device=torch_device, progress=progress, packed=packed
+    )
     return model, tokenizer
 
 

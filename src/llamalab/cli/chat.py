@@ -1,17 +1,44 @@
-"""``llamalab chat``: an interactive conversation in the model's chat template."""
+"""``llamalab chat``: an interactive conversation in the model's chat template.
+
+The REPL keeps the conversation as messages and re-renders it every turn; the engine's
+cache row remembers the tokens it already holds, so each turn prefills only what is new.
+When the conversation no longer fits the context, the oldest turns are dropped (the
+system message stays) and the user is told, as llama.cpp and Ollama do.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
+from pathlib import Path
 
-from llamalab.cli.options import add_runtime_options, add_sampling_options, sampling_from_args
+from llamalab.cli.options import (
+    add_runtime_options,
+    add_sampling_options,
+    check_text_argument,
+    load_runtime_from_args,
+    sampling_from_args,
+)
 from llamalab.errors import LlamalabError
 
 DESCRIPTION = (
-    "An interactive multi-turn conversation in the model's chat template. /reset starts over, "
-    "/exit leaves, Ctrl-C interrupts a reply."
+    "An interactive multi-turn conversation in the model's chat template, with line editing "
+    "and history. Type /help for the commands; Ctrl-C interrupts a reply, Ctrl-D leaves."
 )
+
+COMMANDS_HELP = """\
+/help          this list
+/system TEXT   set the system message (/system alone shows it; /system - removes it)
+/save FILE     write the conversation to FILE as JSON (never overwrites a file)
+/reset         start a new conversation (the system message stays)
+/exit, /quit   leave (Ctrl-D too); Ctrl-C stops a reply"""
+
+# The share of the context kept free for the reply when old turns must go: with less,
+# a long conversation would leave the model room for only a few words.
+REPLY_SHARE = 4
+HISTORY_FILE_ENV = "LLAMALAB_HISTORY"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -20,22 +47,101 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--system", default=None, help="system message")
 
 
-CHAT_HELP = "Type a message and press Enter. /reset starts over, /exit (or Ctrl-D) leaves, Ctrl-C stops a reply."
+def _history_file() -> Path | None:
+    override = os.environ.get(HISTORY_FILE_ENV)
+    if override is not None:
+        return Path(override) if override else None  # empty: no history file
+    return Path.home() / ".llamalab" / "chat_history"
+
+
+def _setup_line_editing() -> None:
+    """Arrow keys, Ctrl-R and a history kept across sessions, where readline exists."""
+    if not sys.stdin.isatty():
+        return
+    try:
+        import readline
+    except ImportError:  # e.g. Windows without pyreadline: plain input() still works
+        return
+    path = _history_file()
+    if path is None:
+        return
+    try:
+        readline.read_history_file(path)
+    except OSError:
+        pass
+    readline.set_history_length(1000)
+    import atexit
+
+    def save() -> None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            readline.write_history_file(path)
+        except OSError:
+            pass  # a read-only home must not spoil leaving
+
+    atexit.register(save)
+
+
+class Conversation:
+    """The messages of one chat and how they become a prompt that fits the context."""
+
+    def __init__(self, tokenizer, context: int, max_tokens: int, system: str | None) -> None:
+        self.tokenizer = tokenizer
+        self.context = context
+        self.reply_room = min(max_tokens, max(1, context // REPLY_SHARE))
+        self.system = system
+        self.turns: list[dict[str, str]] = []
+
+    def messages(self) -> list[dict[str, str]]:
+        head = [{"role": "system", "content": self.system}] if self.system else []
+        return head + self.turns
+
+    def prompt_ids(self) -> tuple[list[int], int]:
+        """The prompt for the next reply and how many old messages were dropped to fit it."""
+        dropped = 0
+        while True:
+            ids = self.tokenizer.encode_chat(self.messages())
+            if len(ids) + self.reply_room <= self.context:
+                return ids, dropped
+            if len(self.turns) <= 1:
+                raise LlamalabError(
+                    f"the message needs {len(ids)} tokens; with room for a reply the context "
+                    f"holds {self.context - self.reply_room} (use a larger --ctx)"
+                )
+            # Drop the oldest exchange: a user message and the reply to it.
+            cut = 2 if len(self.turns) > 2 and self.turns[1]["role"] == "assistant" else 1
+            del self.turns[:cut]
+            dropped += cut
+
+    def save(self, path: Path) -> None:
+        try:
+            with open(path, "x", encoding="utf-8") as f:  # "x": never overwrite
+                json.dump({"messages": self.messages()}, f, ensure_ascii=False, indent=2)
+                f.write("\n")
+        except FileExistsError:
+            raise LlamalabError(f"{path}: already exists; choose another name") from None
+        except OSError as exc:
+            raise LlamalabError(f"{path}: cannot write: {exc.strerror or exc}") from None
 
 
 def run(args: argparse.Namespace) -> int:
     from llamalab.generation import Engine, Request
-    from llamalab.runtime import load_runtime
 
     sampling = sampling_from_args(args)
-    model, tokenizer = load_runtime(args.model, args.dtype)
+    system = check_text_argument(args.system, "system message") if args.system else None
+    model, tokenizer = load_runtime_from_args(args)
     if tokenizer.chat_template is None:
         raise LlamalabError("this model has no chat template; use `llamalab generate` instead")
     # One cache row, kept between turns: each turn prefills only the new messages.
     engine = Engine(model, tokenizer, max_seq_len=args.ctx, progress=sys.stderr.isatty())
-    system = [{"role": "system", "content": args.system}] if args.system else []
-    history: list[dict[str, str]] = []
-    print(CHAT_HELP, file=sys.stderr)
+    chat = Conversation(tokenizer, engine.max_seq_len, args.max_tokens, system)
+    _setup_line_editing()
+    name = Path(args.model).name if args.model else "the default model"
+    print(
+        f"llamalab chat with {name} (context {engine.max_seq_len} tokens). "
+        "/help lists the commands.",
+        file=sys.stderr,
+    )
     while True:
         try:
             line = input("> ")
@@ -45,42 +151,94 @@ def run(args: argparse.Namespace) -> int:
         except KeyboardInterrupt:
             print("\n(/exit or Ctrl-D to leave)", file=sys.stderr)
             continue
-        command = line.strip()
-        if not command:
-            continue
-        if command in ("/exit", "/quit"):
-            return 0
-        if command == "/reset":
-            history.clear()
-            print("(conversation reset)", file=sys.stderr)
-            continue
-        history.append({"role": "user", "content": line})
         try:
-            prompt_ids = tokenizer.encode_chat(system + history)
+            line = check_text_argument(line, "message")
+            if line.strip().startswith("/"):
+                if not _command(line.strip(), chat):
+                    return 0
+                continue
+            if not line.strip():
+                continue
+            chat.turns.append({"role": "user", "content": line})
+            try:
+                prompt_ids, dropped = chat.prompt_ids()
+            except LlamalabError:
+                chat.turns.pop()
+                raise
+            if dropped:
+                print(
+                    f"(the context is full: dropped the oldest {dropped} message"
+                    f"{'s' if dropped > 1 else ''}; the system message stays)",
+                    file=sys.stderr,
+                )
             request = Request(prompt_ids, max_tokens=args.max_tokens, sampling=sampling)
             reply = _stream_reply(engine, request)
+            chat.turns.append({"role": "assistant", "content": reply})
         except LlamalabError as exc:
-            history.pop()
             print(f"llamalab: error: {exc}", file=sys.stderr)
-            continue
-        history.append({"role": "assistant", "content": reply})
+
+
+def _command(line: str, chat: Conversation) -> bool:
+    """Carry out a /command; False means leave."""
+    name, _, rest = line.partition(" ")
+    rest = rest.strip()
+    if name in ("/exit", "/quit", "/bye"):
+        return False
+    if name in ("/help", "/?"):
+        print(COMMANDS_HELP, file=sys.stderr)
+    elif name == "/reset":
+        chat.turns.clear()
+        print("(conversation reset)", file=sys.stderr)
+    elif name == "/system":
+        if not rest:
+            print(f"(system message: {chat.system!r})", file=sys.stderr)
+        else:
+            chat.system = None if rest == "-" else rest
+            print(
+                "(system message set)" if chat.system else "(system message removed)",
+                file=sys.stderr,
+            )
+    elif name == "/save":
+        if not rest:
+            raise LlamalabError("/save needs a file name")
+        chat.save(Path(rest).expanduser())
+        print(f"(saved {len(chat.messages())} messages to {rest})", file=sys.stderr)
+    else:
+        raise LlamalabError(f"unknown command {name}; /help lists the commands")
+    return True
 
 
 def _stream_reply(engine, request) -> str:
+    """Stream one reply; mark it when cut off, then print its statistics on stderr."""
     seq = None
+    last = None
+    interrupted = False
     try:
-        seq, event = engine.submit(request)
-        sys.stdout.write(event.text)
+        seq, last = engine.submit(request)
+        sys.stdout.write(last.text)
         sys.stdout.flush()
         while not seq.finished:
-            for _, event in engine.step():
-                sys.stdout.write(event.text)
+            for _, last in engine.step():
+                sys.stdout.write(last.text)
                 sys.stdout.flush()
     except KeyboardInterrupt:
+        interrupted = True
         sys.stdout.write(" [interrupted]")
     finally:
         if seq is not None:
             engine.cancel(seq)
+        if seq is not None and seq.finish_reason == "length" and not interrupted:
+            sys.stdout.write(f" [cut off at {len(seq.ids)} tokens: --max-tokens or the context]")
         sys.stdout.write("\n")
         sys.stdout.flush()
-    return seq.text if seq is not None else ""
+    if seq is None:
+        return ""
+    if last is not None and last.finish_reason == "error":
+        raise LlamalabError(f"the reply failed: {getattr(last, 'error', None) or 'unknown error'}")
+    timing = seq.timing.as_dict()
+    print(
+        f"[{len(seq.ids)} tokens, {timing['decode_tokens_per_s']:.1f} tok/s, "
+        f"first token after {timing['time_to_first_token_s']:.2f} s]",
+        file=sys.stderr,
+    )
+    return seq.text

@@ -10,6 +10,7 @@ from llamalab.cli.options import (
     add_runtime_options,
     add_sampling_options,
     check_text_argument,
+    load_runtime_from_args,
     read_text_stdin,
     sampling_from_args,
 )
@@ -22,7 +23,10 @@ DESCRIPTION = (
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("prompt", nargs="?", default=None, help="the prompt (default: read stdin)")
+    p.add_argument(
+        "prompt_arg", nargs="?", default=None, metavar="PROMPT", help="the prompt (default: stdin)"
+    )
+    p.add_argument("-p", "--prompt", default=None, help="the prompt, as an option (llama.cpp's -p)")
     add_runtime_options(p)
     add_sampling_options(p)
     p.add_argument(
@@ -48,22 +52,42 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
+def check_arguments(args: argparse.Namespace) -> None:
+    """Options that only mean something together with another one are refused alone."""
+    if args.prompt is not None and args.prompt_arg is not None:
+        raise LlamalabError("give the prompt once: as an argument or with -p, not both")
+    if args.system is not None and not args.chat:
+        raise LlamalabError("--system needs --chat (a system message only exists in a chat)")
+    if args.logprobs is not None and not args.json:
+        raise LlamalabError("--logprobs needs --json (logprobs are reported in the JSON object)")
+    if args.logprobs is not None and not 0 <= args.logprobs <= 20:
+        raise LlamalabError(f"--logprobs must be between 0 and 20, got {args.logprobs}")
+
+
 def _read_prompt(args: argparse.Namespace) -> str:
-    if args.prompt is not None:
-        return check_text_argument(args.prompt, "prompt")
+    prompt = args.prompt if args.prompt is not None else args.prompt_arg
+    if prompt is not None:
+        return check_text_argument(prompt, "prompt")
     if sys.stdin.isatty():
         raise LlamalabError("no prompt: pass it as an argument or on stdin")
     return read_text_stdin("prompt")
 
 
+def token_text(tokenizer, token_id: int) -> str:
+    """What one token decodes to on its own (a partial UTF-8 character shows as U+FFFD)."""
+    return tokenizer.token_bytes(token_id).decode("utf-8", "replace")
+
+
 def run(args: argparse.Namespace) -> int:
     from llamalab.generation import Engine, Request
     from llamalab.generation.chat import build_messages
-    from llamalab.runtime import load_runtime
 
-    sampling = sampling_from_args(args)  # validate before the slow load
+    # Everything about the command line is checked before the slow load.
+    check_arguments(args)
+    sampling = sampling_from_args(args)
+    stops = [check_text_argument(stop, "--stop text") for stop in args.stop]
     prompt = _read_prompt(args)
-    model, tokenizer = load_runtime(args.model, args.dtype)
+    model, tokenizer = load_runtime_from_args(args)
     if args.chat:
         prompt_ids = tokenizer.encode_chat(build_messages(prompt, args.system))
     else:
@@ -73,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
         prompt_ids,
         max_tokens=args.max_tokens,
         sampling=sampling,
-        stop=args.stop,
+        stop=stops,
         logprobs=args.logprobs,
     )
 
@@ -91,6 +115,11 @@ def run(args: argparse.Namespace) -> int:
                     sys.stdout.flush()
     finally:
         engine.cancel(seq)
+    failed = events[-1]
+    if failed.finish_reason == "error":
+        raise LlamalabError(
+            f"generation failed: {getattr(failed, 'error', None) or 'unknown error'}"
+        )
     if args.json:
         out = {
             "prompt_ids": prompt_ids,
@@ -103,9 +132,12 @@ def run(args: argparse.Namespace) -> int:
             out["logprobs"] = [
                 {
                     "id": e.token_id,
-                    "token": tokenizer.token_bytes(e.token_id).decode("utf-8", "replace"),
+                    "token": token_text(tokenizer, e.token_id),
                     "logprob": e.logprob,
-                    "top_logprobs": [{"id": i, "logprob": lp} for i, lp in e.top_logprobs or []],
+                    "top_logprobs": [
+                        {"id": i, "token": token_text(tokenizer, i), "logprob": lp}
+                        for i, lp in e.top_logprobs or []
+                    ],
                 }
                 for e in events
                 if e.token_id is not None
@@ -116,7 +148,8 @@ def run(args: argparse.Namespace) -> int:
         timing = seq.timing.as_dict()
         if sys.stderr.isatty():
             print(
-                f"[{timing['prompt_tokens']} prompt tokens, {timing['prefill_tokens_per_s']:.1f} tok/s prefill, "
+                f"[{timing['prompt_tokens']} prompt tokens, "
+                f"{timing['prefill_tokens_per_s']:.1f} tok/s prefill, "
                 f"{timing['decode_tokens_per_s']:.1f} tok/s decode, finish: {seq.finish_reason}]",
                 file=sys.stderr,
             )

@@ -9,7 +9,7 @@ import argparse
 import math
 
 from llamalab.errors import LlamalabError
-from llamalab.runtime import DTYPE_CHOICES
+from llamalab.runtime import DEVICE_CHOICES, DTYPE_CHOICES
 
 MODEL_HELP = (
     "GGUF file, Hugging Face or Meta folder (default: $LLAMALAB_MODEL or SmolLM2-135M-Instruct)"
@@ -17,13 +17,14 @@ MODEL_HELP = (
 
 
 def add_model_option(p: argparse.ArgumentParser, help: str = MODEL_HELP) -> None:
-    p.add_argument("--model", default=None, help=help)
+    p.add_argument("-m", "--model", default=None, help=help)
 
 
 def add_runtime_options(p: argparse.ArgumentParser) -> None:
-    """The model, the context size and the weight form: what every command that runs a model takes."""
+    """What every command that runs a model takes: the model, context, weight form, device, threads."""
     add_model_option(p)
     p.add_argument(
+        "-c",
         "--ctx",
         type=positive_int,
         default=2048,
@@ -33,7 +34,41 @@ def add_runtime_options(p: argparse.ArgumentParser) -> None:
         "--dtype",
         default="auto",
         choices=DTYPE_CHOICES,
-        help="auto: the fastest form the kernels allow; float32: dequantize everything (reference maths)",
+        help="auto: the fastest form the kernels allow; "
+        "float32: dequantize everything (reference maths)",
+    )
+    p.add_argument(
+        "--device",
+        default="auto",
+        choices=DEVICE_CHOICES,
+        help="where to run (default: auto, CUDA when there is a GPU)",
+    )
+    p.add_argument(
+        "-t",
+        "--threads",
+        type=positive_int,
+        default=None,
+        help="CPU threads (default: the physical cores)",
+    )
+
+
+def load_runtime_from_args(args: argparse.Namespace):
+    """``(model, tokenizer)`` for a command's runtime options.
+
+    On a terminal, one line names what is being loaded before the slow part starts; piped
+    output (scripts, tests) gets no chatter, so stderr carries only errors there.
+    """
+    import sys
+
+    from llamalab.runtime import load_runtime
+
+    return load_runtime(
+        args.model,
+        args.dtype,
+        device=args.device,
+        threads=args.threads,
+        ctx=args.ctx,
+        announce=sys.stderr.isatty(),
     )
 
 
@@ -43,6 +78,7 @@ def add_sampling_options(p: argparse.ArgumentParser) -> None:
 
     d = SamplingParams()
     p.add_argument(
+        "-n",
         "--max-tokens",
         type=positive_int,
         default=256,

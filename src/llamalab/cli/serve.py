@@ -1,15 +1,29 @@
-"""``llamalab serve``: load a model, start the scheduler, run uvicorn."""
+"""``llamalab serve``: load a model, start the scheduler, run uvicorn.
+
+Two things here are about uvicorn rather than the API. A connection must send its
+request headers within ``--header-timeout`` seconds (uvicorn itself waits forever for a
+connection that sends nothing, or sends a byte now and then). And SIGTERM drains before
+it stops: new requests get 503, running ones get ``--shutdown-grace`` seconds, and what
+is left ends with an error event; a second signal stops at once.
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import ipaddress
+import logging
 import os
+import signal
 import sys
 from pathlib import Path
+from types import FrameType
+from typing import Any
 
-from llamalab.cli.options import add_runtime_options
+from llamalab.cli.options import add_runtime_options, positive_int
 from llamalab.errors import LlamalabError
+
+log = logging.getLogger("llamalab.serve")
 
 API_KEY_ENV = "LLAMALAB_API_KEY"
 DESCRIPTION = (
@@ -43,6 +57,38 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="requests decoded together; each holds a KV-cache row (default: %(default)s)",
     )
     p.add_argument(
+        "--max-queue",
+        type=int,
+        default=64,
+        help="requests that may wait for a free batch row; more get 503 (default: %(default)s)",
+    )
+    p.add_argument(
+        "--max-body-bytes",
+        type=positive_int,
+        default=4 * 1024 * 1024,
+        help="largest request body; larger ones get 413 (default: %(default)s)",
+    )
+    p.add_argument(
+        "--header-timeout",
+        type=float,
+        default=10.0,
+        help="seconds a connection has to send its request headers (default: %(default)s)",
+    )
+    p.add_argument(
+        "--shutdown-grace",
+        type=float,
+        default=10.0,
+        help="on SIGTERM, seconds running requests get to finish (default: %(default)s)",
+    )
+    p.add_argument(
+        "--allow-host",
+        action="append",
+        default=[],
+        metavar="HOST",
+        help="without --api-key, also accept this Host header (repeatable; localhost, "
+        "127.0.0.1, [::1] and the --host address always work)",
+    )
+    p.add_argument(
         "--log-level",
         default="info",
         choices=["critical", "error", "warning", "info", "debug"],
@@ -70,11 +116,17 @@ def run(args: argparse.Namespace) -> int:
 
     from llamalab.generation import Engine
     from llamalab.runtime import load_runtime, resolve_model_ref
-    from llamalab.serve.app import create_app
+    from llamalab.serve.app import Limits, create_app
     from llamalab.serve.scheduler import Scheduler
 
     if args.max_batch < 1:
         raise LlamalabError(f"--max-batch must be at least 1, got {args.max_batch}")
+    if args.max_queue < 0:
+        raise LlamalabError(f"--max-queue must be at least 0, got {args.max_queue}")
+    for name in ("header_timeout", "shutdown_grace"):
+        if not getattr(args, name) > 0:
+            flag = "--" + name.replace("_", "-")
+            raise LlamalabError(f"{flag} must be a positive number, got {getattr(args, name)}")
     if args.ctx < 2:
         raise LlamalabError(f"--ctx must be at least 2, got {args.ctx}")
     if not _is_loopback(args.host) and not args.api_key:
@@ -84,13 +136,113 @@ def run(args: argparse.Namespace) -> int:
         )
     model, tokenizer = load_runtime(args.model, args.dtype)
     engine = Engine(model, tokenizer, max_batch=args.max_batch, max_seq_len=args.ctx)
+    # Without a key, the Host check keeps web pages that rebind their name to this
+    # address out; the address the server listens on is one more name for it.
+    allowed_hosts = None if args.api_key else [_bracketed(args.host), *args.allow_host]
     app = create_app(
         Scheduler(engine),
         model_id=model_id_for(resolve_model_ref(args.model)),
         api_key=args.api_key,
+        limits=Limits(max_body_bytes=args.max_body_bytes, max_queue=args.max_queue),
+        allowed_hosts=allowed_hosts,
     )
     # One process, one event loop: the scheduler thread does the heavy work.
-    uvicorn.run(
-        app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5
+    config = uvicorn.Config(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        http=_header_timeout_protocol(args.header_timeout),
+        # Idle keep-alive connections close sooner than a slow client's headers time out.
+        timeout_keep_alive=min(5.0, args.header_timeout),
+        # After the drain every response has ended; this only bounds the last flush.
+        timeout_graceful_shutdown=5,
     )
+    _draining_server_class()(config, app=app, grace=args.shutdown_grace).run()
     return 0
+
+
+def _bracketed(host: str) -> str:
+    """An IPv6 address as a Host header spells it: ``::1`` → ``[::1]``."""
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+def _header_timeout_protocol(timeout: float) -> type:
+    """uvicorn's h11 protocol, closing a connection that takes too long to send headers.
+
+    uvicorn times out an idle keep-alive connection only, and resets even that timer on
+    every byte, so a client that opens a connection and sends nothing (or a byte now and
+    then) would hold it forever. Here a timer runs whenever the connection waits for a
+    request: from the connection's start and again after each response. If it fires
+    while no request has arrived, the connection closes.
+    """
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderTimeoutProtocol(H11Protocol):
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm_header_timer()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._arm_header_timer()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            timer = getattr(self, "_header_timer", None)
+            if timer is not None:
+                timer.cancel()
+            super().connection_lost(exc)
+
+        def _arm_header_timer(self) -> None:
+            timer = getattr(self, "_header_timer", None)
+            if timer is not None:
+                timer.cancel()
+            self._header_timer = self.loop.call_later(timeout, self._header_timeout)
+
+        def _header_timeout(self) -> None:
+            waiting = self.cycle is None or self.cycle.response_complete
+            if waiting and not self.transport.is_closing():
+                self.transport.close()
+
+    return HeaderTimeoutProtocol
+
+
+def _draining_server_class() -> type:
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        """uvicorn's server, with a first SIGTERM or SIGINT that drains before stopping."""
+
+        def __init__(self, config: uvicorn.Config, *, app: Any, grace: float) -> None:
+            super().__init__(config)
+            self.app = app
+            self.grace = grace
+            self._draining = False
+            self._loop: asyncio.AbstractEventLoop | None = None
+            self._drain_task: asyncio.Task[None] | None = None
+
+        async def serve(self, sockets: Any = None) -> None:
+            self._loop = asyncio.get_running_loop()
+            await super().serve(sockets)
+
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            if self._draining or self._loop is None or self.should_exit:
+                super().handle_exit(sig, frame)  # a second signal: stop now
+                return
+            self._draining = True
+            self._loop.call_soon_threadsafe(self._start_drain, sig)
+
+        def _start_drain(self, sig: int) -> None:
+            self._drain_task = asyncio.ensure_future(self._drain(sig))
+
+        async def _drain(self, sig: int) -> None:
+            from llamalab.serve.app import drain
+
+            log.warning("%s: draining for up to %.0f s", signal.Signals(sig).name, self.grace)
+            try:
+                await drain(self.app, self.grace)
+            except Exception:
+                log.exception("draining failed; stopping anyway")
+            super().handle_exit(sig, None)
+
+    return DrainingServer
