@@ -7,7 +7,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from llamalab.cli.options import positive_int
 from llamalab.config import PRESETS, ModelConfig
+from llamalab.runtime import DTYPE_CHOICES
 
 DESCRIPTION = (
     "Describe a checkpoint (GGUF file, Hugging Face folder, Meta folder) or a preset: format, "
@@ -23,10 +25,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="checkpoint path or preset name (default: the default model)",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    # The same defaults as `generate`, so the memory figure is what running it takes.
+    p.add_argument(
+        "-c",
+        "--ctx",
+        type=positive_int,
+        default=2048,
+        help="context to size the KV cache for (default: %(default)s, as generate)",
+    )
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=DTYPE_CHOICES,
+        help="weight form to size the memory for (default: auto, as generate)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    report = describe(args.ref)
+    report = describe(args.ref, ctx=args.ctx, dtype=args.dtype)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0
 
@@ -60,17 +76,73 @@ def _config_fields(config: ModelConfig) -> dict[str, Any]:
     }
 
 
-def describe(ref: str | None) -> dict[str, Any]:
-    """A JSON-ready description of a preset name or checkpoint path (None: the default model)."""
+def run_memory(config: ModelConfig, ctx: int, dtype: str) -> dict[str, Any]:
+    """What running the model takes: weights in the form ``dtype`` loads, plus the KV cache.
+
+    ``auto`` on the CPU packs every linear layer (the output layer included, even when it
+    shares the embedding's values) as float16 and keeps the embedding and norms in
+    float32; ``float32`` holds every weight in float32. The cache is float32 on the CPU
+    and holds ``ctx`` tokens (never more than the model's context).
+    """
+    per_layer_linear = (
+        config.dim * config.n_heads * config.head_dim  # wq
+        + 2 * config.dim * config.n_kv_heads * config.head_dim  # wk, wv
+        + config.n_heads * config.head_dim * config.dim  # wo
+        + 3 * config.dim * config.ffn_hidden_dim  # w1, w2, w3
+    )
+    linear = config.n_layers * per_layer_linear + config.vocab_size * config.dim  # + output
+    embedding = config.vocab_size * config.dim
+    norms = (2 * config.n_layers + 1) * config.dim
+    if dtype == "auto":
+        weights = 2 * linear + 4 * (embedding + norms)
+    else:
+        weights = 4 * config.num_parameters()
+    tokens = min(ctx, config.context_length)
+    kv = kv_cache_bytes_per_token(config) * tokens
+    return {"dtype": dtype, "ctx": tokens, "weights_bytes": weights, "kv_cache_bytes": kv,
+            "total_bytes": weights + kv}  # fmt: skip
+
+
+def _tokenizer_fields(ref: str) -> dict[str, Any]:
+    """BOS, EOS, the stop tokens and the chat template of a checkpoint's tokenizer."""
+    from llamalab.errors import LlamalabError
+    from llamalab.tokenizer import load_tokenizer
+
+    try:
+        tok = load_tokenizer(ref)
+    except LlamalabError as exc:
+        return {"tokenizer_error": str(exc)}
+
+    def token(i: int | None) -> dict[str, Any] | None:
+        return None if i is None else {"id": i, "text": tok.id_to_piece(i)}
+
+    template = tok.chat_template
+    return {
+        "bos": token(tok.bos_id),
+        "eos": token(tok.eos_id),
+        "stop_tokens": [token(i) for i in sorted(tok.stop_ids)],
+        "chat_template": None
+        if template is None
+        else {"origin": template.name, "source": template.source},
+    }
+
+
+def describe(ref: str | None, *, ctx: int = 2048, dtype: str = "auto") -> dict[str, Any]:
+    """A JSON-ready description of a preset name or checkpoint path (None: the default model).
+
+    ``ctx`` and ``dtype`` size the memory figure as ``generate`` with those options would.
+    """
     if ref is None:
         from llamalab.default_model import default_model_path
 
         ref = str(default_model_path())
     if ref in PRESETS:
-        report = {"format": "preset", "name": ref, **_config_fields(PRESETS[ref])}
+        config = PRESETS[ref]
+        report = {"format": "preset", "name": ref, **_config_fields(config)}
         report["tensor_types"] = {}
         report["tokenizer"] = None
         report["weights_bytes"] = None
+        report["run_memory"] = run_memory(config, ctx, dtype)
         return report
 
     from llamalab.checkpoint.load import open_checkpoint, validate
@@ -88,6 +160,8 @@ def describe(ref: str | None) -> dict[str, Any]:
             report["shards"] = reader.num_shards
     finally:
         reader.close()
+    report["run_memory"] = run_memory(config, ctx, dtype)
+    report.update(_tokenizer_fields(ref))
     return report
 
 
@@ -130,6 +204,7 @@ def format_report(report: dict[str, Any]) -> str:
         ("tied embeddings", "yes" if report["tied_embeddings"] else "no"),
         ("tensor types", types),
         ("tokenizer", report["tokenizer"] or "-"),
+        *_tokenizer_lines(report),
         ("weights on disk", _size(report["weights_bytes"])),
         (
             "memory, float32",
@@ -140,5 +215,40 @@ def format_report(report: dict[str, Any]) -> str:
             f"{_size(report['memory_bf16_bytes'])} + KV cache {_size(kv // 2 * ctx)} at full context",
         ),
     ]
+    if "path" in report:
+        lines.insert(1, ("path", report["path"]))
+    run = report["run_memory"]
+    lines.append(
+        (
+            f"to run ({run['dtype']}, ctx {run['ctx']})",
+            (
+                f"{_size(run['total_bytes'])}: weights {_size(run['weights_bytes'])}"
+                f" + KV cache {_size(run['kv_cache_bytes'])}"
+            ),
+        )
+    )
     width = max(len(k) for k, _ in lines)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in lines)
+
+
+def _tokenizer_lines(report: dict[str, Any]) -> list[tuple[str, str]]:
+    if "tokenizer_error" in report:
+        return [("tokenizer error", report["tokenizer_error"])]
+    if "bos" not in report:
+        return []
+
+    def shown(token: dict[str, Any] | None) -> str:
+        return "-" if token is None else f"{token['text']!r} ({token['id']})"
+
+    template = report["chat_template"]
+    if template is None:
+        template_line = "-"
+    else:
+        first = template["source"].strip().splitlines()[0] if template["source"].strip() else ""
+        more = " ..." if len(template["source"].strip().splitlines()) > 1 else ""
+        template_line = f"{template['origin']}: {first[:60]}{'...' if len(first) > 60 else more}"
+    return [
+        ("bos / eos", f"{shown(report['bos'])} / {shown(report['eos'])}"),
+        ("stop tokens", ", ".join(shown(t) for t in report["stop_tokens"]) or "-"),
+        ("chat template", template_line),
+    ]

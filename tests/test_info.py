@@ -1,0 +1,44 @@
+"""``llamalab info``: what a checkpoint is and what running it takes."""
+
+from __future__ import annotations
+
+import json
+
+from conftest import run_cli
+
+LLAMA_7B_PARAMETERS = 6_738_415_616  # the paper's exact count (Table 2)
+LLAMA_7B_EMBEDDING = 32_000 * 4096
+LLAMA_7B_NORMS = (2 * 32 + 1) * 4096
+
+
+def info_json(*args: str) -> dict:
+    result = run_cli("info", *args, "--json")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_preset_memory_matches_the_paper_sizes():
+    report = info_json("llama-7b", "--dtype", "float32", "--ctx", "2048")
+    run = report["run_memory"]
+    assert run["weights_bytes"] == 4 * LLAMA_7B_PARAMETERS
+    # keys and values, 32 layers of 4096 float32 values each: 1 MiB per token
+    assert run["kv_cache_bytes"] == 2048 * (1 << 20)
+    auto = info_json("llama-7b")["run_memory"]
+    linear = LLAMA_7B_PARAMETERS - LLAMA_7B_EMBEDDING - LLAMA_7B_NORMS
+    assert auto["weights_bytes"] == 2 * linear + 4 * (LLAMA_7B_EMBEDDING + LLAMA_7B_NORMS)
+    assert auto["ctx"] == 2048
+
+
+def test_checkpoint_report_names_path_tokens_and_template(smollm2_path):
+    report = info_json(str(smollm2_path), "--ctx", "100000")
+    assert report["path"] == str(smollm2_path.resolve())
+    assert report["bos"] == {"id": 1, "text": "<|im_start|>"}
+    assert report["eos"] == {"id": 2, "text": "<|im_end|>"}
+    assert {"id": 2, "text": "<|im_end|>"} in report["stop_tokens"]
+    assert report["chat_template"]["origin"] == "gguf"
+    assert "<|im_start|>" in report["chat_template"]["source"]
+    # the cache is never sized past the model's own context
+    assert report["run_memory"]["ctx"] == report["context_length"] == 8192
+    text = run_cli("info", str(smollm2_path)).stdout
+    for label in ("path", "bos / eos", "chat template", "to run (auto, ctx 2048)"):
+        assert label in text, text
