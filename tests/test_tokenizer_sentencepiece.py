@@ -9,11 +9,11 @@ from pathlib import Path
 import gguf
 import pytest
 import sentencepiece as spm
+from conftest import write_vocab_gguf
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from llamalab import load_tokenizer
-from llamalab.gguf.vocab import add_vocab_to_gguf
 
 TRAINING_TEXT = [
     "LLaMA is a collection of foundation language models ranging from 7B to 65B parameters.",
@@ -59,12 +59,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory):
     folder = tmp_path_factory.mktemp("meta")
     (folder / "tokenizer.model").write_bytes(buf.getvalue())
     (folder / "params.json").write_text('{"dim": 64, "vocab_size": 400}')
-    out = folder.parent / "trained-vocab.gguf"
-    writer = gguf.GGUFWriter(out, "llama")
-    assert add_vocab_to_gguf(writer, folder) is True
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.close()
+    out = write_vocab_gguf(folder.parent / "trained-vocab.gguf", folder)
     sp = spm.SentencePieceProcessor(model_proto=buf.getvalue())
     return sp, load_tokenizer(folder), load_tokenizer(out)
 
@@ -104,12 +99,7 @@ def test_gguf_path_equals_sentencepiece_random(trained, text: str) -> None:
 
 def test_gguf_keys_are_what_llamacpp_reads(trained, tmp_path: Path) -> None:
     sp, from_file, _ = trained
-    path = tmp_path / "v.gguf"
-    writer = gguf.GGUFWriter(path, "llama")
-    add_vocab_to_gguf(writer, from_file.source)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.close()
+    path = write_vocab_gguf(tmp_path / "v.gguf", from_file.source)
     reader = gguf.GGUFReader(path)
     fields = reader.fields
     assert bytes(fields["tokenizer.ggml.model"].parts[-1]).decode() == "llama"

@@ -38,8 +38,16 @@ if TYPE_CHECKING:
 
 # Names of end-of-turn tokens in LLaMA-family vocabularies. Generation stops on any of
 # them (as llama.cpp's end-of-generation set does), not only on the EOS id: Llama 3 chat
-# ends a turn with <|eot_id|>, ChatML models with <|im_end|>.
-STOP_TOKEN_TEXTS = ("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|im_end|>", "<|endoftext|>")
+# ends a turn with <|eot_id|>, ChatML models with <|im_end|>, Phi-3 with <|end|> (which
+# llama.cpp also counts as end of turn).
+STOP_TOKEN_TEXTS = (
+    "<|eot_id|>",
+    "<|eom_id|>",
+    "<|end_of_text|>",
+    "<|im_end|>",
+    "<|endoftext|>",
+    "<|end|>",
+)
 
 
 @dataclass(frozen=True)
