@@ -150,3 +150,16 @@ def test_tokenizer_model_files_keep_the_library_rules() -> None:
         SentencePieceTokenizer(
             build_model_proto(["<unk>", "<unk2>"], [0.0, 0.0], [UNKNOWN, UNKNOWN]), source="x"
         )
+
+
+def test_phi3_through_the_command_line() -> None:
+    """`llamalab tokenize` on llama.cpp's phi-3 vocabulary gives llama.cpp's ids."""
+    import json
+
+    from conftest import run_cli
+
+    vectors = [(t, ids) for t, ids in read_vectors("phi-3") if t.strip()][:5]
+    for text, expected in vectors:
+        result = run_cli("tokenize", "--model", str(PHI3), "--json", "--no-bos", "--no-special", text)
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout)["ids"] == expected, text

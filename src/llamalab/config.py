@@ -15,6 +15,32 @@ from llamalab.errors import LlamalabError
 
 ROPE_SCALING_KINDS = ("linear", "llama3", "factors")
 
+# Upper bounds on a config's sizes. They are far above any released LLaMA-family model
+# (the largest has dim 16384, 126 layers, a 128k vocabulary and a 128k context) and exist
+# so that a corrupt or forged checkpoint is refused with a clear message instead of making
+# the loader build, or allocate, something proportional to an absurd number.
+MAX_DIM = 1 << 17  # 131072, also the bound on the FFN width
+MAX_FFN_HIDDEN_DIM = 1 << 20
+MAX_LAYERS = 4096
+MAX_HEADS = 1 << 14
+MAX_VOCAB_SIZE = 1 << 24  # 16.7M tokens
+# 16.7M positions: 128 times Llama 3.1's 128k. A rotary table or KV cache that long is
+# already tens of gigabytes, so this refuses only values that could never be run.
+MAX_CONTEXT_LENGTH = 1 << 24
+
+
+def _check_int(what: str, value: Any, maximum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= maximum:
+        raise LlamalabError(f"config: {what} must be an integer from 1 to {maximum}, got {value!r}")
+
+
+def _check_float(what: str, value: Any, *, below: float = math.inf) -> None:
+    """A finite real number in (0, ``below``): NaN, infinities, strings and bools are refused."""
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or not 0 < value < below:
+        bound = "" if below == math.inf else f" below {below:g}"
+        raise LlamalabError(f"config: {what} must be a finite number above 0{bound}, got {value!r}")
+
 
 @dataclass(frozen=True)
 class RopeScaling:
@@ -37,21 +63,42 @@ class RopeScaling:
     def __post_init__(self) -> None:
         if self.kind not in ROPE_SCALING_KINDS:
             raise LlamalabError(
-                f"unknown RoPE scaling {self.kind!r}; expected one of {', '.join(ROPE_SCALING_KINDS)}"
+                f"unknown RoPE scaling {self.kind!r}; "
+                f"expected one of {', '.join(ROPE_SCALING_KINDS)}"
             )
-        if self.kind == "factors" and not self.factors:
-            raise LlamalabError("RoPE scaling 'factors' needs the list of factors")
-        if self.factor <= 0:
-            raise LlamalabError(f"RoPE scaling factor must be positive, got {self.factor}")
+        if self.kind == "factors":
+            if not self.factors:
+                raise LlamalabError("RoPE scaling 'factors' needs the list of factors")
+            for x in self.factors:
+                _check_float("every RoPE scaling factor", x)
+        _check_float("RoPE scaling factor", self.factor)
+        if self.kind == "llama3":
+            _check_float("RoPE low_freq_factor", self.low_freq_factor)
+            _check_float("RoPE high_freq_factor", self.high_freq_factor)
+            # Llama 3.1's rule interpolates between the two; equal ones divide by zero.
+            if self.high_freq_factor <= self.low_freq_factor:
+                raise LlamalabError(
+                    f"config: RoPE high_freq_factor {self.high_freq_factor} must exceed "
+                    f"low_freq_factor {self.low_freq_factor}"
+                )
+            _check_int(
+                "RoPE original_context_length", self.original_context_length, MAX_CONTEXT_LENGTH
+            )
 
 
 # Llama 3.1's published values; Meta's params.json only says "use_scaled_rope": true.
 LLAMA3_ROPE_SCALING = RopeScaling(
-    kind="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_context_length=8192
+    kind="llama3",
+    factor=8.0,
+    low_freq_factor=1.0,
+    high_freq_factor=4.0,
+    original_context_length=8192,
 )
 
 
-def ffn_hidden_dim(dim: int, multiple_of: int = 256, ffn_dim_multiplier: float | None = None) -> int:
+def ffn_hidden_dim(
+    dim: int, multiple_of: int = 256, ffn_dim_multiplier: float | None = None
+) -> int:
     """Meta's rule for the SwiGLU hidden size: 2/3 of 4·dim, scaled, rounded up to a multiple."""
     hidden = int(2 * (4 * dim) / 3)
     if ffn_dim_multiplier is not None:
@@ -77,34 +124,56 @@ class ModelConfig:
     name: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
-        for key in ("dim", "n_layers", "n_heads", "vocab_size", "ffn_hidden_dim", "context_length"):
-            value = getattr(self, key)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise LlamalabError(f"config: {key} must be a positive integer, got {value!r}")
+        # Every loader (GGUF, Hugging Face, Meta, presets) comes through here, so every
+        # format gets the same range checks before anything is sized from these values.
+        for key, maximum in (
+            ("dim", MAX_DIM),
+            ("n_layers", MAX_LAYERS),
+            ("n_heads", MAX_HEADS),
+            ("vocab_size", MAX_VOCAB_SIZE),
+            ("ffn_hidden_dim", MAX_FFN_HIDDEN_DIM),
+            ("context_length", MAX_CONTEXT_LENGTH),
+        ):
+            _check_int(key, getattr(self, key), maximum)
         if self.n_kv_heads is None:
             object.__setattr__(self, "n_kv_heads", self.n_heads)
-        if not isinstance(self.n_kv_heads, int) or self.n_kv_heads <= 0:
-            raise LlamalabError(f"config: n_kv_heads must be a positive integer, got {self.n_kv_heads!r}")
+        _check_int("n_kv_heads", self.n_kv_heads, MAX_HEADS)
         if self.dim % self.n_heads:
-            raise LlamalabError(f"config: dim {self.dim} is not divisible by n_heads {self.n_heads}")
+            raise LlamalabError(
+                f"config: dim {self.dim} is not divisible by n_heads {self.n_heads}"
+            )
         if self.n_heads % self.n_kv_heads:
             raise LlamalabError(
                 f"config: n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}"
             )
         if self.head_dim % 2:
-            raise LlamalabError(f"config: head dimension {self.head_dim} must be even for rotary embeddings")
-        if self.norm_eps <= 0 or self.rope_theta <= 0:
-            raise LlamalabError("config: norm_eps and rope_theta must be positive")
+            raise LlamalabError(
+                f"config: head dimension {self.head_dim} must be even for rotary embeddings"
+            )
+        _check_float("norm_eps", self.norm_eps, below=1.0)
+        _check_float("rope_theta", self.rope_theta)
+        if not isinstance(self.tie_embeddings, bool):
+            raise LlamalabError(
+                f"config: tie_embeddings must be true or false, got {self.tie_embeddings!r}"
+            )
         if isinstance(self.rope_scaling, dict):
             object.__setattr__(self, "rope_scaling", rope_scaling_from_dict(self.rope_scaling))
         scaling = self.rope_scaling
-        if scaling is not None and scaling.kind == "factors" and len(scaling.factors) != self.head_dim // 2:
+        if scaling is not None and not isinstance(scaling, RopeScaling):
+            raise LlamalabError(f"config: rope_scaling must be a mapping, got {scaling!r}")
+        if (
+            scaling is not None
+            and scaling.kind == "factors"
+            and len(scaling.factors) != self.head_dim // 2
+        ):
             raise LlamalabError(
-                f"config: {len(scaling.factors)} RoPE factors given, the head needs {self.head_dim // 2}"
+                f"config: {len(scaling.factors)} RoPE factors given, "
+                f"the head needs {self.head_dim // 2}"
             )
 
     @property
     def head_dim(self) -> int:
+        """The width of one attention head."""
         return self.dim // self.n_heads
 
     @classmethod
@@ -114,6 +183,7 @@ class ModelConfig:
         return cls(**data)
 
     def to_dict(self) -> dict[str, Any]:
+        """A plain dict that :meth:`from_dict` reads back."""
         return dataclasses.asdict(self)
 
     def num_parameters(self) -> int:
@@ -127,9 +197,17 @@ class ModelConfig:
 
 
 def rope_scaling_from_dict(data: dict[str, Any]) -> RopeScaling:
+    """A :class:`RopeScaling` from a dict (as ``to_dict`` writes it); unknown keys are an error."""
+    if not isinstance(data, dict):
+        raise LlamalabError(f"config: rope_scaling must be a mapping, got {data!r}")
     data = dict(data)
     if "factors" in data and data["factors"] is not None:
-        data["factors"] = tuple(float(x) for x in data["factors"])
+        factors = data["factors"]
+        if not isinstance(factors, list | tuple) or any(
+            isinstance(x, bool) or not isinstance(x, int | float) for x in factors
+        ):
+            raise LlamalabError("config: rope_scaling factors must be a list of numbers")
+        data["factors"] = tuple(float(x) for x in factors)
     _reject_unknown_keys(RopeScaling, data, "config: rope_scaling")
     return RopeScaling(**data)
 

@@ -2,16 +2,25 @@
 
 Every writer pulls tensors one at a time from a reader (canonical names and layout) and
 writes them before asking for the next, so peak memory stays near one copy of the model
-or less. Output goes to a temporary sibling first and is renamed into place at the end:
-an interrupted conversion never leaves a half-written checkpoint under the real name, and
-an existing destination is never overwritten.
+or less.
+
+Output is written into a staging folder created exclusively beside the destination and
+moved into place at the end by a rename that never replaces anything (see ``staging``):
+an interrupted conversion leaves nothing behind, two conversions never touch each other's
+work, and whatever appears at the destination meanwhile is never overwritten.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import functools
 import json
+import os
 import shutil
-from collections.abc import Iterator
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -37,10 +46,16 @@ HF_MAX_FILE_BYTES = 4 << 30
 def convert(
     src: str | Path, dst: str | Path, *, to: str, dtype: str | None = None, shards: int = 1
 ) -> Path:
-    """Convert checkpoint ``src`` to format ``to`` ("hf", "meta", "gguf") at ``dst``; return ``dst``."""
+    """Convert checkpoint ``src`` to format ``to`` ("hf", "meta" or "gguf") at ``dst``.
+
+    ``dst`` must not exist; it is never overwritten, even if it appears during the conversion.
+    Returns ``dst``.
+    """
     dst = Path(dst)
-    if dst.exists():
-        raise LlamalabError(f"{dst}: already exists; choose a new destination (nothing was overwritten)")
+    if os.path.lexists(dst):  # a dangling symbolic link is in the way too
+        raise LlamalabError(
+            f"{dst}: already exists; choose a new destination (nothing was overwritten)"
+        )
     if to not in ("hf", "meta", "gguf"):
         raise LlamalabError(f"unknown target format {to!r}; expected hf, meta or gguf")
     if dtype is not None and dtype not in (*TORCH_DTYPES, "q8_0"):
@@ -54,39 +69,204 @@ def convert(
         validate(reader)
         out_type = dtype or source_float_type(reader)
         with staging(dst) as tmp:
-            if to == "hf":
-                write_hf(reader, tmp, TORCH_DTYPES[out_type])
-            elif to == "meta":
-                write_meta(reader, tmp, TORCH_DTYPES[out_type], shards)
-            else:
-                from llamalab.gguf.writer import write_gguf
+            try:
+                if to == "hf":
+                    write_hf(reader, tmp, TORCH_DTYPES[out_type])
+                elif to == "meta":
+                    write_meta(reader, tmp, TORCH_DTYPES[out_type], shards)
+                else:
+                    from llamalab.gguf.writer import write_gguf
 
-                write_gguf(reader, tmp, out_type)
+                    write_gguf(reader, tmp, out_type)
+            except OSError as exc:  # a full disk, a vanished source: the user's to fix
+                raise LlamalabError(f"{dst}: conversion failed: {exc}") from None
     finally:
         reader.close()
     return dst
 
 
 def source_float_type(reader: CheckpointReader) -> str:
-    """The float type to keep when none is asked for: the embedding's, or f32 for quantized sources."""
+    """The float type to keep when none is asked for: the embedding's (f32 if quantized)."""
     stored = reader.info("tok_embeddings.weight").stored_type.lower()
     return stored if stored in TORCH_DTYPES else "f32"
 
 
 @contextmanager
 def staging(dst: Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``dst``; move it to ``dst`` only if the block succeeds."""
-    tmp = dst.with_name(f".{dst.name}.partial")
-    if tmp.exists():
-        shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
-    dst.parent.mkdir(parents=True, exist_ok=True)
+    """Yield a fresh path to write the output at; publish it as ``dst`` if the block succeeds.
+
+    The path lies in a staging folder that ``mkdtemp`` creates exclusively beside ``dst``
+    (``.NAME.XXXXXXXX``, on the same file system, so the final move is a rename): two
+    conversions to one destination never share it, and nothing here deletes another
+    process's staging. The output then gets the permissions a plain ``open``/``mkdir``
+    would give (some writers create files 0600) and is moved to ``dst`` by
+    :func:`rename_noreplace`. If ``dst`` appeared meanwhile, it is left untouched, the
+    output is kept beside it (see :func:`_keep_aside`) and a ``LlamalabError`` says so.
+    The staging folder is removed however the block ends, KeyboardInterrupt included.
+    """
+    parent = dst.parent
     try:
-        yield tmp
-    except BaseException:
-        if tmp.exists():
-            shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
+        parent.mkdir(parents=True, exist_ok=True)
+        # The name says whose staging it is; cut so that the random suffix still fits in
+        # the 255 bytes a file name may take.
+        folder = Path(tempfile.mkdtemp(dir=parent, prefix=f".{dst.name[:200]}."))
+    except OSError as exc:
+        blocker = _file_in_the_way(parent)
+        if blocker is not None:
+            raise LlamalabError(
+                f"{dst}: cannot create it: {blocker} is a file, not a folder"
+            ) from None
+        raise LlamalabError(f"{dst}: cannot create it: {exc.strerror or exc}") from None
+    try:
+        dir_mode, file_mode = _default_modes(folder)
+        out = folder / dst.name
+        yield out
+        _set_modes(out, dir_mode, file_mode)
+        try:
+            rename_noreplace(out, dst)
+        except FileExistsError:
+            kept = _keep_aside(out, dst)
+            where = f"; the output was kept as {kept}" if kept else ""
+            raise LlamalabError(
+                f"{dst}: appeared during the conversion; nothing was overwritten{where}"
+            ) from None
+        except OSError as exc:
+            raise LlamalabError(f"{dst}: cannot move the output into place: {exc}") from None
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _file_in_the_way(folder: Path) -> Path | None:
+    """The nearest existing ancestor of ``folder`` (itself included) when it is not a folder."""
+    for candidate in (folder, *folder.parents):
+        if os.path.lexists(candidate):
+            return None if candidate.is_dir() else candidate
+    return None
+
+
+def _default_modes(folder: Path) -> tuple[int, int]:
+    """The permissions new folders and files get here: 0777 and 0666 less the umask.
+
+    Found by creating a folder rather than by ``os.umask``, which can only be read by
+    setting it, for every thread of the process at once.
+    """
+    probe = folder / "mode-probe"
+    probe.mkdir(0o777)
+    dir_mode = probe.stat().st_mode & 0o777
+    probe.rmdir()
+    return dir_mode, dir_mode & 0o666
+
+
+def _set_modes(out: Path, dir_mode: int, file_mode: int) -> None:
+    if not out.is_dir():
+        os.chmod(out, file_mode)
+        return
+    os.chmod(out, dir_mode)
+    for root, dirs, files in os.walk(out):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), dir_mode)
+        for name in files:
+            os.chmod(os.path.join(root, name), file_mode)
+
+
+def _keep_aside(out: Path, dst: Path) -> Path | None:
+    """Move the finished output to a free sibling of ``dst`` (``NAME.converted.EXT``), if any."""
+    for i in range(1, 100):
+        tag = "converted" if i == 1 else f"converted-{i}"
+        candidate = dst.with_name(f"{dst.stem}.{tag}{dst.suffix}")
+        try:
+            rename_noreplace(out, candidate)
+            return candidate
+        except FileExistsError:
+            continue
+        except OSError:
+            return None
+    return None
+
+
+# renameat2(2) flag and "relative to the working directory" (Linux's <fcntl.h>, <linux/fs.h>).
+_RENAME_NOREPLACE = 1
+_AT_FDCWD = -100
+
+
+@functools.cache
+def _libc_renameat2() -> Callable[..., int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        function = ctypes.CDLL(None, use_errno=True).renameat2  # glibc 2.28+, musl 1.2.2+
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [
+        ctypes.c_int,
+        ctypes.c_char_p,
+        ctypes.c_int,
+        ctypes.c_char_p,
+        ctypes.c_uint,
+    ]
+    function.restype = ctypes.c_int
+    return function
+
+
+def _renameat2(src: Path, dst: Path) -> bool:
+    """Rename atomically unless ``dst`` exists; False where the system or file system cannot."""
+    function = _libc_renameat2()
+    if function is None:
+        return False
+    if function(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # e.g. some network file systems
+        return False
+    raise OSError(code, os.strerror(code), str(dst))  # EEXIST becomes FileExistsError
+
+
+def rename_noreplace(src: Path, dst: Path) -> None:
+    """Rename ``src`` (a file or a folder) to ``dst``; raise FileExistsError if ``dst`` exists.
+
+    On Linux this is one atomic ``renameat2(RENAME_NOREPLACE)``. Elsewhere (or on a file
+    system without it): Windows' rename never replaces; a file is hard-linked to ``dst``
+    (which fails if anything is there) and then unlinked; a folder is renamed onto an
+    empty placeholder folder created exclusively at ``dst`` a moment before, so anything
+    that lands there meanwhile makes the rename fail (ENOTEMPTY, ENOTDIR) rather than be
+    replaced. Where hard links are not supported, a file falls back to checking for
+    ``dst`` and renaming: best effort, with a window of microseconds.
+    """
+    if _renameat2(src, dst):
+        return
+    if os.name == "nt":
+        os.rename(src, dst)
+    elif src.is_dir() and not src.is_symlink():
+        _rename_folder(src, dst)
+    else:
+        _rename_file(src, dst)
+
+
+def _rename_file(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except FileExistsError:
         raise
-    tmp.rename(dst)
+    except OSError:  # no hard links here (FAT, some network file systems): best effort
+        if os.path.lexists(dst):
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(dst)) from None
+        os.rename(src, dst)
+        return
+    os.unlink(src)
+
+
+def _rename_folder(src: Path, dst: Path) -> None:
+    os.mkdir(dst, 0o700)  # FileExistsError if anything is there
+    try:
+        os.rename(src, dst)  # replaces only our placeholder, and only while it is empty
+    except OSError as exc:
+        try:
+            os.rmdir(dst)  # our placeholder, if it is still empty; else leave it be
+        except OSError:
+            pass
+        if exc.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(dst)) from None
+        raise
 
 
 def tensors(reader: CheckpointReader, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
@@ -97,6 +277,7 @@ def tensors(reader: CheckpointReader, dtype: torch.dtype) -> Iterator[tuple[str,
 
 
 def copy_tokenizer_files(reader: CheckpointReader, folder: Path) -> None:
+    """Copy the tokenizer files of a folder checkpoint (see ``TOKENIZER_FILES``) to ``folder``."""
     if not reader.path.is_dir():
         return
     for file in TOKENIZER_FILES:
@@ -105,7 +286,7 @@ def copy_tokenizer_files(reader: CheckpointReader, folder: Path) -> None:
 
 
 def write_hf(reader: CheckpointReader, folder: Path, dtype: torch.dtype) -> None:
-    """A transformers-loadable folder: config.json + safetensors (split above 4 GiB, with an index)."""
+    """A transformers-loadable folder: config.json + safetensors (split above 4 GiB, indexed)."""
     from safetensors.torch import save_file
 
     from llamalab.checkpoint.hf_format import INDEX_FILE, SINGLE_FILE, config_to_hf
@@ -123,7 +304,9 @@ def write_hf(reader: CheckpointReader, folder: Path, dtype: torch.dtype) -> None
     def flush() -> None:
         # Files get provisional names until we know how many there are.
         nonlocal pending, pending_bytes
-        save_file(pending, str(folder / f"part-{len(parts):05d}.safetensors"), metadata={"format": "pt"})
+        save_file(
+            pending, str(folder / f"part-{len(parts):05d}.safetensors"), metadata={"format": "pt"}
+        )
         parts.append(list(pending))
         pending, pending_bytes = {}, 0
 
@@ -152,7 +335,7 @@ def write_hf(reader: CheckpointReader, folder: Path, dtype: torch.dtype) -> None
 
 
 def write_meta(reader: CheckpointReader, folder: Path, dtype: torch.dtype, shards: int) -> None:
-    """Meta's layout: params.json + ``shards`` consolidated.NN.pth files, split as Meta split them."""
+    """Meta's layout: params.json + ``shards`` consolidated.NN.pth files, split as Meta did."""
     from llamalab.checkpoint.meta_format import params_for, split_dim
 
     config = reader.config
@@ -166,7 +349,9 @@ def write_meta(reader: CheckpointReader, folder: Path, dtype: torch.dtype, shard
         ("dim", config.dim),
     ):
         if size % shards:
-            raise LlamalabError(f"cannot split into {shards} shards: {what} {size} is not divisible by {shards}")
+            raise LlamalabError(
+                f"cannot split into {shards} shards: {what} {size} is not divisible by {shards}"
+            )
     folder.mkdir(parents=True)
     (folder / "params.json").write_text(json.dumps(params_for(config), indent=2) + "\n")
     # One shard at a time: its slices are cloned so that torch.save writes only the slice,

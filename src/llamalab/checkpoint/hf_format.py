@@ -23,6 +23,7 @@ SINGLE_FILE = "model.safetensors"
 
 
 def is_hf_folder(path: Path) -> bool:
+    """Whether ``path`` is a folder with a ``config.json`` (a Hugging Face checkpoint)."""
     return path.is_dir() and (path / "config.json").is_file()
 
 
@@ -42,15 +43,24 @@ def config_from_hf(data: dict[str, Any], source: Path) -> ModelConfig:
         return _config_from_hf(data, source)
     except KeyError as exc:
         raise LlamalabError(f"{source}: missing key {exc}") from None
-    except (TypeError, ValueError, ZeroDivisionError, AttributeError) as exc:
+    except (TypeError, ValueError, ZeroDivisionError, AttributeError, OverflowError) as exc:
         raise LlamalabError(f"{source}: invalid value: {exc}") from None
+    except LlamalabError as exc:
+        # ModelConfig's range checks know nothing of files: name the one at fault.
+        message = str(exc)
+        if message.startswith(f"{source}:"):
+            raise
+        raise LlamalabError(
+            f"{source}: invalid value: {message.removeprefix('config: ')}"
+        ) from None
 
 
 def _config_from_hf(data: dict[str, Any], source: Path) -> ModelConfig:
     model_type = data.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise LlamalabError(
-            f"{source}: unsupported architecture {model_type!r} (llamalab runs {', '.join(SUPPORTED_MODEL_TYPES)})"
+            f"{source}: unsupported architecture {model_type!r} "
+            f"(llamalab runs {', '.join(SUPPORTED_MODEL_TYPES)})"
         )
     if data.get("attention_bias") or data.get("mlp_bias"):
         raise LlamalabError(f"{source}: linear biases are not part of the LLaMA architecture")
@@ -59,7 +69,9 @@ def _config_from_hf(data: dict[str, Any], source: Path) -> ModelConfig:
     dim, n_heads = data["hidden_size"], data["num_attention_heads"]
     head_dim = data.get("head_dim") or dim // n_heads
     if head_dim != dim // n_heads:
-        raise LlamalabError(f"{source}: head_dim {head_dim} other than hidden_size / heads is not supported")
+        raise LlamalabError(
+            f"{source}: head_dim {head_dim} other than hidden_size / heads is not supported"
+        )
     # transformers 5 folds rope_theta and rope_scaling into one rope_parameters dict.
     rope = data.get("rope_parameters") or data.get("rope_scaling") or {}
     rope_theta = rope.get("rope_theta", data.get("rope_theta", 10000.0))
@@ -97,7 +109,10 @@ def _rope_scaling_from_hf(rope: dict[str, Any], source: Path) -> RopeScaling | N
 
 
 def config_to_hf(config: ModelConfig) -> dict[str, Any]:
-    """A ``config.json`` that transformers' ``LlamaForCausalLM`` loads (legacy spelling, read by v4 and v5)."""
+    """A ``config.json`` that transformers' ``LlamaForCausalLM`` loads.
+
+    It uses the legacy spelling, which transformers v4 and v5 both read.
+    """
     data: dict[str, Any] = {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -129,15 +144,19 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
                 "original_max_position_embeddings": scaling.original_context_length,
             }
         else:
-            raise LlamalabError("explicit per-frequency RoPE factors cannot be written to a Hugging Face config")
+            raise LlamalabError(
+                "explicit per-frequency RoPE factors cannot be written to a Hugging Face config"
+            )
     return data
 
 
 class HFReader(CheckpointReader):
+    """A Hugging Face folder: safetensors files opened lazily, q/k rows put back in Meta's order."""
+
     format = "hf"
 
     def __init__(self, path: Path) -> None:
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
         super().__init__(path)
         self._config = config_from_hf(read_json(path / "config.json"), path / "config.json")
@@ -147,10 +166,10 @@ class HFReader(CheckpointReader):
         for file in files:
             try:
                 handle = safe_open(str(file), framework="pt")
-            except Exception as exc:
+            except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
                 raise LlamalabError(f"{file}: not a readable safetensors file: {exc}") from None
             self._handles[file] = handle
-            for hf_name in handle.keys():
+            for hf_name in handle.keys():  # noqa: SIM118 (safe_open is no dict: no `in`)
                 canonical = tensor_names.from_format(hf_name, "hf")
                 if canonical is not None:
                     self._where[canonical] = (file, hf_name)
@@ -171,7 +190,9 @@ class HFReader(CheckpointReader):
         single = self.path / SINGLE_FILE
         if single.is_file():
             return [single]
-        raise LlamalabError(f"{self.path}: no {SINGLE_FILE} or {INDEX_FILE} (only safetensors weights are read)")
+        raise LlamalabError(
+            f"{self.path}: no {SINGLE_FILE} or {INDEX_FILE} (only safetensors weights are read)"
+        )
 
     @property
     def config(self) -> ModelConfig:

@@ -21,10 +21,10 @@ from llamalab.errors import LlamalabError
 
 def open_checkpoint(ref: str | Path) -> CheckpointReader:
     """Open a checkpoint lazily, detecting its format from its contents."""
-    from llamalab.gguf.header import has_gguf_magic
-    from llamalab.gguf.reader import GGUFReader
     from llamalab.checkpoint.hf_format import HFReader, is_hf_folder
     from llamalab.checkpoint.meta_format import MetaReader, is_meta_folder
+    from llamalab.gguf.header import has_gguf_magic
+    from llamalab.gguf.reader import GGUFReader
 
     path = Path(ref).expanduser()
     if not path.exists():
@@ -63,6 +63,7 @@ def load_config(ref: str | Path) -> ModelConfig:
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
+    """The dtype a model is loaded in when none is asked for, on ``device``."""
     # This class of CPU has no fast bf16/fp16 matmul; GPUs are fastest in bf16.
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
@@ -79,7 +80,8 @@ def load_model(
 
     ``dtype`` defaults to float32 on the CPU and bfloat16 on CUDA; ``device`` to the CPU.
     ``progress`` shows a progress bar on stderr while the tensors load. ``packed`` (CPU
-    inference only) builds the linear layers as packed :class:`~llamalab.quant.linear.QuantizedLinear`
+    inference only) builds the linear layers as packed
+    :class:`~llamalab.quant.linear.QuantizedLinear`
     modules straight from the stored weights — GGUF bytes are never expanded to a float32
     copy — for faster decoding; the embedding and norms stay in ``dtype``.
     """
@@ -99,21 +101,26 @@ def validate(reader: CheckpointReader, model: torch.nn.Module | None = None) -> 
     from llamalab.model import Transformer
 
     config = reader.config
-    if model is None:
-        with torch.device("meta"):
-            model = Transformer(config)
-    expected = {name: tuple(p.shape) for name, p in model.state_dict().items()}
+    # Names first: a config that claims more layers than the checkpoint holds is refused
+    # before a model of that many layers is built, even on the meta device.
     needed = canonical_names(config.n_layers, config.tie_embeddings)
     present = set(reader.names())
     missing = [n for n in needed if n not in present]
     if missing:
-        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        shown = ", ".join(missing[:3]) + (
+            f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        )
         raise LlamalabError(f"{reader.path}: missing tensor(s) {shown}")
+    if model is None:
+        with torch.device("meta"):
+            model = Transformer(config)
+    expected = {name: tuple(p.shape) for name, p in model.state_dict().items()}
     for name in needed:
         shape = reader.info(name).shape
         if shape != expected[name]:
             raise LlamalabError(
-                f"{reader.path}: tensor {name} has shape {list(shape)}, the config needs {list(expected[name])}"
+                f"{reader.path}: tensor {name} has shape {list(shape)}, "
+                f"the config needs {list(expected[name])}"
             )
 
 
@@ -125,6 +132,7 @@ def build_model(
     progress: bool = False,
     packed: bool = False,
 ) -> torch.nn.Module:
+    """An eval-mode Transformer filled from an open ``reader`` (see :func:`load_model`)."""
     from llamalab.model import Transformer
 
     config = reader.config
@@ -139,7 +147,7 @@ def build_model(
         from llamalab.quant.linear import fuse_projections, quantize_model
 
         present = set(reader.names())
-        source = lambda name: reader.raw(name) if name in present else None  # noqa: E731
+        source = lambda name: reader.raw(name) if name in present else None
         replaced = {f"{name}.weight" for name in quantize_model(model, source)}
         names = [n for n in names if n not in replaced]
     if progress:
@@ -166,7 +174,10 @@ _DTYPES = {
 
 
 def resolve_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a name such as "bf16" or "float32"."""
     try:
         return _DTYPES[name.lower()]
     except KeyError:
-        raise LlamalabError(f"unknown dtype {name!r}; expected one of {', '.join(_DTYPES)}") from None
+        raise LlamalabError(
+            f"unknown dtype {name!r}; expected one of {', '.join(_DTYPES)}"
+        ) from None

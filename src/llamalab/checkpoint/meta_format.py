@@ -44,6 +44,7 @@ _SPLIT_DIM = {
 
 
 def is_meta_folder(path: Path) -> bool:
+    """Whether ``path`` is a folder with a ``params.json`` (a Meta checkpoint)."""
     return path.is_dir() and (path / "params.json").is_file()
 
 
@@ -67,7 +68,9 @@ def load_pth(path: Path) -> tuple[dict[str, torch.Tensor], bool]:
     """
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch's pickle-protocol chatter is not the user's concern
+            warnings.simplefilter(
+                "ignore"
+            )  # torch's pickle-protocol chatter is not the user's concern
             mapped = True
             try:
                 data = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
@@ -78,17 +81,25 @@ def load_pth(path: Path) -> tuple[dict[str, torch.Tensor], bool]:
                 data = torch.load(path, map_location="cpu", weights_only=True)
                 mapped = False
     except pickle.UnpicklingError as exc:
-        lines = [ln.strip() for ln in str(exc).splitlines() if "Unsupported" in ln or "Unpickler error" in ln]
+        lines = [
+            ln.strip()
+            for ln in str(exc).splitlines()
+            if "Unsupported" in ln or "Unpickler error" in ln
+        ]
         why = lines[0] if lines else "objects other than tensors"
         raise LlamalabError(f"{path}: refused to load: the pickle would run code ({why})") from None
     except (RuntimeError, OSError, EOFError, ValueError) as exc:
-        raise LlamalabError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): {exc}") from None
+        raise LlamalabError(
+            f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): {exc}"
+        ) from None
     if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
         raise LlamalabError(f"{path}: expected a dict of tensors")
     return data, mapped
 
 
 class MetaReader(CheckpointReader):
+    """A Meta folder: every shard memory-mapped, tensors merged along Meta's split dimension."""
+
     format = "meta"
 
     def __init__(self, path: Path) -> None:
@@ -97,7 +108,8 @@ class MetaReader(CheckpointReader):
         unknown = sorted(set(self._params) - KNOWN_PARAMS)
         if unknown:
             raise LlamalabError(
-                f"{path / 'params.json'}: unsupported keys {', '.join(unknown)} (not a LLaMA text model?)"
+                f"{path / 'params.json'}: unsupported keys {', '.join(unknown)} "
+                "(not a LLaMA text model?)"
             )
         self._shard_paths = self._find_shards()
         loaded = [load_pth(p) for p in self._shard_paths]
@@ -140,10 +152,19 @@ class MetaReader(CheckpointReader):
 
     def _read_config(self) -> ModelConfig:
         p = self._params
+        source = self.path / "params.json"
         try:
             return self._config_from_params(p)
-        except (TypeError, ValueError, ZeroDivisionError, AttributeError) as exc:
-            raise LlamalabError(f"{self.path / 'params.json'}: invalid value: {exc}") from None
+        except (TypeError, ValueError, ZeroDivisionError, AttributeError, OverflowError) as exc:
+            raise LlamalabError(f"{source}: invalid value: {exc}") from None
+        except LlamalabError as exc:
+            # ModelConfig's range checks know nothing of files: name the one at fault.
+            message = str(exc)
+            if message.startswith(f"{source}:"):
+                raise
+            raise LlamalabError(
+                f"{source}: invalid value: {message.removeprefix('config: ')}"
+            ) from None
 
     def _config_from_params(self, p: dict) -> ModelConfig:
         try:
@@ -155,7 +176,9 @@ class MetaReader(CheckpointReader):
             hidden = (
                 self._merged_shape(w1)[0]
                 if w1 in self._shards[0]
-                else ffn_hidden_dim(dim, int(p.get("multiple_of", 256)), p.get("ffn_dim_multiplier"))
+                else ffn_hidden_dim(
+                    dim, int(p.get("multiple_of", 256)), p.get("ffn_dim_multiplier")
+                )
             )
             return ModelConfig(
                 dim=dim,
@@ -221,7 +244,9 @@ class MetaReader(CheckpointReader):
             # so that loading N shards holds one copy of the model, not two.
             merged = parts[0].clone() if dim is None else torch.cat(parts, dim=dim)
         except RuntimeError as exc:
-            raise LlamalabError(f"{self.path}: shards of {name} do not fit together: {exc}") from None
+            raise LlamalabError(
+                f"{self.path}: shards of {name} do not fit together: {exc}"
+            ) from None
         if self._mapped:
             for part in parts:
                 release_pages(part)

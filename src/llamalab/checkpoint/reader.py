@@ -35,14 +35,16 @@ class CheckpointReader(ABC):
 
     @property
     @abstractmethod
-    def config(self) -> ModelConfig: ...
+    def config(self) -> ModelConfig:
+        """The model's shape, read from the checkpoint and validated."""
 
     @abstractmethod
     def names(self) -> list[str]:
         """Canonical names of the tensors this checkpoint holds."""
 
     @abstractmethod
-    def info(self, name: str) -> TensorInfo: ...
+    def info(self, name: str) -> TensorInfo:
+        """Shape, stored type and size of one tensor, without loading it."""
 
     @abstractmethod
     def load(self, name: str) -> torch.Tensor:
@@ -65,13 +67,14 @@ class CheckpointReader(ABC):
         return counts
 
     def weights_nbytes(self) -> int:
+        """The stored size of every tensor together."""
         return sum(self.info(name).nbytes for name in self.names())
 
     def tokenizer_kind(self) -> str | None:
         """A short description of the tokenizer the checkpoint carries, if any."""
         return None
 
-    def close(self) -> None:  # noqa: B027 (a default that readers without open files keep)
+    def close(self) -> None:  # a default that readers without open files keep
         """Release open files (readers hold memory maps)."""
 
 
@@ -108,4 +111,5 @@ _TORCH_TYPE_NAMES = {
 
 
 def torch_type_name(dtype: torch.dtype) -> str:
+    """A torch dtype's name in the checkpoint formats' spelling ("F32", "BF16" ...)."""
     return _TORCH_TYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))

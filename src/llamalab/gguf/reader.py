@@ -7,6 +7,11 @@ the ``llama.*`` metadata; a ``rope_freqs`` tensor carries per-frequency RoPE div
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +29,17 @@ __all__ = ["GGUFReader", "llama3_rope_factors"]
 SUPPORTED_ARCHITECTURES = ("llama",)
 
 
+# A layer index as the tensor table spells it; longer numbers than this cannot be a layer.
+_LAYER_INDEX = re.compile(r"^layers\.(0|[1-9][0-9]{0,8})\.")
+
+
 class GGUFReader(CheckpointReader):
+    """A GGUF file as a checkpoint: the config from its ``llama.*`` metadata, tensors on demand.
+
+    Opening it checks the header (see ``gguf.header``), the metadata's types and ranges,
+    and the metadata against the tensor table, before anything is sized from the metadata.
+    """
+
     format = "gguf"
 
     def __init__(self, path: Path) -> None:
@@ -33,17 +48,13 @@ class GGUFReader(CheckpointReader):
         arch = self._meta_values.get("general.architecture")
         if arch not in SUPPORTED_ARCHITECTURES:
             raise LlamalabError(
-                f"{path}: unsupported architecture {arch!r} (llamalab runs {', '.join(SUPPORTED_ARCHITECTURES)})"
+                f"{path}: unsupported architecture {_shown(arch)} "
+                f"(llamalab runs {', '.join(SUPPORTED_ARCHITECTURES)})"
             )
-        size = path.stat().st_size
+        # The header parser has already checked that every tensor's data lies inside the file.
         self._tensors: dict[str, TensorRecord] = {}
         self._extra: dict[str, TensorRecord] = {}
         for record in table:
-            end = record.offset + record.n_bytes
-            if end > size:
-                raise LlamalabError(
-                    f"{path}: truncated: tensor {record.name} ends at byte {end}, the file has {size}"
-                )
             canonical = tensor_names.from_format(record.name, "gguf")
             if canonical is not None:
                 self._tensors[canonical] = record
@@ -51,7 +62,7 @@ class GGUFReader(CheckpointReader):
                 self._extra[record.name] = record
         try:
             self._config = self._read_config()
-        except (KeyError, TypeError, ValueError, ZeroDivisionError) as exc:
+        except (KeyError, TypeError, ValueError, ZeroDivisionError, OverflowError) as exc:
             raise LlamalabError(f"{path}: invalid model metadata: {exc!r}") from None
 
     def _meta(self, key: str, default: Any = None, required: bool = False) -> Any:
@@ -60,43 +71,139 @@ class GGUFReader(CheckpointReader):
             raise LlamalabError(f"{self.path}: GGUF metadata lacks llama.{key}")
         return value
 
-    def _read_config(self) -> ModelConfig:
-        dim = int(self._meta("embedding_length", required=True))
-        n_heads = int(self._meta("attention.head_count", required=True))
-        vocab = self._meta("vocab_size")
-        if vocab is None:
-            tokens = self._meta_values.get("tokenizer.ggml.tokens")
-            vocab = len(tokens) if tokens is not None else self._shape("tok_embeddings.weight")[0]
-        head_dim = dim // n_heads
-        rope_dims = self._meta("rope.dimension_count")
-        if rope_dims is not None and int(rope_dims) != head_dim:
-            raise LlamalabError(f"{self.path}: partial rotary embeddings ({rope_dims} of {head_dim}) are not supported")
-        return ModelConfig(
-            name=str(self._meta_values.get("general.name", "")),
-            dim=dim,
-            n_layers=int(self._meta("block_count", required=True)),
-            n_heads=n_heads,
-            n_kv_heads=int(self._meta("attention.head_count_kv", n_heads)),
-            vocab_size=int(vocab),
-            ffn_hidden_dim=int(self._meta("feed_forward_length", required=True)),
-            norm_eps=_float32(self._meta("attention.layer_norm_rms_epsilon", 1e-5)),
-            rope_theta=_float32(self._meta("rope.freq_base", 10000.0)),
-            rope_scaling=self._rope_scaling(head_dim),
-            context_length=int(self._meta("context_length", 2048)),
-            tie_embeddings="output.weight" not in self._tensors,
-        )
+    def _int(self, key: str, default: int | None = None, required: bool = False) -> int:
+        """A positive integer ``llama.*`` value; strings, floats, bools and arrays are refused."""
+        value = self._meta(key, default, required)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise LlamalabError(
+                f"{self.path}: llama.{key} must be a positive integer, got {_shown(value)}"
+            )
+        return value
 
-    def _rope_scaling(self, head_dim: int) -> RopeScaling | None:
+    def _float(self, key: str, default: float) -> float:
+        """A ``llama.*`` number as the float32 GGUF stores it (range checks are ModelConfig's)."""
+        value = self._meta(key, default)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise LlamalabError(f"{self.path}: llama.{key} must be a number, got {_shown(value)}")
+        if not math.isfinite(value) or abs(value) > _FLOAT32_MAX:
+            return float(value)  # left for ModelConfig to refuse, with no overflow warning
+        return _float32(value)
+
+    @contextmanager
+    def _metadata_errors(self) -> Iterator[None]:
+        """Name the file in ModelConfig's range errors, which know nothing of files."""
+        try:
+            yield
+        except LlamalabError as exc:
+            message = str(exc)
+            if message.startswith(f"{self.path}:"):
+                raise
+            raise LlamalabError(
+                f"{self.path}: invalid model metadata: {message.removeprefix('config: ')}"
+            ) from None
+
+    def _read_config(self) -> ModelConfig:
+        # block_count first: nothing proportional to it may be built before it is checked.
+        n_layers = self._int("block_count", required=True)
+        self._check_block_count(n_layers)
+        dim = self._int("embedding_length", required=True)
+        n_heads = self._int("attention.head_count", required=True)
+        if "llama.vocab_size" in self._meta_values:
+            vocab = self._int("vocab_size")
+        else:
+            tokens = self._meta_values.get("tokenizer.ggml.tokens")
+            embedding = self._tensors.get("tok_embeddings.weight")
+            if tokens is not None:
+                vocab = len(tokens)
+            elif embedding is not None:
+                vocab = embedding.shape[0]
+            else:
+                raise LlamalabError(
+                    f"{self.path}: no llama.vocab_size, vocabulary or token_embd.weight"
+                )
+        with self._metadata_errors():
+            config = ModelConfig(
+                name=str(self._meta_values.get("general.name", "")),
+                dim=dim,
+                n_layers=n_layers,
+                n_heads=n_heads,
+                n_kv_heads=self._int("attention.head_count_kv", n_heads),
+                vocab_size=vocab,
+                ffn_hidden_dim=self._int("feed_forward_length", required=True),
+                norm_eps=self._float("attention.layer_norm_rms_epsilon", 1e-5),
+                rope_theta=self._float("rope.freq_base", 10000.0),
+                context_length=self._int("context_length", 2048),
+                tie_embeddings="output.weight" not in self._tensors,
+            )
+        self._check_shapes(config)
+        head_dim = config.head_dim
+        rope_dims = self._meta("rope.dimension_count")
+        if rope_dims is not None and self._int("rope.dimension_count") != head_dim:
+            raise LlamalabError(
+                f"{self.path}: partial rotary embeddings ({rope_dims} of {head_dim}) "
+                "are not supported"
+            )
+        with self._metadata_errors():
+            scaling = self._rope_scaling(head_dim, config.rope_theta)
+            return config if scaling is None else dataclasses.replace(config, rope_scaling=scaling)
+
+    def _check_block_count(self, n_layers: int) -> None:
+        """``llama.block_count`` must count exactly the blocks blk.0 … blk.N-1 the table holds."""
+        blocks = {int(m.group(1)) for name in self._tensors if (m := _LAYER_INDEX.match(name))}
+        # Distinct indices from 0 to n-1, n of them: exactly range(n), never built as a set.
+        if len(blocks) != n_layers or (blocks and max(blocks) != n_layers - 1):
+            held = f"blk.{min(blocks)} … blk.{max(blocks)}" if blocks else "none"
+            raise LlamalabError(
+                f"{self.path}: llama.block_count is {n_layers}, but the tensor table holds "
+                f"{len(blocks)} blocks ({held})"
+            )
+
+    def _check_shapes(self, config: ModelConfig) -> None:
+        """The metadata's sizes against the tensors they describe (the rest is ``validate``'s)."""
+        kv_rows = config.n_kv_heads * config.head_dim
+        expected = {
+            "tok_embeddings.weight": (
+                (config.vocab_size, config.dim),
+                "vocab_size × embedding_length",
+            ),
+            "layers.0.attention.wq.weight": ((config.dim, config.dim), "embedding_length²"),
+            "layers.0.attention.wk.weight": (
+                (kv_rows, config.dim),
+                "head_count_kv × embedding_length / head_count, × embedding_length",
+            ),
+            "layers.0.feed_forward.w1.weight": (
+                (config.ffn_hidden_dim, config.dim),
+                "feed_forward_length × embedding_length",
+            ),
+        }
+        for name, (shape, rule) in expected.items():
+            record = self._tensors.get(name)
+            if record is not None and record.shape != shape:
+                raise LlamalabError(
+                    f"{self.path}: tensor {record.name} has shape {list(record.shape)}, "
+                    f"the llama.* metadata says {list(shape)} ({rule})"
+                )
+
+    def _rope_scaling(self, head_dim: int, theta: float) -> RopeScaling | None:
         kind = self._meta("rope.scaling.type")
+        if kind is not None and not isinstance(kind, str):
+            raise LlamalabError(
+                f"{self.path}: llama.rope.scaling.type must be a string, got {_shown(kind)}"
+            )
         if kind == "linear":
-            return RopeScaling(kind="linear", factor=float(self._meta("rope.scaling.factor", 1.0)))
+            return RopeScaling(kind="linear", factor=self._float("rope.scaling.factor", 1.0))
         if kind not in (None, "none"):
             raise LlamalabError(f"{self.path}: unsupported RoPE scaling {kind!r}")
         freqs = self._extra.get("rope_freqs.weight")
         if freqs is None:
             return None
+        if freqs.qtype.name != "F32" or freqs.shape != (head_dim // 2,):
+            raise LlamalabError(
+                f"{self.path}: rope_freqs.weight must be {head_dim // 2} F32 values, "
+                f"got {freqs.qtype.name} of shape {list(freqs.shape)}"
+            )
         factors = tuple(float(x) for x in self._read_bytes_of(freqs).view(np.float32))
-        expected = llama3_rope_factors(head_dim, float(self._meta("rope.freq_base", 10000.0)))
+        expected = llama3_rope_factors(head_dim, theta)
         if np.allclose(factors, expected, rtol=1e-5, atol=0):
             return LLAMA3_ROPE_SCALING
         return RopeScaling(kind="factors", factors=factors)
@@ -134,7 +241,9 @@ class GGUFReader(CheckpointReader):
         with open(self.path, "rb") as f:
             f.seek(tensor.offset)
             if f.readinto(memoryview(buffer)) != buffer.nbytes:
-                raise LlamalabError(f"{self.path}: tensor {tensor.name} is cut short (truncated file?)")
+                raise LlamalabError(
+                    f"{self.path}: tensor {tensor.name} is cut short (truncated file?)"
+                )
         return buffer
 
     def load(self, name: str) -> torch.Tensor:
@@ -146,7 +255,9 @@ class GGUFReader(CheckpointReader):
             with open(self.path, "rb") as f:
                 f.seek(tensor.offset)
                 if f.readinto(memoryview(out.numpy()).cast("B")) != out.numel() * 4:
-                    raise LlamalabError(f"{self.path}: tensor {tensor.name} is cut short (truncated file?)")
+                    raise LlamalabError(
+                        f"{self.path}: tensor {tensor.name} is cut short (truncated file?)"
+                    )
             return out
         return dequantize(self._read_bytes(name), tensor.qtype, tensor.shape)
 
@@ -164,13 +275,24 @@ class GGUFReader(CheckpointReader):
         return f"{model} (pre-tokenizer {pre})" if pre else str(model)
 
 
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def _shown(value: Any) -> str:
+    """A metadata value for an error message: short, whatever its type."""
+    if isinstance(value, np.ndarray | list):
+        return f"an array of {len(value)} values"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def _float32(value: float) -> float:
-    """GGUF stores these as float32: read back the shortest decimal that rounds to it (1e-5, not 9.99e-6)."""
+    """A float32 as GGUF stores it, read back as the shortest decimal (1e-5, not 9.99e-6)."""
     return float(str(np.float32(value)))
 
 
 def llama3_rope_factors(head_dim: int, theta: float) -> tuple[float, ...]:
-    """The divisors llama.cpp stores as ``rope_freqs`` for Llama 3.1's default scaling, as float32."""
+    """The divisors llama.cpp stores as ``rope_freqs`` for Llama 3.1's scaling, as float32."""
     from llamalab.model import rope_frequencies
 
     base = rope_frequencies(head_dim, theta, None)

@@ -57,6 +57,7 @@ def tensor_type_for(tensor: torch.Tensor, wanted):
 
 
 def add_model_metadata(writer, config: ModelConfig) -> None:
+    """The ``general.name`` and ``llama.*`` keys llama.cpp reads a model's shape from."""
     writer.add_name(config.name or "llama")
     writer.add_context_length(config.context_length)
     writer.add_embedding_length(config.dim)
@@ -88,11 +89,18 @@ def rope_freqs_tensor(config: ModelConfig) -> torch.Tensor | None:
 
 
 def write_gguf(reader: CheckpointReader, path: Path, out_type: str) -> None:
+    """Write ``reader``'s model and tokenizer to a new GGUF file at ``path``.
+
+    ``out_type`` ("f32", "f16", "bf16", "q8_0") is the type of the matrices; see the
+    module's docstring for the tensors that stay in another type.
+    """
     import gguf
 
     types = _gguf_types()
     if out_type not in types:
-        raise LlamalabError(f"cannot write GGUF tensors as {out_type!r}; expected {', '.join(types)}")
+        raise LlamalabError(
+            f"cannot write GGUF tensors as {out_type!r}; expected {', '.join(types)}"
+        )
     wanted, file_type = types[out_type]
     config = reader.config
     writer = gguf.GGUFWriter(path=None, arch=ARCHITECTURE)
@@ -107,14 +115,22 @@ def write_gguf(reader: CheckpointReader, path: Path, out_type: str) -> None:
     extra = rope_freqs_tensor(config)
     if extra is not None:
         plan.append(("rope_freqs.weight", gguf.GGMLQuantizationType.F32))
-        writer.add_tensor_info("rope_freqs.weight", tuple(extra.shape), np.dtype(np.float32), extra.numel() * 4)
+        writer.add_tensor_info(
+            "rope_freqs.weight", tuple(extra.shape), np.dtype(np.float32), extra.numel() * 4
+        )
     for name in names:
         info = reader.info(name)
         qtype = tensor_type_for(torch.empty(info.shape, device="meta"), wanted)
         block, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
         numel = int(np.prod(info.shape))
         gguf_name = tensor_names.to_format(name, "gguf")
-        writer.add_tensor_info(gguf_name, info.shape, np.dtype(np.float32), numel // block * block_bytes, raw_dtype=qtype)
+        writer.add_tensor_info(
+            gguf_name,
+            info.shape,
+            np.dtype(np.float32),
+            numel // block * block_bytes,
+            raw_dtype=qtype,
+        )
         plan.append((name, qtype))
 
     writer.write_header_to_file(path)
