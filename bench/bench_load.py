@@ -173,12 +173,12 @@ def child(path: str) -> None:
     import torch
 
     import llamalab
-    import llamalab.gguf.reader
     import llamalab.checkpoint.hf_format
     import llamalab.checkpoint.load
     import llamalab.checkpoint.meta_format
-    import llamalab.model
     import llamalab.gguf.dequant
+    import llamalab.gguf.reader
+    import llamalab.model
 
     import_s = time.perf_counter() - t0
     baseline = read_status()
@@ -422,11 +422,11 @@ def cleanup(workdir: Path) -> None:
     for case in CASES:
         if case.artifact is None:
             continue
-        for path in (workdir / case.artifact, workdir / f".{case.artifact}.partial"):
-            if path.is_dir():
-                shutil.rmtree(path)
-            elif path.exists():
-                path.unlink()
+        path = workdir / case.artifact
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
     try:
         workdir.rmdir()  # only if nothing else is left in it
     except OSError:
