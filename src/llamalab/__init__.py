@@ -16,13 +16,23 @@ _LAZY = {
     "load_tokenizer": "llamalab.tokenizer",
     "Transformer": "llamalab.model",
     "LlamalabError": "llamalab.errors",
+    "default_model_path": "llamalab.default_model",
 }
 
-__all__ = ["LlamalabError", "ModelConfig", "Transformer", "load_config", "load_model", "load_tokenizer"]
+__all__ = [
+    "LlamalabError",
+    "ModelConfig",
+    "Transformer",
+    "default_model_path",
+    "load_config",
+    "load_model",
+    "load_tokenizer",
+]
 
 if TYPE_CHECKING:  # pragma: no cover
     from llamalab.checkpoint.load import load_config, load_model
     from llamalab.config import ModelConfig
+    from llamalab.default_model import default_model_path
     from llamalab.errors import LlamalabError
     from llamalab.model import Transformer
     from llamalab.tokenizer import load_tokenizer

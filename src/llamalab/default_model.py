@@ -32,3 +32,18 @@ def default_model_path() -> Path:
     if not path.is_file():
         raise LlamalabError(f"the default model file is missing at {path}; reinstall it with `{INSTALL_HINT}`")
     return path
+
+
+def resolve_model_path(ref: str | os.PathLike[str] | None) -> Path:
+    """The path a model reference names.
+
+    None means the default model; so does the default model's file name on its own
+    (``SmolLM2-135M-Instruct.Q4_1.gguf``) when no file of that name exists where it
+    points, so examples can name the model without knowing where its wheel put it.
+    """
+    if ref is None:
+        return default_model_path()
+    path = Path(ref).expanduser()
+    if str(ref) == DEFAULT_MODEL_FILE and not path.exists():
+        return default_model_path()
+    return path

@@ -17,19 +17,10 @@ DEVICE_CHOICES = ("auto", "cpu", "cuda")
 
 
 def resolve_model_ref(ref: str | None) -> Path:
-    """The model to run: the given path, else ``$LLAMALAB_MODEL``, else the embedded default.
+    """The model to run: the given path, else ``$LLAMALAB_MODEL``, else the embedded default."""
+    from llamalab.default_model import resolve_model_path
 
-    The default model's file name on its own (``SmolLM2-135M-Instruct.Q4_1.gguf``) names
-    the embedded default too, unless a file of that name exists where it points.
-    """
-    from llamalab.default_model import DEFAULT_MODEL_FILE, default_model_path
-
-    if ref:
-        path = Path(ref).expanduser()
-        if ref == DEFAULT_MODEL_FILE and not path.exists():
-            return default_model_path()
-        return path
-    return default_model_path()
+    return resolve_model_path(ref or None)
 
 
 def physical_cores() -> int:

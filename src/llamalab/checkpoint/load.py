@@ -23,10 +23,11 @@ def open_checkpoint(ref: str | Path) -> CheckpointReader:
     """Open a checkpoint lazily, detecting its format from its contents."""
     from llamalab.checkpoint.hf_format import HFReader, is_hf_folder
     from llamalab.checkpoint.meta_format import MetaReader, is_meta_folder
+    from llamalab.default_model import resolve_model_path
     from llamalab.gguf.header import has_gguf_magic
     from llamalab.gguf.reader import GGUFReader
 
-    path = Path(ref).expanduser()
+    path = resolve_model_path(ref)
     if not path.exists():
         hint = f" (known presets: {', '.join(PRESETS)})" if "/" not in str(ref) else ""
         raise LlamalabError(f"{path}: no such file or folder{hint}")

@@ -61,11 +61,9 @@ def load_tokenizer(ref: TokenizerRef = None) -> Tokenizer:
     Raises:
         LlamalabError: the path does not exist or holds no tokenizer llamalab can read.
     """
-    if ref is None:
-        from llamalab.default_model import default_model_path
+    from llamalab.default_model import resolve_model_path
 
-        ref = default_model_path()
-    path = Path(ref)
+    path = resolve_model_path(ref)
     if path.is_dir():
         return _load_folder(path)
     if not path.is_file():
