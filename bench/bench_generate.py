@@ -21,6 +21,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 PROMPT_TOKENS = 512
@@ -121,11 +122,14 @@ def run_transformers(ids: list[int]) -> dict:
     return {"prefill_tps": len(ids) / ttft, "ttft_s": ttft, "decode_tps": DECODE_TOKENS / decode_s}
 
 
-def child(engine: str, threads: int) -> None:
-    import torch
+def child(engine: str, threads: int, ids_file: str) -> None:
+    if engine != "llama.cpp":  # llama.cpp gets its threads as an argument, and no torch
+        import torch
 
-    torch.set_num_threads(threads)
-    ids = prompt_ids()
+        torch.set_num_threads(threads)
+    # The prompt was tokenized by the parent: a peer's peak RSS must not include our tokenizer.
+    with open(ids_file) as f:
+        ids = json.load(f)
     if engine == "llamalab":
         result = run_llamalab(ids, "auto")
     elif engine == "llamalab-float32":
@@ -157,9 +161,10 @@ def main() -> None:
     parser.add_argument("--engines", default=",".join(ENGINES))
     parser.add_argument("--json", default=None, help="also write the raw results here")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--ids-file", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(args.child, args.threads)
+        child(args.child, args.threads, args.ids_file)
         return
 
     engines = [e for e in args.engines.split(",") if e]
@@ -167,19 +172,31 @@ def main() -> None:
     for e in missing:
         print(f"note: {e} is not installed (pip install llama-cpp-python; it compiles for ~20 min); skipped")
     engines = [e for e in engines if e not in missing]
-    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": str(args.threads)}
+    # Every engine runs as its users run it. llamalab's command sets OMP_WAIT_POLICY=PASSIVE
+    # for itself, so its runs get that; a peer gets the environment without it, because
+    # ggml's OpenMP threads sleep between operations under PASSIVE (about 3x slower decode).
+    plain = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
+    envs = {e: plain for e in engines}
+    for e in engines:
+        if e.startswith("llamalab"):
+            envs[e] = {**plain, "OMP_WAIT_POLICY": "PASSIVE"}
     results: dict[str, list[dict]] = {e: [] for e in engines}
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(prompt_ids(), f)
+    ids_file = f.name
     for r in range(args.repeats):
         for engine in engines:  # round-robin: every engine sees the same machine noise
             out = subprocess.run(
-                [sys.executable, __file__, "--child", engine, "--threads", str(args.threads)],
-                capture_output=True, text=True, env=env, check=False,
+                [sys.executable, __file__, "--child", engine, "--threads", str(args.threads),
+                 "--ids-file", ids_file],
+                capture_output=True, text=True, env=envs[engine], check=False,
             )  # fmt: skip
             if out.returncode != 0:
                 print(f"{engine} failed:\n{out.stderr[-2000:]}", file=sys.stderr)
                 continue
             results[engine].append(json.loads(out.stdout.strip().splitlines()[-1]))
             print(f"run {r + 1}/{args.repeats} {engine}: {results[engine][-1]}", file=sys.stderr)
+    os.unlink(ids_file)
 
     print(f"\nSmolLM2-135M-Instruct Q4_1, {args.threads} threads, {PROMPT_TOKENS}-token prompt, "
           f"{DECODE_TOKENS} decode tokens; median [min–max] of {args.repeats} runs\n")  # fmt: skip

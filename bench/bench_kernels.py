@@ -235,6 +235,7 @@ class _NoOpLinear(torch.nn.Module):
 @torch.inference_mode()
 def bench_model(rounds: int, steps: int) -> None:
     from llamalab.default_model import default_model_path
+    from llamalab.kv_cache import cache_view
 
     path = default_model_path()
     models = build_models(path)
@@ -246,20 +247,21 @@ def bench_model(rounds: int, steps: int) -> None:
     prefill: dict[str, list[float]] = {n: [] for n in models}
     kv_len = 128  # callers round kv_len up; decode of the first 128 positions
     for name, model in models.items():  # fill the first 64 slots of each cache
-        model(prompt[:, :pos0], input_pos=torch.arange(pos0), kv_len=kv_len, last_only=True)
+        view = cache_view(torch.arange(pos0), kv_len=kv_len, last_only=True)
+        model(prompt[:, :pos0], cache=view)
     tok = prompt[:, pos0 : pos0 + 1]
     for name, model in models.items():
-        model(tok, input_pos=torch.tensor([pos0]), kv_len=kv_len)
+        model(tok, cache=cache_view(torch.tensor([pos0]), kv_len=kv_len))
     for r in range(rounds):
         for name, model in models.items():
             start = time.perf_counter()
             for s in range(steps):
-                model(tok, input_pos=torch.tensor([pos0 + s]), kv_len=kv_len)
+                model(tok, cache=cache_view(torch.tensor([pos0 + s]), kv_len=kv_len))
             decode[name].append((time.perf_counter() - start) / steps)
     for r in range(max(3, rounds // 2)):
         for name, model in models.items():
             start = time.perf_counter()
-            model(prompt, input_pos=torch.arange(512), kv_len=512, last_only=True)
+            model(prompt, cache=cache_view(torch.arange(512), kv_len=512, last_only=True))
             prefill[name].append(time.perf_counter() - start)
     print("\n== whole SmolLM2-135M step, batch 1 ==")
     print(f"decode (1 token, KV cache at {pos0}): ms per token, median [min-max]; tokens/s from the median")

@@ -13,7 +13,10 @@ it is empty (closed loop: a client sends its next request when its answer arrive
 * **latency** = the median time from sending a request to its full answer.
 
 ``c = 1`` is serving the 8 requests one after another; the **speed-up** is its wall time
-divided by the wall time of ``c = 8``, computed per repeat. Levels run round-robin
+divided by the wall time of ``c = 8``, computed per repeat. The run fails (exit status 1)
+when the median speed-up is below ``--min-speedup`` (1.5 by default): continuous
+batching that does not beat serving one request at a time is broken. This is a
+benchmark's verdict, not a test's: it needs a quiet machine. Levels run round-robin
 (1, 4, 8, then again, ``--repeats`` times) so a noisy neighbour on this shared machine
 spreads over all of them; the table gives the median with min and max over repeats.
 One untimed warm-up batch runs first.
@@ -118,6 +121,13 @@ def main() -> int:
     parser.add_argument(
         "--ctx", type=int, default=512, help="server context per request (default: %(default)s)"
     )
+    parser.add_argument(
+        "--min-speedup",
+        type=float,
+        default=1.5,
+        help="fail when 8 concurrent clients are not this much faster than 1 "
+        "(default: %(default)s)",
+    )
     parser.add_argument("--json", default=None, help="also write the raw runs to this file")
     args = parser.parse_args()
 
@@ -155,6 +165,11 @@ def main() -> int:
             json.dump(
                 {"max_tokens": args.max_tokens, "runs": runs, "speedups": speedups}, f, indent=2
             )
+    median = statistics.median(speedups)
+    if median < args.min_speedup:
+        print(f"FAIL: median speed-up {median:.2f}x is below {args.min_speedup}x", file=sys.stderr)
+        return 1
+    print(f"ok: median speed-up {median:.2f}x ≥ {args.min_speedup}x")
     return 0
 
 

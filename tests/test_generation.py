@@ -9,6 +9,7 @@ from conftest import run_cli
 import llamalab
 from llamalab.generation import GREEDY, Engine, Request, SamplingParams
 from llamalab.generation.chat import build_messages
+from llamalab.generation.engine import DEFAULT_PREFILL_CHUNK, PREFILL_SHARE
 from llamalab.runtime import load_runtime
 
 N_TOKENS = 32
@@ -126,6 +127,32 @@ def test_request_joining_a_running_batch(engine, smollm2_reference):
     assert first.ids == greedy_ids(engine, a, 20)
     assert second.ids == greedy_ids(engine, b, 12)
     assert engine.free_rows == engine.max_batch
+
+
+def test_long_prompt_added_in_chunks_while_another_decodes(engine, smollm2_reference):
+    records = smollm2_reference["records"]
+    a, long = records[4]["prompt_token_ids"], records[6]["prompt_token_ids"]
+    assert len(long) > 4 * 48  # several chunks
+    expected_a, expected_long = greedy_ids(engine, a, 30), greedy_ids(engine, long, 12)
+    for cached in engine._cached:  # forget every prefix: the long prompt is computed anew
+        cached.clear()
+    engine.prefill_chunk, engine.prefill_share = 48, None
+    try:
+        first = engine.add(Request(a, max_tokens=30, sampling=GREEDY, ignore_eos=True))
+        for _ in range(3):
+            engine.step()
+        second = engine.add(Request(long, max_tokens=12, sampling=GREEDY, ignore_eos=True))
+        chunks = 0
+        while second.prefilling:
+            assert first in [seq for seq, _ in engine.step()]  # the running stream keeps going
+            chunks += 1
+        while not (first.finished and second.finished):
+            engine.step()
+    finally:
+        engine.prefill_chunk, engine.prefill_share = DEFAULT_PREFILL_CHUNK, PREFILL_SHARE
+    assert chunks == -(-len(long) // 48)
+    assert first.ids == expected_a
+    assert second.ids == expected_long  # chunked prefill, same tokens as one pass
 
 
 def test_logprobs(engine, runtime):

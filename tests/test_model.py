@@ -7,6 +7,7 @@ import torch
 from conftest import run_cli
 
 from llamalab.config import get_preset
+from llamalab.kv_cache import cache_view
 from llamalab.model import Transformer
 
 
@@ -37,11 +38,11 @@ def test_cache_rows_are_independent_sequences(model):
         full_a, full_b = model(a), model(b)
         model.setup_cache(max_batch_size=3, max_seq_len=32)
         # Prefill row 2 with b and row 0 with a (different lengths), then decode both together.
-        model(b[:, :-1], torch.arange(8).unsqueeze(0), row=2)
-        model(a[:, :-1], torch.arange(19).unsqueeze(0), row=0)
+        model(b[:, :-1], cache=cache_view(torch.arange(8), row=2))
+        model(a[:, :-1], cache=cache_view(torch.arange(19), row=0))
         tokens = torch.tensor([[a[0, -1]], [0], [b[0, -1]]])
         pos = torch.tensor([[19], [0], [8]])
-        step = model(tokens, pos, row=0, kv_len=20)
+        step = model(tokens, cache=cache_view(pos, row=0, kv_len=20))
     model.clear_cache()
     torch.testing.assert_close(step[0, 0], full_a[0, -1], atol=1e-5, rtol=0)
     torch.testing.assert_close(step[2, 0], full_b[0, -1], atol=1e-5, rtol=0)

@@ -6,6 +6,7 @@ from conftest import TINY_HF_CONFIGS, make_hf_model
 
 import llamalab
 from llamalab.checkpoint.convert import convert
+from llamalab.kv_cache import cache_view
 
 TOL = 1e-4
 
@@ -76,9 +77,9 @@ def test_kv_cached_decoding_equals_full_recomputation(hf_folder):
     full = our_logits(model, tokens)
     model.setup_cache(max_batch_size=2, max_seq_len=64)
     prefill = 17
-    steps = [model(tokens[:, :prefill], input_pos=torch.arange(prefill))]
+    steps = [model(tokens[:, :prefill], cache=cache_view(torch.arange(prefill)))]
     with torch.no_grad():
         for pos in range(prefill, tokens.shape[1]):
-            steps.append(model(tokens[:, pos : pos + 1], input_pos=torch.tensor([pos])))
+            steps.append(model(tokens[:, pos : pos + 1], cache=cache_view(torch.tensor([pos]))))
     cached = torch.cat([s.detach() for s in steps], dim=1)
     torch.testing.assert_close(cached, full, atol=1e-5, rtol=0)

@@ -10,7 +10,7 @@ import gguf
 import pytest
 import sentencepiece as spm
 from conftest import write_vocab_gguf
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from llamalab import load_tokenizer
@@ -90,10 +90,12 @@ def test_gguf_path_equals_sentencepiece(trained, text: str) -> None:
 
 @settings(max_examples=150, deadline=None)
 @given(st.text(max_size=40))
+@example("</s>")
 def test_gguf_path_equals_sentencepiece_random(trained, text: str) -> None:
     sp, _, from_gguf = trained
     ids = sp.encode(text)
-    assert from_gguf.encode(text, add_bos=False) == ids
+    # The library never parses special-token text ("</s>"): compare with that parsing off.
+    assert from_gguf.encode(text, add_bos=False, special=False) == ids
     assert from_gguf.decode(ids) == sp.decode(ids)
 
 

@@ -1,8 +1,10 @@
 """The LLaMA transformer, as the paper and Meta's reference code define it.
 
 One module trains and infers: ``model(tokens)`` runs full causal sequences (training,
-evaluation); after ``model.setup_cache(...)``, ``model(tokens, input_pos=pos)`` runs the
-new tokens against a preallocated key/value cache (generation).
+evaluation); after ``model.setup_cache(...)``, ``model(tokens, cache=view)`` runs the new
+tokens against a preallocated key/value cache (generation), where ``view`` — a
+:class:`~llamalab.kv_cache.CacheView` built by :func:`~llamalab.kv_cache.cache_view` —
+says which cache rows and positions the tokens take.
 
 Parameter names follow Meta's checkpoints (``tok_embeddings``, ``layers.N.attention.wq``,
 ``feed_forward.w1``, ``attention_norm`` ...), so Meta weights load without a name table.
@@ -19,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llamalab.config import ModelConfig, RopeScaling
-from llamalab.kv_cache import CacheSlice, KVCache
+from llamalab.kv_cache import CacheView, KVCache
 
 
 class RMSNorm(nn.Module):
@@ -58,8 +60,15 @@ def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None) -
     return torch.where(wavelen < high_wavelen, inv_freq, out)
 
 
-def rope_cache(config: ModelConfig, length: int, device: torch.device | str | None = None) -> torch.Tensor:
-    """e^(i·angle) for every (position, frequency) as (real, imag): (length, head_dim/2, 2), float32."""
+def rope_cache(
+    config: ModelConfig, length: int, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """e^(i·angle) for every (position, frequency) as (real, imag): (length, head_dim/2, 2).
+
+    Angles are computed in float64 and rounded once to float32. Each row depends only on
+    its own position, so a longer table starts with exactly the rows of a shorter one:
+    the table can grow without changing any result.
+    """
     inv_freq = rope_frequencies(config.head_dim, config.rope_theta, config.rope_scaling)
     positions = torch.arange(length, dtype=torch.float64)
     angles = torch.outer(positions, inv_freq).float()
@@ -84,7 +93,9 @@ def rope_rotation(rope: torch.Tensor) -> torch.Tensor:
     return torch.view_as_complex(rope).unsqueeze(2)
 
 
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+def decode_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor
+) -> torch.Tensor:
     """Attention of one new token per sequence: q (B, H, 1, D), k and v (B, KVH, S, D).
 
     The same maths as scaled_dot_product_attention with an additive mask ``bias``
@@ -101,6 +112,21 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: to
     else:
         probs = torch.softmax(scores.float(), dim=-1).to(v.dtype)
     return torch.matmul(probs, v).view(B, H, 1, D)  # (B, KVH, group, D) → (B, H, 1, D)
+
+
+def cached_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+) -> torch.Tensor:
+    """Attention of new queries q (B, H, T, D) over cached k, v (B, KVH, S, D).
+
+    Picks the fastest kernel for the case: no mask (one query that sees every slot), two
+    small matmuls (one query per row, masked), or the fused kernel with the mask.
+    """
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    if q.shape[2] == 1:
+        return decode_attention(q, k, v, mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
 
 
 class Attention(nn.Module):
@@ -122,10 +148,13 @@ class Attention(nn.Module):
         self,
         x: torch.Tensor,
         rope: torch.Tensor,
-        input_pos: torch.Tensor | None = None,
+        cache: CacheView | None = None,
         mask: torch.Tensor | None = None,
-        where: CacheSlice | None = None,
     ) -> torch.Tensor:
+        """x (B, T, dim) → (B, T, dim); with ``cache``, the new tokens also see the cached ones.
+
+        ``mask`` is ``cache.mask`` already in the model's dtype (converted once per pass).
+        """
         B, T, _ = x.shape
         H, KVH, D = self.n_heads, self.n_kv_heads, self.head_dim
         if self.wqkv is not None:
@@ -139,19 +168,16 @@ class Attention(nn.Module):
             v = self.wv(x).view(B, T, KVH, D)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, head_dim)
 
-        if input_pos is None:
+        if cache is None:
             # Whole sequences: the fused causal kernel, which stores no attention weights.
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         else:
             if self.kv_cache is None:
-                raise RuntimeError("input_pos given but no KV cache: call model.setup_cache() first")
-            k, v = self.kv_cache.update(input_pos, k, v, where)  # (B, kv_heads, kv_len, head_dim)
-            if mask is None:  # one query that sees every slot in view: the unmasked kernel
-                out = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
-            elif T == 1:
-                out = decode_attention(q, k, v, mask)
-            else:
-                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+                raise RuntimeError(
+                    "a cache view given but no KV cache: call model.setup_cache() first"
+                )
+            k, v = self.kv_cache.update(k, v, cache)  # (B, kv_heads, kv_len, head_dim)
+            out = cached_attention(q, k, v, mask)
         out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
         return self.wo(out)
 
@@ -187,11 +213,10 @@ class TransformerBlock(nn.Module):
         self,
         x: torch.Tensor,
         rope: torch.Tensor,
-        input_pos: torch.Tensor | None = None,
+        cache: CacheView | None = None,
         mask: torch.Tensor | None = None,
-        where: CacheSlice | None = None,
     ) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), rope, input_pos, mask, where)
+        h = x + self.attention(self.attention_norm(x), rope, cache, mask)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -200,8 +225,9 @@ class Transformer(nn.Module):
 
     ``forward(tokens)`` with tokens (batch, seq) returns logits (batch, seq, vocab); with
     ``targets`` it returns the mean next-token cross-entropy instead (targets equal to -100
-    are ignored). With ``input_pos`` (batch, seq) — the absolute position of each token —
-    it reads and extends the KV cache set up by :meth:`setup_cache`.
+    are ignored). With ``cache`` — a :class:`~llamalab.kv_cache.CacheView` — the tokens are
+    new ones at the view's positions: they read and extend the KV cache set up by
+    :meth:`setup_cache`.
     """
 
     def __init__(self, config: ModelConfig) -> None:
@@ -212,15 +238,19 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
         self.tie_weights()
-        # Rotary angles are derived, not learned: a non-persistent buffer, rebuilt by
-        # init_buffers() when the model was created on the meta device.
-        self.register_buffer("rope", rope_cache(config, config.context_length, self._device()), persistent=False)
+        # Rotary angles are derived, not learned: a non-persistent buffer. It starts empty
+        # and grows to the longest length actually used (the cache's, or a sequence's):
+        # sizing it to config.context_length up front would let a file that claims a huge
+        # context allocate terabytes.
+        self.register_buffer("rope", self._empty_rope(self._device()), persistent=False)
         self.max_batch_size = 0
         self.max_seq_len = 0
-        self.register_buffer("slots", torch.arange(0, device=self._device()), persistent=False)
 
     def _device(self) -> torch.device:
         return self.tok_embeddings.weight.device
+
+    def _empty_rope(self, device: torch.device | str | None) -> torch.Tensor:
+        return torch.empty(0, self.config.head_dim // 2, 2, dtype=torch.float32, device=device)
 
     def tie_weights(self) -> None:
         """Share the embedding matrix with the output projection when the config says so."""
@@ -228,7 +258,7 @@ class Transformer(nn.Module):
         if self.config.tie_embeddings and isinstance(self.output, nn.Linear):
             self.output.weight = self.tok_embeddings.weight
 
-    def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202 (nn.Module's signature)
+    def _apply(self, fn, recurse=True):
         # .to(dtype) would round the rotary table to half precision; it is derived data,
         # so rebuild it exactly in float32 instead.
         super()._apply(fn, recurse)
@@ -239,7 +269,23 @@ class Transformer(nn.Module):
     def init_buffers(self, device: torch.device | str | None = None) -> None:
         """(Re)build the rotary table on ``device`` (needed after building on ``meta``)."""
         device = device if device is not None else self._device()
-        self.rope = rope_cache(self.config, self.config.context_length, device)
+        length = self.rope.shape[0]
+        self.rope = self._empty_rope(device)
+        self.rope_table(length)
+
+    def rope_table(self, length: int) -> torch.Tensor:
+        """The rotary table with at least ``length`` rows, built or grown on first need."""
+        if self.rope.shape[0] < length:
+            if length > self.config.context_length:
+                raise ValueError(
+                    f"position {length - 1} is beyond the context length "
+                    f"{self.config.context_length}"
+                )
+            # Built outside inference mode even when first needed inside it (generation),
+            # so that a later training step may save it for backward.
+            with torch.inference_mode(False):
+                self.rope = rope_cache(self.config, length, self.rope.device)
+        return self.rope
 
     def reset_parameters(self, std: float = 0.02) -> None:
         """Initialise weights for training from scratch: normal(0, std) matrices, unit norms."""
@@ -253,21 +299,28 @@ class Transformer(nn.Module):
     def setup_cache(
         self, max_batch_size: int, max_seq_len: int, dtype: torch.dtype | None = None
     ) -> None:
-        """Preallocate a KV cache in every layer for ``max_batch_size`` sequences of ``max_seq_len``."""
+        """Preallocate a KV cache in every layer: ``max_batch_size`` rows of ``max_seq_len``."""
         if max_seq_len > self.config.context_length:
             raise ValueError(
-                f"max_seq_len {max_seq_len} exceeds the model's context length {self.config.context_length}"
+                f"max_seq_len {max_seq_len} exceeds the model's context length "
+                f"{self.config.context_length}"
             )
         dtype = dtype or self.tok_embeddings.weight.dtype
         device = self._device()
         for layer in self.layers:
             layer.attention.kv_cache = KVCache(
-                max_batch_size, self.config.n_kv_heads, max_seq_len, self.config.head_dim, dtype, device
+                max_batch_size,
+                self.config.n_kv_heads,
+                max_seq_len,
+                self.config.head_dim,
+                dtype,
+                device,
             )
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
-        self.slots = torch.arange(max_seq_len, device=device)  # cache slot indices, for masks
+        self.rope_table(max_seq_len)  # every position the cache can hold, built once here
 
     def clear_cache(self) -> None:
+        """Free every layer's KV cache."""
         for layer in self.layers:
             layer.attention.kv_cache = None
         self.max_batch_size = self.max_seq_len = 0
@@ -275,47 +328,39 @@ class Transformer(nn.Module):
     def forward(
         self,
         tokens: torch.Tensor,
-        input_pos: torch.Tensor | None = None,
-        targets: torch.Tensor | None = None,
+        cache: CacheView | None = None,
         *,
-        row: int = 0,
-        kv_len: int | None = None,
-        last_only: bool = False,
+        targets: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        B, T = tokens.shape
-        if input_pos is None:
+        """Logits (B, T or 1, vocab) for tokens (B, T), or the loss when ``targets`` is given.
+
+        Without ``cache`` the tokens are whole sequences from position 0 (causal
+        attention among themselves). With it they are new tokens placed as the view says.
+        """
+        T = tokens.shape[1]
+        mask = None
+        if cache is None:
             if T > self.config.context_length:
-                raise ValueError(f"sequence of {T} tokens exceeds the context length {self.config.context_length}")
-            rope = rope_rotation(self.rope[:T].unsqueeze(0))  # (1, T, 1, head_dim/2)
-            mask = where = None
+                raise ValueError(
+                    f"sequence of {T} tokens exceeds the context length "
+                    f"{self.config.context_length}"
+                )
+            rope = rope_rotation(self.rope_table(T)[:T].unsqueeze(0))  # (1, T, 1, head_dim/2)
         else:
-            if input_pos.dim() == 1:
-                input_pos = input_pos.unsqueeze(0).expand(B, T)
-            rope = rope_rotation(self.rope[input_pos])  # (B, T, 1, head_dim/2)
-            # Attending over kv_len slots rather than the whole cache keeps decode cost
-            # proportional to the text so far.
-            kv_len = kv_len or self.max_seq_len
-            # One sequence whose tokens take consecutive slots (prefill chunks, decoding)
-            # is written with a slice copy rather than a scatter.
-            start = None
-            if B == 1:
-                first = int(input_pos[0, 0])
-                if T == 1 or int(input_pos[0, -1]) - first == T - 1 and bool((input_pos[0].diff() == 1).all()):
-                    start = first
-            where = CacheSlice(row, kv_len, start)
-            if T == 1 and start is not None and kv_len == start + 1:
-                mask = None  # a single query that sees every slot in view
+            table = self.rope_table(cache.kv_len)
+            if cache.start is not None:  # consecutive positions: a slice, not a gather
+                rope = rope_rotation(table[cache.start : cache.start + T].unsqueeze(0))
             else:
-                # A query at position p sees cache slots 0..p of its own row. Additive:
-                # 0 where visible, -inf elsewhere; built once, used by every layer.
-                visible = self.slots[:kv_len].view(1, 1, -1) <= input_pos.unsqueeze(-1)
-                mask = torch.zeros(visible.shape, dtype=self.tok_embeddings.weight.dtype, device=tokens.device)
-                mask = mask.masked_fill_(~visible, float("-inf")).unsqueeze(1)  # (B, 1, T, S)
+                rope = rope_rotation(table[cache.input_pos])  # (B or 1, T, 1, head_dim/2)
+            mask = cache.mask
+            dtype = self.tok_embeddings.weight.dtype
+            if mask is not None and mask.dtype != dtype:
+                mask = mask.to(dtype)  # once here rather than in every layer
 
         h = self.tok_embeddings(tokens)  # (B, T, dim)
         for layer in self.layers:
-            h = layer(h, rope, input_pos, mask, where)
-        if last_only:  # prefill needs only the next token's logits: skip the rest of the head
+            h = layer(h, rope, cache, mask)
+        if cache is not None and cache.last_only:  # a prefill needs only the next token's logits
             h = h[:, -1:]
         logits = self.output(self.norm(h))  # (B, T, vocab)
         if targets is None:

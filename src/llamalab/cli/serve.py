@@ -20,7 +20,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from llamalab.cli.options import add_runtime_options, positive_int
+from llamalab.cli.options import add_runtime_options, load_runtime_from_args, positive_int
 from llamalab.errors import LlamalabError
 
 log = logging.getLogger("llamalab.serve")
@@ -48,7 +48,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--api-key",
         default=os.environ.get(API_KEY_ENV),
-        help=f"require 'Authorization: Bearer KEY' on /v1/* (default: ${API_KEY_ENV}; unset = no key)",
+        help=f"require 'Authorization: Bearer KEY' on /v1/* "
+        f"(default: ${API_KEY_ENV}; unset = no key)",
     )
     p.add_argument(
         "--max-batch",
@@ -115,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
         ) from exc
 
     from llamalab.generation import Engine
-    from llamalab.runtime import load_runtime, resolve_model_ref
+    from llamalab.runtime import resolve_model_ref
     from llamalab.serve.app import Limits, create_app
     from llamalab.serve.scheduler import Scheduler
 
@@ -131,10 +132,11 @@ def run(args: argparse.Namespace) -> int:
         raise LlamalabError(f"--ctx must be at least 2, got {args.ctx}")
     if not _is_loopback(args.host) and not args.api_key:
         print(
-            f"llamalab serve: warning: listening on {args.host} without --api-key; anyone who can reach it can use it",
+            f"llamalab serve: warning: listening on {args.host} without --api-key; "
+            "anyone who can reach it can use it",
             file=sys.stderr,
         )
-    model, tokenizer = load_runtime(args.model, args.dtype)
+    model, tokenizer = load_runtime_from_args(args)
     engine = Engine(model, tokenizer, max_batch=args.max_batch, max_seq_len=args.ctx)
     # Without a key, the Host check keeps web pages that rebind their name to this
     # address out; the address the server listens on is one more name for it.

@@ -6,25 +6,60 @@ lengths share decode steps without any padding, and a new request can join betwe
 steps (continuous batching). A row remembers which tokens its cache holds; a new request
 that starts with the same tokens (the next turn of a chat) only prefills what is new.
 
-Per step the work is: one forward pass over the active rows (tokens (B, 1)), then for each
-row a pure sampling function, the incremental detokenizer and the stop-string matcher.
-Nothing per token grows with the length of the text.
+Two ways in:
+
+* :meth:`Engine.submit` prefills the whole prompt at once and returns the first token:
+  the shortest time to first token when nothing else is running (the CLI).
+* :meth:`Engine.add` only reserves a row and queues the prompt; every :meth:`Engine.step`
+  then computes one prefill chunk besides one decode step for every running sequence, so
+  a long prompt never stalls the streams already decoding for longer than one chunk (the
+  server). The chunk is sized by time: about as long as a decode step takes (measured as
+  the engine runs), so a step that carries one is about twice as long as one that does
+  not, whatever the machine, the model or the load.
+
+Per step the decode work is one forward pass over the running rows (tokens (B, 1)), then
+for each row a pure sampling function, the incremental detokenizer and the stop-string
+matcher. A failure in one row's share of that work ends that row only, with an event
+whose ``finish_reason`` is ``"error"``; the other rows carry on.
 """
 
 from __future__ import annotations
 
-import itertools
+import logging
 import time
+from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from llamalab.errors import LlamalabError
 from llamalab.generation.sampling import SamplingParams, sample, top_logprobs
 from llamalab.generation.stopping import StopStringMatcher
+from llamalab.kv_cache import cache_view
+
+if TYPE_CHECKING:
+    from llamalab.tokenizer.base import Tokenizer
+
+log = logging.getLogger("llamalab.generation")
 
 KV_LEN_ROUNDING = 64  # attend over a multiple of this many cache slots
+# Prefill chunks while other sequences decode. On SmolLM2-135M (Q4_1, 2 shared cores) a
+# 4-stream decode step took ~40 ms and prefill 2.5-7 ms per prompt token depending on the
+# load (more late in a 2,000-token prompt, where each token attends over more slots): a
+# fixed token count cannot keep the streams' gaps under 3x their median both idle and
+# loaded, so the chunk is sized by time, PREFILL_SHARE x the measured decode step time,
+# between MIN_PREFILL_CHUNK and the engine's prefill_chunk tokens.
+DEFAULT_PREFILL_CHUNK = 128  # the most prompt tokens a step takes while others decode
+PREFILL_SHARE = 1.0  # a chunk's time budget, in decode steps: a step with one takes ~2x
+MIN_PREFILL_CHUNK = 8  # below this the per-pass overhead dominates and TTFT balloons
+PROBE_PREFILL_CHUNK = 16  # the first chunk, before any prefill time was measured
+TIMING_SMOOTHING = 0.25  # weight of the newest decode step time in its running average
+# Prompt tokens per forward pass when nobody waits on the step: larger passes run the
+# matmuls more efficiently, and this bounds the attention mask (chunk x context).
+IDLE_PREFILL_CHUNK = 512
+ERROR_MESSAGE_CHARS = 200  # an error event's message is cut to this length
 
 
 @dataclass(frozen=True)
@@ -41,17 +76,20 @@ class Request:
 
 @dataclass(frozen=True)
 class GenerationEvent:
-    """One generated token (or the final flush) as the caller sees it."""
+    """One generated token (or the final flush, or a failure) as the caller sees it."""
 
-    token_id: int | None  # None for an event that only releases held-back text
+    token_id: int | None  # None for an event that carries no new token (a failure)
     text: str  # newly printable text (held back while it may be part of a stop string)
     logprob: float | None = None
     top_logprobs: list[tuple[int, float]] | None = None
-    finish_reason: str | None = None  # "stop", "length" or None while running
+    finish_reason: str | None = None  # "stop", "length", "error", or None while running
+    error: str | None = None  # with finish_reason "error": a short message fit for a client
 
 
 @dataclass
 class Timing:
+    """Where one request's time went; ``as_dict`` gives the rates the CLI reports."""
+
     prompt_tokens: int = 0
     prefill_tokens: int = 0  # prompt tokens actually computed (the rest came from the cache)
     prefill_s: float = 0.0
@@ -60,6 +98,7 @@ class Timing:
     decode_s: float = 0.0
 
     def as_dict(self) -> dict[str, float]:
+        """Token counts, tokens per second, and the time to the first token."""
         return {
             "prompt_tokens": self.prompt_tokens,
             "prefill_tokens": self.prefill_tokens,
@@ -70,22 +109,25 @@ class Timing:
 
 
 class Generation:
-    """The state of one request while it runs (the public name is ``Engine.submit``'s result)."""
+    """The state of one request while it runs (returned by ``Engine.add`` and ``Engine.submit``)."""
 
-    _ids = itertools.count()
-
-    def __init__(self, request: Request, row: int, tokenizer) -> None:
-        self.id = next(self._ids)
+    def __init__(self, request: Request, row: int, tokenizer: Tokenizer) -> None:
         self.request = request
         self.row = row
-        self.ids: list[int] = []  # generated ids (stop tokens and stop-string tokens excluded at the end)
+        self.prompt: list[int] = list(request.prompt_ids)
+        self.prefilled = 0  # prompt tokens whose keys and values the row's cache holds
+        self.ids: list[
+            int
+        ] = []  # generated ids (stop tokens and stop-string tokens excluded at the end)
         self._starts: list[int] = []  # where each generated token's text begins in the decoded text
         self._decoded = 0  # characters decoded so far
         self.text = ""
         self.finish_reason: str | None = None
-        self.last_token: int | None = None
+        self.error: str | None = None  # why it failed, when finish_reason is "error"
+        self.last_token: int | None = None  # None until the prompt is prefilled
         self.pos = 0  # position of last_token, the next token to feed
-        self.timing = Timing(prompt_tokens=len(request.prompt_ids))
+        self.timing = Timing(prompt_tokens=len(self.prompt))
+        self._added = time.perf_counter()
         self._decoder = tokenizer.stream_decoder()
         self._matcher = StopStringMatcher(request.stop)
         self._stop_ids = frozenset() if request.ignore_eos else tokenizer.stop_ids
@@ -93,11 +135,19 @@ class Generation:
         self._generator = torch.Generator().manual_seed(
             seed if seed is not None else int(torch.randint(0, 2**62, ()).item())
         )
-        self._recent: list[int] = list(request.prompt_ids[-request.sampling.repeat_last_n :])
+        self._recent: list[int] = (
+            self.prompt[-request.sampling.repeat_last_n :] if request.sampling.repeat_last_n else []
+        )
 
     @property
     def finished(self) -> bool:
+        """Whether the sequence ended (stop, length, error or cancelled)."""
         return self.finish_reason is not None
+
+    @property
+    def prefilling(self) -> bool:
+        """Whether the prompt is still being prefilled (no token chosen yet)."""
+        return self.last_token is None and not self.finished
 
     def accept(self, logits: torch.Tensor, max_pos: int) -> GenerationEvent:
         """Choose the next token from this row's logits (V,) and turn it into an event."""
@@ -129,7 +179,14 @@ class Generation:
         self.text += out
         return GenerationEvent(token, out, logprob, alternatives)
 
-    def _finish(self, reason, token, logprob, alternatives, out: str = "") -> GenerationEvent:
+    def _finish(
+        self,
+        reason: str,
+        token: int,
+        logprob: float | None,
+        alternatives: list[tuple[int, float]] | None,
+        out: str = "",
+    ) -> GenerationEvent:
         if reason == "length" or not self._matcher.stopped:
             tail = self._decoder.flush()
             out += self._matcher.feed(tail) if tail else ""
@@ -138,18 +195,41 @@ class Generation:
         self.finish_reason = reason
         return GenerationEvent(token, out, logprob, alternatives, reason)
 
+    def fail(self, message: str) -> GenerationEvent:
+        """End the sequence with an error; the returned event carries ``message``."""
+        self.finish_reason = "error"
+        self.error = message
+        return GenerationEvent(None, "", finish_reason="error", error=message)
+
 
 class Engine:
-    """A model, its tokenizer and a KV cache of ``max_batch`` independent rows."""
+    """A model, its tokenizer and a KV cache of ``max_batch`` independent rows.
+
+    Args:
+        model: a :class:`~llamalab.model.Transformer` (float or packed).
+        tokenizer: its tokenizer; ids the model can emit beyond the tokenizer's
+            vocabulary (an embedding padded to a round size) are never sampled.
+        max_batch: rows of the KV cache, the most sequences that run at once.
+        max_seq_len: slots per row (prompt and reply together); at most the model's
+            context length.
+        prefill_chunk: the most prompt tokens a :meth:`step` computes while other
+            sequences decode: smaller keeps their token gaps even, larger admits a
+            prompt sooner.
+        prefill_share: size each such chunk to take about this many decode steps' time
+            (measured as the engine runs), within ``MIN_PREFILL_CHUNK .. prefill_chunk``
+            tokens; ``None`` makes every chunk ``prefill_chunk`` tokens.
+        progress: show a progress bar while :meth:`submit` prefills a long prompt.
+    """
 
     def __init__(
         self,
         model: torch.nn.Module,
-        tokenizer,
+        tokenizer: Tokenizer,
         *,
         max_batch: int = 1,
         max_seq_len: int | None = None,
-        prefill_chunk: int = 512,
+        prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+        prefill_share: float | None = PREFILL_SHARE,
         progress: bool = False,
     ) -> None:
         self.model = model
@@ -157,26 +237,90 @@ class Engine:
         self.max_batch = max_batch
         if max_seq_len is not None and max_seq_len < 2:
             raise LlamalabError(f"the context must hold at least 2 tokens, got {max_seq_len}")
+        if prefill_chunk < 1:
+            raise LlamalabError(f"prefill_chunk must be at least 1, got {prefill_chunk}")
+        if prefill_share is not None and not prefill_share > 0:
+            raise LlamalabError(f"prefill_share must be positive, got {prefill_share}")
         self.max_seq_len = min(max_seq_len or 2048, model.config.context_length)
         self.device = model.tok_embeddings.weight.device
+        self.dtype = model.tok_embeddings.weight.dtype
         self.threads = torch.get_num_threads()
         self.prefill_chunk = prefill_chunk
+        self.prefill_share = prefill_share
         self.progress = progress
+        self._decode_step_s: float | None = None  # running average of a decode step
+        self._prefill_token_s: float | None = None  # per token, in the last interleaved chunk
+        # Logits past the tokenizer's last id belong to padding rows of the embedding:
+        # cutting them off is the same as masking them to -inf, for sampling and logprobs.
+        self.model_vocab_size = model.config.vocab_size
+        self.vocab_size = min(self.model_vocab_size, tokenizer.vocab_size)
         model.setup_cache(max_batch, self.max_seq_len)
         self._rows: list[Generation | None] = [None] * max_batch
-        self._cached: list[list[int]] = [[] for _ in range(max_batch)]  # ids whose K/V each row holds
+        # The ids whose keys and values each row of the cache holds, in slots 0, 1, ...
+        self._cached: list[list[int]] = [[] for _ in range(max_batch)]
+        self._prefilling: deque[Generation] = deque()  # added, prompt not done, oldest first
 
     # ------------------------------------------------------------------ admission
     @property
-    def active(self) -> list[Generation]:
-        return [s for s in self._rows if s is not None]
-
-    @property
     def free_rows(self) -> int:
+        """Rows that can take a new request now."""
         return sum(s is None for s in self._rows)
 
+    def add(self, request: Request) -> Generation:
+        """Admit a request into a free row and queue its prompt; returns at once.
+
+        The prompt is prefilled by later :meth:`step` calls, a chunk at a time; the step
+        that completes it also returns the sequence's first event. Raises
+        :class:`LlamalabError` for a request that cannot run (empty prompt, prompt too
+        long for the context or holding an id outside the model's vocabulary,
+        ``max_tokens`` below 1) or when every row is busy.
+        """
+        prompt = self._check(request)
+        row = self._choose_row(prompt)
+        seq = Generation(request, row, self.tokenizer)
+        # Reuse the row's cached prefix; always recompute at least the last prompt token,
+        # whose logits choose the first new token.
+        reuse = min(_common_prefix(self._cached[row], prompt), len(prompt) - 1)
+        del self._cached[row][reuse:]
+        seq.prefilled = reuse
+        seq.timing.prefill_tokens = len(prompt) - reuse
+        self._rows[row] = seq
+        self._prefilling.append(seq)
+        return seq
+
     def submit(self, request: Request) -> tuple[Generation, GenerationEvent]:
-        """Admit a request into a free row: prefill its prompt and choose its first token."""
+        """Admit a request, prefill its whole prompt now, and choose its first token.
+
+        Raises :class:`LlamalabError` as :meth:`add` does; if the prefill itself fails,
+        the row is freed and the exception propagates.
+        """
+        seq = self.add(request)
+        self._prefilling.remove(seq)  # it goes ahead of any queued prompt
+        bar = None
+        if self.progress and len(seq.prompt) - seq.prefilled > IDLE_PREFILL_CHUNK:
+            from tqdm import tqdm
+
+            bar = tqdm(
+                total=len(seq.prompt) - seq.prefilled, desc="prefill", unit="tok", leave=False
+            )
+        try:
+            while True:
+                done = seq.prefilled
+                logits = self._prefill_chunk(seq, IDLE_PREFILL_CHUNK)
+                if bar is not None:
+                    bar.update(seq.prefilled - done)
+                if logits is not None:
+                    break
+            event = self._first_token(seq, logits)
+        except BaseException:
+            self._release(seq)
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        return seq, event
+
+    def _check(self, request: Request) -> list[int]:
         prompt = list(request.prompt_ids)
         if not prompt:
             raise LlamalabError("the prompt is empty: give at least one token")
@@ -187,22 +331,13 @@ class Engine:
             )
         if request.max_tokens < 1:
             raise LlamalabError(f"max_tokens must be at least 1, got {request.max_tokens}")
-        row = self._choose_row(prompt)
-        seq = Generation(request, row, self.tokenizer)
-        self._rows[row] = seq
-        start = time.perf_counter()
-        try:
-            logits = self._prefill(row, prompt, seq.timing)
-            seq.pos = len(prompt)
-            event = seq.accept(logits, self.max_seq_len)
-        except BaseException:
-            self._rows[row] = None
-            self._cached[row] = []
-            raise
-        seq.timing.first_token_s = time.perf_counter() - start
-        if seq.finished:
-            self._release(seq)
-        return seq, event
+        lo, hi = min(prompt), max(prompt)
+        if lo < 0 or hi >= self.model_vocab_size:
+            raise LlamalabError(
+                f"the prompt holds {lo if lo < 0 else hi}, not a token id of this model "
+                f"(0 to {self.model_vocab_size - 1})"
+            )
+        return prompt
 
     def _choose_row(self, prompt: list[int]) -> int:
         free = [r for r, s in enumerate(self._rows) if s is None]
@@ -211,51 +346,96 @@ class Engine:
         # Prefer the free row whose cache already holds the longest prefix of this prompt.
         return max(free, key=lambda r: (_common_prefix(self._cached[r], prompt), -r))
 
-    def _prefill(self, row: int, prompt: list[int], timing: Timing) -> torch.Tensor:
-        # Reuse the row's cached prefix; always recompute at least the last prompt token,
-        # whose logits choose the first new token.
-        reuse = min(_common_prefix(self._cached[row], prompt), len(prompt) - 1)
-        self._cached[row] = prompt[:reuse]
-        chunks = range(reuse, len(prompt), self.prefill_chunk)
-        bar = None
-        if self.progress and len(prompt) - reuse > self.prefill_chunk:
-            from tqdm import tqdm
-
-            bar = tqdm(total=len(prompt) - reuse, desc="prefill", unit="tok", leave=False)
+    def _prefill_chunk(self, seq: Generation, budget: int) -> torch.Tensor | None:
+        """Run the next ≤ ``budget`` prompt tokens of ``seq``; the last chunk returns the
+        logits (vocab,) that choose its first token, earlier ones ``None``."""
+        start = seq.prefilled
+        end = min(start + budget, len(seq.prompt))
         _use_threads(self.threads)
         t0 = time.perf_counter()
         with torch.inference_mode():
-            for start in chunks:
-                end = min(start + self.prefill_chunk, len(prompt))
-                tokens = torch.tensor([prompt[start:end]], dtype=torch.long, device=self.device)
-                pos = torch.arange(start, end, device=self.device).unsqueeze(0)
-                logits = self.model(tokens, pos, row=row, kv_len=end, last_only=True)
-                self._cached[row] = prompt[:end]
-                if bar is not None:
-                    bar.update(end - start)
-        if bar is not None:
-            bar.close()
-        timing.prefill_s = time.perf_counter() - t0
-        timing.prefill_tokens = len(prompt) - reuse
-        return logits[0, -1].float().cpu()  # sampling runs on the CPU
+            tokens = torch.tensor([seq.prompt[start:end]], dtype=torch.long, device=self.device)
+            view = cache_view(
+                torch.arange(start, end).unsqueeze(0), row=seq.row, kv_len=end, last_only=True,
+                dtype=self.dtype, device=self.device,
+            )  # fmt: skip
+            logits = self.model(tokens, cache=view)
+            # Sampling runs on the CPU, over the tokenizer's ids only.
+            logits = (
+                logits[0, -1, : self.vocab_size].float().cpu() if end == len(seq.prompt) else None
+            )
+        seq.timing.prefill_s += time.perf_counter() - t0
+        self._cached[seq.row].extend(seq.prompt[start:end])
+        seq.prefilled = end
+        return logits
 
-    # ------------------------------------------------------------------ decoding
+    def _first_token(self, seq: Generation, logits: torch.Tensor) -> GenerationEvent:
+        seq.pos = len(seq.prompt)
+        event = seq.accept(logits, self.max_seq_len)
+        seq.timing.first_token_s = time.perf_counter() - seq._added
+        if seq.finished:
+            self._release(seq)
+        return event
+
+    # ------------------------------------------------------------------ stepping
     def step(self) -> list[tuple[Generation, GenerationEvent]]:
-        """One decode step for every running sequence; returns each one's event."""
-        running = [s for s in self._rows if s is not None]
-        if not running:
-            return []
+        """Advance every sequence: one decode step for each running one, one prefill chunk.
+
+        The chunk goes to the oldest sequence still prefilling; it holds
+        :meth:`chunk_budget` tokens when other sequences decode (so that their tokens keep
+        coming at an even pace), up to ``IDLE_PREFILL_CHUNK`` when none does. Returns each event produced, the
+        first token of a sequence whose prompt this chunk completed included. A failure
+        in one sequence's work ends that sequence with a ``finish_reason="error"`` event
+        and frees its row; a failure of the batched forward pass ends every sequence in
+        the batch that way. The engine stays usable either way.
+        """
+        running = [s for s in self._rows if s is not None and not s.prefilling]
+        events = []
+        if running:
+            t0 = time.perf_counter()
+            events = self._decode(running)
+            elapsed = time.perf_counter() - t0
+            last = self._decode_step_s
+            self._decode_step_s = (
+                elapsed if last is None else last + TIMING_SMOOTHING * (elapsed - last)
+            )
+        if self._prefilling:
+            seq = self._prefilling[0]
+            budget = self.chunk_budget() if running else IDLE_PREFILL_CHUNK
+            try:
+                t0 = time.perf_counter()
+                done = seq.prefilled
+                logits = self._prefill_chunk(seq, budget)
+                if running:
+                    self._prefill_token_s = (time.perf_counter() - t0) / (seq.prefilled - done)
+                if logits is not None:
+                    self._prefilling.popleft()
+                    events.append((seq, self._first_token(seq, logits)))
+            except Exception as exc:  # noqa: BLE001 (isolation: only this sequence fails)
+                events.append((seq, self._fail(seq, exc, "prefill")))
+        return events
+
+    def chunk_budget(self) -> int:
+        """Prompt tokens the next step prefills while other sequences decode."""
+        if self.prefill_share is None:
+            return self.prefill_chunk
+        if self._decode_step_s is None or self._prefill_token_s is None:
+            return min(self.prefill_chunk, PROBE_PREFILL_CHUNK)
+        fit = int(self.prefill_share * self._decode_step_s / self._prefill_token_s)
+        return max(min(MIN_PREFILL_CHUNK, self.prefill_chunk), min(fit, self.prefill_chunk))
+
+    def _decode(self, running: list[Generation]) -> list[tuple[Generation, GenerationEvent]]:
         lo = min(s.row for s in running)
         hi = max(s.row for s in running) + 1
         tokens = torch.zeros(hi - lo, 1, dtype=torch.long)
         pos = torch.zeros(hi - lo, 1, dtype=torch.long)
         for r in range(lo, hi):
             seq = self._rows[r]
-            if seq is not None:
+            if seq is not None and not seq.prefilling:
                 tokens[r - lo, 0], pos[r - lo, 0] = seq.last_token, seq.pos
             else:
-                # An idle row inside the span computes a throwaway token just past what its
-                # cache holds, so its cached prefix stays intact.
+                # A free row, or one still prefilling, inside the span computes a throwaway
+                # token just past what its cache holds, so its cached prefix stays intact.
                 p = min(len(self._cached[r]), self.max_seq_len - 1)
                 del self._cached[r][p:]
                 pos[r - lo, 0] = p
@@ -269,21 +449,36 @@ class Engine:
         # and batches keep every thread.
         _use_threads(1 if hi - lo == 1 and self.device.type == "cpu" else self.threads)
         t0 = time.perf_counter()
-        with torch.inference_mode():
-            logits = self.model(tokens.to(self.device), pos.to(self.device), row=lo, kv_len=kv_len)
-            logits = logits[:, -1].float().cpu()  # (rows, vocab): sampling runs on the CPU
+        try:
+            with torch.inference_mode():
+                view = cache_view(pos, row=lo, kv_len=kv_len, dtype=self.dtype, device=self.device)
+                logits = self.model(tokens.to(self.device), cache=view)
+                # (rows, vocab) over the tokenizer's ids: sampling runs on the CPU.
+                logits = logits[:, -1, : self.vocab_size].float().cpu()
+        except Exception as exc:  # noqa: BLE001 (the batch fails; the engine carries on)
+            return [(seq, self._fail(seq, exc, "decode")) for seq in running]
         elapsed = time.perf_counter() - t0
         events = []
         for seq in running:
-            self._cached[seq.row].append(seq.last_token)
+            self._cached[seq.row].append(seq.last_token)  # type: ignore[arg-type]  # running: set
             seq.pos += 1
             seq.timing.decode_tokens += 1
             seq.timing.decode_s += elapsed
-            event = seq.accept(logits[seq.row - lo], self.max_seq_len)
+            try:
+                event = seq.accept(logits[seq.row - lo], self.max_seq_len)
+            except Exception as exc:  # noqa: BLE001 (isolation: only this row fails)
+                event = self._fail(seq, exc, "sampling")
             events.append((seq, event))
             if seq.finished:
                 self._release(seq)
         return events
+
+    def _fail(self, seq: Generation, exc: Exception, stage: str) -> GenerationEvent:
+        """End ``seq`` because of ``exc``: log it in full, tell the client in one line."""
+        log.error("request in row %d failed during %s", seq.row, stage, exc_info=exc)
+        event = seq.fail(_client_message(exc, stage))
+        self._release(seq)
+        return event
 
     def cancel(self, seq: Generation) -> None:
         """Stop a sequence early (a client went away) and free its row at once."""
@@ -292,8 +487,12 @@ class Engine:
             self._release(seq)
 
     def _release(self, seq: Generation) -> None:
+        # The cache keeps what the row computed (_cached says what that is, and a failed
+        # pass only ever wrote past it), so a later request may reuse the prefix.
         if self._rows[seq.row] is seq:
             self._rows[seq.row] = None
+        if seq in self._prefilling:
+            self._prefilling.remove(seq)
 
     # ------------------------------------------------------------------ convenience
     def generate(self, request: Request) -> Iterator[GenerationEvent]:
@@ -311,7 +510,9 @@ class Engine:
     def generate_batch(self, requests: Sequence[Request]) -> list[Generation]:
         """Run several requests together to the end; returns their finished states."""
         if len(requests) > self.max_batch:
-            raise LlamalabError(f"{len(requests)} requests but the engine has {self.max_batch} rows")
+            raise LlamalabError(
+                f"{len(requests)} requests but the engine has {self.max_batch} rows"
+            )
         seqs: list[Generation] = []
         try:
             for r in requests:
@@ -322,6 +523,16 @@ class Engine:
             for s in seqs:
                 self.cancel(s)
         return seqs
+
+
+def _client_message(exc: Exception, stage: str) -> str:
+    """One short line about a failure: the exception's message only (the traceback goes
+    to the log), on one line and cut to ``ERROR_MESSAGE_CHARS``."""
+    text = " ".join(str(exc).split())
+    if not isinstance(exc, LlamalabError):  # a bug or a device failure, not the request's fault
+        text = f"internal error during {stage}" + (f": {text}" if text else "")
+    text = text or f"the request failed during {stage}"
+    return text if len(text) <= ERROR_MESSAGE_CHARS else text[: ERROR_MESSAGE_CHARS - 1] + "…"
 
 
 def _use_threads(n: int) -> None:

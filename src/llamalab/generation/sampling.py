@@ -6,16 +6,30 @@ top-k, top-p and min-p on the temperature-scaled distribution, then a draw.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 from llamalab.errors import LlamalabError
 
+# Repetition penalties outside this range are not a preference but an overflow: dividing
+# a logit by 1e-40 gives +inf, and the distribution becomes NaN.
+# Probabilities are float32: a top_p below float32's smallest normal number (~1.2e-38)
+# rounds to 0 there. Such a value is a mistake, not a preference (anything below ~1e-7
+# already keeps only the most likely token), so it is refused rather than reinterpreted.
+MIN_TOP_P = 1.2e-38
+REPEAT_PENALTY_RANGE = (0.01, 100.0)
+SEED_LIMIT = 2**64  # torch.Generator takes a 64-bit unsigned seed
+
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to choose each next token. ``temperature == 0`` means greedy (argmax)."""
+    """How to choose each next token. ``temperature == 0`` means greedy (argmax).
+
+    Every field is checked when the object is made, so a request with impossible
+    settings is refused before it reaches a batch; :class:`LlamalabError` names the field.
+    """
 
     temperature: float = 0.8
     top_k: int = 40
@@ -26,29 +40,60 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
+        temperature = _real("temperature", self.temperature)
+        if not temperature >= 0:
             raise LlamalabError(f"temperature must be at least 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise LlamalabError(f"top_k must be at least 0 (0 = off), got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise LlamalabError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not 0 <= self.min_p <= 1:
+        top_p = _real("top_p", self.top_p)
+        if not MIN_TOP_P <= top_p <= 1:
+            raise LlamalabError(
+                f"top_p must be in [{MIN_TOP_P:g}, 1] (smaller values underflow), got {self.top_p}"
+            )
+        if not 0 <= _real("min_p", self.min_p) <= 1:
             raise LlamalabError(f"min_p must be in [0, 1], got {self.min_p}")
-        if self.repeat_penalty <= 0:
-            raise LlamalabError(f"repeat_penalty must be positive, got {self.repeat_penalty}")
-        if self.repeat_last_n < 0:
-            raise LlamalabError(f"repeat_last_n must be at least 0 (0 = off), got {self.repeat_last_n}")
+        lo, hi = REPEAT_PENALTY_RANGE
+        if not lo <= _real("repeat_penalty", self.repeat_penalty) <= hi:
+            raise LlamalabError(
+                f"repeat_penalty must be in [{lo}, {hi}] (1 = off), got {self.repeat_penalty}"
+            )
+        if _integer("top_k", self.top_k) < 0:
+            raise LlamalabError(f"top_k must be at least 0 (0 = off), got {self.top_k}")
+        if _integer("repeat_last_n", self.repeat_last_n) < 0:
+            raise LlamalabError(
+                f"repeat_last_n must be at least 0 (0 = off), got {self.repeat_last_n}"
+            )
+        if self.seed is not None and not 0 <= _integer("seed", self.seed) < SEED_LIMIT:
+            raise LlamalabError(f"seed must be in [0, 2**64), got {self.seed}")
 
     @property
     def greedy(self) -> bool:
+        """Whether every draw is the single most likely token."""
         return self.temperature == 0 or self.top_k == 1
+
+
+def _real(name: str, value: object) -> float:
+    """``value`` as a finite float, or a LlamalabError naming the field."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise LlamalabError(f"{name} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise LlamalabError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _integer(name: str, value: object) -> int:
+    """``value`` as an int (bools refused), or a LlamalabError naming the field."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise LlamalabError(f"{name} must be an integer, got {value!r}")
+    return value
 
 
 GREEDY = SamplingParams(temperature=0.0)
 
 
-def apply_repetition_penalty(logits: torch.Tensor, recent_ids: torch.Tensor, penalty: float) -> torch.Tensor:
-    """Make recently seen tokens less likely: positive logits divided, negative multiplied (CTRL's rule)."""
+def apply_repetition_penalty(
+    logits: torch.Tensor, recent_ids: torch.Tensor, penalty: float
+) -> torch.Tensor:
+    """Make recently seen tokens less likely (CTRL's rule): positive logits are divided by
+    ``penalty``, negative ones multiplied."""
     if penalty == 1.0 or recent_ids.numel() == 0:
         return logits
     logits = logits.clone()
@@ -60,20 +105,35 @@ def apply_repetition_penalty(logits: torch.Tensor, recent_ids: torch.Tensor, pen
 def logits_to_probs(
     logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0
 ) -> torch.Tensor:
-    """The sampling distribution over the vocabulary (V,) after temperature and the filters."""
+    """The sampling distribution over the vocabulary (V,) after temperature and the filters.
+
+    Raises :class:`LlamalabError` when no distribution exists (a NaN score, or every
+    token ruled out); a score of +inf (an overflow) takes the whole mass.
+    """
     logits = logits.float() / max(temperature, 1e-5)
+    best = logits.max()
+    if not torch.isfinite(best):
+        if torch.isnan(best) or best < 0:
+            raise LlamalabError("sampling failed: the model gave no finite score for any token")
+        # softmax would give inf/inf = NaN; the overflowed tokens share the mass instead.
+        logits = torch.where(logits == best, 0.0, float("-inf"))
     if 0 < top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
     if top_p < 1.0:
         sorted_probs, order = torch.sort(probs, descending=True)
-        # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+        # Keep the smallest prefix whose mass reaches top_p. The first token always stays,
+        # even for a top_p so small that it rounds to 0 in float32.
         drop_sorted = sorted_probs.cumsum(-1) - sorted_probs >= top_p
+        drop_sorted[0] = False
         probs = probs.masked_fill(drop_sorted.scatter(0, order, drop_sorted), 0.0)
     if min_p > 0.0:
         probs = probs.masked_fill(probs < min_p * probs.max(), 0.0)
-    return probs / probs.sum()
+    total = probs.sum()
+    if not (torch.isfinite(total) and total > 0):
+        raise LlamalabError("sampling failed: the probabilities are not finite")
+    return probs / total
 
 
 def sample(
@@ -82,9 +142,15 @@ def sample(
     generator: torch.Generator | None = None,
     recent_ids: torch.Tensor | None = None,
 ) -> int:
-    """Choose the next token from one position's logits (V,)."""
+    """Choose the next token from one position's logits (V,).
+
+    Raises :class:`LlamalabError` when the scores hold a NaN: such a row has no meaningful
+    next token (argmax would pick the NaN), and the caller fails that request alone.
+    """
     if recent_ids is not None:
         logits = apply_repetition_penalty(logits, recent_ids, params.repeat_penalty)
+    if bool(torch.isnan(logits).any()):
+        raise LlamalabError("sampling failed: the model's scores are not numbers (NaN)")
     if params.greedy:
         return int(torch.argmax(logits))
     probs = logits_to_probs(logits, params.temperature, params.top_k, params.top_p, params.min_p)

@@ -3,167 +3,126 @@
 Routes turn a validated request body into an engine `Request`, hand it to the
 `Scheduler`, and turn the engine's events back into OpenAI's objects, either at once
 (``stream: false``) or as server-sent events, one chunk per token. Every error a client
-can cause comes back as OpenAI's ``{"error": {...}}`` body with a 4xx status.
+can cause comes back as OpenAI's ``{"error": {...}}`` body with a 4xx status; a bug comes
+back as a 500 that says "internal error" and a request id (the traceback goes to the
+log, never to the client). Every stream ends with a chunk that carries ``finish_reason``
+or with an error event, and then ``data: [DONE]``.
+
+The routes are module-level functions on one `APIRouter`; what they share (the
+scheduler, the tokenizer, the limits) is a `ServerState` on ``app.state.llamalab``.
+Three pure ASGI middlewares run before any route: the Host check (DNS-rebinding
+protection when there is no API key), the API key, and the body limit.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
+import logging
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Collection, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any
+from typing import Any, cast
 
-from fastapi import FastAPI
+from fastapi import APIRouter, FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.requests import Request as HTTPRequest
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Receive, Scope, Send
 
 from llamalab.errors import LlamalabError
-from llamalab.generation import GenerationEvent, Request
+from llamalab.generation import Request
 from llamalab.serve import schemas as s
-from llamalab.serve.scheduler import Scheduler, Ticket
+from llamalab.serve.scheduler import Scheduler, Ticket, Unavailable
+
+log = logging.getLogger("llamalab.serve")
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
+DEFAULT_MAX_QUEUE = 64
 
 
-class APIError(Exception):
-    """An error to report to the client as OpenAI's JSON error body."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        *,
-        type_: str = "invalid_request_error",
-        code: str | None = None,
-        param: str | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type, self.code, self.param = (
-            status,
-            message,
-            type_,
-            code,
-            param,
-        )
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(
-            s.error_body(self.message, self.type, self.code, self.param), status_code=self.status
-        )
+from llamalab.serve.errors import APIError, unavailable
+from llamalab.serve.middleware import LOOPBACK_HOSTS, BearerAuth, BodyLimit, HostCheck
+from llamalab.serve.replies import ChatReply, CompletionReply, LogprobEntry, Reply, Transcript
 
 
-class BearerAuth:
-    """Pure ASGI middleware: ``/v1/*`` needs ``Authorization: Bearer KEY``.
+# ---------------------------------------------------------------------------- state
+@dataclass
+class Limits:
+    """What one request may ask of the server."""
 
-    It runs before the body is read, so a request without the key gets 401 whatever else
-    is wrong with it. The chat page, ``/health`` and ``/openapi.json`` stay open: they
-    reveal nothing, and the page asks for the key itself.
-    """
-
-    def __init__(self, app: ASGIApp, api_key: str) -> None:
-        self.app = app
-        self.expected = f"Bearer {api_key}".encode()
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/v1"):
-            given = dict(scope["headers"]).get(b"authorization", b"")
-            if not hmac.compare_digest(given, self.expected):
-                message = "missing or wrong API key: send 'Authorization: Bearer KEY'"
-                error = APIError(401, message, code="invalid_api_key").response()
-                error.headers["WWW-Authenticate"] = "Bearer"
-                await error(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    max_queue: int = DEFAULT_MAX_QUEUE  # requests waiting for a batch row; more get 503
 
 
-class Transcript:
-    """One generation's events turned into what the API reports.
+@dataclass
+class ServerState:
+    """What every route needs, kept on ``app.state.llamalab``."""
 
-    Logprob entries travel with the text they produced: while the engine holds text back
-    (it may be the start of a stop string, or half a UTF-8 character) their entries wait
-    too, and the token that ended generation (EOS, or the one that completed a stop
-    string) gets no entry, so the entries describe the returned text.
-    """
+    scheduler: Scheduler
+    model_id: str
+    limits: Limits
+    created: int = field(default_factory=lambda: int(time.time()))
+    draining: bool = False  # shutting down: running requests finish, new ones get 503
+    # Tokenizing runs off the event loop, one prompt at a time, because the tokenizer
+    # makes no promise about being thread-safe. Each prompt's share is bounded (see
+    # max_prompt_chars), so no request waits on this lock for long.
+    encode_lock: threading.Lock = field(default_factory=threading.Lock)
+    max_token_chars: int = 1
+    page: str = ""
 
-    def __init__(self, tokenizer, prompt_tokens: int, *, logprobs: bool) -> None:
-        self.tokenizer = tokenizer
-        self.logprobs = logprobs
-        self.prompt_tokens = prompt_tokens
-        self.completion_tokens = 0  # every sampled token, the one that stopped generation included
-        self.finish_reason: str | None = None
-        self._pending: list[tuple[int, float, list[tuple[int, float]]]] = []
+    @property
+    def tokenizer(self) -> Any:
+        return self.scheduler.engine.tokenizer
 
-    def add(
-        self, event: GenerationEvent
-    ) -> tuple[str, list[tuple[int, float, list[tuple[int, float]]]]]:
-        """Take one event; return the text and the logprob entries now released."""
-        if event.token_id is not None:
-            self.completion_tokens += 1
-            if self.logprobs and event.finish_reason != "stop":
-                self._pending.append(
-                    (event.token_id, event.logprob or 0.0, event.top_logprobs or [])
-                )
-        self.finish_reason = event.finish_reason or self.finish_reason
-        released: list[tuple[int, float, list[tuple[int, float]]]] = []
-        if event.text or event.finish_reason == "length":
-            released, self._pending = self._pending, []
-        return event.text, released
+    @property
+    def context(self) -> int:
+        return self.scheduler.engine.max_seq_len
 
-    def usage(self) -> s.Usage:
-        return s.Usage(
-            prompt_tokens=self.prompt_tokens,
-            completion_tokens=self.completion_tokens,
-            total_tokens=self.prompt_tokens + self.completion_tokens,
-        )
+    @property
+    def max_prompt_chars(self) -> int:
+        """The longest prompt text that could fit the context.
 
-    # -------------------------------------------------------------- logprob formats
-    def _piece(self, token_id: int) -> tuple[str, list[int]]:
-        raw = self.tokenizer.token_bytes(token_id)
-        return raw.decode("utf-8", "replace"), list(raw)
-
-    def chat_logprobs(self, entries) -> s.ChatLogprobs:
-        content = []
-        for token_id, logprob, top in entries:
-            text, raw = self._piece(token_id)
-            alternatives = []
-            for alt_id, alt_logprob in top:
-                alt_text, alt_raw = self._piece(alt_id)
-                alternatives.append(
-                    s.TopLogprob(token=alt_text, logprob=alt_logprob, bytes=alt_raw)
-                )
-            content.append(
-                s.TokenLogprob(token=text, logprob=logprob, bytes=raw, top_logprobs=alternatives)
-            )
-        return s.ChatLogprobs(content=content)
-
-    def completion_logprobs(self, entries, offset: int) -> s.CompletionLogprobs:
-        out = s.CompletionLogprobs(tokens=[], token_logprobs=[], top_logprobs=[], text_offset=[])
-        for token_id, logprob, top in entries:
-            text, _ = self._piece(token_id)
-            out.tokens.append(text)
-            out.token_logprobs.append(logprob)
-            out.top_logprobs.append({self._piece(i)[0]: lp for i, lp in top})
-            out.text_offset.append(offset)
-            offset += len(text)
-        return out
+        Every token stands for at most ``max_token_chars`` characters (the longest
+        vocabulary entry, in bytes, which is never fewer than its characters), so a text
+        longer than ``context × max_token_chars`` has more tokens than the context holds
+        and is refused without being tokenized. Any shorter text is tokenized whole, so a
+        prompt that fits is tokenized exactly, and no prompt costs more than this many
+        characters of tokenizer work. (A tokenizer whose normalizer shrinks text, such as
+        SentencePiece's collapsing of whitespace runs, could fit a longer text; such a
+        prompt is refused too.)
+        """
+        return self.context * self.max_token_chars
 
 
-def _new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+def _state(request: HTTPRequest) -> ServerState:
+    return cast(ServerState, request.app.state.llamalab)
 
 
-def _sse(payload: s.BaseModel | str) -> bytes:
-    data = payload if isinstance(payload, str) else payload.model_dump_json()
+def _sse(payload: s.BaseModel | str | dict[str, Any]) -> bytes:
+    if isinstance(payload, s.BaseModel):
+        data = payload.model_dump_json()
+    elif isinstance(payload, dict):
+        data = json.dumps(payload)
+    else:
+        data = payload
     return f"data: {data}\n\n".encode()
+
+
+def _request_id() -> str:
+    return uuid.uuid4().hex[:16]
+
+
+def _internal_error(exc: BaseException, where: str) -> str:
+    """Log a bug with its traceback; return what the client may see (no exception text)."""
+    rid = _request_id()
+    log.error("internal error %s in %s", rid, where, exc_info=exc)
+    return f"internal error (request id {rid})"
 
 
 async def _wait_for_disconnect(request: HTTPRequest) -> None:
@@ -172,21 +131,425 @@ async def _wait_for_disconnect(request: HTTPRequest) -> None:
         pass
 
 
-def create_app(scheduler: Scheduler, *, model_id: str, api_key: str | None = None) -> FastAPI:
-    """The app for one model. The scheduler is started and stopped with the app."""
-    engine = scheduler.engine
-    tokenizer = engine.tokenizer
-    context = engine.max_seq_len
-    created = int(time.time())
-    page = (
-        resources.files("llamalab.serve").joinpath("static/index.html").read_text(encoding="utf-8")
+def _check_model(state: ServerState, name: str | None) -> None:
+    if name is not None and name != state.model_id:
+        raise APIError(
+            404,
+            f"the model {name!r} does not exist; this server runs {state.model_id!r}",
+            code="model_not_found",
+            param="model",
+        )
+
+
+def _check_prompt_chars(state: ServerState, chars: int, param: str) -> None:
+    if chars > state.max_prompt_chars:
+        raise APIError(
+            400,
+            f"the prompt has {chars} characters, more than a context of {state.context} tokens "
+            f"can hold (each token stands for at most {state.max_token_chars} characters)",
+            code="context_length_exceeded",
+            param=param,
+        )
+
+
+async def _encode_text(state: ServerState, text: str) -> list[int]:
+    """Tokenize a completion prompt, refusing one that cannot fit before doing the work."""
+    _check_prompt_chars(state, len(text), "prompt")
+    tokenizer = state.tokenizer
+
+    def locked() -> list[int]:
+        with state.encode_lock:
+            return tokenizer.encode(text, special=True)
+
+    try:
+        return await asyncio.to_thread(locked)
+    except LlamalabError as exc:
+        raise APIError(400, str(exc), code="invalid_prompt", param="prompt") from exc
+
+
+async def _encode_chat(state: ServerState, messages: list[dict[str, str]]) -> list[int]:
+    """Render and tokenize a conversation, refusing one that cannot fit before tokenizing."""
+    tokenizer = state.tokenizer
+
+    def work() -> list[int]:
+        # Rendering costs little next to tokenizing, so the text's length is checked on
+        # the rendered template and only a conversation that may fit is tokenized.
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        _check_prompt_chars(state, len(text), "messages")
+        with state.encode_lock:
+            return tokenizer.encode_chat(messages, add_generation_prompt=True)
+
+    try:
+        return await asyncio.to_thread(work)
+    except LlamalabError as exc:
+        raise APIError(400, str(exc), code="invalid_prompt", param="messages") from exc
+
+
+def _engine_request(
+    state: ServerState,
+    body: s.CompletionRequest | s.ChatCompletionRequest,
+    prompt_ids: list[int],
+    default_max: int,
+    logprobs: int | None,
+) -> Request:
+    # Check here what the engine would refuse, so the client gets a clear 400 and not
+    # a failure half-way through a stream.
+    context = state.context
+    if not prompt_ids:
+        raise APIError(
+            400,
+            "the prompt is empty: give at least one token",
+            code="empty_prompt",
+            param="prompt",
+        )
+    if len(prompt_ids) >= context:
+        raise APIError(
+            400,
+            f"the prompt has {len(prompt_ids)} tokens; this server's context holds {context} "
+            "(prompt and reply together)",
+            code="context_length_exceeded",
+        )
+    max_tokens = body.max_tokens if body.max_tokens is not None else default_max
+    if max_tokens > context:
+        raise APIError(
+            400,
+            f"max_tokens is {max_tokens}; this server's context holds {context} tokens",
+            code="invalid_value",
+            param="max_tokens",
+        )
+    try:
+        sampling = body.sampling()
+    except LlamalabError as exc:
+        # SamplingParams names the field first ("top_p must be ..."); so does the 400.
+        name = str(exc).split(" ", 1)[0]
+        param = name if name in type(body).model_fields else None
+        raise APIError(400, str(exc), code="invalid_value", param=param) from exc
+    # The engine ends a reply that reaches the end of the context with "length".
+    return Request(
+        prompt_ids,
+        max_tokens=max_tokens,
+        sampling=sampling,
+        stop=body.stop or (),
+        logprobs=logprobs,
+        ignore_eos=body.ignore_eos,
     )
-    # Tokenizing a long prompt takes a while, so it runs off the event loop; one at a time,
-    # because the tokenizer makes no promise about being thread-safe.
-    encode_lock = threading.Lock()
+
+
+def _submit(state: ServerState, request: Request) -> Ticket:
+    """Queue a request, or refuse it with 503 while the server cannot take more."""
+    scheduler = state.scheduler
+    if state.draining:
+        raise unavailable("the server is shutting down", "server_shutting_down")
+    if scheduler.state() != "ok":
+        raise unavailable("the server cannot generate right now", "server_unavailable")
+    if scheduler.queued >= state.limits.max_queue:
+        raise unavailable(
+            f"the server is busy: {scheduler.queued} requests are waiting; retry later",
+            "server_busy",
+        )
+    return scheduler.submit(request)
+
+
+def _error_event(message: str, type_: str, code: str | None = None) -> bytes:
+    return _sse(s.error_body(message, type_, code))
+
+
+async def _stream(
+    state: ServerState, ticket: Ticket, reply: Reply, include_usage: bool
+) -> AsyncIterator[bytes]:
+    """Server-sent events; Starlette cancels this generator when the client disconnects.
+
+    Whatever happens, a stream that was not cancelled ends with a ``finish_reason`` chunk
+    or an error event, then ``[DONE]``.
+    """
+    transcript = reply.transcript
+    try:
+        for chunk in reply.opening():
+            yield _sse(chunk)
+        failed = False
+        async for event in ticket.events():
+            if event.finish_reason == "error":
+                message = event.error or "the request failed"
+                yield _error_event(message, "server_error", "generation_failed")
+                failed = True
+                break
+            delta, released = transcript.add(event)
+            if delta or released or event.finish_reason:
+                for chunk in reply.chunks(delta, released, event.finish_reason):
+                    yield _sse(chunk)
+        if include_usage and not failed:
+            yield _sse(reply.usage_chunk())
+    except LlamalabError as exc:  # the engine refused the request
+        yield _error_event(str(exc), "invalid_request_error", "invalid_request")
+    except Unavailable as exc:
+        yield _error_event(str(exc), "server_error", "server_unavailable")
+    except Exception as exc:  # noqa: BLE001  (a bug: log it, end the stream properly)
+        yield _error_event(_internal_error(exc, "a stream"), "server_error")
+    finally:
+        state.scheduler.cancel(ticket)  # no-op when finished; frees the row when the client left
+    yield _sse("[DONE]")
+
+
+async def _run_to_end(
+    state: ServerState, ticket: Ticket, request: HTTPRequest, transcript: Transcript
+) -> tuple[str, list[LogprobEntry]]:
+    """Collect a whole reply; a client that leaves meanwhile frees its row at once."""
+    text: list[str] = []
+    entries: list[LogprobEntry] = []
+    failure: list[str] = []
+
+    async def collect() -> None:
+        async for event in ticket.events():
+            if event.finish_reason == "error":
+                failure.append(event.error or "the request failed")
+                return
+            delta, released = transcript.add(event)
+            text.append(delta)
+            entries.extend(released)
+
+    collector = asyncio.ensure_future(collect())
+    watcher = asyncio.ensure_future(_wait_for_disconnect(request))
+    try:
+        await asyncio.wait({collector, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if not collector.done():  # the client is gone: nobody will read this answer
+            raise APIError(499, "the client closed the connection", code="client_closed_request")
+        try:
+            collector.result()
+        except LlamalabError as exc:
+            raise APIError(400, str(exc)) from exc
+        except Unavailable as exc:
+            raise unavailable(str(exc), "server_unavailable") from exc
+        if failure:
+            raise APIError(500, failure[0], type_="server_error", code="generation_failed")
+        return "".join(text), entries
+    finally:
+        watcher.cancel()
+        collector.cancel()
+        state.scheduler.cancel(ticket)
+
+
+async def _respond(
+    state: ServerState,
+    request: HTTPRequest,
+    body: s.CompletionRequest | s.ChatCompletionRequest,
+    ticket: Ticket,
+    reply: Reply,
+) -> Any:
+    """The one way both endpoints answer: server-sent events, or the whole object."""
+    if body.stream:
+        return StreamingResponse(
+            _stream(state, ticket, reply, body.include_usage),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+    text, entries = await _run_to_end(state, ticket, request, reply.transcript)
+    return reply.whole(text, entries)
+
+
+# ---------------------------------------------------------------------------- routes
+router = APIRouter()
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": s.ErrorResponse, "description": "invalid request"},
+    401: {"model": s.ErrorResponse, "description": "missing or wrong API key"},
+    404: {"model": s.ErrorResponse, "description": "unknown model"},
+    413: {"model": s.ErrorResponse, "description": "request body too large"},
+    503: {"model": s.ErrorResponse, "description": "busy or shutting down: retry later"},
+}
+_STREAMED: dict[int | str, dict[str, Any]] = {
+    200: {
+        "content": {"text/event-stream": {}},
+        "description": "JSON, or server-sent events with stream: true",
+    }
+}
+
+
+@router.get("/", response_class=HTMLResponse, include_in_schema=False)
+async def chat_page(request: HTTPRequest) -> HTMLResponse:
+    """The chat page."""
+    return HTMLResponse(_state(request).page)
+
+
+@router.get(
+    "/health",
+    response_model=s.Health,
+    responses={503: {"model": s.Health, "description": "not serving"}},
+    summary="Liveness and batch occupancy",
+)
+async def health(request: HTTPRequest) -> JSONResponse:
+    """200 while the scheduler thread runs; 503 when it died or hangs, or while draining."""
+    state = _state(request)
+    scheduler = state.scheduler
+    status = "draining" if state.draining else scheduler.state()
+    report = s.Health(
+        status=status,
+        model=state.model_id,
+        active_slots=scheduler.active_slots,
+        queued=scheduler.queued,
+        max_batch=scheduler.max_batch,
+    )
+    return JSONResponse(report.model_dump(), status_code=200 if status == "ok" else 503)
+
+
+def _card(state: ServerState) -> s.ModelCard:
+    return s.ModelCard(id=state.model_id, created=state.created, context_length=state.context)
+
+
+@router.get(
+    "/v1/models",
+    response_model=s.ModelList,
+    responses=_ERRORS,
+    summary="The model this server runs",
+)
+async def list_models(request: HTTPRequest) -> s.ModelList:
+    """The one model."""
+    return s.ModelList(data=[_card(_state(request))])
+
+
+@router.get("/v1/models/{name}", response_model=s.ModelCard, responses=_ERRORS, summary="One model")
+async def get_model(name: str, request: HTTPRequest) -> s.ModelCard:
+    """The model, if ``name`` is its name."""
+    state = _state(request)
+    _check_model(state, name)
+    return _card(state)
+
+
+@router.post(
+    "/v1/completions",
+    response_model=s.Completion,
+    responses={**_ERRORS, **_STREAMED},
+    summary="Continue a prompt",
+)
+async def completions(body: s.CompletionRequest, request: HTTPRequest) -> Any:
+    """Continue a prompt given as text or as token ids."""
+    state = _state(request)
+    _check_model(state, body.model)
+    tokenizer = state.tokenizer
+    if isinstance(body.prompt, str):
+        prompt_ids = await _encode_text(state, body.prompt)
+    else:
+        prompt_ids = list(body.prompt)
+        # Length first: it is cheap, and the vocabulary scan below is then bounded.
+        if len(prompt_ids) < state.context:
+            bad = next((i for i in prompt_ids if not 0 <= i < tokenizer.vocab_size), None)
+            if bad is not None:
+                raise APIError(
+                    400,
+                    f"token id {bad} is outside the vocabulary of {tokenizer.vocab_size}",
+                    code="invalid_value",
+                    param="prompt",
+                )
+    req = _engine_request(state, body, prompt_ids, DEFAULT_COMPLETION_MAX_TOKENS, body.logprobs)
+    transcript = Transcript(tokenizer, len(prompt_ids), logprobs=body.logprobs is not None)
+    reply = CompletionReply(state.model_id, transcript, logprobs=body.logprobs is not None)
+    return await _respond(state, request, body, _submit(state, req), reply)
+
+
+@router.post(
+    "/v1/chat/completions",
+    response_model=s.ChatCompletion,
+    responses={**_ERRORS, **_STREAMED},
+    summary="Reply to a conversation",
+)
+async def chat_completions(body: s.ChatCompletionRequest, request: HTTPRequest) -> Any:
+    """The next assistant turn of a conversation."""
+    state = _state(request)
+    _check_model(state, body.model)
+    if state.tokenizer.chat_template is None:
+        raise APIError(
+            400, "this model has no chat template; use /v1/completions", code="no_chat_template"
+        )
+    messages = [m.as_template_message() for m in body.messages]
+    prompt_ids = await _encode_chat(state, messages)
+    # Without a limit a reply may fill the rest of the context (the engine stops there).
+    default_max = max(1, state.context - len(prompt_ids))
+    req = _engine_request(state, body, prompt_ids, default_max, body.logprobs_k)
+    transcript = Transcript(state.tokenizer, len(prompt_ids), logprobs=body.logprobs)
+    reply = ChatReply(state.model_id, transcript, logprobs=body.logprobs)
+    return await _respond(state, request, body, _submit(state, req), reply)
+
+
+# ---------------------------------------------------------------------------- error handlers
+async def _api_error(_: HTTPRequest, exc: Exception) -> JSONResponse:
+    return cast(APIError, exc).response()
+
+
+def _clean_loc(loc: Sequence[Any]) -> str:
+    # Drop "body" and pydantic's names for union members ("function-after[...]", "str"),
+    # which are types, not fields the client wrote.
+    parts = [
+        str(p)
+        for p in loc
+        if p != "body" and not (isinstance(p, str) and ("[" in p or p in _TYPE_TAGS))
+    ]
+    return ".".join(parts)
+
+
+_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "none"})
+
+
+async def _invalid(_: HTTPRequest, exc: Exception) -> JSONResponse:
+    errors = cast(RequestValidationError, exc).errors()
+    # Prefer our own explanations (value errors) over "input should be a valid string" for
+    # each member of a union.
+    first = next((e for e in errors if e.get("type") == "value_error"), errors[0])
+    if first.get("type") == "json_invalid":
+        return APIError(
+            400, f"the body is not valid JSON: {first.get('msg')}", code="invalid_json"
+        ).response()
+    where = _clean_loc(first.get("loc", ()))
+    # pydantic prefixes the message of a ValueError raised in a validator; ours read better bare.
+    detail = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+    message = f"{where or 'body'}: {detail}"
+    return APIError(400, message, code="invalid_value", param=where or None).response()
+
+
+async def _http_error(_: HTTPRequest, exc: Exception) -> JSONResponse:
+    http = cast(StarletteHTTPException, exc)
+    code = "not_found" if http.status_code == 404 else None
+    return APIError(http.status_code, str(http.detail), code=code).response()
+
+
+async def _bug(request: HTTPRequest, exc: Exception) -> JSONResponse:
+    message = _internal_error(exc, f"{request.method} {request.url.path}")
+    return APIError(500, message, type_="server_error", code="internal_error").response()
+
+
+# ---------------------------------------------------------------------------- the app
+def create_app(
+    scheduler: Scheduler,
+    *,
+    model_id: str,
+    api_key: str | None = None,
+    limits: Limits | None = None,
+    allowed_hosts: Collection[str] | None = None,
+) -> FastAPI:
+    """The app for one model. The scheduler is started and stopped with the app.
+
+    Args:
+        scheduler: owns the engine (not started yet).
+        model_id: the name clients use for the model.
+        api_key: if set, ``/v1/*`` needs ``Authorization: Bearer KEY``.
+        limits: body size and queue length (defaults: `Limits()`).
+        allowed_hosts: if set, a request whose Host header names none of these (or a
+            loopback name) gets 403; ``None`` turns the check off.
+    """
+    tokenizer = scheduler.engine.tokenizer
+    state = ServerState(
+        scheduler=scheduler,
+        model_id=model_id,
+        limits=limits or Limits(),
+        # The longest vocabulary entry bounds the characters one token stands for.
+        max_token_chars=max(
+            1, max(len(tokenizer.token_bytes(i)) for i in range(tokenizer.vocab_size))
+        ),
+        page=resources.files("llamalab.serve")
+        .joinpath("static/index.html")
+        .read_text(encoding="utf-8"),
+    )
 
     @asynccontextmanager
-    async def lifespan(_: FastAPI):
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         scheduler.start()
         try:
             yield
@@ -199,332 +562,36 @@ def create_app(scheduler: Scheduler, *, model_id: str, api_key: str | None = Non
         version="0.1.0",
         lifespan=lifespan,
     )
+    app.state.llamalab = state
+    app.include_router(router)
+    app.add_exception_handler(APIError, _api_error)
+    app.add_exception_handler(RequestValidationError, _invalid)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _bug)
+    # The last one added runs first: Host check, then the key, then the body limit.
+    app.add_middleware(BodyLimit, max_bytes=state.limits.max_body_bytes)
     if api_key:
         app.add_middleware(BearerAuth, api_key=api_key)
-
-    # ---------------------------------------------------------------- errors
-    @app.exception_handler(APIError)
-    async def _api_error(_: HTTPRequest, exc: APIError) -> JSONResponse:
-        return exc.response()
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(_: HTTPRequest, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0]
-        loc = [str(part) for part in first.get("loc", ()) if part != "body"]
-        if first.get("type") == "json_invalid":
-            return APIError(
-                400, f"the body is not valid JSON: {first.get('msg')}", code="invalid_json"
-            ).response()
-        where = ".".join(loc) or "body"
-        message = f"{where}: {first.get('msg', 'invalid value')}"
-        return APIError(400, message, code="invalid_value", param=".".join(loc) or None).response()
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_: HTTPRequest, exc: StarletteHTTPException) -> JSONResponse:
-        code = "not_found" if exc.status_code == 404 else None
-        return APIError(exc.status_code, str(exc.detail), code=code).response()
-
-    @app.exception_handler(Exception)
-    async def _bug(_: HTTPRequest, exc: Exception) -> JSONResponse:
-        return APIError(
-            500, f"internal error: {type(exc).__name__}: {exc}", type_="server_error"
-        ).response()
-
-    errors: dict[int | str, dict[str, Any]] = {
-        400: {"model": s.ErrorResponse, "description": "invalid request"},
-        401: {"model": s.ErrorResponse, "description": "missing or wrong API key"},
-        404: {"model": s.ErrorResponse, "description": "unknown model"},
-    }
-    streamed = {
-        200: {
-            "content": {"text/event-stream": {}},
-            "description": "JSON, or server-sent events with stream: true",
-        }
-    }
-
-    # ---------------------------------------------------------------- helpers
-    def check_model(name: str | None) -> None:
-        if name is not None and name != model_id:
-            raise APIError(
-                404,
-                f"the model {name!r} does not exist; this server runs {model_id!r}",
-                code="model_not_found",
-                param="model",
-            )
-
-    async def encode(fn: Callable[[], list[int]]) -> list[int]:
-        def locked() -> list[int]:
-            with encode_lock:
-                return fn()
-
-        try:
-            return await asyncio.to_thread(locked)
-        except LlamalabError as exc:
-            raise APIError(400, str(exc), code="invalid_prompt") from exc
-
-    def engine_request(
-        body: s.CompletionRequest | s.ChatCompletionRequest,
-        prompt_ids: list[int],
-        default_max: int,
-        logprobs: int | None,
-    ) -> Request:
-        # Check here what the engine would refuse, so the client gets a clear 400 and not
-        # a failure half-way through a stream.
-        if not prompt_ids:
-            raise APIError(
-                400,
-                "the prompt is empty: give at least one token",
-                code="empty_prompt",
-                param="prompt",
-            )
-        if len(prompt_ids) >= context:
-            raise APIError(
-                400,
-                f"the prompt has {len(prompt_ids)} tokens; this server's context holds {context} (prompt and reply together)",
-                code="context_length_exceeded",
-            )
-        max_tokens = body.max_tokens if body.max_tokens is not None else default_max
-        if max_tokens > context:
-            raise APIError(
-                400,
-                f"max_tokens is {max_tokens}; this server's context holds {context} tokens",
-                code="invalid_value",
-                param="max_tokens",
-            )
-        try:
-            sampling = body.sampling()
-        except LlamalabError as exc:
-            raise APIError(400, str(exc), code="invalid_value") from exc
-        # The engine ends a reply that reaches the end of the context with "length".
-        return Request(
-            prompt_ids,
-            max_tokens=max_tokens,
-            sampling=sampling,
-            stop=body.stop or (),
-            logprobs=logprobs,
-            ignore_eos=body.ignore_eos,
-        )
-
-    async def run_to_end(
-        ticket: Ticket, request: HTTPRequest, transcript: Transcript
-    ) -> tuple[str, list]:
-        """Collect a whole reply; a client that leaves meanwhile frees its row at once."""
-        text: list[str] = []
-        entries: list = []
-
-        async def collect() -> None:
-            async for event in ticket.events():
-                delta, released = transcript.add(event)
-                text.append(delta)
-                entries.extend(released)
-
-        collector = asyncio.ensure_future(collect())
-        watcher = asyncio.ensure_future(_wait_for_disconnect(request))
-        try:
-            await asyncio.wait({collector, watcher}, return_when=asyncio.FIRST_COMPLETED)
-            if not collector.done():  # the client is gone: nobody will read this answer
-                raise APIError(
-                    499, "the client closed the connection", code="client_closed_request"
-                )
-            try:
-                collector.result()
-            except LlamalabError as exc:
-                raise APIError(400, str(exc)) from exc
-            return "".join(text), entries
-        finally:
-            watcher.cancel()
-            collector.cancel()
-            scheduler.cancel(ticket)
-
-    async def stream(
-        ticket: Ticket,
-        chunks: Callable[[str, list, str | None], list[s.BaseModel]],
-        usage_chunk: Callable[[], s.BaseModel] | None,
-        transcript: Transcript,
-    ) -> AsyncIterator[bytes]:
-        """Server-sent events; Starlette cancels this generator when the client disconnects."""
-        try:
-            for chunk in chunks("", [], None):  # the opening chunk (chat: the role)
-                yield _sse(chunk)
-            async for event in ticket.events():
-                delta, released = transcript.add(event)
-                if delta or released or event.finish_reason:
-                    for chunk in chunks(delta, released, event.finish_reason):
-                        yield _sse(chunk)
-            if usage_chunk is not None:
-                yield _sse(usage_chunk())
-        except LlamalabError as exc:
-            yield _sse(json.dumps(s.error_body(str(exc), "invalid_request_error")))
-        finally:
-            scheduler.cancel(ticket)  # no-op when finished; frees the row when the client left
-        yield _sse("[DONE]")
-
-    def sse_response(body: AsyncIterator[bytes]) -> StreamingResponse:
-        return StreamingResponse(
-            body,
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        )
-
-    # ---------------------------------------------------------------- routes
-    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    async def chat_page() -> HTMLResponse:
-        return HTMLResponse(page)
-
-    @app.get("/health", response_model=s.Health, summary="Liveness and batch occupancy")
-    async def health() -> s.Health:
-        return s.Health(
-            model=model_id,
-            active_slots=scheduler.active_slots,
-            queued=scheduler.queued,
-            max_batch=scheduler.max_batch,
-        )
-
-    def card() -> s.ModelCard:
-        return s.ModelCard(id=model_id, created=created, context_length=context)
-
-    @app.get(
-        "/v1/models",
-        response_model=s.ModelList,
-        responses=errors,
-        summary="The model this server runs",
-    )
-    async def list_models() -> s.ModelList:
-        return s.ModelList(data=[card()])
-
-    @app.get("/v1/models/{name}", response_model=s.ModelCard, responses=errors, summary="One model")
-    async def get_model(name: str) -> s.ModelCard:
-        check_model(name)
-        return card()
-
-    @app.post(
-        "/v1/completions",
-        response_model=s.Completion,
-        responses={**errors, **streamed},
-        summary="Continue a prompt",
-    )
-    async def completions(body: s.CompletionRequest, request: HTTPRequest):
-        check_model(body.model)
-        if isinstance(body.prompt, str):
-            text_prompt = body.prompt
-            prompt_ids = await encode(lambda: tokenizer.encode(text_prompt, special=True))
-        else:
-            prompt_ids = list(body.prompt)
-            bad = next((i for i in prompt_ids if not 0 <= i < tokenizer.vocab_size), None)
-            if bad is not None:
-                raise APIError(
-                    400,
-                    f"token id {bad} is outside the vocabulary of {tokenizer.vocab_size}",
-                    code="invalid_value",
-                    param="prompt",
-                )
-        req = engine_request(body, prompt_ids, DEFAULT_COMPLETION_MAX_TOKENS, body.logprobs)
-        transcript = Transcript(tokenizer, len(prompt_ids), logprobs=body.logprobs is not None)
-        cid, now = _new_id("cmpl"), int(time.time())
-        ticket = scheduler.submit(req)
-
-        if body.stream:
-            offset = 0
-
-            def chunks(delta: str, released: list, finish: str | None) -> list[s.BaseModel]:
-                nonlocal offset
-                if not (delta or released or finish):
-                    return []  # no opening chunk in the completions format
-                logprobs = (
-                    transcript.completion_logprobs(released, offset)
-                    if body.logprobs is not None
-                    else None
-                )
-                offset += len(delta)
-                choice = s.CompletionChoice(text=delta, logprobs=logprobs, finish_reason=finish)
-                return [s.Completion(id=cid, created=now, model=model_id, choices=[choice])]
-
-            usage = (
-                (
-                    lambda: s.Completion(
-                        id=cid, created=now, model=model_id, choices=[], usage=transcript.usage()
-                    )
-                )
-                if body.include_usage
-                else None
-            )
-            return sse_response(stream(ticket, chunks, usage, transcript))
-
-        text, entries = await run_to_end(ticket, request, transcript)
-        logprobs = transcript.completion_logprobs(entries, 0) if body.logprobs is not None else None
-        choice = s.CompletionChoice(
-            text=text, logprobs=logprobs, finish_reason=transcript.finish_reason
-        )
-        return s.Completion(
-            id=cid, created=now, model=model_id, choices=[choice], usage=transcript.usage()
-        )
-
-    @app.post(
-        "/v1/chat/completions",
-        response_model=s.ChatCompletion,
-        responses={**errors, **streamed},
-        summary="Reply to a conversation",
-    )
-    async def chat_completions(body: s.ChatCompletionRequest, request: HTTPRequest):
-        check_model(body.model)
-        if tokenizer.chat_template is None:
-            raise APIError(
-                400, "this model has no chat template; use /v1/completions", code="no_chat_template"
-            )
-        messages = [m.as_template_message() for m in body.messages]
-        prompt_ids = await encode(
-            lambda: tokenizer.encode_chat(messages, add_generation_prompt=True)
-        )
-        # Without a limit a reply may fill the rest of the context (the engine stops there).
-        req = engine_request(body, prompt_ids, max(1, context - len(prompt_ids)), body.logprobs_k)
-        transcript = Transcript(tokenizer, len(prompt_ids), logprobs=body.logprobs)
-        cid, now = _new_id("chatcmpl"), int(time.time())
-        ticket = scheduler.submit(req)
-
-        if body.stream:
-
-            def chunks(delta: str, released: list, finish: str | None) -> list[s.BaseModel]:
-                def chunk(choice: s.ChatChunkChoice) -> s.ChatCompletionChunk:
-                    return s.ChatCompletionChunk(
-                        id=cid, created=now, model=model_id, choices=[choice]
-                    )
-
-                if not (delta or released or finish):  # the opening chunk names the role
-                    return [
-                        chunk(s.ChatChunkChoice(delta=s.ChatDelta(role="assistant", content="")))
-                    ]
-                out = []
-                if delta or released:
-                    logprobs = transcript.chat_logprobs(released) if body.logprobs else None
-                    out.append(
-                        chunk(
-                            s.ChatChunkChoice(delta=s.ChatDelta(content=delta), logprobs=logprobs)
-                        )
-                    )
-                if finish:  # OpenAI closes with an empty delta that carries finish_reason
-                    out.append(chunk(s.ChatChunkChoice(delta=s.ChatDelta(), finish_reason=finish)))
-                return out
-
-            usage = (
-                (
-                    lambda: s.ChatCompletionChunk(
-                        id=cid, created=now, model=model_id, choices=[], usage=transcript.usage()
-                    )
-                )
-                if body.include_usage
-                else None
-            )
-            return sse_response(stream(ticket, chunks, usage, transcript))
-
-        text, entries = await run_to_end(ticket, request, transcript)
-        logprobs = transcript.chat_logprobs(entries) if body.logprobs else None
-        choice = s.ChatChoice(
-            message=s.AssistantMessage(content=text),
-            logprobs=logprobs,
-            finish_reason=transcript.finish_reason,
-        )
-        return s.ChatCompletion(
-            id=cid, created=now, model=model_id, choices=[choice], usage=transcript.usage()
-        )
-
+    if allowed_hosts is not None:
+        app.add_middleware(HostCheck, allowed=[*LOOPBACK_HOSTS, *allowed_hosts])
     return app
+
+
+async def drain(app: FastAPI, grace: float) -> None:
+    """Get ready to exit: new generation requests get 503, running ones get ``grace``
+    seconds to finish, and whatever is left then ends with an error event (streams) or a
+    503 (whole answers), so that every client gets a proper ending."""
+    state: ServerState = app.state.llamalab
+    state.draining = True
+    scheduler = state.scheduler
+    deadline = time.monotonic() + grace
+    while scheduler.in_flight and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    if scheduler.in_flight:
+        log.warning("ending %d unfinished request(s) to shut down", scheduler.in_flight)
+        scheduler.abort("the server is shutting down")
+        # Let the responses take their last events before the server stops.
+        deadline = time.monotonic() + 2.0
+        while scheduler.in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.1)

@@ -1,11 +1,18 @@
 """Continuous batching: one thread owns the engine; the event loop talks to it through queues.
 
-The engine is not thread-safe and a decode step blocks for tens of milliseconds, so it
-lives on a dedicated thread. Between two decode steps that thread takes in what the
-event loop sent it (new requests, cancellations), admits waiting requests into free
-batch rows, runs one ``Engine.step`` for every running row, and hands each event to the
-asyncio queue of the request it belongs to. Torch releases the GIL inside its kernels,
-so the event loop keeps serving HTTP while a step runs.
+The engine is not thread-safe and a step blocks for tens of milliseconds, so it lives on
+a dedicated thread. Between two steps that thread takes in what the event loop sent it
+(new requests, cancellations), admits waiting requests into free batch rows with
+``Engine.add`` (which only queues the prompt: the engine prefills it a chunk per step,
+so a long prompt never stalls the streams already decoding), runs one ``Engine.step``,
+and hands each event to the asyncio queue of the request it belongs to. Torch releases
+the GIL inside its kernels, so the event loop keeps serving HTTP while a step runs.
+
+The thread must outlive anything a request can do: the engine ends a failed row with an
+``"error"`` event and carries on, a request the engine refuses fails alone, and anything
+else that goes wrong in an iteration is logged, fails the requests in flight (which of
+them caused it cannot be told) and the loop goes on. A heartbeat lets ``/health`` tell a
+dead or stuck thread from a busy one.
 
 There is exactly one generation loop in llamalab, the engine's; this module only decides
 *when* to call it.
@@ -17,12 +24,25 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from collections import deque
 from collections.abc import AsyncIterator
+from typing import Literal
 
+from llamalab.errors import LlamalabError
 from llamalab.generation import Engine, Generation, GenerationEvent, Request
 
 log = logging.getLogger("llamalab.serve")
+
+# While idle the thread wakes this often, only to show /health that it is alive.
+IDLE_TICK_S = 1.0
+# A step takes well under a second (prefill comes a chunk at a time); a heartbeat older
+# than this means the thread is stuck, and /health says so.
+DEFAULT_STALL_AFTER_S = 60.0
+
+
+class Unavailable(Exception):
+    """A request the server gave up on for its own reasons (it is shutting down)."""
 
 
 class Ticket:
@@ -48,7 +68,11 @@ class Ticket:
             pass
 
     async def events(self) -> AsyncIterator[GenerationEvent]:
-        """This request's events in order, ending with the one that carries ``finish_reason``."""
+        """This request's events in order, ending with the one that carries ``finish_reason``.
+
+        Raises what the scheduler failed the request with: `LlamalabError` for a request
+        the engine refused, `Unavailable` when the server gave up on it.
+        """
         while True:
             item = await self._events.get()
             if isinstance(item, BaseException):
@@ -58,21 +82,27 @@ class Ticket:
                 return
 
 
+Message = tuple[Literal["submit", "cancel"], Ticket] | tuple[Literal["abort"], str] | None
+
+
 class Scheduler:
     """Runs an `Engine` on its own thread and batches every submitted request through it."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, *, stall_after: float = DEFAULT_STALL_AFTER_S) -> None:
         self.engine = engine
+        self.stall_after = stall_after
         # Everything the event loop tells the thread goes through this one queue, so the
         # thread can sleep on it when idle and drain it without blocking between steps.
-        self._inbox: queue.SimpleQueue[tuple[str, Ticket] | None] = queue.SimpleQueue()
+        self._inbox: queue.SimpleQueue[Message] = queue.SimpleQueue()
         self._waiting: deque[Ticket] = deque()  # submitted, not yet admitted (FIFO)
-        self._running: dict[Generation, Ticket] = {}
+        self._running: dict[Generation, Ticket] = {}  # admitted: prefilling or decoding
         self._thread: threading.Thread | None = None
         # Each counter has one writer thread, so /health can read them without a lock.
         self.active_slots = 0  # written by the scheduler thread
         self._submitted = 0  # written by the event loop
-        self._taken = 0  # written by the scheduler thread: admitted or cancelled while waiting
+        self._taken = 0  # written by the scheduler thread: admitted or ended while waiting
+        self._ended = 0  # written by the scheduler thread: finished, failed or cancelled
+        self._heartbeat = time.monotonic()  # written by the scheduler thread
 
     @property
     def queued(self) -> int:
@@ -80,19 +110,35 @@ class Scheduler:
         return self._submitted - self._taken
 
     @property
+    def in_flight(self) -> int:
+        """Requests submitted and not yet ended (waiting or running)."""
+        return self._submitted - self._ended
+
+    @property
     def max_batch(self) -> int:
+        """Batch rows, the most requests that generate at once."""
         return self.engine.max_batch
+
+    def state(self) -> Literal["ok", "stalled", "dead"]:
+        """Whether the thread runs ("ok"), hangs in one iteration ("stalled") or is gone."""
+        if self._thread is None or not self._thread.is_alive():
+            return "dead"
+        if time.monotonic() - self._heartbeat > self.stall_after:
+            return "stalled"
+        return "ok"
 
     # ------------------------------------------------------------------ event-loop side
     def start(self) -> None:
+        """Start the thread (the app does it at startup)."""
         if self._thread is None:
+            self._heartbeat = time.monotonic()
             self._thread = threading.Thread(
                 target=self._run, name="llamalab-scheduler", daemon=True
             )
             self._thread.start()
 
     def close(self, timeout: float = 10.0) -> None:
-        """Stop the thread after its current step; unfinished requests are cancelled."""
+        """Stop the thread after its current step; unfinished requests fail with `Unavailable`."""
         if self._thread is not None:
             self._inbox.put(None)
             self._thread.join(timeout)
@@ -110,33 +156,61 @@ class Scheduler:
         if not ticket.done:
             self._inbox.put(("cancel", ticket))
 
+    def abort(self, reason: str) -> None:
+        """Fail every request in flight with `Unavailable(reason)`; the thread keeps running."""
+        self._inbox.put(("abort", reason))
+
     # ------------------------------------------------------------------ scheduler thread
     def _run(self) -> None:
+        try:
+            self._loop()
+        finally:
+            # However the thread ends (asked to, or killed by something no iteration can
+            # catch), every request it holds, or that is still in the inbox, gets an
+            # ending, so no client waits forever.
+            self._fail_all(Unavailable("the server is shutting down"))
+            while True:
+                try:
+                    message = self._inbox.get_nowait()
+                except queue.Empty:
+                    break
+                if message is not None and message[0] == "submit":
+                    self._taken += 1
+                    self._fail(message[1], Unavailable("the server is shutting down"))
+
+    def _loop(self) -> None:
         while True:
-            # Sleep while there is nothing to decode; otherwise only look at the inbox.
-            if not self._take_messages(block=not self._running and not self._waiting):
-                break
-            self._admit()
-            if self._running:
-                self._step()
-            self._publish_counts()
-        for ticket in [*self._waiting, *self._running.values()]:
-            self._fail(ticket, RuntimeError("the server is shutting down"))
+            self._heartbeat = time.monotonic()
+            try:
+                # Sleep while there is nothing to do; otherwise only look at the inbox.
+                if not self._take_messages(block=not self._running and not self._waiting):
+                    return
+                self._admit()
+                if self._running:
+                    self._step()
+                self._publish_counts()
+            except Exception:
+                # A bug in this loop, not in one request (the engine isolates those). The
+                # requests in flight may be what triggers it, so end them rather than
+                # meet the same failure on every iteration; the server keeps serving.
+                log.exception("scheduler iteration failed; ending the requests in flight")
+                self._fail_all(Unavailable("internal error in the scheduler"))
 
     def _take_messages(self, *, block: bool) -> bool:
         """Apply every pending message; False once the server asked the thread to stop."""
         try:
-            message = self._inbox.get() if block else self._inbox.get_nowait()
+            message = self._inbox.get(timeout=IDLE_TICK_S) if block else self._inbox.get_nowait()
         except queue.Empty:
             return True
         while True:
             if message is None:
                 return False
-            kind, ticket = message
-            if kind == "submit":
-                self._waiting.append(ticket)
+            if message[0] == "submit":
+                self._waiting.append(message[1])
+            elif message[0] == "cancel":
+                self._cancel(message[1])
             else:
-                self._cancel(ticket)
+                self._fail_all(Unavailable(message[1]))
             try:
                 message = self._inbox.get_nowait()
             except queue.Empty:
@@ -145,7 +219,6 @@ class Scheduler:
     def _cancel(self, ticket: Ticket) -> None:
         if ticket.done:
             return
-        ticket.done = True
         if ticket.generation is not None:
             self.engine.cancel(ticket.generation)
             self._running.pop(ticket.generation, None)
@@ -153,9 +226,9 @@ class Scheduler:
             try:
                 self._waiting.remove(ticket)
             except ValueError:
-                pass
-            else:
-                self._taken += 1
+                return
+            self._taken += 1
+        self._end(ticket)
 
     def _admit(self) -> None:
         # Continuous batching: every free row takes the oldest waiting request, so a new
@@ -164,42 +237,60 @@ class Scheduler:
             ticket = self._waiting.popleft()
             self._taken += 1
             try:
-                generation, event = self.engine.submit(ticket.request)
-            # A prompt that does not fit, or a bug: fail this request only, never the thread.
-            except Exception as exc:  # noqa: BLE001
+                generation = self.engine.add(ticket.request)
+            except LlamalabError as exc:  # a request the engine refuses fails alone
                 self._fail(ticket, exc)
                 continue
+            except Exception:
+                log.exception("admitting a request failed")
+                self._fail(ticket, Unavailable("internal error while admitting the request"))
+                continue
             ticket.generation = generation
-            if generation.finished:
-                ticket.done = True
-            else:
-                self._running[generation] = ticket
-            ticket._push(event)
+            self._running[generation] = ticket
 
     def _step(self) -> None:
         try:
             events = self.engine.step()
-        except Exception as exc:
-            # Not expected; if it happens, fail the requests in the batch but keep serving.
-            log.exception("decode step failed")
+        except Exception:
+            # The engine ends failed rows itself; this is not expected. If it happens, fail
+            # the requests in the batch but keep serving.
+            log.exception("engine step failed")
             for generation, ticket in list(self._running.items()):
                 self.engine.cancel(generation)
-                self._fail(ticket, exc)
+                self._fail(ticket, Unavailable("internal error during generation"))
             return
         for generation, event in events:
             ticket = self._running.get(generation)
             if ticket is None:
                 continue
-            if generation.finished:
-                del self._running[generation]
-                ticket.done = True
             ticket._push(event)
+            if event.finish_reason is not None:
+                del self._running[generation]
+                self._end(ticket)
 
     def _fail(self, ticket: Ticket, exc: BaseException) -> None:
+        if ticket.done:
+            return
         if ticket.generation is not None:
             self._running.pop(ticket.generation, None)
-        ticket.done = True
         ticket._push(exc)
+        self._end(ticket)
+
+    def _fail_all(self, exc: BaseException) -> None:
+        for generation in list(self._running):
+            try:
+                self.engine.cancel(generation)
+            except Exception:  # freeing the row is best effort; the ticket fails regardless
+                log.exception("cancelling a request failed")
+        for ticket in [*self._waiting, *self._running.values()]:
+            self._fail(ticket, exc)
+        self._taken += len(self._waiting)
+        self._waiting.clear()
+        self._running.clear()
+
+    def _end(self, ticket: Ticket) -> None:
+        ticket.done = True
+        self._ended += 1
 
     def _publish_counts(self) -> None:
         self.active_slots = self.engine.max_batch - self.engine.free_rows

@@ -2,7 +2,11 @@
 
 Requests accept what OpenAI's clients send: unknown fields are ignored (clients add new
 ones often), but every field we read is typed and range-checked, so a wrong type or an
-impossible value becomes a 400 before anything reaches the engine. A few llama.cpp-style
+impossible value becomes a 400 that names the field before anything reaches the engine.
+Types are strict, as OpenAI's are: ``"0.5"`` is not a temperature, ``[true, false]`` is
+not a prompt and ``"yes"`` is not a boolean. Numbers must be finite, and text must be
+encodable as UTF-8 (JSON can spell a lone surrogate, ``"\\ud800"``, which no tokenizer can
+take). A few llama.cpp-style
 extensions (``top_k``, ``min_p``, ``repeat_penalty``, ``ignore_eos``) let a client ask
 for the same sampling as ``llamalab generate``.
 
@@ -14,6 +18,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -23,16 +28,47 @@ from pydantic import (
     model_validator,
 )
 
-from llamalab.generation.sampling import SamplingParams
+from llamalab.generation.sampling import (
+    MIN_TOP_P,
+    REPEAT_PENALTY_RANGE,
+    SEED_LIMIT,
+    SamplingParams,
+)
 
 _ENGINE_DEFAULTS = SamplingParams()
 MAX_STOP_STRINGS = 16
 MAX_TOP_LOGPROBS = 20
 
 
+def _utf8(text: str) -> str:
+    # A lone surrogate survives JSON parsing but not encoding; say so here, as a 400 naming
+    # the field, instead of failing in the tokenizer. The message never repeats the text.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(
+            f"the text is not valid Unicode: a lone surrogate U+{ord(text[exc.start]):04X} "
+            f"at position {exc.start}"
+        ) from None
+    return text
+
+
+def _top_p_floor(value: float) -> float:
+    if value < MIN_TOP_P:
+        raise ValueError(
+            f"must be at least {MIN_TOP_P:g} (smaller values underflow), got {value:g}"
+        )
+    return value
+
+
+Text = Annotated[str, AfterValidator(_utf8)]
+"""A string that can be encoded as UTF-8."""
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+
+
 # ---------------------------------------------------------------------------- requests
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     include_usage: bool = False
 
@@ -40,23 +76,27 @@ class StreamOptions(BaseModel):
 class _Request(BaseModel):
     """Fields that completions and chat completions share."""
 
-    model_config = ConfigDict(extra="ignore")
+    # strict: no coercion from strings or booleans (JSON integers still count as floats).
+    model_config = ConfigDict(extra="ignore", strict=True)
 
-    model: str | None = None  # None: the one model this server runs
+    model: Text | None = None  # None: the one model this server runs
     max_tokens: Annotated[int, Field(ge=1)] | None = None
-    temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
-    top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
+    temperature: Annotated[FiniteFloat, Field(ge=0.0, le=2.0)] | None = None
+    top_p: Annotated[FiniteFloat, Field(gt=0.0, le=1.0), AfterValidator(_top_p_floor)] | None = None
     # llama.cpp's sampling extensions; their defaults are the engine's (as in `llamalab generate`).
     top_k: Annotated[int, Field(ge=0)] | None = None
-    min_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
-    repeat_penalty: Annotated[float, Field(gt=0.0)] | None = None
+    min_p: Annotated[FiniteFloat, Field(ge=0.0, le=1.0)] | None = None
+    # Outside this range a penalty overflows the logits (1e-40 turns them into inf).
+    repeat_penalty: (
+        Annotated[FiniteFloat, Field(ge=REPEAT_PENALTY_RANGE[0], le=REPEAT_PENALTY_RANGE[1])] | None
+    ) = None
     ignore_eos: bool = False
-    seed: int | None = None
-    stop: str | list[str] | None = None
+    seed: Annotated[int, Field(ge=0, lt=SEED_LIMIT)] | None = None  # torch takes 64 bits
+    stop: Text | list[Text] | None = None
     n: Annotated[int, Field(ge=1, le=1)] = 1  # one choice per request (ask several times for more)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None
+    user: Text | None = None
 
     @field_validator("stop")
     @classmethod
@@ -86,9 +126,22 @@ class _Request(BaseModel):
 class CompletionRequest(_Request):
     """``POST /v1/completions``: continue a prompt (text, or token ids)."""
 
-    prompt: str | list[int] | list[str]
+    prompt: Text | list[int] | list[Text]
     logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
     echo: Literal[False] = False  # echoing the prompt back is not supported
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompt_shape(cls, value: object) -> object:
+        # One clear message instead of one per member of the union.
+        if isinstance(value, str):
+            return value
+        if isinstance(value, list) and (
+            all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+            or all(isinstance(v, str) for v in value)
+        ):
+            return value
+        raise ValueError("must be a string, a list of token ids (integers) or a list of one string")
 
     @field_validator("prompt")
     @classmethod
@@ -103,19 +156,19 @@ class CompletionRequest(_Request):
 
 
 class TextPart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(BaseModel):
     """One turn of a conversation; ``content`` may be a string or a list of text parts."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart] | None = None
+    content: Text | list[TextPart] | None = None
 
     def as_template_message(self) -> dict[str, str]:
         content = self.content
@@ -261,7 +314,10 @@ class ModelList(BaseModel):
 
 
 class Health(BaseModel):
-    status: Literal["ok"] = "ok"
+    """``/health``: "ok" with 200; otherwise 503 and why (the scheduler thread died or
+    stopped making progress, or the server is draining before it exits)."""
+
+    status: Literal["ok", "stalled", "dead", "draining"] = "ok"
     model: str
     active_slots: int  # batch rows generating right now
     queued: int  # requests waiting for a free row

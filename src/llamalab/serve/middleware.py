@@ -1,0 +1,129 @@
+"""Pure ASGI middleware that runs before any route reads a byte of the body.
+
+The Host check (DNS-rebinding protection when there is no API key), the API key, and the
+body limit. Each answers with OpenAI's error body.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Collection
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from llamalab.serve.errors import APIError
+
+# Host names a browser uses for this machine itself; any other name, when the server has
+# no API key, may be a DNS-rebinding attack (a page whose name now points here).
+LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "[::1]", "::1"})
+
+
+class HostCheck:
+    """Pure ASGI middleware: refuse a ``Host`` header that does not name this server.
+
+    A web page can point its own domain at 127.0.0.1 (DNS rebinding) and then talk to a
+    local server as if it were same-origin; checking the Host header defeats that. Used
+    only without an API key: with one, the key is the protection.
+    """
+
+    def __init__(self, app: ASGIApp, allowed: Collection[str]) -> None:
+        self.app = app
+        self.allowed = frozenset(h.lower() for h in allowed)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            host = dict(scope["headers"]).get(b"host")
+            # HTTP/1.0 may leave Host out; browsers, the ones rebinding attacks use, never do.
+            if host is not None and _host_name(host.decode("latin-1")) not in self.allowed:
+                message = "the Host header does not name this server (start it with --allow-host)"
+                await APIError(403, message, code="invalid_host").response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def _host_name(header: str) -> str:
+    """The host of a Host header, without the port: ``[::1]:8000`` → ``[::1]``."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[: header.find("]") + 1] if "]" in header else header
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+
+
+class BearerAuth:
+    """Pure ASGI middleware: ``/v1/*`` needs ``Authorization: Bearer KEY``.
+
+    It runs before the body is read, so a request without the key gets 401 whatever else
+    is wrong with it. The chat page, ``/health`` and ``/openapi.json`` stay open: they
+    reveal nothing, and the page asks for the key itself.
+    """
+
+    def __init__(self, app: ASGIApp, api_key: str) -> None:
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                message = "missing or wrong API key: send 'Authorization: Bearer KEY'"
+                error = APIError(401, message, code="invalid_api_key").response()
+                error.headers["WWW-Authenticate"] = "Bearer"
+                await error(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+class BodyLimit:
+    """Pure ASGI middleware: a request body larger than ``max_bytes`` gets 413.
+
+    A declared ``Content-Length`` over the limit is refused before a byte is read; a
+    body without one (chunked) is read up to the limit and refused as soon as it passes
+    it. Either way nothing larger than the limit is ever held or parsed. The body read
+    here is handed to the app in one message; later messages (the client leaving) come
+    from the connection as usual.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await self._refuse(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left before sending it all
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                await self._refuse(scope, receive, send)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        message = f"the request body is larger than this server's limit of {self.max_bytes} bytes"
+        error = APIError(413, message, code="request_too_large")
+        # The rest of the body is not read: the connection cannot be reused.
+        error.headers = {"Connection": "close"}
+        await error.response()(scope, receive, send)
