@@ -21,22 +21,22 @@ SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 # Tiny configs covering each architectural variant, in transformers' vocabulary.
 TINY_HF_CONFIGS = {
-    "multi-head": dict(num_key_value_heads=4),
-    "grouped-query": dict(num_key_value_heads=2),
-    "tied-output": dict(num_key_value_heads=2, tie_word_embeddings=True),
-    "llama3-rope": dict(
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        rope_theta=500000.0,
+    "multi-head": {"num_key_value_heads": 4},
+    "grouped-query": {"num_key_value_heads": 2},
+    "tied-output": {"num_key_value_heads": 2, "tie_word_embeddings": True},
+    "llama3-rope": {
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 256,
+        "rope_theta": 500000.0,
         # Meta's params.json can only say "use_scaled_rope", which means these values.
-        rope_scaling={
+        "rope_scaling": {
             "rope_type": "llama3",
             "factor": 8.0,
             "low_freq_factor": 1.0,
             "high_freq_factor": 4.0,
             "original_max_position_embeddings": 8192,
         },
-    ),
+    },
 }
 
 
@@ -103,6 +103,7 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 300) -> subpro
     return subprocess.run(
         [sys.executable, "-m", "llamalab", *args],
         capture_output=True,
+        check=False,
         text=True,
         env=full_env,
         timeout=timeout,

@@ -65,7 +65,7 @@ def test_mismatched_shapes(checkpoints, tmp_path):
 
 
 def test_unknown_architecture(checkpoints, tmp_path):
-    _, hf, gguf_file = checkpoints
+    _, hf, _gguf_file = checkpoints
     broken = convert(hf, tmp_path / "hf", to="hf")
     config = json.loads((broken / "config.json").read_text())
     config["model_type"] = "gpt2"

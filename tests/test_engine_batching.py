@@ -314,11 +314,11 @@ def test_chunk_budget_follows_the_measured_step_times(model):
     engine = Engine(model, TOKENIZER, max_batch=2, max_seq_len=256, prefill_chunk=100)
     assert engine.chunk_budget() == 16  # nothing measured yet: a small probe
     engine._decode_step_s, engine._prefill_token_s = 0.040, 0.002
-    assert engine.chunk_budget() == 20  # a chunk takes about one decode step
+    assert engine.chunk_budget() == 12  # a chunk adds PREFILL_SHARE (0.6) of a decode step
     engine._prefill_token_s = 0.0001
     assert engine.chunk_budget() == 100  # never more than prefill_chunk
     engine._prefill_token_s = 0.5
-    assert engine.chunk_budget() == 8  # nor so few that a prompt never gets in
+    assert engine.chunk_budget() == 4  # nor so few that a prompt never gets in
     engine.prefill_share = None
     assert engine.chunk_budget() == 100
 
@@ -335,5 +335,5 @@ def test_interleaved_chunks_stay_within_the_budget_bounds(model):
         chunks.append(late.prefilled - done)
         assert engine._prefill_token_s is not None and engine._decode_step_s is not None
     assert chunks[0] == 16  # the probe, before any prefill was timed
-    assert all(8 <= c <= 64 for c in chunks[:-1]) and sum(chunks) == 200
+    assert all(4 <= c <= 64 for c in chunks[:-1]) and sum(chunks) == 200
     assert not decoding.finished

@@ -7,7 +7,7 @@ import torch
 from conftest import run_cli
 
 from llamalab.config import get_preset
-from llamalab.kv_cache import cache_view
+from llamalab.kv_cache import Segments, cache_view
 from llamalab.model import Transformer
 
 
@@ -46,6 +46,28 @@ def test_cache_rows_are_independent_sequences(model):
     model.clear_cache()
     torch.testing.assert_close(step[0, 0], full_a[0, -1], atol=1e-5, rtol=0)
     torch.testing.assert_close(step[2, 0], full_b[0, -1], atol=1e-5, rtol=0)
+
+
+def test_segments_in_one_pass_equal_full_recomputation(model):
+    """Decode rows and a prefill chunk packed into one pass give every sequence's logits."""
+    gen = torch.Generator().manual_seed(5)
+    a, b, c = (torch.randint(0, 256, (1, n), generator=gen) for n in (12, 7, 15))
+    with torch.no_grad():
+        full = [model(x)[0] for x in (a, b, c)]
+        model.setup_cache(max_batch_size=3, max_seq_len=32)
+        model(a[:, :-1], cache=cache_view(torch.arange(11), row=0))
+        model(b[:, :-1], cache=cache_view(torch.arange(6), row=1))
+        model(c[:, :6], cache=cache_view(torch.arange(6), row=2))
+        # rows 0-1 decode their last token while row 2 prefills tokens 6..14 (not last only)
+        decode = cache_view(torch.tensor([[11], [6]]), row=0, kv_len=12)
+        chunk = cache_view(torch.arange(6, 15), row=2)
+        packed = torch.cat([torch.tensor([[a[0, -1], b[0, -1]]]), c[:, 6:]], dim=1)
+        step, prefill = model(packed, cache=Segments((decode, chunk), ((2, 1), (1, 9))))
+    model.clear_cache()
+    assert step.shape == (2, 1, 256) and prefill.shape == (1, 9, 256)
+    torch.testing.assert_close(step[0, 0], full[0][-1], atol=1e-5, rtol=0)
+    torch.testing.assert_close(step[1, 0], full[1][-1], atol=1e-5, rtol=0)
+    torch.testing.assert_close(prefill[0], full[2][6:], atol=1e-5, rtol=0)
 
 
 def test_training_step_reduces_loss(model):

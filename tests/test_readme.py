@@ -14,7 +14,7 @@ def python_blocks(section: str) -> list[str]:
     readme = (REPO / "README.md").read_text(encoding="utf-8")
     start = readme.index(f"## {section}")
     end = readme.find("\n## ", start + 1)
-    return re.findall(r"```python\n(.*?)```", readme[start : end if end > 0 else None], re.S)
+    return re.findall(r"```python\n(.*?)```", readme[start : end if end > 0 else None], re.DOTALL)
 
 
 def test_python_api_example_runs_as_written(smollm2_path, tmp_path):

@@ -52,6 +52,28 @@ class CacheView:
         return self.input_pos.shape[-1]
 
 
+@dataclass(frozen=True, eq=False)
+class Segments:
+    """Several cache views served by one forward pass (decode rows beside a prefill chunk).
+
+    Their tokens are packed one after another into a single (1, N) batch, so every
+    linear layer runs once over all of them (per-pass overhead, not arithmetic, dominates
+    a small step on a CPU); only attention runs per view. ``shapes`` is each view's
+    (B, T): view i owns the next B·T packed tokens, row by row.
+    """
+
+    views: tuple[CacheView, ...]
+    shapes: tuple[tuple[int, int], ...]
+
+    def bounds(self) -> list[tuple[int, int]]:
+        """Where each view's tokens lie in the packed batch: [(start, end), ...]."""
+        out, at = [], 0
+        for b, t in self.shapes:
+            out.append((at, at + b * t))
+            at += b * t
+        return out
+
+
 def cache_view(
     input_pos: torch.Tensor,
     *,

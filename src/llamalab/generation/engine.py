@@ -37,7 +37,7 @@ import torch
 from llamalab.errors import LlamalabError
 from llamalab.generation.sampling import SamplingParams, sample, top_logprobs
 from llamalab.generation.stopping import StopStringMatcher
-from llamalab.kv_cache import cache_view
+from llamalab.kv_cache import CacheView, Segments, cache_view
 
 if TYPE_CHECKING:
     from llamalab.tokenizer.base import Tokenizer
@@ -52,8 +52,8 @@ KV_LEN_ROUNDING = 64  # attend over a multiple of this many cache slots
 # loaded, so the chunk is sized by time, PREFILL_SHARE x the measured decode step time,
 # between MIN_PREFILL_CHUNK and the engine's prefill_chunk tokens.
 DEFAULT_PREFILL_CHUNK = 128  # the most prompt tokens a step takes while others decode
-PREFILL_SHARE = 1.0  # a chunk's time budget, in decode steps: a step with one takes ~2x
-MIN_PREFILL_CHUNK = 8  # below this the per-pass overhead dominates and TTFT balloons
+PREFILL_SHARE = 0.6  # what a chunk may add to a decode step, in decode steps
+MIN_PREFILL_CHUNK = 4  # fewer would admit a long prompt too slowly
 PROBE_PREFILL_CHUNK = 16  # the first chunk, before any prefill time was measured
 TIMING_SMOOTHING = 0.25  # weight of the newest decode step time in its running average
 # Prompt tokens per forward pass when nobody waits on the step: larger passes run the
@@ -381,33 +381,38 @@ class Engine:
     def step(self) -> list[tuple[Generation, GenerationEvent]]:
         """Advance every sequence: one decode step for each running one, one prefill chunk.
 
-        The chunk goes to the oldest sequence still prefilling; it holds
-        :meth:`chunk_budget` tokens when other sequences decode (so that their tokens keep
-        coming at an even pace), up to ``IDLE_PREFILL_CHUNK`` when none does. Returns each event produced, the
-        first token of a sequence whose prompt this chunk completed included. A failure
-        in one sequence's work ends that sequence with a ``finish_reason="error"`` event
-        and frees its row; a failure of the batched forward pass ends every sequence in
-        the batch that way. The engine stays usable either way.
+        The chunk goes to the oldest sequence still prefilling. While other sequences
+        decode, it holds :meth:`chunk_budget` tokens and rides in the same forward pass as
+        their decode step (the linear layers run once over both), so their tokens keep
+        coming at an even pace; when none decodes it is up to ``IDLE_PREFILL_CHUNK``
+        tokens. Returns each event produced, the first token of a sequence whose prompt
+        this chunk completed included. A failure in one sequence's work ends that
+        sequence with a ``finish_reason="error"`` event and frees its row; a failure of
+        the batched decode pass ends every sequence in the batch that way. The engine
+        stays usable either way.
         """
         running = [s for s in self._rows if s is not None and not s.prefilling]
+        # The first time both kinds of work meet, they run apart: that times a decode
+        # step on its own, which the chunk budget is measured against from then on.
+        if running and self._prefilling and self._decode_step_s is not None:
+            events = self._decode_and_prefill(running, self._prefilling[0])
+            if events is not None:
+                return events
+            # The packed pass failed: run its parts apart, so the failure lands on its owner.
         events = []
         if running:
             t0 = time.perf_counter()
             events = self._decode(running)
-            elapsed = time.perf_counter() - t0
-            last = self._decode_step_s
-            self._decode_step_s = (
-                elapsed if last is None else last + TIMING_SMOOTHING * (elapsed - last)
-            )
+            self._decode_step_s = _smooth(self._decode_step_s, time.perf_counter() - t0)
         if self._prefilling:
             seq = self._prefilling[0]
             budget = self.chunk_budget() if running else IDLE_PREFILL_CHUNK
             try:
-                t0 = time.perf_counter()
-                done = seq.prefilled
+                t0, done = time.perf_counter(), seq.prefilled
                 logits = self._prefill_chunk(seq, budget)
-                if running:
-                    self._prefill_token_s = (time.perf_counter() - t0) / (seq.prefilled - done)
+                if running:  # a pass of its own: an upper bound on what it adds when packed
+                    per_token = (time.perf_counter() - t0) / (seq.prefilled - done)
+                    self._prefill_token_s = _smooth(self._prefill_token_s, per_token)
                 if logits is not None:
                     self._prefilling.popleft()
                     events.append((seq, self._first_token(seq, logits)))
@@ -416,7 +421,7 @@ class Engine:
         return events
 
     def chunk_budget(self) -> int:
-        """Prompt tokens the next step prefills while other sequences decode."""
+        """Prompt tokens the next step prefills beside the running sequences' decode step."""
         if self.prefill_share is None:
             return self.prefill_chunk
         if self._decode_step_s is None or self._prefill_token_s is None:
@@ -424,7 +429,8 @@ class Engine:
         fit = int(self.prefill_share * self._decode_step_s / self._prefill_token_s)
         return max(min(MIN_PREFILL_CHUNK, self.prefill_chunk), min(fit, self.prefill_chunk))
 
-    def _decode(self, running: list[Generation]) -> list[tuple[Generation, GenerationEvent]]:
+    def _decode_inputs(self, running: list[Generation]) -> tuple[torch.Tensor, CacheView, int]:
+        """The decode step's tokens (rows, 1), its cache view and its first cache row."""
         lo = min(s.row for s in running)
         hi = max(s.row for s in running) + 1
         tokens = torch.zeros(hi - lo, 1, dtype=torch.long)
@@ -435,7 +441,8 @@ class Engine:
                 tokens[r - lo, 0], pos[r - lo, 0] = seq.last_token, seq.pos
             else:
                 # A free row, or one still prefilling, inside the span computes a throwaway
-                # token just past what its cache holds, so its cached prefix stays intact.
+                # token just past what its cache holds, so its cached prefix stays intact
+                # (a prefill chunk in the same pass writes that slot again, after it).
                 p = min(len(self._cached[r]), self.max_seq_len - 1)
                 del self._cached[r][p:]
                 pos[r - lo, 0] = p
@@ -444,20 +451,79 @@ class Engine:
         kv_len = int(pos.max()) + 1
         if hi - lo > 1:
             kv_len = _round_up(kv_len, self.max_seq_len)
+        view = cache_view(pos, row=lo, kv_len=kv_len, dtype=self.dtype, device=self.device)
+        return tokens, view, lo
+
+    def _decode(self, running: list[Generation]) -> list[tuple[Generation, GenerationEvent]]:
+        tokens, view, lo = self._decode_inputs(running)
         # Decoding one sequence is a chain of small ops where waking a second CPU thread
         # costs more than it gains (measured: 27 ms vs 43 ms per SmolLM2 step); prefill
         # and batches keep every thread.
-        _use_threads(1 if hi - lo == 1 and self.device.type == "cpu" else self.threads)
+        single = tokens.shape[0] == 1 and self.device.type == "cpu"
+        _use_threads(1 if single else self.threads)
         t0 = time.perf_counter()
         try:
             with torch.inference_mode():
-                view = cache_view(pos, row=lo, kv_len=kv_len, dtype=self.dtype, device=self.device)
                 logits = self.model(tokens.to(self.device), cache=view)
                 # (rows, vocab) over the tokenizer's ids: sampling runs on the CPU.
                 logits = logits[:, -1, : self.vocab_size].float().cpu()
         except Exception as exc:  # noqa: BLE001 (the batch fails; the engine carries on)
             return [(seq, self._fail(seq, exc, "decode")) for seq in running]
+        return self._accept_decoded(running, lo, logits, time.perf_counter() - t0)
+
+    def _decode_and_prefill(
+        self, running: list[Generation], seq: Generation
+    ) -> list[tuple[Generation, GenerationEvent]] | None:
+        """One packed pass: the running rows' decode step and ``seq``'s next prompt chunk.
+
+        Returns None, having changed nothing a retry would not redo, if the pass failed.
+        """
+        tokens, decode_view, lo = self._decode_inputs(running)
+        start = seq.prefilled
+        end = min(start + self.chunk_budget(), len(seq.prompt))
+        chunk_view = cache_view(
+            torch.arange(start, end).unsqueeze(0), row=seq.row, kv_len=end, last_only=True,
+            dtype=self.dtype, device=self.device,
+        )  # fmt: skip
+        packed = torch.cat([tokens.view(1, -1), torch.tensor([seq.prompt[start:end]])], dim=1)
+        # Decode rows first: a throwaway token of seq's row (if inside the decode span) is
+        # then overwritten by the chunk in every layer.
+        segments = Segments((decode_view, chunk_view), ((tokens.shape[0], 1), (1, end - start)))
+        _use_threads(self.threads)
+        t0 = time.perf_counter()
+        try:
+            with torch.inference_mode():
+                decoded, chunk = self.model(packed.to(self.device), cache=segments)
+                logits = decoded[:, -1, : self.vocab_size].float().cpu()
+                first = (
+                    chunk[0, -1, : self.vocab_size].float().cpu()
+                    if end == len(seq.prompt)
+                    else None
+                )
+        except Exception:
+            log.warning("a packed decode and prefill pass failed; retrying apart", exc_info=True)
+            return None
         elapsed = time.perf_counter() - t0
+        if self._decode_step_s is not None:
+            # What the chunk added to the step, per prompt token: the budget's cost model.
+            extra = max(elapsed - self._decode_step_s, 0.0) / (end - start)
+            self._prefill_token_s = _smooth(self._prefill_token_s, extra)
+        seq.timing.prefill_s += elapsed
+        self._cached[seq.row].extend(seq.prompt[start:end])
+        seq.prefilled = end
+        events = self._accept_decoded(running, lo, logits, elapsed)
+        if first is not None:
+            self._prefilling.popleft()
+            try:
+                events.append((seq, self._first_token(seq, first)))
+            except Exception as exc:  # noqa: BLE001 (isolation: only this sequence fails)
+                events.append((seq, self._fail(seq, exc, "sampling")))
+        return events
+
+    def _accept_decoded(
+        self, running: list[Generation], lo: int, logits: torch.Tensor, elapsed: float
+    ) -> list[tuple[Generation, GenerationEvent]]:
+        """Each running row takes its token from ``logits`` (rows from ``lo``, vocab)."""
         events = []
         for seq in running:
             self._cached[seq.row].append(seq.last_token)  # type: ignore[arg-type]  # running: set
@@ -533,6 +599,11 @@ def _client_message(exc: Exception, stage: str) -> str:
         text = f"internal error during {stage}" + (f": {text}" if text else "")
     text = text or f"the request failed during {stage}"
     return text if len(text) <= ERROR_MESSAGE_CHARS else text[: ERROR_MESSAGE_CHARS - 1] + "…"
+
+
+def _smooth(average: float | None, value: float) -> float:
+    """A running average that follows the machine's load without jumping on one outlier."""
+    return value if average is None else average + TIMING_SMOOTHING * (value - average)
 
 
 def _use_threads(n: int) -> None:

@@ -41,7 +41,7 @@ from gguf.quants import quantize as _gguf_quantize
 
 from llamalab.errors import LlamalabError
 
-__all__ = ["SUPPORTED_TYPES", "BlockLayout", "BLOCK_LAYOUTS", "dequantize", "quantize_q8_0"]
+__all__ = ["BLOCK_LAYOUTS", "SUPPORTED_TYPES", "BlockLayout", "dequantize", "quantize_q8_0"]
 
 _T = GGMLQuantizationType
 
