@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import shutil
 import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
-from conftest import REPO, run_cli
+from conftest import run_cli
 
 openai = pytest.importorskip("openai")
 
@@ -25,7 +27,8 @@ from llamalab.serve.launch import ServerProcess
 KEY = "test-key"
 CTX = 512
 MAX_BATCH = 8
-ARTIFACTS = REPO / "artifacts"
+# Screenshots go to the test's temporary folder; set this to keep them somewhere to look at.
+ARTIFACTS_ENV = "LLAMALAB_TEST_ARTIFACTS"
 
 # Eight prompts, each with its own reply length: they finish at different steps.
 CONCURRENT = [
@@ -515,12 +518,13 @@ def _chromium() -> str:
     return path
 
 
-def test_web_chat_page_streams_a_reply(server, reference):
+def test_web_chat_page_streams_a_reply(server, reference, tmp_path):
     chromium = _chromium()
     sync_api = pytest.importorskip(
         "playwright.sync_api", reason="pip install playwright (the browser comes from apt)"
     )
-    ARTIFACTS.mkdir(exist_ok=True)
+    artifacts = Path(os.environ.get(ARTIFACTS_ENV) or tmp_path)
+    artifacts.mkdir(parents=True, exist_ok=True)
     flags = [
         "--no-sandbox",
         "--disable-gpu",
@@ -578,8 +582,8 @@ def test_web_chat_page_streams_a_reply(server, reference):
             ]
             assert [body["messages"] for body in sent] == [messages[:1], messages]
             assert all(body["stream"] is True for body in sent)
-            page.screenshot(path=str(ARTIFACTS / "serve_chat_page.png"), full_page=True)
+            page.screenshot(path=str(artifacts / "serve_chat_page.png"), full_page=True)
         finally:
             browser.close()
-    assert (ARTIFACTS / "serve_chat_page.png").stat().st_size > 0
+    assert (artifacts / "serve_chat_page.png").stat().st_size > 0
     assert server.health()["active_slots"] == 0
