@@ -174,3 +174,27 @@ def test_a_harmless_template_still_runs(tmp_path, smollm2_path):
         "generate", "--chat", "hello", "--model", str(model), "--max-tokens", "2", "--json"
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_help_and_tokenize_never_load_torch(smollm2_path):
+    """The parser and the tokenizer path are light: help is instant and loads no torch."""
+    code = (
+        "import sys, contextlib, io\n"
+        "from llamalab.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        "    try:\n"
+        "        main(['--help'])\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        f"    main(['tokenize', '--model', {str(smollm2_path)!r}, 'Hello'])\n"
+        "print('torch' in sys.modules)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
+    start = time.monotonic()
+    assert run_cli("--help").returncode == 0
+    assert run_cli("--version").returncode == 0
+    assert time.monotonic() - start < 5  # two fresh interpreters; each was ~0.1 s here

@@ -74,7 +74,7 @@ def load_runtime_from_args(args: argparse.Namespace):
 
 def add_sampling_options(p: argparse.ArgumentParser) -> None:
     """How to sample and how much to generate (``generate`` and ``chat``)."""
-    from llamalab.generation.sampling import SamplingParams
+    from llamalab.generation.params import SamplingParams
 
     d = SamplingParams()
     p.add_argument(
@@ -110,7 +110,7 @@ def add_sampling_options(p: argparse.ArgumentParser) -> None:
 
 def sampling_from_args(args: argparse.Namespace):
     """The engine's SamplingParams from the options above; bad values are a LlamalabError."""
-    from llamalab.generation.sampling import SamplingParams
+    from llamalab.generation.params import SamplingParams
 
     return SamplingParams(
         temperature=args.temperature,
