@@ -13,7 +13,12 @@ from typing import Any
 import torch
 
 from llamalab.checkpoint import names as tensor_names
-from llamalab.checkpoint.reader import CheckpointReader, TensorInfo, torch_type_name
+from llamalab.checkpoint.reader import (
+    CheckpointReader,
+    TensorInfo,
+    naming_the_file,
+    torch_type_name,
+)
 from llamalab.config import ModelConfig, RopeScaling
 from llamalab.errors import LlamalabError
 
@@ -40,19 +45,10 @@ def read_json(path: Path) -> dict[str, Any]:
 def config_from_hf(data: dict[str, Any], source: Path) -> ModelConfig:
     """Translate a transformers ``LlamaConfig`` dict (v4 or v5 spelling) into a ModelConfig."""
     try:
-        return _config_from_hf(data, source)
+        with naming_the_file(source):
+            return _config_from_hf(data, source)
     except KeyError as exc:
         raise LlamalabError(f"{source}: missing key {exc}") from None
-    except (TypeError, ValueError, ZeroDivisionError, AttributeError, OverflowError) as exc:
-        raise LlamalabError(f"{source}: invalid value: {exc}") from None
-    except LlamalabError as exc:
-        # ModelConfig's range checks know nothing of files: name the one at fault.
-        message = str(exc)
-        if message.startswith(f"{source}:"):
-            raise
-        raise LlamalabError(
-            f"{source}: invalid value: {message.removeprefix('config: ')}"
-        ) from None
 
 
 def _config_from_hf(data: dict[str, Any], source: Path) -> ModelConfig:

@@ -24,7 +24,7 @@ def open_checkpoint(ref: str | Path) -> CheckpointReader:
     from llamalab.checkpoint.hf_format import HFReader, is_hf_folder
     from llamalab.checkpoint.meta_format import MetaReader, is_meta_folder
     from llamalab.default_model import resolve_model_path
-    from llamalab.gguf.header import has_gguf_magic
+    from llamalab.gguf.header import has_gguf_magic, read_file_head
     from llamalab.gguf.reader import GGUFReader
 
     path = resolve_model_path(ref)
@@ -34,11 +34,7 @@ def open_checkpoint(ref: str | Path) -> CheckpointReader:
     if not path.is_file() and not path.is_dir():
         raise LlamalabError(f"{path}: not a regular file or folder")
     if path.is_file():
-        try:
-            with open(path, "rb") as f:
-                magic = f.read(4)
-        except OSError as exc:
-            raise LlamalabError(f"{path}: cannot read: {exc.strerror or exc}") from None
+        magic = read_file_head(path, 4)
         if has_gguf_magic(magic):
             return GGUFReader(path)
         raise LlamalabError(

@@ -17,7 +17,13 @@ from typing import Any
 import torch
 
 from llamalab.checkpoint.hf_format import read_json
-from llamalab.checkpoint.reader import CheckpointReader, TensorInfo, release_pages, torch_type_name
+from llamalab.checkpoint.reader import (
+    CheckpointReader,
+    TensorInfo,
+    naming_the_file,
+    release_pages,
+    torch_type_name,
+)
 from llamalab.config import (
     LLAMA3_ROPE_SCALING,
     ModelConfig,
@@ -153,18 +159,8 @@ class MetaReader(CheckpointReader):
     def _read_config(self) -> ModelConfig:
         p = self._params
         source = self.path / "params.json"
-        try:
+        with naming_the_file(source):
             return self._config_from_params(p)
-        except (TypeError, ValueError, ZeroDivisionError, AttributeError, OverflowError) as exc:
-            raise LlamalabError(f"{source}: invalid value: {exc}") from None
-        except LlamalabError as exc:
-            # ModelConfig's range checks know nothing of files: name the one at fault.
-            message = str(exc)
-            if message.startswith(f"{source}:"):
-                raise
-            raise LlamalabError(
-                f"{source}: invalid value: {message.removeprefix('config: ')}"
-            ) from None
 
     def _config_from_params(self, p: dict) -> ModelConfig:
         try:

@@ -8,12 +8,34 @@ loading and converting hold about one copy of the model, never two.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from llamalab.config import ModelConfig
+from llamalab.errors import LlamalabError
+
+
+@contextmanager
+def naming_the_file(source: Path | str, what: str = "invalid value") -> Iterator[None]:
+    """Turn a failure to build a config from ``source`` into one error that names the file.
+
+    ModelConfig's range checks know nothing of files, and a malformed value (a string
+    where a number belongs) fails with a plain Python error: both become
+    ``SOURCE: WHAT: message``.
+    """
+    try:
+        yield
+    except LlamalabError as exc:
+        message = str(exc)
+        if message.startswith(f"{source}:"):
+            raise
+        raise LlamalabError(f"{source}: {what}: {message.removeprefix('config: ')}") from None
+    except (TypeError, ValueError, ZeroDivisionError, AttributeError, OverflowError) as exc:
+        raise LlamalabError(f"{source}: {what}: {exc}") from None
 
 
 @dataclass(frozen=True)

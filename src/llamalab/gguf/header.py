@@ -66,6 +66,15 @@ def has_gguf_magic(head: bytes) -> bool:
     return head[:4] == GGUF_MAGIC
 
 
+def read_file_head(path: str | Path, n: int) -> bytes:
+    """The first ``n`` bytes of a file (fewer if it is shorter), to tell its format by."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(n)
+    except OSError as exc:
+        raise LlamalabError(f"{path}: cannot read: {exc.strerror or exc}") from None
+
+
 def is_gguf(path: str | Path) -> bool:
     """Whether a file starts with the GGUF magic bytes."""
     try:

@@ -10,8 +10,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +17,7 @@ import numpy as np
 import torch
 
 from llamalab.checkpoint import names as tensor_names
-from llamalab.checkpoint.reader import CheckpointReader, TensorInfo
+from llamalab.checkpoint.reader import CheckpointReader, TensorInfo, naming_the_file
 from llamalab.config import LLAMA3_ROPE_SCALING, ModelConfig, RopeScaling
 from llamalab.errors import LlamalabError
 from llamalab.gguf.header import TensorRecord, read_gguf_header
@@ -89,19 +87,6 @@ class GGUFReader(CheckpointReader):
             return float(value)  # left for ModelConfig to refuse, with no overflow warning
         return _float32(value)
 
-    @contextmanager
-    def _metadata_errors(self) -> Iterator[None]:
-        """Name the file in ModelConfig's range errors, which know nothing of files."""
-        try:
-            yield
-        except LlamalabError as exc:
-            message = str(exc)
-            if message.startswith(f"{self.path}:"):
-                raise
-            raise LlamalabError(
-                f"{self.path}: invalid model metadata: {message.removeprefix('config: ')}"
-            ) from None
-
     def _read_config(self) -> ModelConfig:
         # block_count first: nothing proportional to it may be built before it is checked.
         n_layers = self._int("block_count", required=True)
@@ -121,7 +106,7 @@ class GGUFReader(CheckpointReader):
                 raise LlamalabError(
                     f"{self.path}: no llama.vocab_size, vocabulary or token_embd.weight"
                 )
-        with self._metadata_errors():
+        with naming_the_file(self.path, "invalid model metadata"):
             config = ModelConfig(
                 name=str(self._meta_values.get("general.name", "")),
                 dim=dim,
@@ -143,7 +128,7 @@ class GGUFReader(CheckpointReader):
                 f"{self.path}: partial rotary embeddings ({rope_dims} of {head_dim}) "
                 "are not supported"
             )
-        with self._metadata_errors():
+        with naming_the_file(self.path, "invalid model metadata"):
             scaling = self._rope_scaling(head_dim, config.rope_theta)
             return config if scaling is None else dataclasses.replace(config, rope_scaling=scaling)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from llamalab.errors import LlamalabError
-from llamalab.gguf.header import has_gguf_magic, is_gguf, read_gguf_metadata
+from llamalab.gguf.header import has_gguf_magic, is_gguf, read_file_head, read_gguf_metadata
 from llamalab.tokenizer.base import Tokenizer
 from llamalab.tokenizer.chat import BUILTIN_TEMPLATES, ChatTemplate, builtin_template_name
 
@@ -27,11 +27,7 @@ def detect_file_format(path: Path) -> str:
     from llamalab.tokenizer.spm import parse_model_proto
     from llamalab.tokenizer.tiktoken_llama3 import looks_like_tiktoken
 
-    try:
-        with open(path, "rb") as f:
-            head = f.read(4096)
-    except OSError as exc:
-        raise LlamalabError(f"{path}: cannot read: {exc}") from None
+    head = read_file_head(path, 4096)
     if has_gguf_magic(head):
         return "gguf"
     if head.lstrip()[:1] == b"{":
