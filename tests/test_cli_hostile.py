@@ -176,8 +176,8 @@ def test_a_harmless_template_still_runs(tmp_path, smollm2_path):
     assert result.returncode == 0, result.stderr
 
 
-def test_help_and_tokenize_never_load_torch(smollm2_path):
-    """The parser and the tokenizer path are light: help is instant and loads no torch."""
+def test_help_tokenize_and_info_never_load_torch(smollm2_path):
+    """--help, tokenize and info on a GGUF are light: they load no torch."""
     code = (
         "import sys, contextlib, io\n"
         "from llamalab.cli import main\n"
@@ -187,6 +187,7 @@ def test_help_and_tokenize_never_load_torch(smollm2_path):
         "    except SystemExit:\n"
         "        pass\n"
         f"    main(['tokenize', '--model', {str(smollm2_path)!r}, 'Hello'])\n"
+        f"    main(['info', {str(smollm2_path)!r}])\n"
         "print('torch' in sys.modules)\n"
     )
     result = subprocess.run(

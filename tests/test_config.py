@@ -148,3 +148,18 @@ def test_hugging_face_config_gets_the_same_checks_with_the_file_named(tmp_path, 
         LlamalabError, match=f"^{re.escape(str(source))}: invalid value: .*{re.escape(needle)}"
     ):
         config_from_hf(data, source)
+
+
+@pytest.mark.parametrize("preset", ["debug", "llama-7b", "llama2-70b", "llama3.1-8b"])
+@pytest.mark.parametrize("tied", [False, True])
+def test_expected_shapes_equal_the_models_parameters(preset, tied):
+    """Checkpoints are checked against shapes written out by hand: they must be the model's."""
+    from llamalab.checkpoint.names import expected_shapes
+
+    config = dataclasses.replace(get_preset(preset), tie_embeddings=tied)
+    with torch.device("meta"):
+        model = Transformer(config)
+    state = {name: tuple(p.shape) for name, p in model.state_dict().items()}
+    if tied:
+        state.pop("output.weight")  # shares the embedding: not stored twice
+    assert expected_shapes(config) == state

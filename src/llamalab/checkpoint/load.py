@@ -10,22 +10,25 @@ tensor with ``load_state_dict(assign=True)``: peak memory is about one copy of t
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from llamalab.checkpoint.names import canonical_names
+from llamalab.checkpoint.names import canonical_names, expected_shapes
 from llamalab.checkpoint.reader import CheckpointReader
 from llamalab.config import PRESETS, ModelConfig
 from llamalab.errors import LlamalabError
 
+if TYPE_CHECKING:  # torch loads with the weights; opening and checking need none
+    import torch
+
 
 def open_checkpoint(ref: str | Path) -> CheckpointReader:
-    """Open a checkpoint lazily, detecting its format from its contents."""
-    from llamalab.checkpoint.hf_format import HFReader, is_hf_folder
-    from llamalab.checkpoint.meta_format import MetaReader, is_meta_folder
+    """Open a checkpoint lazily, detecting its format from its contents.
+
+    Opening a GGUF file loads no torch (``llamalab info`` stays light); the Meta and
+    Hugging Face readers need it.
+    """
     from llamalab.default_model import resolve_model_path
     from llamalab.gguf.header import has_gguf_magic, read_file_head
-    from llamalab.gguf.reader import GGUFReader
 
     path = resolve_model_path(ref)
     if not path.exists():
@@ -36,11 +39,16 @@ def open_checkpoint(ref: str | Path) -> CheckpointReader:
     if path.is_file():
         magic = read_file_head(path, 4)
         if has_gguf_magic(magic):
+            from llamalab.gguf.reader import GGUFReader
+
             return GGUFReader(path)
         raise LlamalabError(
             f"{path}: not a model file (starts with {magic!r}, a GGUF file starts with b'GGUF'); "
             "pass the folder for Hugging Face or Meta checkpoints"
         )
+    from llamalab.checkpoint.hf_format import HFReader, is_hf_folder
+    from llamalab.checkpoint.meta_format import MetaReader, is_meta_folder
+
     if is_meta_folder(path):
         return MetaReader(path)
     if is_hf_folder(path):
@@ -62,6 +70,8 @@ def load_config(ref: str | Path) -> ModelConfig:
 def default_dtype(device: torch.device) -> torch.dtype:
     """The dtype a model is loaded in when none is asked for, on ``device``."""
     # This class of CPU has no fast bf16/fp16 matmul; GPUs are fastest in bf16.
+    import torch
+
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
@@ -82,6 +92,8 @@ def load_model(
     modules straight from the stored weights — GGUF bytes are never expanded to a float32
     copy — for faster decoding; the embedding and norms stay in ``dtype``.
     """
+    import torch
+
     device = torch.device(device or "cpu")
     if isinstance(dtype, str):
         dtype = resolve_dtype(dtype)
@@ -93,10 +105,8 @@ def load_model(
         reader.close()
 
 
-def validate(reader: CheckpointReader, model: torch.nn.Module | None = None) -> None:
+def validate(reader: CheckpointReader) -> None:
     """Check that the checkpoint holds every tensor its config needs, each of the right shape."""
-    from llamalab.model import Transformer
-
     config = reader.config
     # Names first: a config that claims more layers than the checkpoint holds is refused
     # before a model of that many layers is built, even on the meta device.
@@ -108,10 +118,7 @@ def validate(reader: CheckpointReader, model: torch.nn.Module | None = None) -> 
             f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         )
         raise LlamalabError(f"{reader.path}: missing tensor(s) {shown}")
-    if model is None:
-        with torch.device("meta"):
-            model = Transformer(config)
-    expected = {name: tuple(p.shape) for name, p in model.state_dict().items()}
+    expected = expected_shapes(config)
     for name in needed:
         shape = reader.info(name).shape
         if shape != expected[name]:
@@ -130,12 +137,14 @@ def build_model(
     packed: bool = False,
 ) -> torch.nn.Module:
     """An eval-mode Transformer filled from an open ``reader`` (see :func:`load_model`)."""
+    import torch
+
     from llamalab.model import Transformer
 
+    validate(reader)
     config = reader.config
     with torch.device("meta"):
         model = Transformer(config)
-    validate(reader, model)
     state: dict[str, torch.Tensor] = {}
     names = canonical_names(config.n_layers, config.tie_embeddings)
     if packed:
@@ -163,18 +172,20 @@ def build_model(
     return model.eval()
 
 
-_DTYPES = {
-    "float32": torch.float32, "f32": torch.float32, "fp32": torch.float32,
-    "float16": torch.float16, "f16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+_DTYPE_NAMES = {
+    "float32": "float32", "f32": "float32", "fp32": "float32",
+    "float16": "float16", "f16": "float16", "fp16": "float16", "half": "float16",
+    "bfloat16": "bfloat16", "bf16": "bfloat16",
 }  # fmt: skip
 
 
 def resolve_dtype(name: str) -> torch.dtype:
     """The torch dtype of a name such as "bf16" or "float32"."""
+    import torch
+
     try:
-        return _DTYPES[name.lower()]
+        return getattr(torch, _DTYPE_NAMES[name.lower()])
     except KeyError:
         raise LlamalabError(
-            f"unknown dtype {name!r}; expected one of {', '.join(_DTYPES)}"
+            f"unknown dtype {name!r}; expected one of {', '.join(_DTYPE_NAMES)}"
         ) from None

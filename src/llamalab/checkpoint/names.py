@@ -8,10 +8,14 @@ Hugging Face's q/k row permutation for its rotate-half RoPE — is owned by
 from __future__ import annotations
 
 import re
-
-import torch
+from typing import TYPE_CHECKING
 
 from llamalab.errors import LlamalabError
+
+if TYPE_CHECKING:  # torch is only needed by the layout functions, never to read names
+    import torch
+
+    from llamalab.config import ModelConfig
 
 # Per-layer tensors: canonical suffix → (Hugging Face suffix, GGUF suffix).
 _LAYER_NAMES: dict[str, tuple[str, str]] = {
@@ -92,6 +96,35 @@ def meta_to_hf_qk(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
     rows, cols = weight.shape
     head_dim = rows // n_heads
     return weight.view(n_heads, head_dim // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """The shape of every tensor a checkpoint of ``config`` holds (PyTorch order).
+
+    Written out from the architecture rather than read off a model, so that a checkpoint
+    can be checked without building one (and without loading torch).
+    """
+    q_rows, kv_rows = config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim
+    per_layer = {
+        "attention.wq.weight": (q_rows, config.dim),
+        "attention.wk.weight": (kv_rows, config.dim),
+        "attention.wv.weight": (kv_rows, config.dim),
+        "attention.wo.weight": (config.dim, q_rows),
+        "feed_forward.w1.weight": (config.ffn_hidden_dim, config.dim),
+        "feed_forward.w2.weight": (config.dim, config.ffn_hidden_dim),
+        "feed_forward.w3.weight": (config.ffn_hidden_dim, config.dim),
+        "attention_norm.weight": (config.dim,),
+        "ffn_norm.weight": (config.dim,),
+    }
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name in canonical_names(config.n_layers, config.tie_embeddings):
+        if name.startswith("layers."):
+            shapes[name] = per_layer[name.split(".", 2)[2]]
+        elif name == "norm.weight":
+            shapes[name] = (config.dim,)
+        else:  # tok_embeddings, output
+            shapes[name] = (config.vocab_size, config.dim)
+    return shapes
 
 
 def canonical_names(n_layers: int, tie_embeddings: bool) -> list[str]:

@@ -12,11 +12,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from llamalab.config import ModelConfig
 from llamalab.errors import LlamalabError
+
+if TYPE_CHECKING:  # readers load torch only when a tensor is asked for
+    import torch
 
 
 @contextmanager
@@ -124,14 +126,10 @@ def release_pages(tensor: torch.Tensor) -> None:
         libc.madvise(ctypes.c_void_p(aligned), ctypes.c_size_t(length), mmap.MADV_DONTNEED)
 
 
-_TORCH_TYPE_NAMES = {
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.float64: "F64",
-}
+_TORCH_TYPE_NAMES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
 
 
 def torch_type_name(dtype: torch.dtype) -> str:
     """A torch dtype's name in the checkpoint formats' spelling ("F32", "BF16" ...)."""
-    return _TORCH_TYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
+    name = str(dtype).removeprefix("torch.")
+    return _TORCH_TYPE_NAMES.get(name, name)

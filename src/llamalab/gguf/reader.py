@@ -11,16 +11,18 @@ import dataclasses
 import math
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from llamalab.checkpoint import names as tensor_names
 from llamalab.checkpoint.reader import CheckpointReader, TensorInfo, naming_the_file
 from llamalab.config import LLAMA3_ROPE_SCALING, ModelConfig, RopeScaling
 from llamalab.errors import LlamalabError
 from llamalab.gguf.header import TensorRecord, read_gguf_header
+
+if TYPE_CHECKING:  # torch loads only when a tensor is asked for: `info` never needs it
+    import torch
 
 __all__ = ["GGUFReader", "llama3_rope_factors"]
 
@@ -232,6 +234,8 @@ class GGUFReader(CheckpointReader):
         return buffer
 
     def load(self, name: str) -> torch.Tensor:
+        import torch
+
         from llamalab.gguf.dequant import dequantize
 
         tensor = self._tensors[name]
