@@ -277,12 +277,26 @@ def tensors(reader: CheckpointReader, dtype: torch.dtype) -> Iterator[tuple[str,
 
 
 def copy_tokenizer_files(reader: CheckpointReader, folder: Path) -> None:
-    """Copy the tokenizer files of a folder checkpoint (see ``TOKENIZER_FILES``) to ``folder``."""
-    if not reader.path.is_dir():
-        return
-    for file in TOKENIZER_FILES:
-        if (reader.path / file).is_file():
+    """Give ``folder`` the source's tokenizer, so that the converted checkpoint runs.
+
+    A folder's tokenizer files (see ``TOKENIZER_FILES``) are copied as they are; a
+    tokenizer held elsewhere (a GGUF file's metadata) is written out in the folder
+    formats' own files. A source that carries no tokenizer gives a folder without one.
+    """
+    if reader.path.is_dir():
+        copied = [f for f in TOKENIZER_FILES if (reader.path / f).is_file()]
+        for file in copied:
             shutil.copyfile(reader.path / file, folder / file)
+        if any(f in copied for f in ("tokenizer.json", "tokenizer.model")):
+            return
+    from llamalab.tokenizer import load_tokenizer
+    from llamalab.tokenizer.export import write_tokenizer_files
+
+    try:
+        tok = load_tokenizer(reader.path)
+    except LlamalabError:
+        return  # no tokenizer in the source: the weights alone are converted
+    write_tokenizer_files(tok, folder, context_length=reader.config.context_length)
 
 
 def write_hf(reader: CheckpointReader, folder: Path, dtype: torch.dtype) -> None:

@@ -177,9 +177,9 @@ def _write_hf_bpe(writer: gguf.GGUFWriter, tok: HFJsonTokenizer) -> None:
     writer.add_token_merges(merges)
 
 
-def hf_pre_tokenizer_name(pre: Mapping[str, Any] | None, source: str) -> str:
-    """The llama.cpp ``tokenizer.ggml.pre`` name of a tokenizer.json pre-tokenizer, by structure."""
-    steps = []
+def _pre_tokenizer_steps(pre: Mapping[str, Any] | None) -> list[tuple[str, Any]]:
+    """A tokenizer.json pre_tokenizer as (kind, what matters) steps."""
+    steps: list[tuple[str, Any]] = []
     for step in (pre or {}).get("pretokenizers", [pre] if pre else []):
         kind = step.get("type")
         if kind == "Split":
@@ -191,15 +191,41 @@ def hf_pre_tokenizer_name(pre: Mapping[str, Any] | None, source: str) -> str:
             steps.append(("Digits", bool(step.get("individual_digits", False))))
         else:
             steps.append((kind, None))
+    return steps
+
+
+def hf_pre_tokenizer_name(pre: Mapping[str, Any] | None, source: str) -> str:
+    """The llama.cpp ``tokenizer.ggml.pre`` name of a tokenizer.json pre-tokenizer, by structure."""
+    steps = _pre_tokenizer_steps(pre)
     if steps == [("Split", LLAMA3_PATTERN), ("ByteLevel", False)]:
         return "llama-bpe"
     if steps == [("Digits", True), ("ByteLevel", True)]:
         return "smollm"
     if steps in ([("ByteLevel", True)], [("Split", GPT2_PATTERN), ("ByteLevel", False)]):
         return "gpt-2"
+    # The pipelines llamalab itself writes (a GGUF converted to a folder) spell each
+    # llama.cpp family as its regex splits.
+    for family, name in _FAMILY_NAMES.items():
+        if steps == _pre_tokenizer_steps(_family_pre_tokenizer_json(family)):
+            return name
     raise LlamalabError(
         f"{source}: no llama.cpp pre-tokenizer matches this tokenizer.json's pre_tokenizer {steps}"
     )
+
+
+# llama.cpp's name for each pre-tokenizer family (any name of a family tokenizes alike).
+_FAMILY_NAMES = {"gpt2": "gpt-2", "llama3": "llama-bpe", "digits": "smollm", "default": "default"}
+
+
+def _family_pre_tokenizer_json(family: str) -> dict[str, Any]:
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models
+
+    from llamalab.tokenizer.bpe import make_pre_tokenizer
+
+    probe = HFTokenizer(models.BPE())
+    probe.pre_tokenizer = make_pre_tokenizer(family)
+    return json.loads(probe.to_str())["pre_tokenizer"]
 
 
 def tiktoken_merges(ranks: Mapping[bytes, int]) -> list[str]:

@@ -170,6 +170,11 @@ class Tokenizer:
         return token_id in self._control
 
     @property
+    def added_tokens(self) -> SpecialTokens:
+        """The tokens parsed out of text, by kind (see :class:`SpecialTokens`)."""
+        return self._special
+
+    @property
     def special_tokens(self) -> dict[str, int]:
         """Every token that ``encode(special=True)`` parses out of text, by its text."""
         return {**self._special.always, **self._special.special}

@@ -340,6 +340,10 @@ class SentencePieceTokenizer(Tokenizer):
             extra_stop_ids=extra_stop_ids,
         )
 
+    def library_proto(self) -> bytes:
+        """The serialized model the `sentencepiece` library runs (a ``tokenizer.model``)."""
+        return self._sp.serialized_model_proto()
+
     @property
     def backend(self) -> spm.SentencePieceProcessor:
         """The `sentencepiece` processor (for benchmarks and debugging)."""
