@@ -30,6 +30,7 @@ from llamalab.checkpoint import names as tensor_names
 from llamalab.checkpoint.load import open_checkpoint, validate
 from llamalab.checkpoint.reader import CheckpointReader
 from llamalab.errors import LlamalabError
+from llamalab.gguf import QUANT_TYPES, WRITE_TYPES
 
 TORCH_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 # Files that describe a tokenizer; copied along when converting between folders.
@@ -44,9 +45,18 @@ HF_MAX_FILE_BYTES = 4 << 30
 
 
 def convert(
-    src: str | Path, dst: str | Path, *, to: str, dtype: str | None = None, shards: int = 1
+    src: str | Path,
+    dst: str | Path,
+    *,
+    to: str,
+    dtype: str | None = None,
+    shards: int = 1,
+    progress: bool = False,
 ) -> Path:
     """Convert checkpoint ``src`` to format ``to`` ("hf", "meta" or "gguf") at ``dst``.
+
+    ``dtype`` is the tensor type to write (one of ``llamalab.gguf.WRITE_TYPES``; the
+    quantized ones for GGUF only); ``progress`` shows a bar while a GGUF is written.
 
     ``dst`` must not exist; it is never overwritten, even if it appears during the conversion.
     Returns ``dst``.
@@ -58,10 +68,10 @@ def convert(
         )
     if to not in ("hf", "meta", "gguf"):
         raise LlamalabError(f"unknown target format {to!r}; expected hf, meta or gguf")
-    if dtype is not None and dtype not in (*TORCH_DTYPES, "q8_0"):
-        raise LlamalabError(f"unknown dtype {dtype!r}; expected f32, f16, bf16 or q8_0")
-    if dtype == "q8_0" and to != "gguf":
-        raise LlamalabError("q8_0 can only be written to GGUF")
+    if dtype is not None and dtype not in WRITE_TYPES:
+        raise LlamalabError(f"unknown dtype {dtype!r}; expected {', '.join(WRITE_TYPES)}")
+    if dtype in QUANT_TYPES and to != "gguf":
+        raise LlamalabError(f"{dtype} can only be written to GGUF")
     if shards != 1 and to != "meta":
         raise LlamalabError("--shards applies to Meta checkpoints only")
     reader = open_checkpoint(src)
@@ -77,7 +87,7 @@ def convert(
                 else:
                     from llamalab.gguf.writer import write_gguf
 
-                    write_gguf(reader, tmp, out_type)
+                    write_gguf(reader, tmp, out_type, progress=progress)
             except OSError as exc:  # a full disk, a vanished source: the user's to fix
                 raise LlamalabError(f"{dst}: conversion failed: {exc}") from None
     finally:

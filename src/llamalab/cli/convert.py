@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from llamalab.gguf import QUANT_TYPES, WRITE_TYPES
+
 DESCRIPTION = (
     "Convert a checkpoint to a Hugging Face folder, a GGUF file or a Meta folder, tensor by "
     "tensor. The destination must not exist; nothing is ever overwritten."
@@ -18,9 +20,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--dtype",
         default=None,
-        choices=["f32", "f16", "bf16", "q8_0"],
+        choices=WRITE_TYPES,
         help="tensor type to write (default: f32 for quantized sources, else the source's float "
-        "type; q8_0 is GGUF only)",
+        f"type; {', '.join(QUANT_TYPES)} are GGUF only)",
     )
     p.add_argument(
         "--shards", type=int, default=1, help="number of model-parallel shards (meta only)"
@@ -30,6 +32,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from llamalab.checkpoint.convert import convert
 
-    out = convert(args.src, args.dst, to=args.to, dtype=args.dtype, shards=args.shards)
+    out = convert(
+        args.src,
+        args.dst,
+        to=args.to,
+        dtype=args.dtype,
+        shards=args.shards,
+        progress=sys.stderr.isatty(),
+    )
     print(f"wrote {out}", file=sys.stderr)
     return 0

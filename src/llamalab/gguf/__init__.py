@@ -9,3 +9,9 @@
 Importing this package imports nothing heavy: ``header`` needs only numpy, so
 tokenizers and ``llamalab info`` can read a header without loading torch.
 """
+
+# The tensor types `llamalab convert --to gguf --dtype` writes, all by gguf-py's quantizers
+# (which its own tests hold bit-exact to llama.cpp's C code).
+FLOAT_TYPES = ("f32", "f16", "bf16")
+QUANT_TYPES = ("q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
+WRITE_TYPES = FLOAT_TYPES + QUANT_TYPES

@@ -24,11 +24,16 @@ ARCHITECTURE = "llama"
 def _gguf_types():  # imported lazily: gguf is only needed when writing
     import gguf
 
+    q, f = gguf.GGMLQuantizationType, gguf.LlamaFileType
     return {
-        "f32": (gguf.GGMLQuantizationType.F32, gguf.LlamaFileType.ALL_F32),
-        "f16": (gguf.GGMLQuantizationType.F16, gguf.LlamaFileType.MOSTLY_F16),
-        "bf16": (gguf.GGMLQuantizationType.BF16, gguf.LlamaFileType.MOSTLY_BF16),
-        "q8_0": (gguf.GGMLQuantizationType.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
+        "f32": (q.F32, f.ALL_F32),
+        "f16": (q.F16, f.MOSTLY_F16),
+        "bf16": (q.BF16, f.MOSTLY_BF16),
+        "q8_0": (q.Q8_0, f.MOSTLY_Q8_0),
+        "q5_1": (q.Q5_1, f.MOSTLY_Q5_1),
+        "q5_0": (q.Q5_0, f.MOSTLY_Q5_0),
+        "q4_1": (q.Q4_1, f.MOSTLY_Q4_1),
+        "q4_0": (q.Q4_0, f.MOSTLY_Q4_0),
     }
 
 
@@ -88,11 +93,14 @@ def rope_freqs_tensor(config: ModelConfig) -> torch.Tensor | None:
     return (base / rope_frequencies(config.head_dim, config.rope_theta, scaling)).float()
 
 
-def write_gguf(reader: CheckpointReader, path: Path, out_type: str) -> None:
+def write_gguf(
+    reader: CheckpointReader, path: Path, out_type: str, *, progress: bool = False
+) -> None:
     """Write ``reader``'s model and tokenizer to a new GGUF file at ``path``.
 
-    ``out_type`` ("f32", "f16", "bf16", "q8_0") is the type of the matrices; see the
-    module's docstring for the tensors that stay in another type.
+    ``out_type`` (one of ``llamalab.gguf.WRITE_TYPES``) is the type of the matrices; see
+    the module's docstring for the tensors that stay in another type. ``progress`` shows
+    a bar on stderr as tensors are encoded (quantizing takes a while).
     """
     import gguf
 
@@ -136,7 +144,12 @@ def write_gguf(reader: CheckpointReader, path: Path, out_type: str) -> None:
     writer.write_header_to_file(path)
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
-    for name, qtype in plan:
+    steps = plan
+    if progress:
+        from tqdm import tqdm
+
+        steps = tqdm(plan, desc=f"writing {out_type}", unit="tensor", leave=False)
+    for name, qtype in steps:
         tensor = extra if name == "rope_freqs.weight" else reader.load(name)
         writer.write_tensor_data(encode_tensor(tensor, qtype))
     writer.close()
