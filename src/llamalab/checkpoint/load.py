@@ -154,7 +154,7 @@ def build_model(
 
         present = set(reader.names())
         source = lambda name: reader.raw(name) if name in present else None
-        replaced = {f"{name}.weight" for name in quantize_model(model, source)}
+        replaced = {f"{name}.weight" for name in quantize_model(model, source, progress=progress)}
         names = [n for n in names if n not in replaced]
     if progress:
         from tqdm import tqdm

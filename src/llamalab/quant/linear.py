@@ -276,6 +276,7 @@ def quantize_model(
     weights: WeightSource | None = None,
     *,
     kernel: Kernel | None = None,
+    progress: bool = False,
 ) -> list[str]:
     """Replace the model's ``layers.*`` and ``output`` linears by :class:`QuantizedLinear`.
 
@@ -291,6 +292,7 @@ def quantize_model(
             ``tok_embeddings.weight``'s entry; the embedding itself is untouched
             (it stays a float lookup table; only the projection gets a packed copy).
         kernel: force ``"fp16"`` or ``"float32"``; default: fp16 where it can run.
+        progress: show a bar on stderr as layers are packed (most of a load's time).
 
     Returns:
         The names of the replaced modules.
@@ -298,7 +300,12 @@ def quantize_model(
     lookup = _as_lookup(weights)
     tied = bool(getattr(getattr(model, "config", None), "tie_embeddings", False))
     replaced = []
-    for name in quantizable_linears(model):
+    names = list(quantizable_linears(model))
+    if progress:
+        from tqdm import tqdm
+
+        names = tqdm(names, desc="packing", unit="layer", leave=False)
+    for name in names:
         source = lookup(f"{name}.weight")
         if source is None and name == "output" and tied:
             source = lookup("tok_embeddings.weight")
