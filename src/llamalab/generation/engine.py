@@ -138,6 +138,9 @@ class Generation:
         self._recent: list[int] = (
             self.prompt[-request.sampling.repeat_last_n :] if request.sampling.repeat_last_n else []
         )
+        # How often each token was generated so far, for the presence and frequency
+        # penalties: kept as tokens come, so a step costs O(distinct tokens), not a recount.
+        self._counts: dict[int, int] = {}
 
     @property
     def finished(self) -> bool:
@@ -155,7 +158,12 @@ class Generation:
         recent = None
         if req.sampling.repeat_penalty != 1.0 and req.sampling.repeat_last_n > 0:
             recent = torch.tensor(self._recent[-req.sampling.repeat_last_n :], dtype=torch.long)
-        token = sample(logits, req.sampling, self._generator, recent)
+        counts = None
+        if req.sampling.presence_penalty != 0.0 or req.sampling.frequency_penalty != 0.0:
+            counts = self._counts
+        # The logprobs below come from the raw logits: the model's distribution, not the
+        # one the bias and penalties shaped for the choice.
+        token = sample(logits, req.sampling, self._generator, recent, counts)
         logprob = alternatives = None
         if req.logprobs is not None:
             logprob, alternatives = top_logprobs(logits, token, req.logprobs)
@@ -163,6 +171,7 @@ class Generation:
             return self._finish("stop", token, logprob, alternatives)
         self.ids.append(token)
         self._recent.append(token)
+        self._counts[token] = self._counts.get(token, 0) + 1
         self._starts.append(self._decoded)
         delta = self._decoder.feed(token)
         self._decoded += len(delta)
@@ -273,7 +282,8 @@ class Engine:
         that completes it also returns the sequence's first event. Raises
         :class:`LlamalabError` for a request that cannot run (empty prompt, prompt too
         long for the context or holding an id outside the model's vocabulary,
-        ``max_tokens`` below 1) or when every row is busy.
+        ``max_tokens`` below 1, a ``logit_bias`` id outside the vocabulary) or when every
+        row is busy.
         """
         prompt = self._check(request)
         row = self._choose_row(prompt)
@@ -336,6 +346,14 @@ class Engine:
             raise LlamalabError(
                 f"the prompt holds {lo if lo < 0 else hi}, not a token id of this model "
                 f"(0 to {self.model_vocab_size - 1})"
+            )
+        # SamplingParams checked the ids are non-negative; only here is the vocabulary known.
+        # Sampling sees the tokenizer's ids only (see vocab_size), so that is the bound.
+        bias = request.sampling.logit_bias_pairs
+        if bias and bias[-1][0] >= self.vocab_size:  # sorted by id: the last is the largest
+            raise LlamalabError(
+                f"logit_bias holds {bias[-1][0]}, not a token id of this model "
+                f"(0 to {self.vocab_size - 1})"
             )
         return prompt
 

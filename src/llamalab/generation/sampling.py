@@ -1,21 +1,54 @@
 """Sampling as small pure functions: logits in, probabilities or a token out.
 
-The order of the filters follows llama.cpp's default chain: repetition penalty, then
-top-k, top-p and min-p on the temperature-scaled distribution, then a draw.
+The order follows llama.cpp's default chain: the logit bias, then the penalties
+(repetition, then presence and frequency), then top-k, top-p and min-p on the
+temperature-scaled distribution, then a draw.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import torch
 
 from llamalab.errors import LlamalabError
 from llamalab.generation.params import (  # noqa: F401  (re-exported: the sampling API)
     GREEDY,
+    LOGIT_BIAS_RANGE,
+    MAX_LOGIT_BIAS_ENTRIES,
     MIN_TOP_P,
+    PRESENCE_FREQUENCY_RANGE,
     REPEAT_PENALTY_RANGE,
     SEED_LIMIT,
     SamplingParams,
 )
+
+
+def apply_logit_bias(logits: torch.Tensor, bias: tuple[tuple[int, float], ...]) -> torch.Tensor:
+    """Add each (id, bias) pair's bias to that token's logit (OpenAI's ``logit_bias``)."""
+    if not bias:
+        return logits
+    logits = logits.clone()
+    ids, values = zip(*bias, strict=True)
+    logits[list(ids)] += torch.tensor(values, dtype=logits.dtype)
+    return logits
+
+
+def apply_presence_frequency_penalty(
+    logits: torch.Tensor, counts: Mapping[int, int], presence: float, frequency: float
+) -> torch.Tensor:
+    """OpenAI's penalties: ``logit[t] -= frequency * counts[t] + presence * (counts[t] > 0)``.
+
+    ``counts`` holds how often each token occurs among those generated so far (tokens
+    absent from it occur 0 times), so the cost is in the number of distinct tokens seen.
+    """
+    if (presence == 0.0 and frequency == 0.0) or not counts:
+        return logits
+    ids = torch.tensor(list(counts.keys()), dtype=torch.long)
+    n = torch.tensor(list(counts.values()), dtype=logits.dtype)
+    logits = logits.clone()
+    logits[ids] -= frequency * n + presence * (n > 0).to(logits.dtype)
+    return logits
 
 
 def apply_repetition_penalty(
@@ -70,14 +103,31 @@ def sample(
     params: SamplingParams,
     generator: torch.Generator | None = None,
     recent_ids: torch.Tensor | None = None,
+    counts: Mapping[int, int] | None = None,
 ) -> int:
     """Choose the next token from one position's logits (V,).
+
+    ``recent_ids`` are the tokens the repetition penalty looks at (llama.cpp's last
+    ``repeat_last_n``, prompt included); ``counts`` how often each token was generated
+    so far in this completion, for the presence and frequency penalties (OpenAI's rule:
+    the whole completion, not a window, and not the prompt). The logit bias and the
+    penalties apply before everything else, greedy choice (argmax) included. They only
+    shape the choice: :func:`top_logprobs` on the same logits still reports the model's
+    own distribution.
 
     Raises :class:`LlamalabError` when the scores hold a NaN: such a row has no meaningful
     next token (argmax would pick the NaN), and the caller fails that request alone.
     """
+    # llama.cpp's chain: logit bias first, then its penalties sampler. That sampler applies
+    # repeat, frequency and presence together over the last N tokens; here the latter two
+    # count the whole completion instead, as OpenAI, whose parameters they are, defines.
+    logits = apply_logit_bias(logits, params.logit_bias_pairs)
     if recent_ids is not None:
         logits = apply_repetition_penalty(logits, recent_ids, params.repeat_penalty)
+    if counts is not None:
+        logits = apply_presence_frequency_penalty(
+            logits, counts, params.presence_penalty, params.frequency_penalty
+        )
     if bool(torch.isnan(logits).any()):
         raise LlamalabError("sampling failed: the model's scores are not numbers (NaN)")
     if params.greedy:
@@ -87,7 +137,11 @@ def sample(
 
 
 def top_logprobs(logits: torch.Tensor, token: int, k: int) -> tuple[float, list[tuple[int, float]]]:
-    """The model's log-probability of ``token`` and its ``k`` most likely alternatives."""
+    """The model's log-probability of ``token`` and its ``k`` most likely alternatives.
+
+    Given the raw logits, these are the model's own probabilities: neither temperature
+    nor the filters, the logit bias or the penalties that :func:`sample` applies.
+    """
     logprobs = torch.log_softmax(logits.float(), dim=-1)
     chosen = float(logprobs[token])
     if k <= 0:
