@@ -104,8 +104,43 @@ def add_sampling_options(p: argparse.ArgumentParser) -> None:
         help="1 = off (default: %(default)s)",
     )
     p.add_argument(
+        "--presence-penalty",
+        type=finite_float,
+        default=d.presence_penalty,
+        help="subtracted once from every token already generated, -2..2 (default: %(default)s)",
+    )
+    p.add_argument(
+        "--frequency-penalty",
+        type=finite_float,
+        default=d.frequency_penalty,
+        help="subtracted per earlier occurrence in the reply, -2..2 (default: %(default)s)",
+    )
+    p.add_argument(
+        "--logit-bias",
+        type=logit_bias_entry,
+        action="append",
+        default=[],
+        metavar="ID=BIAS",
+        help="add BIAS (-100..100) to token ID's logit; repeatable (e.g. 2=-100 bans id 2)",
+    )
+    p.add_argument(
         "--seed", type=seed_int, default=None, help="random seed: the same seed gives the same text"
     )
+
+
+def logit_bias_entry(text: str) -> tuple[int, float]:
+    """An argparse type: ``ID=BIAS`` (llama.cpp writes ``ID+BIAS`` / ``ID-BIAS``; both work)."""
+    for sep in ("=", "+", "-"):
+        head, found, tail = text.partition(sep)
+        if found and head.strip().isdigit():
+            try:
+                bias = float(tail if sep != "-" else f"-{tail}")
+            except ValueError:
+                break
+            if math.isfinite(bias):
+                return int(head), bias
+            break
+    raise argparse.ArgumentTypeError(f"expected ID=BIAS (e.g. 2=-100), got {text!r}")
 
 
 def sampling_from_args(args: argparse.Namespace):
@@ -118,6 +153,9 @@ def sampling_from_args(args: argparse.Namespace):
         top_p=args.top_p,
         min_p=args.min_p,
         repeat_penalty=args.repeat_penalty,
+        presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty,
+        logit_bias=dict(args.logit_bias),
         seed=args.seed,
     )
 

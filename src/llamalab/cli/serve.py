@@ -109,6 +109,7 @@ def _is_loopback(host: str) -> bool:
 def run(args: argparse.Namespace) -> int:
     try:
         import fastapi  # noqa: F401  (imported by the app; checked here for a clear message)
+        import prometheus_client  # noqa: F401  (likewise: the app's /metrics)
         import uvicorn
     except ImportError as exc:
         raise LlamalabError(
@@ -136,6 +137,7 @@ def run(args: argparse.Namespace) -> int:
             "anyone who can reach it can use it",
             file=sys.stderr,
         )
+    _configure_logging(args.log_level)
     model, tokenizer = load_runtime_from_args(args)
     engine = Engine(model, tokenizer, max_batch=args.max_batch, max_seq_len=args.ctx)
     # Without a key, the Host check keeps web pages that rebind their name to this
@@ -162,6 +164,21 @@ def run(args: argparse.Namespace) -> int:
     )
     _draining_server_class()(config, app=app, grace=args.shutdown_grace).run()
     return 0
+
+
+def _configure_logging(level: str) -> None:
+    """Send the server's own log (one line per request at info) to stderr at ``level``.
+
+    uvicorn configures only its own loggers; without a handler here, Python would print
+    ``llamalab.serve``'s warnings and drop everything below them.
+    """
+    log.setLevel(level.upper())
+    if log.handlers:  # run() twice in one process: one handler is enough
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)-9s %(name)s: %(message)s"))
+    log.addHandler(handler)
+    log.propagate = False  # the handler above already writes it; no second copy
 
 
 def _bracketed(host: str) -> str:

@@ -8,10 +8,21 @@ back as a 500 that says "internal error" and a request id (the traceback goes to
 log, never to the client). Every stream ends with a chunk that carries ``finish_reason``
 or with an error event, and then ``data: [DONE]``.
 
+Besides OpenAI's routes: ``/tokenize`` and ``/detokenize`` in llama.cpp's shapes, and
+``/metrics`` in Prometheus' text format. Every generation that ends writes one line to
+the ``llamalab.serve`` log at info::
+
+    request cmpl-… /v1/completions prompt_tokens=5 completion_tokens=16 ttft_ms=41.2 \
+tokens_per_s=58.3 finish=length
+
+(``ttft_ms`` and ``tokens_per_s`` are ``-`` when no or one token came; ``finish`` is the
+engine's finish reason, or ``error`` or ``cancelled``.)
+
 The routes are module-level functions on one `APIRouter`; what they share (the
-scheduler, the tokenizer, the limits) is a `ServerState` on ``app.state.llamalab``.
-Three pure ASGI middlewares run before any route: the Host check (DNS-rebinding
-protection when there is no API key), the API key, and the body limit.
+scheduler, the tokenizer, the limits, the metrics) is a `ServerState` on
+``app.state.llamalab``. Four pure ASGI middlewares run before any route: the request
+counter (for ``/metrics``), the Host check (DNS-rebinding protection when there is no API
+key), the API key, and the body limit.
 """
 
 from __future__ import annotations
@@ -31,8 +42,17 @@ from typing import Any, cast
 from fastapi import APIRouter, FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.requests import Request as HTTPRequest
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from llamalab.errors import LlamalabError
 from llamalab.generation import Request
@@ -60,6 +80,103 @@ class Limits:
     max_queue: int = DEFAULT_MAX_QUEUE  # requests waiting for a batch row; more get 503
 
 
+# Buckets in seconds: a first token takes from milliseconds (a short prompt, a free row)
+# to minutes (a long prompt behind a full queue on a CPU); a whole request, longer.
+_TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+_DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+# Request counts are labelled by route, never by the raw path, so a client that sends
+# made-up paths cannot grow the label set without bound.
+_ROUTES = frozenset(
+    {
+        "/",
+        "/health",
+        "/metrics",
+        "/v1/models",
+        "/v1/completions",
+        "/v1/chat/completions",
+        "/tokenize",
+        "/detokenize",
+    }
+)
+
+
+def _route_label(path: str) -> str:
+    """The metrics label for a request path: its route, or "other"."""
+    if path in _ROUTES:
+        return path
+    if path.startswith("/v1/models/"):
+        return "/v1/models/{name}"
+    return "other"
+
+
+class Metrics:
+    """The server's Prometheus metrics, in a registry of their own.
+
+    Each app has its own registry, not prometheus-client's global one, so several apps in
+    one process (tests) never register the same name twice or mix their counts.
+    """
+
+    def __init__(self, scheduler: Scheduler) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "llamalab_requests",
+            "HTTP requests answered, by route and status code",
+            ["endpoint", "status"],
+            registry=r,
+        )
+        self.prompt_tokens = Counter(
+            "llamalab_prompt_tokens", "Prompt tokens of finished generations", registry=r
+        )
+        self.completion_tokens = Counter(
+            "llamalab_completion_tokens", "Tokens sampled by finished generations", registry=r
+        )
+        # Read from the scheduler when scraped, so they can never drift from /health.
+        Gauge("llamalab_queue_depth", "Requests waiting for a batch row", registry=r).set_function(
+            lambda: scheduler.queued
+        )
+        Gauge(
+            "llamalab_running_requests", "Requests generating in a batch row", registry=r
+        ).set_function(lambda: scheduler.active_slots)
+        self.ttft = Histogram(
+            "llamalab_time_to_first_token_seconds",
+            "Seconds from queueing a generation to its first token",
+            buckets=_TTFT_BUCKETS,
+            registry=r,
+        )
+        self.duration = Histogram(
+            "llamalab_request_duration_seconds",
+            "Seconds from queueing a generation to its end",
+            buckets=_DURATION_BUCKETS,
+            registry=r,
+        )
+
+
+class RequestCounter:
+    """Pure ASGI middleware: count every response by route and status.
+
+    It runs outside the other middlewares, so the 401s, 403s and 413s they answer with
+    are counted too.
+    """
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        endpoint = _route_label(scope["path"])
+
+        async def counted(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                self.metrics.requests.labels(endpoint, str(message["status"])).inc()
+            await send(message)
+
+        await self.app(scope, receive, counted)
+
+
 @dataclass
 class ServerState:
     """What every route needs, kept on ``app.state.llamalab``."""
@@ -67,6 +184,7 @@ class ServerState:
     scheduler: Scheduler
     model_id: str
     limits: Limits
+    metrics: Metrics
     created: int = field(default_factory=lambda: int(time.time()))
     draining: bool = False  # shutting down: running requests finish, new ones get 503
     # Tokenizing runs off the event loop, one prompt at a time, because the tokenizer
@@ -217,6 +335,17 @@ def _engine_request(
             code="invalid_value",
             param="max_tokens",
         )
+    # The engine refuses these too, but only once the request reaches the batch; here the
+    # client gets a 400 that names the field.
+    vocab = state.tokenizer.vocab_size
+    outside = next((i for i in body.logit_bias_ids if i >= vocab), None)
+    if outside is not None:
+        raise APIError(
+            400,
+            f"logit_bias: token id {outside} is outside the vocabulary of {vocab}",
+            code="invalid_value",
+            param="logit_bias",
+        )
     try:
         sampling = body.sampling()
     except LlamalabError as exc:
@@ -250,6 +379,35 @@ def _submit(state: ServerState, request: Request) -> Ticket:
     return scheduler.submit(request)
 
 
+def _finished(state: ServerState, reply: Reply, ending: str) -> None:
+    """Log one line for a generation that ended, and count it in the metrics.
+
+    ``ending`` says how it ended when the engine gave no finish reason ("error",
+    "cancelled"); a finish reason from the engine ("stop", "length") wins.
+    """
+    transcript = reply.transcript
+    now = time.monotonic()
+    finish = transcript.finish_reason if transcript.finish_reason not in (None, "error") else None
+    ttft = transcript.time_to_first_token
+    speed = transcript.tokens_per_second(now)
+    log.info(
+        "request %s %s prompt_tokens=%d completion_tokens=%d ttft_ms=%s tokens_per_s=%s finish=%s",
+        reply.id,
+        reply.endpoint,
+        transcript.prompt_tokens,
+        transcript.completion_tokens,
+        "-" if ttft is None else f"{ttft * 1000:.1f}",
+        "-" if speed is None else f"{speed:.1f}",
+        finish or ending,
+    )
+    metrics = state.metrics
+    metrics.prompt_tokens.inc(transcript.prompt_tokens)
+    metrics.completion_tokens.inc(transcript.completion_tokens)
+    if ttft is not None:
+        metrics.ttft.observe(ttft)
+    metrics.duration.observe(now - transcript.started)
+
+
 def _error_event(message: str, type_: str, code: str | None = None) -> bytes:
     return _sse(s.error_body(message, type_, code))
 
@@ -263,6 +421,7 @@ async def _stream(
     or an error event, then ``[DONE]``.
     """
     transcript = reply.transcript
+    ending = "cancelled"  # unless the loop below gets further
     try:
         for chunk in reply.opening():
             yield _sse(chunk)
@@ -270,6 +429,7 @@ async def _stream(
         async for event in ticket.events():
             if event.finish_reason == "error":
                 message = event.error or "the request failed"
+                ending = "error"
                 yield _error_event(message, "server_error", "generation_failed")
                 failed = True
                 break
@@ -280,20 +440,26 @@ async def _stream(
         if include_usage and not failed:
             yield _sse(reply.usage_chunk())
     except LlamalabError as exc:  # the engine refused the request
+        ending = "error"
         yield _error_event(str(exc), "invalid_request_error", "invalid_request")
     except Unavailable as exc:
+        ending = "error"
         yield _error_event(str(exc), "server_error", "server_unavailable")
     except Exception as exc:  # noqa: BLE001  (a bug: log it, end the stream properly)
+        ending = "error"
         yield _error_event(_internal_error(exc, "a stream"), "server_error")
     finally:
         state.scheduler.cancel(ticket)  # no-op when finished; frees the row when the client left
+        _finished(state, reply, ending)
     yield _sse("[DONE]")
 
 
 async def _run_to_end(
-    state: ServerState, ticket: Ticket, request: HTTPRequest, transcript: Transcript
+    state: ServerState, ticket: Ticket, request: HTTPRequest, reply: Reply
 ) -> tuple[str, list[LogprobEntry]]:
     """Collect a whole reply; a client that leaves meanwhile frees its row at once."""
+    transcript = reply.transcript
+    ending = "error"  # unless the reply is collected whole, or the client leaves
     text: list[str] = []
     entries: list[LogprobEntry] = []
     failure: list[str] = []
@@ -312,6 +478,7 @@ async def _run_to_end(
     try:
         await asyncio.wait({collector, watcher}, return_when=asyncio.FIRST_COMPLETED)
         if not collector.done():  # the client is gone: nobody will read this answer
+            ending = "cancelled"
             raise APIError(499, "the client closed the connection", code="client_closed_request")
         try:
             collector.result()
@@ -326,6 +493,8 @@ async def _run_to_end(
         watcher.cancel()
         collector.cancel()
         state.scheduler.cancel(ticket)
+        # Before the answer is sent, so a client that reads /metrics next sees this request.
+        _finished(state, reply, ending)
 
 
 async def _respond(
@@ -342,7 +511,7 @@ async def _respond(
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
-    text, entries = await _run_to_end(state, ticket, request, reply.transcript)
+    text, entries = await _run_to_end(state, ticket, request, reply)
     return reply.whole(text, entries)
 
 
@@ -469,6 +638,79 @@ async def chat_completions(body: s.ChatCompletionRequest, request: HTTPRequest) 
     return await _respond(state, request, body, _submit(state, req), reply)
 
 
+@router.post(
+    "/tokenize",
+    response_model=s.Tokenized,
+    responses=_ERRORS,
+    summary="Text to token ids (llama.cpp's shape)",
+)
+async def tokenize(body: s.TokenizeRequest, request: HTTPRequest) -> s.Tokenized:
+    """The ids of ``content``, special-token text parsed as a prompt's is.
+
+    ``add_special`` adds what the model adds to a prompt (BOS, for models that use one);
+    ``with_pieces`` pairs each id with its text.
+    """
+    state = _state(request)
+    # The same bound as a prompt's: no text costs more tokenizer work than one that fits.
+    _check_prompt_chars(state, len(body.content), "content")
+    tokenizer = state.tokenizer
+    add_special = body.add_special
+
+    def locked() -> list[int]:
+        with state.encode_lock:
+            return tokenizer.encode(
+                body.content,
+                add_bos=add_special and tokenizer.add_bos_default,
+                add_eos=add_special and tokenizer.add_eos_default,
+                special=True,
+            )
+
+    try:
+        ids = await asyncio.to_thread(locked)
+    except LlamalabError as exc:
+        raise APIError(400, str(exc), code="invalid_value", param="content") from exc
+    if not body.with_pieces:
+        return s.Tokenized(tokens=ids)
+    # A piece may be part of a UTF-8 character; its bytes then read as U+FFFD.
+    pieces = [
+        s.TokenPiece(id=i, piece=tokenizer.token_bytes(i).decode("utf-8", "replace")) for i in ids
+    ]
+    return s.Tokenized(tokens=pieces)
+
+
+@router.post(
+    "/detokenize",
+    response_model=s.Detokenized,
+    responses=_ERRORS,
+    summary="Token ids to text (llama.cpp's shape)",
+)
+async def detokenize(body: s.DetokenizeRequest, request: HTTPRequest) -> s.Detokenized:
+    """The text of ``tokens``, control tokens written out (as a completion's ids are)."""
+    state = _state(request)
+    tokenizer = state.tokenizer
+    # The body limit bounds how many ids there are; each must name a vocabulary entry.
+    bad = next((i for i in body.tokens if not 0 <= i < tokenizer.vocab_size), None)
+    if bad is not None:
+        raise APIError(
+            400,
+            f"token id {bad} is outside the vocabulary of {tokenizer.vocab_size}",
+            code="invalid_value",
+            param="tokens",
+        )
+    try:
+        content = await asyncio.to_thread(tokenizer.decode, body.tokens)
+    except LlamalabError as exc:
+        raise APIError(400, str(exc), code="invalid_value", param="tokens") from exc
+    return s.Detokenized(content=content)
+
+
+@router.get("/metrics", include_in_schema=False)
+async def metrics(request: HTTPRequest) -> Response:
+    """Prometheus' text format: requests, tokens, queue, latencies."""
+    registry = _state(request).metrics.registry
+    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+
 # ---------------------------------------------------------------------------- error handlers
 async def _api_error(_: HTTPRequest, exc: Exception) -> JSONResponse:
     return cast(APIError, exc).response()
@@ -529,7 +771,8 @@ def create_app(
     Args:
         scheduler: owns the engine (not started yet).
         model_id: the name clients use for the model.
-        api_key: if set, ``/v1/*`` needs ``Authorization: Bearer KEY``.
+        api_key: if set, ``/v1/*``, ``/tokenize`` and ``/detokenize`` need
+            ``Authorization: Bearer KEY``.
         limits: body size and queue length (defaults: `Limits()`).
         allowed_hosts: if set, a request whose Host header names none of these (or a
             loopback name) gets 403; ``None`` turns the check off.
@@ -539,6 +782,7 @@ def create_app(
         scheduler=scheduler,
         model_id=model_id,
         limits=limits or Limits(),
+        metrics=Metrics(scheduler),
         # The longest vocabulary entry bounds the characters one token stands for.
         max_token_chars=max(
             1, max(len(tokenizer.token_bytes(i)) for i in range(tokenizer.vocab_size))
@@ -574,6 +818,8 @@ def create_app(
         app.add_middleware(BearerAuth, api_key=api_key)
     if allowed_hosts is not None:
         app.add_middleware(HostCheck, allowed=[*LOOPBACK_HOSTS, *allowed_hosts])
+    # Outermost, so that whatever the others refuse is counted too.
+    app.add_middleware(RequestCounter, metrics=state.metrics)
     return app
 
 

@@ -49,12 +49,17 @@ def _host_name(header: str) -> str:
     return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
 
 
+# Besides /v1/*: the tokenizer routes use the model, so they need the key as generation does.
+KEYED_PATHS = frozenset({"/tokenize", "/detokenize"})
+
+
 class BearerAuth:
-    """Pure ASGI middleware: ``/v1/*`` needs ``Authorization: Bearer KEY``.
+    """Pure ASGI middleware: ``/v1/*``, ``/tokenize`` and ``/detokenize`` need
+    ``Authorization: Bearer KEY``.
 
     It runs before the body is read, so a request without the key gets 401 whatever else
-    is wrong with it. The chat page, ``/health`` and ``/openapi.json`` stay open: they
-    reveal nothing, and the page asks for the key itself.
+    is wrong with it. The chat page, ``/health``, ``/metrics`` and ``/openapi.json`` stay
+    open: they reveal no text, and the page asks for the key itself.
     """
 
     def __init__(self, app: ASGIApp, api_key: str) -> None:
@@ -62,7 +67,8 @@ class BearerAuth:
         self.expected = f"Bearer {api_key}".encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+        path = scope["path"] if scope["type"] == "http" else ""
+        if path.startswith("/v1") or path.rstrip("/") in KEYED_PATHS:
             given = dict(scope["headers"]).get(b"authorization", b"")
             if not hmac.compare_digest(given, self.expected):
                 message = "missing or wrong API key: send 'Authorization: Bearer KEY'"

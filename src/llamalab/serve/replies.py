@@ -34,11 +34,17 @@ class Transcript:
         self.completion_tokens = 0  # every sampled token, the one that stopped generation included
         self.finish_reason: str | None = None
         self._pending: list[LogprobEntry] = []
+        # For the request log and the metrics: the clock starts when the request is
+        # queued, so the time to the first token includes waiting for a batch row.
+        self.started = time.monotonic()
+        self.first_token_at: float | None = None
 
     def add(self, event: GenerationEvent) -> tuple[str, list[LogprobEntry]]:
         """Take one event; return the text and the logprob entries now released."""
         if event.token_id is not None:
             self.completion_tokens += 1
+            if self.first_token_at is None:
+                self.first_token_at = time.monotonic()
             if self.logprobs and event.finish_reason != "stop":
                 self._pending.append(
                     (event.token_id, event.logprob or 0.0, event.top_logprobs or [])
@@ -48,6 +54,18 @@ class Transcript:
         if event.text or event.finish_reason == "length":
             released, self._pending = self._pending, []
         return event.text, released
+
+    @property
+    def time_to_first_token(self) -> float | None:
+        """Seconds from queueing to the first sampled token; None if none came."""
+        return None if self.first_token_at is None else self.first_token_at - self.started
+
+    def tokens_per_second(self, now: float) -> float | None:
+        """Decoding speed after the first token (which prefill dominates); None below two."""
+        if self.first_token_at is None or self.completion_tokens < 2:
+            return None
+        elapsed = now - self.first_token_at
+        return (self.completion_tokens - 1) / elapsed if elapsed > 0 else None
 
     def usage(self) -> s.Usage:
         """Token counts so far."""
@@ -109,6 +127,7 @@ class Reply:
         self.id = f"{self.prefix}-{uuid.uuid4().hex[:24]}"
 
     prefix = ""
+    endpoint = ""  # the route, for the request log and the metrics
 
     def opening(self) -> list[s.BaseModel]:
         """Chunks sent before the first token."""
@@ -133,6 +152,7 @@ class CompletionReply(Reply):
     """``/v1/completions``: ``text_completion`` objects, streamed or whole."""
 
     prefix = "cmpl"
+    endpoint = "/v1/completions"
 
     def __init__(self, model_id: str, transcript: Transcript, *, logprobs: bool) -> None:
         super().__init__(model_id, transcript, logprobs=logprobs)
@@ -170,6 +190,7 @@ class ChatReply(Reply):
     """``/v1/chat/completions``: ``chat.completion`` objects, or chunks when streamed."""
 
     prefix = "chatcmpl"
+    endpoint = "/v1/chat/completions"
 
     def _chunk(
         self, choice: s.ChatChunkChoice | None, usage: s.Usage | None = None

@@ -6,15 +6,20 @@ impossible value becomes a 400 that names the field before anything reaches the 
 Types are strict, as OpenAI's are: ``"0.5"`` is not a temperature, ``[true, false]`` is
 not a prompt and ``"yes"`` is not a boolean. Numbers must be finite, and text must be
 encodable as UTF-8 (JSON can spell a lone surrogate, ``"\\ud800"``, which no tokenizer can
-take). A few llama.cpp-style
-extensions (``top_k``, ``min_p``, ``repeat_penalty``, ``ignore_eos``) let a client ask
-for the same sampling as ``llamalab generate``.
+take). OpenAI fields whose meaning this server does not implement (``tools``,
+``response_format``, ``echo``, ...) are refused with a 400 that names them when they ask for
+anything but their default: a client that asks for a JSON reply or a tool call must not get
+free text back as if it had been honoured. A few llama.cpp-style extensions (``top_k``,
+``min_p``, ``repeat_penalty``, ``ignore_eos``) let a client ask for the same sampling as
+``llamalab generate``.
 
 Responses mirror OpenAI's objects field for field, so the official client parses them.
 """
 
 from __future__ import annotations
 
+import json
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -23,13 +28,17 @@ from pydantic import (
     ConfigDict,
     Field,
     SerializerFunctionWrapHandler,
+    ValidationInfo,
     field_validator,
     model_serializer,
     model_validator,
 )
 
-from llamalab.generation.sampling import (
+from llamalab.generation.params import (
+    LOGIT_BIAS_RANGE,
+    MAX_LOGIT_BIAS_ENTRIES,
     MIN_TOP_P,
+    PRESENCE_FREQUENCY_RANGE,
     REPEAT_PENALTY_RANGE,
     SEED_LIMIT,
     SamplingParams,
@@ -64,6 +73,27 @@ def _top_p_floor(value: float) -> float:
 Text = Annotated[str, AfterValidator(_utf8)]
 """A string that can be encoded as UTF-8."""
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+Penalty = Annotated[
+    FiniteFloat, Field(ge=PRESENCE_FREQUENCY_RANGE[0], le=PRESENCE_FREQUENCY_RANGE[1])
+]
+Bias = Annotated[FiniteFloat, Field(ge=LOGIT_BIAS_RANGE[0], le=LOGIT_BIAS_RANGE[1])]
+_TOKEN_ID_KEY = re.compile(r"[0-9]{1,10}")
+
+# OpenAI's request fields that this server does not implement, each with the values that
+# ask for nothing (the field's default, or an empty list): those are accepted, since
+# clients often send them; anything else is refused with a 400 naming the field.
+UNSUPPORTED_FIELDS: dict[str, tuple[object, ...]] = {
+    "tools": (None, []),
+    "tool_choice": (None, "none"),
+    "functions": (None, []),
+    "function_call": (None, "none"),
+    "response_format": (None, {"type": "text"}),
+    "best_of": (None, 1),
+    "suffix": (None, ""),
+    "audio": (None,),
+    "modalities": (None, ["text"]),
+    "prediction": (None,),
+}
 
 
 # ---------------------------------------------------------------------------- requests
@@ -90,13 +120,80 @@ class _Request(BaseModel):
     repeat_penalty: (
         Annotated[FiniteFloat, Field(ge=REPEAT_PENALTY_RANGE[0], le=REPEAT_PENALTY_RANGE[1])] | None
     ) = None
+    # OpenAI's penalties on tokens already generated, and biases by token id; the engine
+    # applies them (see SamplingParams). logit_bias keys are token ids spelled as strings,
+    # since JSON object keys are strings; `logit_bias_ids` reads them.
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    logit_bias: dict[Text, Bias] | None = None
     ignore_eos: bool = False
     seed: Annotated[int, Field(ge=0, lt=SEED_LIMIT)] | None = None  # torch takes 64 bits
     stop: Text | list[Text] | None = None
-    n: Annotated[int, Field(ge=1, le=1)] = 1  # one choice per request (ask several times for more)
+    n: int = 1  # one choice per request (ask several times for more)
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: Text | None = None
+    # Declared only to be refused (see UNSUPPORTED_FIELDS); any JSON value is taken here
+    # so that the 400 says "not supported" rather than "wrong type".
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+    response_format: Any = None
+    best_of: Any = None
+    suffix: Any = None
+    audio: Any = None
+    modalities: Any = None
+    prediction: Any = None
+
+    @field_validator("logit_bias", mode="before")
+    @classmethod
+    def _few_biases(cls, value: object) -> object:
+        # Counted before pydantic checks each entry, so the limit also bounds that work.
+        if isinstance(value, dict) and len(value) > MAX_LOGIT_BIAS_ENTRIES:
+            raise ValueError(f"at most {MAX_LOGIT_BIAS_ENTRIES} entries, got {len(value)}")
+        return value
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_id_keys(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        # Ten digits cover any vocabulary; a longer key is a mistake, not a token.
+        bad = next((k for k in value or {} if not _TOKEN_ID_KEY.fullmatch(k)), None)
+        if bad is not None:
+            raise ValueError(f"keys must be token ids (decimal integers), got {bad[:20]!r}")
+        # "7" and "007" name one token; which bias was meant cannot be told.
+        if value is not None and len({int(k) for k in value}) != len(value):
+            raise ValueError("a token id is given more than once")
+        return value
+
+    @property
+    def logit_bias_ids(self) -> dict[int, float]:
+        """``logit_bias`` keyed by token id."""
+        return {int(k): v for k, v in (self.logit_bias or {}).items()}
+
+    @field_validator("n")
+    @classmethod
+    def _one_choice(cls, value: int) -> int:
+        if value != 1:
+            raise ValueError(
+                f"must be 1, got {value}: this server returns one choice per request "
+                "(send several requests for several choices)"
+            )
+        return value
+
+    @field_validator(*UNSUPPORTED_FIELDS)
+    @classmethod
+    def _not_implemented(cls, value: object, info: ValidationInfo) -> object:
+        # The error handler puts the field's name in front of the message.
+        accepted = UNSUPPORTED_FIELDS[info.field_name or ""]
+        # `type(v) is type(value)` keeps `true` from passing as 1 and `false` as 0.
+        if not any(type(v) is type(value) and v == value for v in accepted):
+            shown = " or ".join(json.dumps(v) for v in accepted if v is not None)
+            raise ValueError(
+                "not supported by this server; leave it out"
+                + (f" or send {shown}" if shown else "")
+            )
+        return value
 
     @field_validator("stop")
     @classmethod
@@ -116,6 +213,9 @@ class _Request(BaseModel):
             min_p=d.min_p if self.min_p is None else self.min_p,
             repeat_penalty=d.repeat_penalty if self.repeat_penalty is None else self.repeat_penalty,
             seed=self.seed,
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            logit_bias=self.logit_bias_ids,
         )
 
     @property
@@ -128,7 +228,14 @@ class CompletionRequest(_Request):
 
     prompt: Text | list[int] | list[Text]
     logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
-    echo: Literal[False] = False  # echoing the prompt back is not supported
+    echo: bool = False
+
+    @field_validator("echo")
+    @classmethod
+    def _no_echo(cls, value: bool) -> bool:
+        if value:
+            raise ValueError("not supported by this server; leave it out or send false")
+        return value
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -199,6 +306,24 @@ class ChatCompletionRequest(_Request):
     @property
     def logprobs_k(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
+
+
+class TokenizeRequest(BaseModel):
+    """``POST /tokenize``, in llama.cpp's server shape."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    content: Text
+    add_special: bool = False  # the model's own BOS/EOS, as a prompt would get them
+    with_pieces: bool = False  # each id with the text it stands for
+
+
+class DetokenizeRequest(BaseModel):
+    """``POST /detokenize``, in llama.cpp's server shape."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    tokens: list[int]
 
 
 # ---------------------------------------------------------------------------- responses
@@ -322,6 +447,21 @@ class Health(BaseModel):
     active_slots: int  # batch rows generating right now
     queued: int  # requests waiting for a free row
     max_batch: int
+
+
+class TokenPiece(BaseModel):
+    id: int
+    piece: str
+
+
+class Tokenized(BaseModel):
+    """``/tokenize``'s answer: ids, or ids with their pieces (``with_pieces``)."""
+
+    tokens: list[int] | list[TokenPiece]
+
+
+class Detokenized(BaseModel):
+    content: str
 
 
 class ErrorDetail(BaseModel):

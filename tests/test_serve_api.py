@@ -1,0 +1,342 @@
+"""`llamalab serve`'s API beyond generation: refused parameters, the tokenizer routes, the
+request log and the Prometheus metrics.
+
+One real server with an API key (so the key's reach over the new routes is tested too)
+and ``--log-level info`` (so its request log can be read back).
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import re
+import time
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("prometheus_client")
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from llamalab.serve.launch import ServerProcess
+
+CTX = 256
+KEY = "test-key"
+
+
+@pytest.fixture(scope="module")
+def server(smollm2_path):
+    args = ["--model", str(smollm2_path), "--ctx", str(CTX), "--max-batch", "2"]
+    args += ["--api-key", KEY, "--log-level", "info"]
+    with ServerProcess(args) as proc:
+        yield proc
+
+
+@pytest.fixture(scope="module")
+def tokenizer(smollm2_path):
+    from llamalab import load_tokenizer
+
+    return load_tokenizer(str(smollm2_path))
+
+
+def call(
+    server, method: str, path: str, body: dict | None = None, *, key: str | None = KEY
+) -> tuple[int, dict | str]:
+    """One request with the standard library: status and the JSON (or text) body."""
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=120)
+    headers = {"Content-Type": "application/json"}
+    if key is not None:
+        headers["Authorization"] = f"Bearer {key}"
+    conn.request(method, path, body=None if body is None else json.dumps(body), headers=headers)
+    response = conn.getresponse()
+    data = response.read().decode()
+    conn.close()
+    is_json = response.getheader("content-type", "").startswith("application/json")
+    return response.status, json.loads(data) if is_json else data
+
+
+def post(server, path: str, body: dict, **kw: object) -> tuple[int, dict]:
+    status, data = call(server, "POST", path, body, **kw)  # type: ignore[arg-type]
+    assert isinstance(data, dict), data
+    return status, data
+
+
+CHAT = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+COMPLETION = {"prompt": "Once upon a time", "max_tokens": 2}
+
+
+# ---------------------------------------------------------------------------- refused fields
+REFUSED = {
+    "tools": ("/v1/chat/completions", [{"type": "function", "function": {"name": "f"}}]),
+    "tool_choice": ("/v1/chat/completions", "auto"),
+    "functions": ("/v1/chat/completions", [{"name": "f"}]),
+    "function_call": ("/v1/chat/completions", "auto"),
+    "response_format": ("/v1/chat/completions", {"type": "json_object"}),
+    "n": ("/v1/completions", 2),
+    "echo": ("/v1/completions", True),
+    "best_of": ("/v1/completions", 3),
+    "suffix": ("/v1/completions", " the end"),
+    "audio": ("/v1/chat/completions", {"voice": "alloy", "format": "wav"}),
+    "modalities": ("/v1/chat/completions", ["text", "audio"]),
+    "prediction": ("/v1/chat/completions", {"type": "content", "content": "x"}),
+}
+
+
+@pytest.mark.parametrize("field", list(REFUSED))
+def test_unimplemented_parameters_get_a_400_naming_them(server, field):
+    path, value = REFUSED[field]
+    base = CHAT if path == "/v1/chat/completions" else COMPLETION
+    status, body = post(server, path, {**base, field: value})
+    assert status == 400, body
+    assert body["error"]["param"] == field
+    assert body["error"]["message"].startswith(f"{field}:")
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("tools", []),
+        ("tool_choice", "none"),
+        ("response_format", {"type": "text"}),
+        ("logit_bias", {}),
+        ("presence_penalty", 0),
+        ("frequency_penalty", 0.0),
+        ("modalities", ["text"]),
+        ("n", 1),
+        ("a_field_from_the_future", {"anything": True}),  # unknown fields stay ignored
+    ],
+)
+def test_defaults_and_unknown_fields_are_accepted(server, field, value):
+    status, body = post(server, "/v1/chat/completions", {**CHAT, field: value})
+    assert status == 200, body
+
+
+def test_a_boolean_is_not_a_default_value(server):
+    # `false == 0` in Python; the check must not let a boolean pass for best_of's 1.
+    status, body = post(server, "/v1/completions", {**COMPLETION, "best_of": True})
+    assert status == 400 and body["error"]["param"] == "best_of"
+
+
+# ---------------------------------------------------------------------------- penalties, bias
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"presence_penalty": 2.0, "frequency_penalty": -2.0},
+        {"presence_penalty": -0.5, "frequency_penalty": 1.5, "temperature": 1.0, "seed": 3},
+        {"logit_bias": {"6417": -100, "28": 100.0}},
+    ],
+)
+def test_penalties_and_biases_are_accepted(server, extra):
+    status, body = post(server, "/v1/chat/completions", {**CHAT, **extra})
+    assert status == 200, body
+
+
+def test_logit_bias_steers_generation(server, tokenizer):
+    body = {**COMPLETION, "max_tokens": 3, "temperature": 0, "ignore_eos": True}
+    status, reply = post(server, "/v1/completions", {**body, "logit_bias": {"6417": 100}})
+    assert status == 200, reply
+    assert reply["choices"][0]["text"] == tokenizer.decode([6417] * 3)
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"presence_penalty": 2.5}, "presence_penalty"),
+        ({"frequency_penalty": -2.01}, "frequency_penalty"),
+        ({"presence_penalty": "1"}, "presence_penalty"),
+        ({"logit_bias": {"6417": 101}}, "logit_bias.6417"),
+        ({"logit_bias": {"hello": 1}}, "logit_bias"),
+        ({"logit_bias": {"-5": 1}}, "logit_bias"),
+        ({"logit_bias": {str(i): 1 for i in range(301)}}, "logit_bias"),
+        ({"logit_bias": {"1000000": 1}}, "logit_bias"),
+        ({"logit_bias": [[6417, 1]]}, "logit_bias"),
+        ({"logit_bias": {"7": 1, "007": 2}}, "logit_bias"),
+    ],
+)
+def test_penalties_and_biases_out_of_range_get_a_400(server, extra, param):
+    for path, base in [("/v1/completions", COMPLETION), ("/v1/chat/completions", CHAT)]:
+        status, body = post(server, path, {**base, **extra})
+        assert status == 400, body
+        assert body["error"]["param"] == param
+
+
+# ---------------------------------------------------------------------------- tokenizer routes
+TEXTS = ["Hello, world!", "  spaces\tand\nnewlines ", "héllo 日本語 🙂", "<|im_start|>user", ""]
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_tokenize_matches_the_tokenizer(server, tokenizer, text):
+    status, body = post(server, "/tokenize", {"content": text})
+    assert status == 200, body
+    assert body == {"tokens": tokenizer.encode(text, add_bos=False, special=True)}
+
+
+def test_tokenize_add_special_adds_what_a_prompt_gets(server, tokenizer):
+    status, body = post(server, "/tokenize", {"content": "Hi there", "add_special": True})
+    assert status == 200
+    expected = tokenizer.encode(
+        "Hi there", add_bos=tokenizer.add_bos_default, add_eos=tokenizer.add_eos_default
+    )
+    assert body["tokens"] == expected
+
+
+def test_tokenize_with_pieces(server, tokenizer):
+    text = "Hello, world!"
+    status, body = post(server, "/tokenize", {"content": text, "with_pieces": True})
+    assert status == 200
+    ids = tokenizer.encode(text, add_bos=False)
+    assert [t["id"] for t in body["tokens"]] == ids
+    assert [t["piece"] for t in body["tokens"]] == [tokenizer.token_bytes(i).decode() for i in ids]
+    assert "".join(t["piece"] for t in body["tokens"]) == text
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_detokenize_round_trips(server, tokenizer, text):
+    ids = tokenizer.encode(text, add_bos=False)
+    status, body = post(server, "/detokenize", {"tokens": ids})
+    assert status == 200, body
+    assert body == {"content": tokenizer.decode(ids)}
+    assert body["content"] == text
+
+
+@pytest.mark.parametrize("bad", [-1, 10**9])
+def test_detokenize_refuses_ids_outside_the_vocabulary(server, bad):
+    status, body = post(server, "/detokenize", {"tokens": [1, bad]})
+    assert status == 400
+    assert body["error"]["param"] == "tokens" and str(bad) in body["error"]["message"]
+
+
+def test_tokenize_refuses_text_longer_than_a_prompt_may_be(server, tokenizer):
+    longest = max(len(tokenizer.token_bytes(i)) for i in range(tokenizer.vocab_size))
+    status, body = post(server, "/tokenize", {"content": "a" * (CTX * longest + 1)})
+    assert status == 400
+    assert body["error"]["param"] == "content"
+    assert body["error"]["code"] == "context_length_exceeded"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [{"content": 5}, {"content": "x", "add_special": "yes"}, {"tokens": "1 2"}, {}],
+)
+def test_tokenizer_routes_check_types(server, body):
+    path = "/detokenize" if "tokens" in body else "/tokenize"
+    status, reply = post(server, path, body)
+    assert status == 400 and reply["error"]["code"] == "invalid_value"
+
+
+def test_the_key_guards_the_tokenizer_routes(server):
+    for path, body in [("/tokenize", {"content": "hi"}), ("/detokenize", {"tokens": [1]})]:
+        assert post(server, path, body, key=None)[0] == 401
+        assert post(server, path, body, key="wrong")[0] == 401
+    assert call(server, "GET", "/health", key=None)[0] == 200
+    assert call(server, "GET", "/metrics", key=None)[0] == 200
+
+
+# ---------------------------------------------------------------------------- request log
+LOG_LINE = re.compile(
+    r"request (?P<id>\S+) (?P<endpoint>\S+) prompt_tokens=(?P<prompt>\d+) "
+    r"completion_tokens=(?P<completion>\d+) ttft_ms=(?P<ttft>[\d.]+|-) "
+    r"tokens_per_s=(?P<speed>[\d.]+|-) finish=(?P<finish>\w+)"
+)
+
+
+def log_line(server, request_id: str) -> re.Match[str]:
+    # The line is written before the answer is sent, but the log is a file another
+    # process writes: give its buffer a moment.
+    deadline = time.monotonic() + 10
+    while True:
+        for m in LOG_LINE.finditer(server.log_text()):
+            if m["id"] == request_id:
+                return m
+        assert time.monotonic() < deadline, server.log_text()[-2000:]
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize(
+    ("path", "base"), [("/v1/completions", COMPLETION), ("/v1/chat/completions", CHAT)]
+)
+def test_one_log_line_per_request(server, path, base):
+    body = {**base, "max_tokens": 5, "ignore_eos": True}
+    status, reply = post(server, path, body)
+    assert status == 200
+    m = log_line(server, reply["id"])
+    assert m["endpoint"] == path
+    assert int(m["prompt"]) == reply["usage"]["prompt_tokens"]
+    assert int(m["completion"]) == reply["usage"]["completion_tokens"] == 5
+    assert m["finish"] == "length"
+    assert float(m["ttft"]) > 0 and float(m["speed"]) > 0
+    assert server.log_text().count(reply["id"]) == 1
+
+
+def test_a_streamed_request_is_logged_too(server):
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=120)
+    payload = {**COMPLETION, "max_tokens": 3, "ignore_eos": True, "stream": True}
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"}
+    conn.request("POST", "/v1/completions", body=json.dumps(payload), headers=headers)
+    data = conn.getresponse().read().decode()
+    conn.close()
+    first = json.loads(data.split("data: ", 2)[1].split("\n", 1)[0])
+    m = log_line(server, first["id"])
+    assert m["completion"] == "3" and m["finish"] == "length"
+
+
+# ---------------------------------------------------------------------------- metrics
+def scrape(server) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    status, text = call(server, "GET", "/metrics", key=None)
+    assert status == 200 and isinstance(text, str)
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def test_metrics_count_requests_and_tokens(server):
+    requests = (
+        "llamalab_requests_total",
+        (("endpoint", "/v1/chat/completions"), ("status", "200")),
+    )
+    before = scrape(server)
+    usages = []
+    for prompt in ("Hi", "Tell me a joke"):
+        status, reply = post(
+            server,
+            "/v1/chat/completions",
+            {**CHAT, "messages": [{"role": "user", "content": prompt}]},
+        )
+        assert status == 200
+        usages.append(reply["usage"])
+    after = scrape(server)
+
+    def grew(name: str, labels: tuple = ()) -> float:
+        return after[(name, labels)] - before.get((name, labels), 0.0)
+
+    assert grew(*requests) == 2
+    assert grew("llamalab_prompt_tokens_total") == sum(u["prompt_tokens"] for u in usages)
+    assert grew("llamalab_completion_tokens_total") == sum(u["completion_tokens"] for u in usages)
+    assert grew("llamalab_time_to_first_token_seconds_count") == 2
+    assert grew("llamalab_request_duration_seconds_count") == 2
+    assert after[("llamalab_queue_depth", ())] == 0
+    assert after[("llamalab_running_requests", ())] == 0
+
+
+def test_metrics_count_refusals_by_status(server):
+    key = ("llamalab_requests_total", (("endpoint", "/tokenize"), ("status", "401")))
+    before = scrape(server).get(key, 0.0)
+    post(server, "/tokenize", {"content": "hi"}, key=None)
+    assert scrape(server)[key] == before + 1
+
+
+def test_each_app_has_its_own_registry():
+    # Two apps in one process (as in-process tests make) must not clash over names.
+    from llamalab.serve.app import Metrics
+
+    class Idle:
+        queued = 0
+        active_slots = 0
+
+    first, second = Metrics(Idle()), Metrics(Idle())  # type: ignore[arg-type]
+    first.prompt_tokens.inc(3)
+    assert first.registry.get_sample_value("llamalab_prompt_tokens_total") == 3
+    assert second.registry.get_sample_value("llamalab_prompt_tokens_total") == 0
