@@ -150,6 +150,13 @@ def run(args: argparse.Namespace) -> int:
         limits=Limits(max_body_bytes=args.max_body_bytes, max_queue=args.max_queue),
         allowed_hosts=allowed_hosts,
     )
+    where = f"http://{_bracketed(args.host)}:{args.port}"
+    print(
+        f"llamalab serve: {model_id_for(resolve_model_ref(args.model))} at {where}/v1 "
+        f"(chat page at {where}/), context {engine.max_seq_len} tokens, "
+        f"{args.max_batch} requests at a time, API key {'required' if args.api_key else 'off'}",
+        file=sys.stderr,
+    )
     # One process, one event loop: the scheduler thread does the heavy work.
     config = uvicorn.Config(
         app,
