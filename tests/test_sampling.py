@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from llamalab.errors import LlamalabError
+from llamalab.generation.params import MIN_TOP_P
 from llamalab.generation.sampling import (
-    MIN_TOP_P,
     SamplingParams,
     apply_repetition_penalty,
     logits_to_probs,

@@ -14,12 +14,6 @@ import torch
 from llamalab.errors import LlamalabError
 from llamalab.generation.params import (  # noqa: F401  (re-exported: the sampling API)
     GREEDY,
-    LOGIT_BIAS_RANGE,
-    MAX_LOGIT_BIAS_ENTRIES,
-    MIN_TOP_P,
-    PRESENCE_FREQUENCY_RANGE,
-    REPEAT_PENALTY_RANGE,
-    SEED_LIMIT,
     SamplingParams,
 )
 
