@@ -75,6 +75,14 @@ def smollm2_path() -> Path:
 
 
 @pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2_path):
+    """The default model's tokenizer, loaded once for the whole run."""
+    from llamalab import load_tokenizer
+
+    return load_tokenizer(smollm2_path)
+
+
+@pytest.fixture(scope="session")
 def smollm2_reference() -> dict:
     return json.loads((FIXTURES / "smollm2" / "smollm2_llamacpp_reference.json").read_text())
 
@@ -97,7 +105,32 @@ def write_vocab_gguf(path: Path, source: Path | str | None = None) -> Path:
     return path
 
 
-def run_cli(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+def http_request(
+    port: int,
+    method: str,
+    path: str,
+    body: bytes | str | dict | None = None,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, bytes, dict[str, str]]:
+    """One request to a test server with the standard library, so any body (a broken one
+    too) can be sent: the status, the raw body and the headers (names lower-cased)."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    if isinstance(body, dict):
+        body = json.dumps(body)
+    conn.request(
+        method, path, body=body, headers={"Content-Type": "application/json", **(headers or {})}
+    )
+    response = conn.getresponse()
+    data = response.read()
+    conn.close()
+    return response.status, data, {k.lower(): v for k, v in response.getheaders()}
+
+
+def run_cli(
+    *args: str, env: dict | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess:
     """Run ``llamalab ARGS`` in a fresh interpreter, as a user would."""
     full_env = {**os.environ, **(env or {})}
     return subprocess.run(

@@ -70,7 +70,9 @@ def test_unknown_architecture(checkpoints, tmp_path):
     config = json.loads((broken / "config.json").read_text())
     config["model_type"] = "gpt2"
     (broken / "config.json").write_text(json.dumps(config))
-    assert_clean_error(run_cli("info", str(broken)), "config.json", "unsupported architecture 'gpt2'")
+    assert_clean_error(
+        run_cli("info", str(broken)), "config.json", "unsupported architecture 'gpt2'"
+    )
 
     import gguf
 
@@ -112,7 +114,9 @@ def test_missing_path_and_existing_destination(checkpoints, tmp_path):
     _, hf, gguf_file = checkpoints
     assert_clean_error(run_cli("info", str(tmp_path / "nowhere")), "no such file")
     before = gguf_file.read_bytes()
-    assert_clean_error(run_cli("convert", str(hf), str(gguf_file), "--to", "gguf"), "already exists")
+    assert_clean_error(
+        run_cli("convert", str(hf), str(gguf_file), "--to", "gguf"), "already exists"
+    )
     assert gguf_file.read_bytes() == before
 
 

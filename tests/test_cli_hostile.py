@@ -18,6 +18,7 @@ import pytest
 from conftest import run_cli
 
 from llamalab.checkpoint import names as tensor_names
+from llamalab.checkpoint.names import expected_shapes
 from llamalab.config import ModelConfig
 from llamalab.gguf.vocab import add_vocab_to_gguf
 from llamalab.gguf.writer import add_model_metadata
@@ -128,17 +129,10 @@ def tiny_model_with_template(path: Path, vocab_source: Path, template: str) -> P
     assert add_vocab_to_gguf(writer, vocab_source)
     writer.add_chat_template(template)  # the last value given for a key wins
     rng = np.random.default_rng(0)
-    for name in tensor_names.canonical_names(config.n_layers, config.tie_embeddings):
+    for name, shape in expected_shapes(config).items():
         if name.endswith("norm.weight"):
-            array = np.ones(config.dim, dtype=np.float32)
+            array = np.ones(shape, dtype=np.float32)
         else:
-            shape = {
-                "tok_embeddings.weight": (n_vocab, config.dim),
-                "feed_forward.w1.weight": (config.ffn_hidden_dim, config.dim),
-                "feed_forward.w3.weight": (config.ffn_hidden_dim, config.dim),
-                "feed_forward.w2.weight": (config.dim, config.ffn_hidden_dim),
-            }.get(name.split(".", 2)[-1] if name.startswith("layers.") else name)
-            shape = shape or (config.dim, config.dim)
             array = (rng.standard_normal(shape) * 0.02).astype(np.float32)
         writer.add_tensor(tensor_names.to_format(name, "gguf"), array)
     writer.write_header_to_file()

@@ -32,7 +32,12 @@ def engine(runtime):
 
 
 def greedy_ids(engine, prompt_ids, n=N_TOKENS):
-    return [e.token_id for e in engine.generate(Request(prompt_ids, max_tokens=n, sampling=GREEDY, ignore_eos=True))]
+    return [
+        e.token_id
+        for e in engine.generate(
+            Request(prompt_ids, max_tokens=n, sampling=GREEDY, ignore_eos=True)
+        )
+    ]
 
 
 def test_greedy_matches_llamacpp_until_its_first_near_tie(engine, smollm2_reference):
@@ -47,12 +52,16 @@ def test_greedy_matches_llamacpp_until_its_first_near_tie(engine, smollm2_refere
     assert compared == 40  # the number of steps before each record's first near-tie, summed
 
 
-def test_float32_greedy_equals_transformers_for_all_tokens(float32_runtime, smollm2_path, smollm2_reference):
+def test_float32_greedy_equals_transformers_for_all_tokens(
+    float32_runtime, smollm2_path, smollm2_reference
+):
     from transformers import LlamaForCausalLM
 
     model, tokenizer = float32_runtime
     engine = Engine(model, tokenizer, max_batch=1, max_seq_len=512)
-    hf = LlamaForCausalLM.from_pretrained(smollm2_path.parent, gguf_file=smollm2_path.name, torch_dtype=torch.float32).eval()
+    hf = LlamaForCausalLM.from_pretrained(
+        smollm2_path.parent, gguf_file=smollm2_path.name, torch_dtype=torch.float32
+    ).eval()
     for record in smollm2_reference["records"]:
         prompt = torch.tensor([record["prompt_token_ids"]])
         with torch.no_grad():
@@ -70,11 +79,23 @@ def test_seeds_and_top_k_one(engine, runtime):
 
     def run(**kw):
         sampling = SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, **kw)
-        return [e.token_id for e in engine.generate(Request(prompt, max_tokens=24, sampling=sampling, ignore_eos=True))]
+        return [
+            e.token_id
+            for e in engine.generate(
+                Request(prompt, max_tokens=24, sampling=sampling, ignore_eos=True)
+            )
+        ]
 
     assert run(seed=1) == run(seed=1)
     assert run(seed=1) != run(seed=2)
-    top1 = [e.token_id for e in engine.generate(Request(prompt, max_tokens=24, sampling=SamplingParams(top_k=1, seed=5), ignore_eos=True))]
+    top1 = [
+        e.token_id
+        for e in engine.generate(
+            Request(
+                prompt, max_tokens=24, sampling=SamplingParams(top_k=1, seed=5), ignore_eos=True
+            )
+        )
+    ]
     assert top1 == greedy_ids(engine, prompt, 24)
 
 
@@ -84,16 +105,23 @@ def test_stop_string_spanning_tokens_is_not_emitted(engine, runtime):
     free = engine.generate_batch([Request(prompt, max_tokens=24, sampling=GREEDY)])[0]
     pieces = [tokenizer.decode([t]) for t in free.ids]
     # A stop string made of the end of one token and the start of the next.
-    k = next(i for i in range(3, len(pieces) - 1) if len(pieces[i]) >= 2 and len(pieces[i + 1]) >= 2)
+    k = next(
+        i for i in range(3, len(pieces) - 1) if len(pieces[i]) >= 2 and len(pieces[i + 1]) >= 2
+    )
     stop = pieces[k][-2:] + pieces[k + 1][:2]
     cut = free.text.index(stop)
-    stopped = engine.generate_batch([Request(prompt, max_tokens=24, sampling=GREEDY, stop=[stop])])[0]
+    stopped = engine.generate_batch([Request(prompt, max_tokens=24, sampling=GREEDY, stop=[stop])])[
+        0
+    ]
     assert stopped.finish_reason == "stop"
     assert stopped.text == free.text[:cut]
     assert stop not in stopped.text
     assert stopped.ids == free.ids[:k]  # the tokens that carried the stop string are excluded
 
-    streamed = "".join(e.text for e in engine.generate(Request(prompt, max_tokens=24, sampling=GREEDY, stop=[stop])))
+    streamed = "".join(
+        e.text
+        for e in engine.generate(Request(prompt, max_tokens=24, sampling=GREEDY, stop=[stop]))
+    )
     assert streamed == free.text[:cut]
 
 
@@ -112,7 +140,9 @@ def test_batched_greedy_equals_each_alone(engine, smollm2_reference):
     prompts = [r["prompt_token_ids"] for r in smollm2_reference["records"][:4]]
     assert len({len(p) for p in prompts}) == 4  # different lengths, no padding needed
     alone = [greedy_ids(engine, p, 16) for p in prompts]
-    together = engine.generate_batch([Request(p, max_tokens=16, sampling=GREEDY, ignore_eos=True) for p in prompts])
+    together = engine.generate_batch(
+        [Request(p, max_tokens=16, sampling=GREEDY, ignore_eos=True) for p in prompts]
+    )
     assert [s.ids for s in together] == alone
 
 
@@ -157,7 +187,11 @@ def test_long_prompt_added_in_chunks_while_another_decodes(engine, smollm2_refer
 
 def test_logprobs(engine, runtime):
     _, tokenizer = runtime
-    events = list(engine.generate(Request(tokenizer.encode("One, two,"), max_tokens=4, sampling=GREEDY, logprobs=3)))
+    events = list(
+        engine.generate(
+            Request(tokenizer.encode("One, two,"), max_tokens=4, sampling=GREEDY, logprobs=3)
+        )
+    )
     for e in events:
         assert len(e.top_logprobs) == 3
         assert e.top_logprobs[0][0] == e.token_id  # greedy: the chosen token is the most likely
@@ -182,4 +216,8 @@ def test_cli_generate_json(smollm2_path, smollm2_reference):
     assert out["ids"] == record["greedy_ids"][:8]
     assert out["finish_reason"] == "length"
     assert len(out["logprobs"]) == 8 and len(out["logprobs"][0]["top_logprobs"]) == 2
-    assert set(out["timing"]) >= {"prefill_tokens_per_s", "decode_tokens_per_s", "time_to_first_token_s"}
+    assert set(out["timing"]) >= {
+        "prefill_tokens_per_s",
+        "decode_tokens_per_s",
+        "time_to_first_token_s",
+    }

@@ -52,7 +52,6 @@ F16_FIELD_OFFSETS: dict[GGMLQuantizationType, tuple[int, ...]] = {
 SHAPES_IN_BLOCKS = [(2, 1), (5, 3), (4, 3, 2), (33, 2)]
 
 
-
 def _logical_shape(
     qtype: GGMLQuantizationType, shape_in_blocks: tuple[int, ...]
 ) -> tuple[int, ...]:

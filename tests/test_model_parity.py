@@ -32,7 +32,9 @@ def hf_folder(request, tmp_path_factory):
 def test_logits_match_transformers(hf_folder):
     hf_model, folder = hf_folder
     ours = llamalab.load_model(folder)
-    tokens = torch.randint(0, hf_model.config.vocab_size, (2, 48), generator=torch.Generator().manual_seed(1))
+    tokens = torch.randint(
+        0, hf_model.config.vocab_size, (2, 48), generator=torch.Generator().manual_seed(1)
+    )
     expected = hf_logits(hf_model, tokens)
     assert expected.std() > 0.1  # the comparison is not between two near-zero tensors
     torch.testing.assert_close(our_logits(ours, tokens), expected, atol=TOL, rtol=0)
@@ -41,12 +43,19 @@ def test_logits_match_transformers(hf_folder):
 def test_logits_match_after_hf_meta_gguf_round_trip(hf_folder, tmp_path):
     hf_model, folder = hf_folder
     meta = convert(folder, tmp_path / "meta", to="meta", shards=2)
-    assert sorted(p.name for p in meta.glob("consolidated.*.pth")) == ["consolidated.00.pth", "consolidated.01.pth"]
+    assert sorted(p.name for p in meta.glob("consolidated.*.pth")) == [
+        "consolidated.00.pth",
+        "consolidated.01.pth",
+    ]
     gguf_file = convert(meta, tmp_path / "model.gguf", to="gguf", dtype="f32")
     ours = llamalab.load_model(gguf_file)
     assert ours.config == llamalab.load_config(folder)
-    tokens = torch.randint(0, hf_model.config.vocab_size, (2, 48), generator=torch.Generator().manual_seed(2))
-    torch.testing.assert_close(our_logits(ours, tokens), hf_logits(hf_model, tokens), atol=TOL, rtol=0)
+    tokens = torch.randint(
+        0, hf_model.config.vocab_size, (2, 48), generator=torch.Generator().manual_seed(2)
+    )
+    torch.testing.assert_close(
+        our_logits(ours, tokens), hf_logits(hf_model, tokens), atol=TOL, rtol=0
+    )
 
 
 def test_written_hf_folder_loads_in_transformers(hf_folder, tmp_path):
@@ -56,14 +65,20 @@ def test_written_hf_folder_loads_in_transformers(hf_folder, tmp_path):
     gguf_file = convert(folder, tmp_path / "model.gguf", to="gguf", dtype="f32")
     back = convert(gguf_file, tmp_path / "hf", to="hf")
     reloaded = LlamaForCausalLM.from_pretrained(back).eval()
-    tokens = torch.randint(0, hf_model.config.vocab_size, (1, 32), generator=torch.Generator().manual_seed(3))
-    torch.testing.assert_close(hf_logits(reloaded, tokens), hf_logits(hf_model, tokens), atol=TOL, rtol=0)
+    tokens = torch.randint(
+        0, hf_model.config.vocab_size, (1, 32), generator=torch.Generator().manual_seed(3)
+    )
+    torch.testing.assert_close(
+        hf_logits(reloaded, tokens), hf_logits(hf_model, tokens), atol=TOL, rtol=0
+    )
 
 
 def test_training_loss_matches_transformers(hf_folder):
     hf_model, folder = hf_folder
     ours = llamalab.load_model(folder)
-    tokens = torch.randint(0, hf_model.config.vocab_size, (2, 33), generator=torch.Generator().manual_seed(4))
+    tokens = torch.randint(
+        0, hf_model.config.vocab_size, (2, 33), generator=torch.Generator().manual_seed(4)
+    )
     with torch.no_grad():
         expected = hf_model(tokens, labels=tokens).loss  # HF shifts the labels itself
         loss = ours(tokens[:, :-1], targets=tokens[:, 1:])
@@ -73,7 +88,9 @@ def test_training_loss_matches_transformers(hf_folder):
 def test_kv_cached_decoding_equals_full_recomputation(hf_folder):
     _, folder = hf_folder
     model = llamalab.load_model(folder)
-    tokens = torch.randint(0, model.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(5))
+    tokens = torch.randint(
+        0, model.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(5)
+    )
     full = our_logits(model, tokens)
     model.setup_cache(max_batch_size=2, max_seq_len=64)
     prefill = 17

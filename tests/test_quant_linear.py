@@ -28,7 +28,9 @@ from llamalab.quant.linear import (
     quantize_model,
 )
 
-needs_fp16 = pytest.mark.skipif(not fp16_kernel_available(), reason="no fbgemm fp16 kernel in this torch build")
+needs_fp16 = pytest.mark.skipif(
+    not fp16_kernel_available(), reason="no fbgemm fp16 kernel in this torch build"
+)
 
 
 def _check_close(layer: QuantizedLinear, weight: torch.Tensor, x: torch.Tensor) -> None:

@@ -6,7 +6,6 @@ compared with the same engine run in this process, and once with `llamalab gener
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import shutil
@@ -17,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
+from conftest import http_request, run_cli
 
 openai = pytest.importorskip("openai")
 
@@ -94,18 +93,10 @@ def greedy(engine: Engine, prompt_ids: list[int], max_tokens: int, **kw) -> tupl
 def raw(
     server, method: str, path: str, body: bytes | str | dict | None = None, *, key: str | None = KEY
 ) -> tuple[int, dict]:
-    """One request with the standard library, so any body (also a broken one) can be sent."""
-    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=120)
-    headers = {"Content-Type": "application/json"}
-    if key is not None:
-        headers["Authorization"] = f"Bearer {key}"
-    if isinstance(body, dict):
-        body = json.dumps(body)
-    conn.request(method, path, body=body, headers=headers)
-    response = conn.getresponse()
-    data = response.read()
-    conn.close()
-    return response.status, json.loads(data) if data else {}
+    """One request as a client sends it, with the API key unless ``key`` is None."""
+    headers = {} if key is None else {"Authorization": f"Bearer {key}"}
+    status, data, _ = http_request(server.port, method, path, body, headers)
+    return status, json.loads(data) if data else {}
 
 
 # ---------------------------------------------------------------------------- the openai client

@@ -7,12 +7,12 @@ and ``--log-level info`` (so its request log can be read back).
 
 from __future__ import annotations
 
-import http.client
 import json
 import re
 import time
 
 import pytest
+from conftest import http_request
 
 pytest.importorskip("fastapi")
 pytest.importorskip("prometheus_client")
@@ -33,27 +33,14 @@ def server(smollm2_path):
         yield proc
 
 
-@pytest.fixture(scope="module")
-def tokenizer(smollm2_path):
-    from llamalab import load_tokenizer
-
-    return load_tokenizer(str(smollm2_path))
-
-
 def call(
     server, method: str, path: str, body: dict | None = None, *, key: str | None = KEY
 ) -> tuple[int, dict | str]:
-    """One request with the standard library: status and the JSON (or text) body."""
-    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=120)
-    headers = {"Content-Type": "application/json"}
-    if key is not None:
-        headers["Authorization"] = f"Bearer {key}"
-    conn.request(method, path, body=None if body is None else json.dumps(body), headers=headers)
-    response = conn.getresponse()
-    data = response.read().decode()
-    conn.close()
-    is_json = response.getheader("content-type", "").startswith("application/json")
-    return response.status, json.loads(data) if is_json else data
+    """One request with the API key unless ``key`` is None: status and the JSON (or text) body."""
+    headers = {} if key is None else {"Authorization": f"Bearer {key}"}
+    status, data, got = http_request(server.port, method, path, body, headers)
+    is_json = got.get("content-type", "").startswith("application/json")
+    return status, json.loads(data) if is_json else data.decode()
 
 
 def post(server, path: str, body: dict, **kw: object) -> tuple[int, dict]:
@@ -132,11 +119,11 @@ def test_penalties_and_biases_are_accepted(server, extra):
     assert status == 200, body
 
 
-def test_logit_bias_steers_generation(server, tokenizer):
+def test_logit_bias_steers_generation(server, smollm2_tokenizer):
     body = {**COMPLETION, "max_tokens": 3, "temperature": 0, "ignore_eos": True}
     status, reply = post(server, "/v1/completions", {**body, "logit_bias": {"6417": 100}})
     assert status == 200, reply
-    assert reply["choices"][0]["text"] == tokenizer.decode([6417] * 3)
+    assert reply["choices"][0]["text"] == smollm2_tokenizer.decode([6417] * 3)
 
 
 @pytest.mark.parametrize(
@@ -166,37 +153,41 @@ TEXTS = ["Hello, world!", "  spaces\tand\nnewlines ", "héllo 日本語 🙂", "
 
 
 @pytest.mark.parametrize("text", TEXTS)
-def test_tokenize_matches_the_tokenizer(server, tokenizer, text):
+def test_tokenize_matches_the_tokenizer(server, smollm2_tokenizer, text):
     status, body = post(server, "/tokenize", {"content": text})
     assert status == 200, body
-    assert body == {"tokens": tokenizer.encode(text, add_bos=False, special=True)}
+    assert body == {"tokens": smollm2_tokenizer.encode(text, add_bos=False, special=True)}
 
 
-def test_tokenize_add_special_adds_what_a_prompt_gets(server, tokenizer):
+def test_tokenize_add_special_adds_what_a_prompt_gets(server, smollm2_tokenizer):
     status, body = post(server, "/tokenize", {"content": "Hi there", "add_special": True})
     assert status == 200
-    expected = tokenizer.encode(
-        "Hi there", add_bos=tokenizer.add_bos_default, add_eos=tokenizer.add_eos_default
+    expected = smollm2_tokenizer.encode(
+        "Hi there",
+        add_bos=smollm2_tokenizer.add_bos_default,
+        add_eos=smollm2_tokenizer.add_eos_default,
     )
     assert body["tokens"] == expected
 
 
-def test_tokenize_with_pieces(server, tokenizer):
+def test_tokenize_with_pieces(server, smollm2_tokenizer):
     text = "Hello, world!"
     status, body = post(server, "/tokenize", {"content": text, "with_pieces": True})
     assert status == 200
-    ids = tokenizer.encode(text, add_bos=False)
+    ids = smollm2_tokenizer.encode(text, add_bos=False)
     assert [t["id"] for t in body["tokens"]] == ids
-    assert [t["piece"] for t in body["tokens"]] == [tokenizer.token_bytes(i).decode() for i in ids]
+    assert [t["piece"] for t in body["tokens"]] == [
+        smollm2_tokenizer.token_bytes(i).decode() for i in ids
+    ]
     assert "".join(t["piece"] for t in body["tokens"]) == text
 
 
 @pytest.mark.parametrize("text", TEXTS)
-def test_detokenize_round_trips(server, tokenizer, text):
-    ids = tokenizer.encode(text, add_bos=False)
+def test_detokenize_round_trips(server, smollm2_tokenizer, text):
+    ids = smollm2_tokenizer.encode(text, add_bos=False)
     status, body = post(server, "/detokenize", {"tokens": ids})
     assert status == 200, body
-    assert body == {"content": tokenizer.decode(ids)}
+    assert body == {"content": smollm2_tokenizer.decode(ids)}
     assert body["content"] == text
 
 
@@ -207,8 +198,10 @@ def test_detokenize_refuses_ids_outside_the_vocabulary(server, bad):
     assert body["error"]["param"] == "tokens" and str(bad) in body["error"]["message"]
 
 
-def test_tokenize_refuses_text_longer_than_a_prompt_may_be(server, tokenizer):
-    longest = max(len(tokenizer.token_bytes(i)) for i in range(tokenizer.vocab_size))
+def test_tokenize_refuses_text_longer_than_a_prompt_may_be(server, smollm2_tokenizer):
+    longest = max(
+        len(smollm2_tokenizer.token_bytes(i)) for i in range(smollm2_tokenizer.vocab_size)
+    )
     status, body = post(server, "/tokenize", {"content": "a" * (CTX * longest + 1)})
     assert status == 400
     assert body["error"]["param"] == "content"
@@ -270,12 +263,10 @@ def test_one_log_line_per_request(server, path, base):
 
 
 def test_a_streamed_request_is_logged_too(server):
-    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=120)
     payload = {**COMPLETION, "max_tokens": 3, "ignore_eos": True, "stream": True}
-    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"}
-    conn.request("POST", "/v1/completions", body=json.dumps(payload), headers=headers)
-    data = conn.getresponse().read().decode()
-    conn.close()
+    headers = {"Authorization": f"Bearer {KEY}"}
+    _, raw, _ = http_request(server.port, "POST", "/v1/completions", payload, headers)
+    data = raw.decode()
     first = json.loads(data.split("data: ", 2)[1].split("\n", 1)[0])
     m = log_line(server, first["id"])
     assert m["completion"] == "3" and m["finish"] == "length"
@@ -330,7 +321,7 @@ def test_metrics_count_refusals_by_status(server):
 
 def test_each_app_has_its_own_registry():
     # Two apps in one process (as in-process tests make) must not clash over names.
-    from llamalab.serve.app import Metrics
+    from llamalab.serve.metrics import Metrics
 
     class Idle:
         queued = 0

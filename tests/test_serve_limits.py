@@ -7,7 +7,6 @@ SIGTERM test starts a server of its own, since it ends it.
 
 from __future__ import annotations
 
-import http.client
 import json
 import signal
 import socket
@@ -15,6 +14,7 @@ import threading
 import time
 
 import pytest
+from conftest import http_request
 
 pytest.importorskip("fastapi")
 
@@ -35,29 +35,14 @@ def server(smollm2_path):
         yield proc
 
 
-@pytest.fixture(scope="module")
-def tokenizer(smollm2_path):
-    from llamalab.tokenizer import load_tokenizer
-
-    return load_tokenizer(str(smollm2_path))
-
-
 def post(
     server, path: str, body: bytes | str | dict, *, host: str | None = None
 ) -> tuple[int, dict, dict]:
-    """One POST with the standard library: status, JSON body, headers."""
-    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=120)
-    headers = {"Content-Type": "application/json"}
-    if host is not None:
-        headers["Host"] = host
-    conn.request(
-        "POST", path, body=json.dumps(body) if isinstance(body, dict) else body, headers=headers
+    """One POST, with another Host header if given: status, JSON body, headers."""
+    status, data, headers = http_request(
+        server.port, "POST", path, body, {} if host is None else {"Host": host}
     )
-    response = conn.getresponse()
-    data = response.read()
-    conn.close()
-    headers = {k.lower(): v for k, v in response.getheaders()}
-    return response.status, json.loads(data) if data else {}, headers
+    return status, json.loads(data) if data else {}, headers
 
 
 def sse_events(data: bytes) -> list[str]:
@@ -194,12 +179,14 @@ def test_a_long_prompt_is_refused_without_tokenizing_it_all(server):
     assert time.perf_counter() - t0 < 5.0
 
 
-def test_a_valid_prompt_near_the_character_bound_is_tokenized_exactly(server, tokenizer):
+def test_a_valid_prompt_near_the_character_bound_is_tokenized_exactly(server, smollm2_tokenizer):
     # The longest vocabulary entry, repeated: as many characters per token as there can
     # be, so this prompt sits at the character bound and still fits the context.
-    longest = max(range(tokenizer.vocab_size), key=lambda i: len(tokenizer.token_bytes(i)))
-    text = tokenizer.token_bytes(longest).decode() * (CTX - 12)
-    expected = len(tokenizer.encode(text, special=True))
+    longest = max(
+        range(smollm2_tokenizer.vocab_size), key=lambda i: len(smollm2_tokenizer.token_bytes(i))
+    )
+    text = smollm2_tokenizer.token_bytes(longest).decode() * (CTX - 12)
+    expected = len(smollm2_tokenizer.encode(text, special=True))
     assert expected < CTX - 1
     status, data, _ = post(server, "/v1/completions", {"prompt": text, "max_tokens": 1})
     assert status == 200, data

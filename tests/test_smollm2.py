@@ -69,7 +69,10 @@ def test_teacher_forced_greedy_steps_agree_with_llamacpp(ours, smollm2_reference
         n = len(record["prompt_token_ids"])
         for step, info in enumerate(record["greedy_steps"]):
             if info["margin_top1_top2"] >= 0.5:
-                assert logits[n - 1 + step].argmax().item() == info["top5_ids"][0], (record["name"], step)
+                assert logits[n - 1 + step].argmax().item() == info["top5_ids"][0], (
+                    record["name"],
+                    step,
+                )
                 checked += 1
     assert checked >= 150
 

@@ -160,6 +160,8 @@ def test_phi3_through_the_command_line() -> None:
 
     vectors = [(t, ids) for t, ids in read_vectors("phi-3") if t.strip()][:5]
     for text, expected in vectors:
-        result = run_cli("tokenize", "--model", str(PHI3), "--json", "--no-bos", "--no-special", text)
+        result = run_cli(
+            "tokenize", "--model", str(PHI3), "--json", "--no-bos", "--no-special", text
+        )
         assert result.returncode == 0, result.stderr
         assert json.loads(result.stdout)["ids"] == expected, text

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import sys
-from collections import Counter
 from pathlib import Path
 
 from llamalab.errors import LlamalabError
@@ -76,8 +75,8 @@ def describe_checkpoint(path: Path) -> str:
     reader = open_checkpoint(path)
     try:
         config = reader.config
-        types = Counter(reader.info(n).stored_type for n in reader.names())
-        main_type = types.most_common(1)[0][0] if types else "?"
+        types = reader.stored_types()
+        main_type = max(types, key=types.__getitem__) if types else "?"
         params = config.num_parameters()
     finally:
         reader.close()

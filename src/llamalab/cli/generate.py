@@ -73,11 +73,6 @@ def _read_prompt(args: argparse.Namespace) -> str:
     return read_text_stdin("prompt")
 
 
-def token_text(tokenizer, token_id: int) -> str:
-    """What one token decodes to on its own (a partial UTF-8 character shows as U+FFFD)."""
-    return tokenizer.token_bytes(token_id).decode("utf-8", "replace")
-
-
 def run(args: argparse.Namespace) -> int:
     from llamalab.generation import Engine, Request
     from llamalab.generation.chat import build_messages
@@ -132,10 +127,10 @@ def run(args: argparse.Namespace) -> int:
             out["logprobs"] = [
                 {
                     "id": e.token_id,
-                    "token": token_text(tokenizer, e.token_id),
+                    "token": tokenizer.token_text(e.token_id),
                     "logprob": e.logprob,
                     "top_logprobs": [
-                        {"id": i, "token": token_text(tokenizer, i), "logprob": lp}
+                        {"id": i, "token": tokenizer.token_text(i), "logprob": lp}
                         for i, lp in e.top_logprobs or []
                     ],
                 }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -84,15 +85,13 @@ def run_memory(config: ModelConfig, ctx: int, dtype: str) -> dict[str, Any]:
     float32; ``float32`` holds every weight in float32. The cache is float32 on the CPU
     and holds ``ctx`` tokens (never more than the model's context).
     """
-    per_layer_linear = (
-        config.dim * config.n_heads * config.head_dim  # wq
-        + 2 * config.dim * config.n_kv_heads * config.head_dim  # wk, wv
-        + config.n_heads * config.head_dim * config.dim  # wo
-        + 3 * config.dim * config.ffn_hidden_dim  # w1, w2, w3
-    )
-    linear = config.n_layers * per_layer_linear + config.vocab_size * config.dim  # + output
-    embedding = config.vocab_size * config.dim
-    norms = (2 * config.n_layers + 1) * config.dim
+    from llamalab.checkpoint.names import expected_shapes
+
+    sizes = {name: math.prod(shape) for name, shape in expected_shapes(config).items()}
+    embedding = sizes.pop("tok_embeddings.weight")
+    norms = sum(n for name, n in sizes.items() if name.endswith("norm.weight"))
+    # Every other tensor is a linear layer; a tied output layer is packed as one more.
+    linear = sum(sizes.values()) - norms + (embedding if config.tie_embeddings else 0)
     if dtype == "auto":
         weights = 2 * linear + 4 * (embedding + norms)
     else:

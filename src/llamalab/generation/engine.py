@@ -367,25 +367,37 @@ class Engine:
     def _prefill_chunk(self, seq: Generation, budget: int) -> torch.Tensor | None:
         """Run the next ≤ ``budget`` prompt tokens of ``seq``; the last chunk returns the
         logits (vocab,) that choose its first token, earlier ones ``None``."""
-        start = seq.prefilled
-        end = min(start + budget, len(seq.prompt))
+        tokens, view, end = self._chunk_inputs(seq, budget)
         _use_threads(self.threads)
         t0 = time.perf_counter()
         with torch.inference_mode():
-            tokens = torch.tensor([seq.prompt[start:end]], dtype=torch.long, device=self.device)
-            view = cache_view(
-                torch.arange(start, end).unsqueeze(0), row=seq.row, kv_len=end, last_only=True,
-                dtype=self.dtype, device=self.device,
-            )  # fmt: skip
-            logits = self.model(tokens, cache=view)
-            # Sampling runs on the CPU, over the tokenizer's ids only.
-            logits = (
-                logits[0, -1, : self.vocab_size].float().cpu() if end == len(seq.prompt) else None
-            )
-        seq.timing.prefill_s += time.perf_counter() - t0
-        self._cached[seq.row].extend(seq.prompt[start:end])
-        seq.prefilled = end
+            logits = self._first_logits(seq, end, self.model(tokens.to(self.device), cache=view))
+        self._chunk_done(seq, end, time.perf_counter() - t0)
         return logits
+
+    def _chunk_inputs(self, seq: Generation, budget: int) -> tuple[torch.Tensor, CacheView, int]:
+        """The next ≤ ``budget`` prompt tokens of ``seq`` (1, n), their view, and where they end."""
+        start = seq.prefilled
+        end = min(start + budget, len(seq.prompt))
+        tokens = torch.tensor([seq.prompt[start:end]], dtype=torch.long)
+        view = cache_view(
+            torch.arange(start, end).unsqueeze(0), row=seq.row, kv_len=end, last_only=True,
+            dtype=self.dtype, device=self.device,
+        )  # fmt: skip
+        return tokens, view, end
+
+    def _first_logits(self, seq: Generation, end: int, logits: torch.Tensor) -> torch.Tensor | None:
+        """A chunk's logits (1, 1, vocab) as the first token's (vocab,), if it ends the prompt.
+
+        Sampling runs on the CPU, over the tokenizer's ids only.
+        """
+        return logits[0, -1, : self.vocab_size].float().cpu() if end == len(seq.prompt) else None
+
+    def _chunk_done(self, seq: Generation, end: int, elapsed: float) -> None:
+        """Record that ``seq``'s cache now holds its prompt up to ``end``."""
+        seq.timing.prefill_s += elapsed
+        self._cached[seq.row].extend(seq.prompt[seq.prefilled : end])
+        seq.prefilled = end
 
     def _first_token(self, seq: Generation, logits: torch.Tensor) -> GenerationEvent:
         seq.pos = len(seq.prompt)
@@ -497,38 +509,28 @@ class Engine:
         Returns None, having changed nothing a retry would not redo, if the pass failed.
         """
         tokens, decode_view, lo = self._decode_inputs(running)
-        start = seq.prefilled
-        end = min(start + self.chunk_budget(), len(seq.prompt))
-        chunk_view = cache_view(
-            torch.arange(start, end).unsqueeze(0), row=seq.row, kv_len=end, last_only=True,
-            dtype=self.dtype, device=self.device,
-        )  # fmt: skip
-        packed = torch.cat([tokens.view(1, -1), torch.tensor([seq.prompt[start:end]])], dim=1)
+        chunk, chunk_view, end = self._chunk_inputs(seq, self.chunk_budget())
+        n = chunk.shape[1]
+        packed = torch.cat([tokens.view(1, -1), chunk], dim=1)
         # Decode rows first: a throwaway token of seq's row (if inside the decode span) is
         # then overwritten by the chunk in every layer.
-        segments = Segments((decode_view, chunk_view), ((tokens.shape[0], 1), (1, end - start)))
+        segments = Segments((decode_view, chunk_view), ((tokens.shape[0], 1), (1, n)))
         _use_threads(self.threads)
         t0 = time.perf_counter()
         try:
             with torch.inference_mode():
-                decoded, chunk = self.model(packed.to(self.device), cache=segments)
+                decoded, prefilled = self.model(packed.to(self.device), cache=segments)
                 logits = decoded[:, -1, : self.vocab_size].float().cpu()
-                first = (
-                    chunk[0, -1, : self.vocab_size].float().cpu()
-                    if end == len(seq.prompt)
-                    else None
-                )
+                first = self._first_logits(seq, end, prefilled)
         except Exception:
             log.warning("a packed decode and prefill pass failed; retrying apart", exc_info=True)
             return None
         elapsed = time.perf_counter() - t0
         if self._decode_step_s is not None:
             # What the chunk added to the step, per prompt token: the budget's cost model.
-            extra = max(elapsed - self._decode_step_s, 0.0) / (end - start)
+            extra = max(elapsed - self._decode_step_s, 0.0) / n
             self._prefill_token_s = _smooth(self._prefill_token_s, extra)
-        seq.timing.prefill_s += elapsed
-        self._cached[seq.row].extend(seq.prompt[start:end])
-        seq.prefilled = end
+        self._chunk_done(seq, end, elapsed)
         events = self._accept_decoded(running, lo, logits, elapsed)
         if first is not None:
             self._prefilling.popleft()

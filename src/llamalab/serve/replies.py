@@ -77,8 +77,7 @@ class Transcript:
 
     # -------------------------------------------------------------- logprob formats
     def _piece(self, token_id: int) -> tuple[str, list[int]]:
-        raw = self.tokenizer.token_bytes(token_id)
-        return raw.decode("utf-8", "replace"), list(raw)
+        return self.tokenizer.token_text(token_id), list(self.tokenizer.token_bytes(token_id))
 
     def chat_logprobs(self, entries: Sequence[LogprobEntry]) -> s.ChatLogprobs:
         """Entries in the chat format: one object per token with its alternatives."""

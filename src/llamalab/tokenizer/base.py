@@ -165,6 +165,10 @@ class Tokenizer:
         self._check_id(token_id)
         return self._bytes_special[token_id]
 
+    def token_text(self, token_id: int) -> str:
+        """What one token reads as on its own; part of a UTF-8 character shows as U+FFFD."""
+        return self.token_bytes(token_id).decode("utf-8", "replace")
+
     def is_special(self, token_id: int) -> bool:
         """Whether an id is a control token (BOS, EOS, ``<|eot_id|>``…), dropped by ``decode(special=False)``."""
         return token_id in self._control
