@@ -11,6 +11,7 @@ import json
 import re
 import time
 
+import jsonschema
 import pytest
 from conftest import http_request
 
@@ -59,8 +60,6 @@ REFUSED = {
     "tool_choice": ("/v1/chat/completions", "auto"),
     "functions": ("/v1/chat/completions", [{"name": "f"}]),
     "function_call": ("/v1/chat/completions", "auto"),
-    "response_format": ("/v1/chat/completions", {"type": "json_object"}),
-    "n": ("/v1/completions", 2),
     "echo": ("/v1/completions", True),
     "best_of": ("/v1/completions", 3),
     "suffix": ("/v1/completions", " the end"),
@@ -91,6 +90,7 @@ def test_unimplemented_parameters_get_a_400_naming_them(server, field):
         ("frequency_penalty", 0.0),
         ("modalities", ["text"]),
         ("n", 1),
+        ("grammar", None),
         ("a_field_from_the_future", {"anything": True}),  # unknown fields stay ignored
     ],
 )
@@ -331,3 +331,154 @@ def test_each_app_has_its_own_registry():
     first.prompt_tokens.inc(3)
     assert first.registry.get_sample_value("llamalab_prompt_tokens_total") == 3
     assert second.registry.get_sample_value("llamalab_prompt_tokens_total") == 0
+
+
+# ---------------------------------------------------------------------------- n, structured output
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 16},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "pet": {"enum": ["cat", "dog", "none"]},
+    },
+    "required": ["name", "age", "pet"],
+    "additionalProperties": False,
+}
+SAMPLED = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0}
+
+
+def _sse(server, path: str, body: dict) -> list[dict]:
+    status, data, _ = http_request(
+        server.port, "POST", path, {**body, "stream": True}, {"Authorization": f"Bearer {KEY}"}
+    )
+    assert status == 200, data
+    lines = [line[6:] for line in data.decode().splitlines() if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    return [json.loads(line) for line in lines[:-1]]
+
+
+def test_n_choices_each_sampled_on_its_own(server):
+    body = {**COMPLETION, "max_tokens": 6, "ignore_eos": True, "n": 3, "seed": 7, **SAMPLED}
+    status, reply = post(server, "/v1/completions", body)
+    assert status == 200, reply
+    assert [c["index"] for c in reply["choices"]] == [0, 1, 2]
+    texts = [c["text"] for c in reply["choices"]]
+    assert len(set(texts)) > 1  # different draws, not one answer three times
+    assert reply["usage"]["completion_tokens"] == 18
+    assert reply["usage"]["prompt_tokens"] == post(server, "/v1/completions", COMPLETION)[1][
+        "usage"
+    ]["prompt_tokens"]  # the prompt is counted once
+    # The same seed gives the same choices; choice 0 is the answer n=1 gives with that seed.
+    assert [c["text"] for c in post(server, "/v1/completions", body)[1]["choices"]] == texts
+    single = post(server, "/v1/completions", {**body, "n": 1})[1]
+    assert single["choices"][0]["text"] == texts[0]
+    # Greedy choices are all the one most likely text, as OpenAI's are.
+    greedy = post(server, "/v1/completions", {**body, "temperature": 0})[1]
+    assert len({c["text"] for c in greedy["choices"]}) == 1
+
+
+def test_n_choices_streamed(server):
+    body = {**CHAT, "max_tokens": 4, "ignore_eos": True, "n": 2, "seed": 3, **SAMPLED}
+    body["stream_options"] = {"include_usage": True}
+    chunks = _sse(server, "/v1/chat/completions", body)
+    text = {0: "", 1: ""}
+    finishes = {}
+    for chunk in chunks[:-1]:
+        (choice,) = chunk["choices"]
+        text[choice["index"]] += choice["delta"].get("content", "")
+        if choice["finish_reason"]:
+            finishes[choice["index"]] = choice["finish_reason"]
+    assert finishes == {0: "length", 1: "length"}
+    assert chunks[-1]["usage"]["completion_tokens"] == 8
+    whole = post(server, "/v1/chat/completions", {**body, "stream": False})[1]
+    assert [c["message"]["content"] for c in whole["choices"]] == [text[0], text[1]]
+
+
+def test_too_many_choices_are_refused(server):
+    status, body = post(server, "/v1/completions", {**COMPLETION, "n": 17})
+    assert status == 400 and body["error"]["param"] == "n"
+
+
+def test_json_schema_response_format(server):
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}}
+    body = {
+        "messages": [{"role": "user", "content": "Describe a person."}],
+        "response_format": fmt,
+        "max_tokens": 60,
+        "n": 2,
+        "seed": 1,
+        **SAMPLED,
+    }
+    status, reply = post(server, "/v1/chat/completions", body)
+    assert status == 200, reply
+    for choice in reply["choices"]:
+        assert choice["finish_reason"] == "stop"
+        person = json.loads(choice["message"]["content"])
+        jsonschema.validate(person, PERSON)
+    # Streamed, the pieces add up to valid JSON as well.
+    chunks = _sse(server, "/v1/chat/completions", {**body, "n": 1})
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    jsonschema.validate(json.loads(text), PERSON)
+
+
+def test_json_object_and_grammar(server):
+    chat = {"messages": [{"role": "user", "content": "Say something."}], "max_tokens": 40}
+    status, reply = post(
+        server, "/v1/chat/completions", {**chat, "response_format": {"type": "json_object"}}
+    )
+    assert status == 200, reply
+    content = reply["choices"][0]["message"]["content"]
+    if reply["choices"][0]["finish_reason"] == "stop":
+        assert isinstance(json.loads(content), dict)
+    else:  # cut at max_tokens: still the start of an object
+        assert content.startswith("{")
+    # llama.cpp's spelling: a schema inside json_object.
+    spelled = {"type": "json_object", "schema": {"type": "array", "maxItems": 0}}
+    status, reply = post(server, "/v1/chat/completions", {**chat, "response_format": spelled})
+    assert status == 200 and reply["choices"][0]["message"]["content"] == "[]", reply
+    # llama.cpp's grammar field, on the completions route too.
+    grammar = 'root ::= ("yes" | "no") "!"'
+    status, reply = post(
+        server, "/v1/completions", {**COMPLETION, "max_tokens": 10, "grammar": grammar}
+    )
+    assert status == 200 and reply["choices"][0]["text"] in ("yes!", "no!"), reply
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"response_format": {"type": "json_schema"}},  # no schema
+        {"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": 5}}}},
+        {"response_format": {"type": "xml"}},
+        {"response_format": {"type": "json_object", "schema": {"pattern": "(unclosed"}}},
+        {"grammar": "root ::= ("},
+        {"grammar": 'root ::= "a"', "response_format": {"type": "json_object"}},
+    ],
+)
+def test_bad_constraints_are_400s_naming_the_field(server, extra):
+    status, body = post(server, "/v1/chat/completions", {**CHAT, **extra})
+    assert status == 400, body
+    error = body["error"]
+    param = error["param"] or ""
+    assert param.split(".")[0] in ("response_format", "grammar", ""), error
+    assert "Traceback" not in error["message"]
+    # The server still answers after each one.
+    assert post(server, "/v1/chat/completions", CHAT)[0] == 200
+
+
+def test_hostile_schemas_are_refused_quickly(server):
+    deep: dict = {"type": "object"}
+    for _ in range(200):
+        deep = {"type": "object", "properties": {"a": deep}}
+    huge = {"type": "object", "properties": {f"k{i}": {"type": "string"} for i in range(60_000)}}
+    for schema in (deep, huge, {"type": "string", "pattern": "(a|aa){1,100000}b"}):
+        t0 = time.perf_counter()
+        status, body = post(
+            server,
+            "/v1/chat/completions",
+            {**CHAT, "response_format": {"type": "json_object", "schema": schema}},
+        )
+        assert time.perf_counter() - t0 < 10
+        assert status in (200, 400), body
+        assert status == 200 or body["error"]["param"] == "response_format"
+    assert post(server, "/v1/chat/completions", CHAT)[0] == 200

@@ -18,6 +18,7 @@ from llamalab.cli.options import (
     add_runtime_options,
     add_sampling_options,
     check_text_argument,
+    grammar_from_args,
     load_runtime_from_args,
     sampling_from_args,
 )
@@ -128,6 +129,7 @@ def run(args: argparse.Namespace) -> int:
     from llamalab.generation import Engine, Request
 
     sampling = sampling_from_args(args)
+    grammar = grammar_from_args(args)
     system = check_text_argument(args.system, "system message") if args.system else None
     model, tokenizer = load_runtime_from_args(args)
     if tokenizer.chat_template is None:
@@ -171,7 +173,9 @@ def run(args: argparse.Namespace) -> int:
                     f"{'s' if dropped > 1 else ''}; the system message stays)",
                     file=sys.stderr,
                 )
-            request = Request(prompt_ids, max_tokens=args.max_tokens, sampling=sampling)
+            request = Request(
+                prompt_ids, max_tokens=args.max_tokens, sampling=sampling, grammar=grammar
+            )
             reply = _stream_reply(engine, request)
             chat.turns.append({"role": "assistant", "content": reply})
         except LlamalabError as exc:

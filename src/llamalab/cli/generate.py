@@ -10,6 +10,7 @@ from llamalab.cli.options import (
     add_runtime_options,
     add_sampling_options,
     check_text_argument,
+    grammar_from_args,
     load_runtime_from_args,
     read_text_stdin,
     sampling_from_args,
@@ -80,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
     # Everything about the command line is checked before the slow load.
     check_arguments(args)
     sampling = sampling_from_args(args)
+    grammar = grammar_from_args(args)
     stops = [check_text_argument(stop, "--stop text") for stop in args.stop]
     prompt = _read_prompt(args)
     model, tokenizer = load_runtime_from_args(args)
@@ -94,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
         sampling=sampling,
         stop=stops,
         logprobs=args.logprobs,
+        grammar=grammar,
     )
 
     seq, first = engine.submit(request)

@@ -126,6 +126,39 @@ def add_sampling_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--seed", type=seed_int, default=None, help="random seed: the same seed gives the same text"
     )
+    shape = p.add_mutually_exclusive_group()
+    shape.add_argument(
+        "--json-schema",
+        metavar="FILE",
+        default=None,
+        help="the reply is JSON valid against this JSON Schema (constrained while sampling)",
+    )
+    shape.add_argument(
+        "--grammar",
+        metavar="FILE",
+        default=None,
+        help="the reply matches this grammar, in llama.cpp's GBNF or in Lark syntax",
+    )
+
+
+def grammar_from_args(args: argparse.Namespace):
+    """The Grammar that ``--json-schema`` or ``--grammar`` names, read and checked; or None.
+
+    Checked before the model loads, so that a mistake in the file costs no waiting.
+    """
+    from llamalab.generation.grammar import Grammar, check_grammar
+
+    if args.json_schema is not None:
+        grammar = Grammar.from_file(args.json_schema, "json_schema")
+    elif args.grammar is not None:
+        grammar = Grammar.from_file(args.grammar, "grammar")
+    else:
+        return None
+    try:
+        check_grammar(grammar)
+    except LlamalabError as exc:
+        raise LlamalabError(f"{args.json_schema or args.grammar}: {exc}") from None
+    return grammar
 
 
 def logit_bias_entry(text: str) -> tuple[int, float]:

@@ -14,14 +14,24 @@ _LAZY = {
     "Generation": "llamalab.generation.engine",
     "GenerationEvent": "llamalab.generation.engine",
     "Request": "llamalab.generation.engine",
+    "Grammar": "llamalab.generation.grammar",
     "GREEDY": "llamalab.generation.params",
     "SamplingParams": "llamalab.generation.params",
 }
 
-__all__ = ["GREEDY", "Engine", "Generation", "GenerationEvent", "Request", "SamplingParams"]
+__all__ = [
+    "GREEDY",
+    "Engine",
+    "Generation",
+    "GenerationEvent",
+    "Grammar",
+    "Request",
+    "SamplingParams",
+]
 
 if TYPE_CHECKING:  # pragma: no cover
     from llamalab.generation.engine import Engine, Generation, GenerationEvent, Request
+    from llamalab.generation.grammar import Grammar
     from llamalab.generation.params import GREEDY, SamplingParams
 
 

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from llamalab.errors import LlamalabError
+from llamalab.generation.grammar import Constraint, Grammar, GrammarCompiler
 from llamalab.generation.sampling import SamplingParams, sample, top_logprobs
 from llamalab.generation.stopping import StopStringMatcher
 from llamalab.kv_cache import CacheView, Segments, cache_view
@@ -72,6 +73,7 @@ class Request:
     stop: Sequence[str] = ()
     logprobs: int | None = None  # None: no logprobs; k ≥ 0: the chosen token's and k alternatives
     ignore_eos: bool = False
+    grammar: Grammar | None = None  # the text must match it (JSON Schema, GBNF/Lark, regex)
 
 
 @dataclass(frozen=True)
@@ -111,8 +113,15 @@ class Timing:
 class Generation:
     """The state of one request while it runs (returned by ``Engine.add`` and ``Engine.submit``)."""
 
-    def __init__(self, request: Request, row: int, tokenizer: Tokenizer) -> None:
+    def __init__(
+        self,
+        request: Request,
+        row: int,
+        tokenizer: Tokenizer,
+        constraint: Constraint | None = None,
+    ) -> None:
         self.request = request
+        self.constraint = constraint
         self.row = row
         self.prompt: list[int] = list(request.prompt_ids)
         self.prefilled = 0  # prompt tokens whose keys and values the row's cache holds
@@ -130,7 +139,10 @@ class Generation:
         self._added = time.perf_counter()
         self._decoder = tokenizer.stream_decoder()
         self._matcher = StopStringMatcher(request.stop)
-        self._stop_ids = frozenset() if request.ignore_eos else tokenizer.stop_ids
+        # A grammar allows the stop tokens only where its text is complete: there they end
+        # the reply even with ignore_eos.
+        ignore = request.ignore_eos and request.grammar is None
+        self._stop_ids = frozenset() if ignore else tokenizer.stop_ids
         seed = request.sampling.seed
         self._generator = torch.Generator().manual_seed(
             seed if seed is not None else int(torch.randint(0, 2**62, ()).item())
@@ -162,13 +174,16 @@ class Generation:
         if req.sampling.presence_penalty != 0.0 or req.sampling.frequency_penalty != 0.0:
             counts = self._counts
         # The logprobs below come from the raw logits: the model's distribution, not the
-        # one the bias and penalties shaped for the choice.
-        token = sample(logits, req.sampling, self._generator, recent, counts)
+        # one the grammar, the bias and the penalties shaped for the choice.
+        allowed = logits if self.constraint is None else self.constraint.mask(logits)
+        token = sample(allowed, req.sampling, self._generator, recent, counts)
         logprob = alternatives = None
         if req.logprobs is not None:
             logprob, alternatives = top_logprobs(logits, token, req.logprobs)
         if token in self._stop_ids:
             return self._finish("stop", token, logprob, alternatives)
+        if self.constraint is not None:
+            self.constraint.advance(token)
         self.ids.append(token)
         self._recent.append(token)
         self._counts[token] = self._counts.get(token, 0) + 1
@@ -183,6 +198,10 @@ class Generation:
             self.ids = [t for t, end in zip(self.ids, ends, strict=True) if end <= cut]
             return self._finish("stop", token, logprob, alternatives, out)
         self.last_token = token
+        if self.constraint is not None and self.constraint.complete:
+            # The grammar's text is whole and nothing may follow it: the reply is done,
+            # as if the model had chosen its stop token next.
+            return self._finish("stop", token, logprob, alternatives, out)
         if len(self.ids) >= req.max_tokens or self.pos >= max_pos:
             return self._finish("length", token, logprob, alternatives, out)
         self.text += out
@@ -264,6 +283,7 @@ class Engine:
         self.model_vocab_size = model.config.vocab_size
         self.vocab_size = min(self.model_vocab_size, tokenizer.vocab_size)
         model.setup_cache(max_batch, self.max_seq_len)
+        self.grammars = GrammarCompiler(tokenizer, tokenizer.stop_ids, self.vocab_size)
         self._rows: list[Generation | None] = [None] * max_batch
         # The ids whose keys and values each row of the cache holds, in slots 0, 1, ...
         self._cached: list[list[int]] = [[] for _ in range(max_batch)]
@@ -282,12 +302,13 @@ class Engine:
         that completes it also returns the sequence's first event. Raises
         :class:`LlamalabError` for a request that cannot run (empty prompt, prompt too
         long for the context or holding an id outside the model's vocabulary,
-        ``max_tokens`` below 1, a ``logit_bias`` id outside the vocabulary) or when every
-        row is busy.
+        ``max_tokens`` below 1, a ``logit_bias`` id outside the vocabulary, an invalid
+        grammar) or when every row is busy.
         """
         prompt = self._check(request)
+        constraint = self.grammars.constraint(request.grammar) if request.grammar else None
         row = self._choose_row(prompt)
-        seq = Generation(request, row, self.tokenizer)
+        seq = Generation(request, row, self.tokenizer, constraint)
         # Reuse the row's cached prefix; always recompute at least the last prompt token,
         # whose logits choose the first new token.
         reuse = min(_common_prefix(self._cached[row], prompt), len(prompt) - 1)

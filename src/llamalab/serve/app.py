@@ -35,7 +35,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Collection, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from typing import Any, cast
 
@@ -47,7 +47,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llamalab.errors import LlamalabError
-from llamalab.generation import Request
+from llamalab.generation import GenerationEvent, Request
+from llamalab.generation.params import SEED_LIMIT
 from llamalab.serve import schemas as s
 from llamalab.serve.metrics import Metrics, RequestCounter
 from llamalab.serve.scheduler import Scheduler, Ticket, Unavailable
@@ -89,6 +90,8 @@ class ServerState:
     encode_lock: threading.Lock = field(default_factory=threading.Lock)
     max_token_chars: int = 1
     page: str = ""
+    # The page's own scripts, styles and the libraries it uses, by file name.
+    assets: dict[str, tuple[bytes, str]] = field(default_factory=dict)
 
     @property
     def tokenizer(self) -> Any:
@@ -199,6 +202,39 @@ async def _encode_chat(state: ServerState, messages: list[dict[str, str]]) -> li
         raise APIError(400, str(exc), code="invalid_prompt", param="messages") from exc
 
 
+async def _engine_requests(
+    state: ServerState,
+    body: s.CompletionRequest | s.ChatCompletionRequest,
+    prompt_ids: list[int],
+    default_max: int,
+    logprobs: int | None,
+) -> list[Request]:
+    """The engine requests for ``body``: one per choice (``n``), checked as the engine would."""
+    request = _engine_request(state, body, prompt_ids, default_max, logprobs)
+    grammar = None
+    try:
+        grammar = body.constraint()
+        if grammar is not None:
+            # Compiling takes milliseconds, a large schema longer: not on the event loop.
+            await asyncio.to_thread(state.scheduler.engine.grammars.compile, grammar)
+    except LlamalabError as exc:
+        param = "grammar" if body.grammar is not None else "response_format"
+        raise APIError(400, str(exc), code="invalid_grammar", param=param) from exc
+    seed = request.sampling.seed
+    return [
+        replace(
+            request,
+            grammar=grammar,
+            # Each choice draws its own tokens; with a seed, choice i uses seed + i, so
+            # the whole answer is reproducible and its choices still differ.
+            sampling=request.sampling
+            if seed is None or i == 0
+            else replace(request.sampling, seed=(seed + i) % SEED_LIMIT),
+        )
+        for i in range(body.n)
+    ]
+
+
 def _engine_request(
     state: ServerState,
     body: s.CompletionRequest | s.ChatCompletionRequest,
@@ -260,19 +296,56 @@ def _engine_request(
     )
 
 
-def _submit(state: ServerState, request: Request) -> Ticket:
-    """Queue a request, or refuse it with 503 while the server cannot take more."""
+def _submit(state: ServerState, requests: list[Request]) -> list[Ticket]:
+    """Queue a reply's requests, or refuse them with 503 while the server cannot take more."""
     scheduler = state.scheduler
     if state.draining:
         raise unavailable("the server is shutting down", "server_shutting_down")
     if scheduler.state() != "ok":
         raise unavailable("the server cannot generate right now", "server_unavailable")
-    if scheduler.queued >= state.limits.max_queue:
+    # Each choice waits for a row as a request of its own: all of them count.
+    if scheduler.queued + len(requests) > state.limits.max_queue:
         raise unavailable(
             f"the server is busy: {scheduler.queued} requests are waiting; retry later",
             "server_busy",
         )
-    return scheduler.submit(request)
+    return [scheduler.submit(request) for request in requests]
+
+
+async def _events(tickets: list[Ticket]) -> AsyncIterator[tuple[int, GenerationEvent]]:
+    """Every choice's events as they come, each with its choice's index.
+
+    Raises what a ticket raises (the engine refused a request, the server gave up).
+    """
+    if len(tickets) == 1:  # the usual case needs no merging
+        async for event in tickets[0].events():
+            yield 0, event
+        return
+    queue: asyncio.Queue[tuple[int, GenerationEvent | BaseException | None]] = asyncio.Queue()
+
+    async def forward(index: int, ticket: Ticket) -> None:
+        try:
+            async for event in ticket.events():
+                queue.put_nowait((index, event))
+        except Exception as exc:  # noqa: BLE001  (re-raised by the reader below)
+            queue.put_nowait((index, exc))
+        finally:
+            queue.put_nowait((index, None))
+
+    tasks = [asyncio.ensure_future(forward(i, t)) for i, t in enumerate(tickets)]
+    try:
+        running = len(tasks)
+        while running:
+            index, item = await queue.get()
+            if item is None:
+                running -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
 
 
 def _finished(state: ServerState, reply: Reply, ending: str) -> None:
@@ -281,27 +354,31 @@ def _finished(state: ServerState, reply: Reply, ending: str) -> None:
     ``ending`` says how it ended when the engine gave no finish reason ("error",
     "cancelled"); a finish reason from the engine ("stop", "length") wins.
     """
-    transcript = reply.transcript
     now = time.monotonic()
-    finish = transcript.finish_reason if transcript.finish_reason not in (None, "error") else None
-    ttft = transcript.time_to_first_token
-    speed = transcript.tokens_per_second(now)
+    first = reply.transcripts[0]
+    finishes = [t.finish_reason for t in reply.transcripts]
+    finish = finishes[0] if all(f not in (None, "error") for f in finishes) else None
+    ttfts = [t.time_to_first_token for t in reply.transcripts]
+    ttft = min((t for t in ttfts if t is not None), default=None)
+    speeds = [t.tokens_per_second(now) for t in reply.transcripts]
+    speed = sum(v for v in speeds if v is not None) if any(v is not None for v in speeds) else None
+    usage = reply.usage()
     log.info(
         "request %s %s prompt_tokens=%d completion_tokens=%d ttft_ms=%s tokens_per_s=%s finish=%s",
         reply.id,
         reply.endpoint,
-        transcript.prompt_tokens,
-        transcript.completion_tokens,
+        usage.prompt_tokens,
+        usage.completion_tokens,
         "-" if ttft is None else f"{ttft * 1000:.1f}",
         "-" if speed is None else f"{speed:.1f}",
         finish or ending,
     )
     metrics = state.metrics
-    metrics.prompt_tokens.inc(transcript.prompt_tokens)
-    metrics.completion_tokens.inc(transcript.completion_tokens)
+    metrics.prompt_tokens.inc(usage.prompt_tokens)
+    metrics.completion_tokens.inc(usage.completion_tokens)
     if ttft is not None:
         metrics.ttft.observe(ttft)
-    metrics.duration.observe(now - transcript.started)
+    metrics.duration.observe(now - first.started)
 
 
 def _error_event(message: str, type_: str, code: str | None = None) -> bytes:
@@ -309,29 +386,28 @@ def _error_event(message: str, type_: str, code: str | None = None) -> bytes:
 
 
 async def _stream(
-    state: ServerState, ticket: Ticket, reply: Reply, include_usage: bool
+    state: ServerState, tickets: list[Ticket], reply: Reply, include_usage: bool
 ) -> AsyncIterator[bytes]:
     """Server-sent events; Starlette cancels this generator when the client disconnects.
 
     Whatever happens, a stream that was not cancelled ends with a ``finish_reason`` chunk
-    or an error event, then ``[DONE]``.
+    per choice or an error event, then ``[DONE]``.
     """
-    transcript = reply.transcript
     ending = "cancelled"  # unless the loop below gets further
     try:
         for chunk in reply.opening():
             yield _sse(chunk)
         failed = False
-        async for event in ticket.events():
+        async for index, event in _events(tickets):
             if event.finish_reason == "error":
                 message = event.error or "the request failed"
                 ending = "error"
                 yield _error_event(message, "server_error", "generation_failed")
                 failed = True
                 break
-            delta, released = transcript.add(event)
+            delta, released = reply.transcripts[index].add(event)
             if delta or released or event.finish_reason:
-                for chunk in reply.chunks(delta, released, event.finish_reason):
+                for chunk in reply.chunks(index, delta, released, event.finish_reason):
                     yield _sse(chunk)
         if include_usage and not failed:
             yield _sse(reply.usage_chunk())
@@ -345,29 +421,29 @@ async def _stream(
         ending = "error"
         yield _error_event(_internal_error(exc, "a stream"), "server_error")
     finally:
-        state.scheduler.cancel(ticket)  # no-op when finished; frees the row when the client left
+        for ticket in tickets:  # no-op when finished; frees the rows when the client left
+            state.scheduler.cancel(ticket)
         _finished(state, reply, ending)
     yield _sse("[DONE]")
 
 
 async def _run_to_end(
-    state: ServerState, ticket: Ticket, request: HTTPRequest, reply: Reply
-) -> tuple[str, list[LogprobEntry]]:
-    """Collect a whole reply; a client that leaves meanwhile frees its row at once."""
-    transcript = reply.transcript
+    state: ServerState, tickets: list[Ticket], request: HTTPRequest, reply: Reply
+) -> list[tuple[str, list[LogprobEntry]]]:
+    """Collect every choice whole; a client that leaves meanwhile frees the rows at once."""
     ending = "error"  # unless the reply is collected whole, or the client leaves
-    text: list[str] = []
-    entries: list[LogprobEntry] = []
+    texts: list[list[str]] = [[] for _ in tickets]
+    entries: list[list[LogprobEntry]] = [[] for _ in tickets]
     failure: list[str] = []
 
     async def collect() -> None:
-        async for event in ticket.events():
+        async for index, event in _events(tickets):
             if event.finish_reason == "error":
                 failure.append(event.error or "the request failed")
                 return
-            delta, released = transcript.add(event)
-            text.append(delta)
-            entries.extend(released)
+            delta, released = reply.transcripts[index].add(event)
+            texts[index].append(delta)
+            entries[index].extend(released)
 
     collector = asyncio.ensure_future(collect())
     watcher = asyncio.ensure_future(_wait_for_disconnect(request))
@@ -384,11 +460,12 @@ async def _run_to_end(
             raise unavailable(str(exc), "server_unavailable") from exc
         if failure:
             raise APIError(500, failure[0], type_="server_error", code="generation_failed")
-        return "".join(text), entries
+        return [("".join(t), e) for t, e in zip(texts, entries, strict=True)]
     finally:
         watcher.cancel()
         collector.cancel()
-        state.scheduler.cancel(ticket)
+        for ticket in tickets:
+            state.scheduler.cancel(ticket)
         # Before the answer is sent, so a client that reads /metrics next sees this request.
         _finished(state, reply, ending)
 
@@ -397,18 +474,17 @@ async def _respond(
     state: ServerState,
     request: HTTPRequest,
     body: s.CompletionRequest | s.ChatCompletionRequest,
-    ticket: Ticket,
+    tickets: list[Ticket],
     reply: Reply,
 ) -> Any:
     """The one way both endpoints answer: server-sent events, or the whole object."""
     if body.stream:
         return StreamingResponse(
-            _stream(state, ticket, reply, body.include_usage),
+            _stream(state, tickets, reply, body.include_usage),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
-    text, entries = await _run_to_end(state, ticket, request, reply)
-    return reply.whole(text, entries)
+    return reply.whole(await _run_to_end(state, tickets, request, reply))
 
 
 # ---------------------------------------------------------------------------- routes
@@ -429,10 +505,52 @@ _STREAMED: dict[int | str, dict[str, Any]] = {
 }
 
 
+# The page runs only the scripts this server sends and talks only to this server, so a
+# model's reply that slipped past the sanitizer still could not run script or load an
+# image from elsewhere.
+PAGE_POLICY = (
+    "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
+    "img-src 'self' data:; connect-src 'self'; object-src 'none'; base-uri 'none'; "
+    "form-action 'none'; frame-ancestors 'none'"
+)
+ASSET_TYPES = {
+    ".js": "text/javascript; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+    ".txt": "text/plain; charset=utf-8",
+}
+
+
 @router.get("/", response_class=HTMLResponse, include_in_schema=False)
 async def chat_page(request: HTTPRequest) -> HTMLResponse:
     """The chat page."""
-    return HTMLResponse(_state(request).page)
+    return HTMLResponse(
+        _state(request).page,
+        headers={"Content-Security-Policy": PAGE_POLICY, "X-Content-Type-Options": "nosniff"},
+    )
+
+
+@router.get("/static/{name}", include_in_schema=False)
+async def page_asset(request: HTTPRequest, name: str) -> Response:
+    """A script, style sheet or licence the chat page uses (a fixed set, read at start)."""
+    asset = _state(request).assets.get(name)
+    if asset is None:
+        raise APIError(404, f"no such file: {name!r}", type_="not_found_error")
+    body, media_type = asset
+    return Response(
+        body,
+        media_type=media_type,
+        headers={"X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache"},
+    )
+
+
+def _read_assets() -> dict[str, tuple[bytes, str]]:
+    folder = resources.files("llamalab.serve").joinpath("static")
+    assets = {}
+    for entry in folder.iterdir():
+        media_type = ASSET_TYPES.get("." + entry.name.rpartition(".")[2])
+        if media_type and entry.is_file():
+            assets[entry.name] = (entry.read_bytes(), media_type)
+    return assets
 
 
 @router.get(
@@ -504,10 +622,13 @@ async def completions(body: s.CompletionRequest, request: HTTPRequest) -> Any:
                     code="invalid_value",
                     param="prompt",
                 )
-    req = _engine_request(state, body, prompt_ids, DEFAULT_COMPLETION_MAX_TOKENS, body.logprobs)
-    transcript = Transcript(tokenizer, len(prompt_ids), logprobs=body.logprobs is not None)
-    reply = CompletionReply(state.model_id, transcript, logprobs=body.logprobs is not None)
-    return await _respond(state, request, body, _submit(state, req), reply)
+    reqs = await _engine_requests(
+        state, body, prompt_ids, DEFAULT_COMPLETION_MAX_TOKENS, body.logprobs
+    )
+    logprobs = body.logprobs is not None
+    transcripts = [Transcript(tokenizer, len(prompt_ids), logprobs=logprobs) for _ in reqs]
+    reply = CompletionReply(state.model_id, transcripts, logprobs=logprobs)
+    return await _respond(state, request, body, _submit(state, reqs), reply)
 
 
 @router.post(
@@ -528,10 +649,12 @@ async def chat_completions(body: s.ChatCompletionRequest, request: HTTPRequest) 
     prompt_ids = await _encode_chat(state, messages)
     # Without a limit a reply may fill the rest of the context (the engine stops there).
     default_max = max(1, state.context - len(prompt_ids))
-    req = _engine_request(state, body, prompt_ids, default_max, body.logprobs_k)
-    transcript = Transcript(state.tokenizer, len(prompt_ids), logprobs=body.logprobs)
-    reply = ChatReply(state.model_id, transcript, logprobs=body.logprobs)
-    return await _respond(state, request, body, _submit(state, req), reply)
+    reqs = await _engine_requests(state, body, prompt_ids, default_max, body.logprobs_k)
+    transcripts = [
+        Transcript(state.tokenizer, len(prompt_ids), logprobs=body.logprobs) for _ in reqs
+    ]
+    reply = ChatReply(state.model_id, transcripts, logprobs=body.logprobs)
+    return await _respond(state, request, body, _submit(state, reqs), reply)
 
 
 @router.post(
@@ -684,6 +807,7 @@ def create_app(
         page=resources.files("llamalab.serve")
         .joinpath("static/index.html")
         .read_text(encoding="utf-8"),
+        assets=_read_assets(),
     )
 
     @asynccontextmanager

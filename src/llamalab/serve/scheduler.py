@@ -259,14 +259,20 @@ class Scheduler:
                 self.engine.cancel(generation)
                 self._fail(ticket, Unavailable("internal error during generation"))
             return
+        pushes = []
         for generation, event in events:
             ticket = self._running.get(generation)
             if ticket is None:
                 continue
-            ticket._push(event)
+            pushes.append((ticket, event))
             if event.finish_reason is not None:
                 del self._running[generation]
                 self._end(ticket)
+        # The counts first: a client that hears its reply ended and asks /metrics or
+        # /health next must not still see its row in use.
+        self._publish_counts()
+        for ticket, event in pushes:
+            ticket._push(event)
 
     def _fail(self, ticket: Ticket, exc: BaseException) -> None:
         if ticket.done:

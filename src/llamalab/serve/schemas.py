@@ -7,7 +7,7 @@ Types are strict, as OpenAI's are: ``"0.5"`` is not a temperature, ``[true, fals
 not a prompt and ``"yes"`` is not a boolean. Numbers must be finite, and text must be
 encodable as UTF-8 (JSON can spell a lone surrogate, ``"\\ud800"``, which no tokenizer can
 take). OpenAI fields whose meaning this server does not implement (``tools``,
-``response_format``, ``echo``, ...) are refused with a 400 that names them when they ask for
+``echo``, ...) are refused with a 400 that names them when they ask for
 anything but their default: a client that asks for a JSON reply or a tool call must not get
 free text back as if it had been honoured. A few llama.cpp-style extensions (``top_k``,
 ``min_p``, ``repeat_penalty``, ``ignore_eos``) let a client ask for the same sampling as
@@ -34,6 +34,7 @@ from pydantic import (
     model_validator,
 )
 
+from llamalab.generation.grammar import Grammar
 from llamalab.generation.params import (
     LOGIT_BIAS_RANGE,
     MAX_LOGIT_BIAS_ENTRIES,
@@ -47,6 +48,7 @@ from llamalab.generation.params import (
 _ENGINE_DEFAULTS = SamplingParams()
 MAX_STOP_STRINGS = 16
 MAX_TOP_LOGPROBS = 20
+MAX_CHOICES = 16  # n: each choice takes a batch row, as a request of its own would
 
 
 def _utf8(text: str) -> str:
@@ -87,7 +89,6 @@ UNSUPPORTED_FIELDS: dict[str, tuple[object, ...]] = {
     "tool_choice": (None, "none"),
     "functions": (None, []),
     "function_call": (None, "none"),
-    "response_format": (None, {"type": "text"}),
     "best_of": (None, 1),
     "suffix": (None, ""),
     "audio": (None,),
@@ -97,6 +98,47 @@ UNSUPPORTED_FIELDS: dict[str, tuple[object, ...]] = {
 
 
 # ---------------------------------------------------------------------------- requests
+class JsonSchemaFormat(BaseModel):
+    """OpenAI's ``response_format.json_schema``: a named schema."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    name: Annotated[Text, Field(max_length=64)] = "response"
+    description: Text | None = None
+    # OpenAI's JSON Schema dialect; llguidance implements the parts it names.
+    schema_: dict[str, Any] | bool = Field(default=True, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's ``response_format``: free text, any JSON object, or JSON for a schema.
+
+    llama.cpp's server spelling, ``{"type": "json_object", "schema": {...}}``, is accepted
+    too.
+    """
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError('type "json_schema" needs a json_schema object with a schema')
+        return self
+
+    def grammar(self) -> Grammar | None:
+        if self.type == "json_schema":
+            return Grammar.json_schema(self.json_schema.schema_)  # type: ignore[union-attr]
+        if self.type == "json_object":
+            if self.schema_ is not None:
+                return Grammar.json_schema(self.schema_)
+            return Grammar.any_json_object()
+        return None
+
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
 
@@ -129,7 +171,7 @@ class _Request(BaseModel):
     ignore_eos: bool = False
     seed: Annotated[int, Field(ge=0, lt=SEED_LIMIT)] | None = None  # torch takes 64 bits
     stop: Text | list[Text] | None = None
-    n: int = 1  # one choice per request (ask several times for more)
+    n: Annotated[int, Field(ge=1, le=MAX_CHOICES)] = 1  # choices, each sampled on its own
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: Text | None = None
@@ -139,7 +181,9 @@ class _Request(BaseModel):
     tool_choice: Any = None
     functions: Any = None
     function_call: Any = None
-    response_format: Any = None
+    response_format: ResponseFormat | None = None
+    # llama.cpp's extension: a GBNF (or Lark) grammar the reply must match.
+    grammar: Text | None = None
     best_of: Any = None
     suffix: Any = None
     audio: Any = None
@@ -171,15 +215,24 @@ class _Request(BaseModel):
         """``logit_bias`` keyed by token id."""
         return {int(k): v for k, v in (self.logit_bias or {}).items()}
 
-    @field_validator("n")
-    @classmethod
-    def _one_choice(cls, value: int) -> int:
-        if value != 1:
-            raise ValueError(
-                f"must be 1, got {value}: this server returns one choice per request "
-                "(send several requests for several choices)"
-            )
-        return value
+    @model_validator(mode="after")
+    def _one_constraint(self) -> _Request:
+        if (
+            self.grammar is not None
+            and self.response_format
+            and self.response_format.type != "text"
+        ):
+            raise ValueError("give either grammar or response_format, not both")
+        return self
+
+    def constraint(self) -> Grammar | None:
+        """The grammar the reply must match (``response_format`` or ``grammar``), or None.
+
+        Raises :class:`LlamalabError` for a schema or grammar that cannot be one.
+        """
+        if self.grammar is not None:
+            return Grammar("grammar", self.grammar)
+        return self.response_format.grammar() if self.response_format else None
 
     @field_validator(*UNSUPPORTED_FIELDS)
     @classmethod
