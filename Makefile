@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 
-.PHONY: run test setup setup-test bench clean
+.PHONY: run test setup setup-test bench clean vendor
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,25 @@ test: setup-test
 
 bench: setup-test
 	$(PY) bench/bench_load.py
+
+# The chat page's markdown renderer and sanitizer are npm packages, kept in the package
+# (the page must work with no network). This fetches the versions static/vendor.txt names
+# with npm pack and refuses any file whose sha256 differs from the one recorded there.
+STATIC := src/llamalab/serve/static
+vendor:
+	@set -e; tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
+	grep -v '^#' $(STATIC)/vendor.txt | while read -r file pkg ver src sum; do \
+	  [ -n "$$file" ] || continue; \
+	  dir="$$tmp/$$pkg-$$ver"; \
+	  if [ ! -d "$$dir" ]; then \
+	    mkdir "$$dir"; \
+	    tarball=$$(cd "$$tmp" && npm pack --silent "$$pkg@$$ver"); \
+	    tar -xzf "$$tmp/$$tarball" -C "$$dir"; \
+	  fi; \
+	  echo "$$sum  $$dir/$$src" | sha256sum --check --quiet; \
+	  cp "$$dir/$$src" "$(STATIC)/$$file"; \
+	  echo "$$file: $$pkg@$$ver $$src ok"; \
+	done
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info src/*.egg-info

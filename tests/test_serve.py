@@ -7,13 +7,10 @@ compared with the same engine run in this process, and once with `llamalab gener
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 from conftest import http_request, run_cli
@@ -26,8 +23,6 @@ from llamalab.serve.launch import ServerProcess
 KEY = "test-key"
 CTX = 512
 MAX_BATCH = 8
-# Screenshots go to the test's temporary folder; set this to keep them somewhere to look at.
-ARTIFACTS_ENV = "LLAMALAB_TEST_ARTIFACTS"
 
 # Eight prompts, each with its own reply length: they finish at different steps.
 CONCURRENT = [
@@ -408,7 +403,7 @@ BAD_REQUESTS = {
         400,
         "invalid_value",
     ),
-    "n > 1": ("/v1/completions", {"prompt": "hi", "n": 2}, 400, "invalid_value"),
+    "n > 16": ("/v1/completions", {"prompt": "hi", "n": 17}, 400, "invalid_value"),
     "unknown route": ("/v1/embeddings", {"input": "hi"}, 404, "not_found"),
 }
 
@@ -500,81 +495,3 @@ def test_openapi_is_published(server, reference):
     assert {"ChatCompletionRequest", "CompletionRequest", "ChatCompletion", "ErrorResponse"} <= set(
         schemas
     )
-
-
-def _chromium() -> str:
-    path = shutil.which("chromium") or shutil.which("chromium-browser")
-    if path is None:
-        pytest.skip("Chromium is not installed (apt-get install -y chromium)")
-    return path
-
-
-def test_web_chat_page_streams_a_reply(server, reference, tmp_path):
-    chromium = _chromium()
-    sync_api = pytest.importorskip(
-        "playwright.sync_api", reason="pip install playwright (the browser comes from apt)"
-    )
-    artifacts = Path(os.environ.get(ARTIFACTS_ENV) or tmp_path)
-    artifacts.mkdir(parents=True, exist_ok=True)
-    flags = [
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-    ]
-    with sync_api.sync_playwright() as p:
-        # Playwright adds --headless and a fresh --user-data-dir itself.
-        browser = p.chromium.launch(executable_path=chromium, args=flags)
-        try:
-            page = browser.new_page(viewport={"width": 1000, "height": 700})
-            page.goto(server.url + "/")
-            page.fill("#key", KEY)
-            page.dispatch_event("#key", "change")
-            page.fill("#temperature", "0")
-            page.fill("#max-tokens", "40")
-            # Record every text the reply bubble shows, to see it grow token by token.
-            page.evaluate(
-                """() => { window.seen = [];
-                new MutationObserver(() => { const r = document.querySelector('.assistant.streaming');
-                  if (r) window.seen.push(r.textContent); })
-                .observe(document.getElementById('log'), {childList: true, subtree: true, characterData: true}); }"""
-            )
-            sent: list[dict] = []
-            page.on(
-                "request",
-                lambda r: (
-                    sent.append(json.loads(r.post_data))
-                    if r.url.endswith("/v1/chat/completions")
-                    else None
-                ),
-            )
-            first_message = "Hi! My name is Alice and my favourite colour is green."
-            page.fill("#input", first_message)
-            page.keyboard.press("Enter")
-            page.wait_for_selector(".assistant.done", timeout=120_000)
-            seen = [t for t in page.evaluate("window.seen") if t]
-            assert len(set(seen)) >= 3, seen  # it appeared piece by piece
-            engine, tokenizer = reference
-            messages = [{"role": "user", "content": first_message}]
-            expected, _, _ = greedy(engine, tokenizer.encode_chat(messages), 40)
-            assert page.inner_text(".assistant.done").startswith(expected)
-
-            page.fill("#input", "What is my name?")
-            page.keyboard.press("Enter")
-            page.wait_for_selector(".assistant.done >> nth=1", timeout=120_000)
-            assert len(page.locator(".msg").all_inner_texts()) == 4
-            # The second request carried the whole conversation: the page is multi-turn.
-            messages += [
-                {"role": "assistant", "content": expected},
-                {"role": "user", "content": "What is my name?"},
-            ]
-            assert [body["messages"] for body in sent] == [messages[:1], messages]
-            assert all(body["stream"] is True for body in sent)
-            page.screenshot(path=str(artifacts / "serve_chat_page.png"), full_page=True)
-        finally:
-            browser.close()
-    assert (artifacts / "serve_chat_page.png").stat().st_size > 0
-    assert server.health()["active_slots"] == 0

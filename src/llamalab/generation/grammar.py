@@ -254,8 +254,11 @@ class Constraint:
     def advance(self, token: int) -> None:
         """Take the token that was drawn (one the mask allowed)."""
         if not self._matcher.consume_token(token):
-            self._check()
-            raise LlamalabError(f"token {token} does not fit the grammar")
+            detail = self._matcher.get_error() if self._matcher.is_error() else ""
+            raise LlamalabError(
+                f"token {token} does not fit the grammar"
+                + (f": {_short(detail)}" if detail else "")
+            )
 
     @property
     def complete(self) -> bool:
