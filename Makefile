@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 
-.PHONY: run test setup setup-test bench clean vendor
+.PHONY: run test setup setup-test bench clean vendor data-debian train-debug train-small
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,21 @@ test: setup-test
 
 bench: setup-test
 	$(PY) bench/bench_load.py
+
+# The pretraining mixture of ../shared/DATA.md, built from Debian packages (about 450 MB
+# downloaded; versions and sha256 locked in data/debian-text/lock.json), then a
+# SentencePiece tokenizer of 8,000 pieces and token shards per source.
+DEBIAN_GROUPS := web books reference arxiv code qa
+data-debian: setup
+	$(PY) scripts/debian_mixture.py --out data/debian-text
+	$(VENV)/bin/llamalab tokenizer train --input data/debian-text/text --vocab-size 8000 --output data/tokenizer-8k
+	$(VENV)/bin/llamalab data prepare --tokenizer data/tokenizer-8k --out data/debian $(foreach g,$(DEBIAN_GROUPS),$(g)=data/debian-text/text/$(g))
+
+train-debug: data-debian
+	$(VENV)/bin/llamalab train configs/train/debug.toml --set data=data/debian --set out_dir=runs/debug
+
+train-small: data-debian
+	$(VENV)/bin/llamalab train configs/train/small.toml --set data=data/debian --set out_dir=runs/small
 
 # The chat page's markdown renderer and sanitizer are npm packages, kept in the package
 # (the page must work with no network). This fetches the versions static/vendor.txt names

@@ -26,6 +26,9 @@ COMMANDS = (
     ("generate", "generate", "continue a prompt"),
     ("chat", "chat", "talk with a model"),
     ("serve", "serve", "serve an OpenAI-compatible API and a chat page"),
+    ("tokenizer", "tokenizer", "train a SentencePiece tokenizer"),
+    ("data", "data", "prepare token shards for training"),
+    ("train", "train", "pretrain a model from a TOML config"),
 )
 
 

@@ -1,0 +1,72 @@
+"""Pretrain a LLaMA model from a TOML config.
+
+    llamalab train configs/train/debug.toml --set data=data/tiny --set out_dir=runs/debug
+    torchrun --nnodes 1 --nproc_per_node 8 -m llamalab train configs/train/llama-7b.toml
+
+The same command runs one CPU process or every rank of a torchrun job (FSDP2 when there
+is more than one). Running it again with the same out_dir resumes from the newest whole
+checkpoint there: model, optimiser, schedule, data position and random state. SIGINT or
+SIGTERM saves a checkpoint and stops. out_dir gets metrics.jsonl, loss.png,
+checkpoints/ and, at the end, export/: a Meta checkpoint with the tokenizer, which
+`llamalab generate --model OUT_DIR/export` runs. With several nodes, data and
+out_dir must be on a filesystem that every node sees.
+
+--set KEY=VALUE overrides a config key: data, out_dir, max_steps, seed,
+checkpoint_every, lr, batch_tokens, precision (auto|bf16|fp32), model.dim,
+weights.SOURCE ... (any key of the file; values are TOML: 3e-4, true, "text").
+Paths in the config are relative to the current folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+DESCRIPTION = __doc__
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", metavar="CONFIG.toml", help="training config")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key (repeatable)",
+    )
+    p.add_argument(
+        "--progress",
+        choices=("auto", "bar", "lines"),
+        default="auto",
+        help="progress bar, or one line every log_every steps (default: bar on a terminal)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    import signal
+    import sys
+
+    from llamalab.train.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    from llamalab.train.loop import train
+
+    progress = {"auto": None, "bar": True, "lines": False}[args.progress]
+    summary = train(cfg, progress=progress)
+    if summary["rank"] != 0:  # under torchrun, rank 0 speaks for the job
+        return 128 + int(getattr(signal, summary["stopped_by"])) if summary["stopped_by"] else 0
+    if summary["stopped_by"]:
+        print(
+            f"llamalab train: stopped by {summary['stopped_by']} at step {summary['step']}; "
+            "checkpoint saved, run the same command to resume",
+            file=sys.stderr,
+        )
+        return 128 + int(getattr(signal, summary["stopped_by"]))
+    epochs = ", ".join(f"{name} {e:.3g}" for name, e in summary["epochs"].items())
+    print(
+        f"llamalab train: step {summary['step']}, loss {summary['loss']:.4f}, "
+        f"{summary['tokens_per_s']:,.0f} tokens/s; epochs seen: {epochs}"
+        + (f"; model exported to {summary['export']}" if summary["export"] else ""),
+        file=sys.stderr,
+    )
+    return 0
