@@ -52,10 +52,10 @@ from typing import ClassVar
 # (group, package, [(pattern inside the unpacked package, converter)]). Patterns are
 # fnmatch patterns on the path relative to the package root ("*" crosses "/").
 PACKAGES: list[tuple[str, str, list[tuple[str, str]]]] = [
-    ("books", "sword-comm-tdavid", [("usr/share/sword/modules/*.bzs", "sword")]),
-    ("books", "sword-text-web", [("usr/share/sword/modules/*.bzs", "sword")]),
-    ("books", "sword-comm-mhcc", [("usr/share/sword/modules/*.bzs", "sword")]),
-    ("books", "sword-comm-scofield", [("usr/share/sword/modules/*.bzs", "sword")]),
+    ("books", "sword-comm-tdavid", [("usr/share/sword/modules/*.[bc]zs", "sword")]),
+    ("books", "sword-text-web", [("usr/share/sword/modules/*.[bc]zs", "sword")]),
+    ("books", "sword-comm-mhcc", [("usr/share/sword/modules/*.[bc]zs", "sword")]),
+    ("books", "sword-comm-scofield", [("usr/share/sword/modules/*.[bc]zs", "sword")]),
     ("books", "bible-kjv-text", [("", "bible")]),
     ("books", "dict-devil", [("usr/share/dictd/*.dict.dz", "gzip")]),
     ("reference", "dict-gcide", [("usr/share/dictd/*.dict.dz", "gzip")]),
@@ -133,10 +133,10 @@ def read_bounded(path: Path, opener=open) -> bytes:
 def sword_module_text(bzs: Path) -> str:
     """A SWORD zText/zCom testament: every zlib block of the .bzz, markup removed.
 
-    ``X.bzs`` holds one 12-byte record per block (offset, compressed size, size; little
-    endian u32), pointing into ``X.bzz``. Verses sit in the blocks in canonical order.
+    ``X.bzs`` (``X.czs`` for a commentary) holds one 12-byte record per block (offset, compressed size, size; little
+    endian u32), pointing into ``X.bzz`` (``X.czz``). Verses sit in the blocks in canonical order.
     """
-    bzz = bzs.with_suffix(".bzz")
+    bzz = bzs.with_suffix(bzs.suffix[:-1] + "z")  # .bzs -> .bzz (zText), .czs -> .czz (zCom)
     index = bzs.read_bytes()
     blob = bzz.read_bytes()
     out = []
@@ -240,6 +240,8 @@ def wanted(rel: str, pattern: str, kind: str) -> bool:
     if not fnmatch.fnmatchcase(rel, pattern) and not (
         pattern.startswith("*") and fnmatch.fnmatchcase(rel.rsplit("/", 1)[-1], pattern)
     ):
+        return False
+    if "/translations/" in rel:  # the kernel docs' Chinese, Japanese ... versions
         return False
     if kind == "go":
         return not rel.endswith("_test.go") and "/testdata/" not in rel

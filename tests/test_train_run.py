@@ -226,3 +226,65 @@ def test_two_process_fsdp_matches_one_process(data, tmp_path):
     m1, m2 = llamalab.load_model(one / "export"), llamalab.load_model(two / "export")
     for (k, v1), (_, v2) in zip(m1.state_dict().items(), m2.state_dict().items(), strict=True):
         torch.testing.assert_close(v1, v2, atol=1e-5, rtol=1e-4, msg=k)
+
+
+def test_kill_9_then_the_same_command_equals_an_uninterrupted_run(data, tmp_path):
+    sets = ["max_steps=200", "checkpoint_every=5", "eval_every=0", "threads=1", "export=false"]
+    whole = tmp_path / "whole"
+    run(data, whole, *sets)
+    out = tmp_path / "killed"
+    args = ["train", str(DEBUG), "--set", f"data={data}", "--set", f"out_dir={out}"]
+    for s in sets:
+        args += ["--set", s]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llamalab", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 12:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)  # no handler runs: whatever was being written is torn
+    proc.wait(timeout=60)
+    killed_at = len(metrics.read_text().splitlines())
+    assert 12 <= killed_at < 200
+    again = cli(*args)
+    assert again.returncode == 0, again.stderr
+    assert "resuming from step-" in again.stderr
+    a, b = losses(whole), losses(out)
+    assert len(a) == len(b) == 200
+    assert a == b  # float32, one thread, same seed: identical
+
+
+def test_convert_takes_a_run_folder(debug_run, tmp_path):
+    import torch
+
+    import llamalab
+
+    out, proc, _ = debug_run
+    assert proc.returncode == 0, proc.stderr
+    gguf = tmp_path / "run.gguf"
+    converted = cli("convert", str(out), str(gguf), "--to", "gguf", "--dtype", "f32")
+    assert converted.returncode == 0, converted.stderr
+    tokens = torch.tensor([[1, 17, 99, 3, 250, 7]])
+    with torch.no_grad():
+        ours = llamalab.load_model(gguf)(tokens)
+        exported = llamalab.load_model(out / "export")(tokens)
+    # The run ended with its last checkpoint, so both hold the same weights.
+    assert torch.allclose(ours, exported, atol=1e-5)
+    generated = cli("generate", "-m", str(gguf), "def ", "-n", "8", "--temperature", "0")
+    assert generated.returncode == 0, generated.stderr
+    assert generated.stdout
+    # A folder that is a run with no checkpoint yet is one clear error.
+    empty = tmp_path / "fresh"
+    empty.mkdir()
+    (empty / "run.json").write_text((out / "run.json").read_text())
+    refused = cli("convert", str(empty), str(tmp_path / "x.gguf"), "--to", "gguf")
+    assert refused.returncode == 1
+    assert "no whole checkpoint" in refused.stderr and "Traceback" not in refused.stderr

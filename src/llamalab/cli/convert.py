@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
+from pathlib import Path
 
 from llamalab.gguf import QUANT_TYPES, WRITE_TYPES
 
@@ -14,7 +16,9 @@ DESCRIPTION = (
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("src", help="source checkpoint")
+    p.add_argument(
+        "src", help="source checkpoint, or a `llamalab train` run folder (its newest checkpoint)"
+    )
     p.add_argument("dst", help="destination path (folder for hf/meta, file for gguf)")
     p.add_argument("--to", required=True, choices=["hf", "gguf", "meta"], help="target format")
     p.add_argument(
@@ -32,13 +36,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from llamalab.checkpoint.convert import convert
 
-    out = convert(
-        args.src,
-        args.dst,
-        to=args.to,
-        dtype=args.dtype,
-        shards=args.shards,
-        progress=sys.stderr.isatty(),
-    )
+    def write(src: str) -> Path:
+        return convert(
+            src,
+            args.dst,
+            to=args.to,
+            dtype=args.dtype,
+            shards=args.shards,
+            progress=sys.stderr.isatty(),
+        )
+
+    from llamalab.train.export import export_run, is_run_folder
+
+    if is_run_folder(Path(args.src)):
+        # A training run: its newest whole checkpoint, written out as a Meta folder first.
+        with tempfile.TemporaryDirectory(prefix="llamalab-run-") as tmp:
+            out = write(str(export_run(Path(args.src), Path(tmp))))
+    else:
+        out = write(args.src)
     print(f"wrote {out}", file=sys.stderr)
     return 0

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from llamalab.config import ModelConfig
+from llamalab.errors import LlamalabError
 
 EXPORT = "export"
 
@@ -51,3 +52,55 @@ def export_meta(
         shutil.rmtree(stage, ignore_errors=True)
         raise
     return dst
+
+
+def is_run_folder(path: Path) -> bool:
+    """Whether ``path`` is the ``out_dir`` of a ``llamalab train`` run."""
+    from llamalab.train.loop import RUN_FILE
+
+    return (Path(path) / RUN_FILE).is_file()
+
+
+def export_run(run_dir: Path, into: Path) -> Path:
+    """Write the newest whole checkpoint of the run in ``run_dir`` as a Meta folder.
+
+    The folder is ``into/export`` (``into`` is an existing folder). The tokenizer is the one the run's data was made with (the
+    data folder named in ``run.json``, or else the run's last export). This is what
+    ``llamalab convert RUN_DIR DST`` converts from.
+    """
+    import torch.distributed.checkpoint as dcp
+
+    from llamalab.config import ModelConfig
+    from llamalab.model import Transformer
+    from llamalab.train.checkpoint import latest_checkpoint
+    from llamalab.train.loop import RUN_FILE
+
+    run_dir = Path(run_dir)
+    try:
+        record = json.loads((run_dir / RUN_FILE).read_text())
+        config = ModelConfig.from_dict(record["model"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise LlamalabError(f"{run_dir / RUN_FILE}: not a readable llamalab run: {exc}") from None
+    checkpoint = latest_checkpoint(run_dir)
+    if checkpoint is None:
+        raise LlamalabError(f"{run_dir}: the run has no whole checkpoint yet")
+    tokenizer_dir = None
+    data = record.get("config", {}).get("data")
+    for candidate in ([Path(data) / "tokenizer"] if data else []) + [run_dir / EXPORT]:
+        if (candidate / "tokenizer.model").is_file():
+            tokenizer_dir = candidate
+            break
+    if tokenizer_dir is None:
+        raise LlamalabError(
+            f"{run_dir}: cannot find the run's tokenizer (neither {data}/tokenizer nor "
+            f"{run_dir / EXPORT} holds a tokenizer.model)"
+        )
+    with torch.device("meta"):
+        model = Transformer(config)
+    model.to_empty(device="cpu")
+    state = {"model": model.state_dict()}
+    try:
+        dcp.load(state, checkpoint_id=str(checkpoint), no_dist=True)
+    except Exception as exc:  # noqa: BLE001  (DCP raises many kinds; all mean one thing here)
+        raise LlamalabError(f"{checkpoint}: cannot load this checkpoint: {exc}") from None
+    return export_meta(state["model"], config, tokenizer_dir, Path(into))
