@@ -158,11 +158,15 @@ def sword_module_text(bzs: Path) -> str:
 
 
 def man_to_text(path: Path) -> str:
-    """Render a man page with man-db (``man -l``), or strip the troff if there is none."""
+    """Render a man page with man-db (``man -l``), or strip the troff if there is none.
+
+    Rendered as ASCII: in UTF-8, tbl's tables come out as box-drawing characters (3 bytes
+    each), which made manpages-dev 7.6% non-ASCII.
+    """
     if shutil.which("man"):
         env = {**os.environ, "MANWIDTH": "80", "MAN_KEEP_FORMATTING": "0", "MANPAGER": "cat"}
         proc = subprocess.run(  # noqa: PLW1510 - the return code is checked
-            ["man", "-l", "-E", "UTF-8", str(path)],
+            ["man", "-l", "-E", "ascii", str(path)],
             capture_output=True,
             env=env,
             timeout=60,
@@ -379,6 +383,14 @@ def _save(out: Path, lock_path: Path, lock: dict, manifest: dict) -> None:
         os.replace(tmp, path)
 
 
+def _foreign(text: str) -> bool:
+    """Whether a file is mostly in a non-Latin script (TeX Live's documentation has Russian,
+    Chinese and Japanese guides beside the English ones): such files are left out, so that
+    the mixture stays English as the paper's sources mostly are."""
+    sample = text[:20_000]
+    return sum(1 for ch in sample if ord(ch) > 0x24F) > 0.1 * len(sample)
+
+
 def _convert_package(root: Path, rules, dest: Path, group: str, package: str) -> list[Path]:
     if rules[0][1] == "bible":
         dest.mkdir(parents=True)
@@ -391,7 +403,7 @@ def _convert_package(root: Path, rules, dest: Path, group: str, package: str) ->
         for pattern, kind in rules:
             if wanted(rel, pattern, kind):
                 text = convert(path, kind)
-                if text and text.strip():
+                if text and text.strip() and not _foreign(text):
                     name = re.sub(r"\.(gz|dz)$", "", rel).replace("/", "__") + ".txt"
                     target = dest / name
                     target.parent.mkdir(parents=True, exist_ok=True)
