@@ -36,11 +36,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 # ---------------------------------------------------------------------------- workers
-def worker_llamalab(config: str, data: str, out: str, steps: int, threads: int, precision: str):
+def worker_llamalab(
+    config: str, data: str, out: str, steps: int, threads: int, precision: str, compile: bool
+):
     from llamalab.train.config import load_config
     from llamalab.train.loop import train
 
     sets = [f"data={data}", f"out_dir={out}", f"max_steps={steps}", f"threads={threads}"]
+    sets += [f"compile={'true' if compile else 'false'}"]
     sets += [f"precision={precision}", "eval_every=0", "checkpoint_every=100000"]
     sets += ["export=false", "log_every=1000000", "plot_every=0"]
     # Sources are sampled by size: the speed does not depend on the mixture.
@@ -189,6 +192,12 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--precision", nargs="+", default=["fp32", "bf16"])
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="llamalab with compile = true (its first steps"
+        " compile: raise --warmup to leave them out)",
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         data = args.data or str(small_data(Path(tmp)))
@@ -202,8 +211,9 @@ def main() -> int:
                 for run in range(args.runs):
                     out = str(Path(tmp) / f"run-{threads}-{precision}-{run}")
                     got = in_process(
-                        "llamalab", args.config, data, out, args.steps, threads, precision
-                    )
+                        "llamalab", args.config, data, out, args.steps, threads, precision,
+                        args.compile,
+                    )  # fmt: skip
                     ours.append(statistics.median(got[args.warmup :]))
                     got = in_process(
                         "transformers", args.config, data, args.steps, threads, precision

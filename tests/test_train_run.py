@@ -288,3 +288,18 @@ def test_convert_takes_a_run_folder(debug_run, tmp_path):
     refused = cli("convert", str(empty), str(tmp_path / "x.gguf"), "--to", "gguf")
     assert refused.returncode == 1
     assert "no whole checkpoint" in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_a_corrupt_checkpoint_is_one_clear_error(data, tmp_path):
+    out = tmp_path / "run"
+    sets = ["max_steps=4", "checkpoint_every=2", "eval_every=0", "threads=1", "export=false"]
+    run(data, out, *sets)
+    for part in latest_checkpoint(out).glob("*.distcp"):
+        part.write_bytes(b"torn")
+    args = ["train", str(DEBUG), "--set", f"data={data}", "--set", f"out_dir={out}"]
+    for s in [*sets[1:], "max_steps=6"]:
+        args += ["--set", s]
+    proc = cli(*args)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]  # one line
+    assert "cannot load this checkpoint" in proc.stderr and "corrupt" in proc.stderr

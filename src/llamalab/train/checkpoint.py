@@ -126,6 +126,15 @@ def save_checkpoint(
     return final
 
 
+def load_failure(exc: BaseException) -> str:
+    """One line for a failed DCP load: its message carries every rank's whole traceback."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    last = lines[-1] if lines else type(exc).__name__
+    if last in ("EOFError", "UnpicklingError") or last.endswith("Error"):
+        last = f"{last} (a file is truncated or corrupt)"
+    return last[:300]
+
+
 def load_checkpoint(
     folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, world: World
 ) -> dict[str, Any]:
@@ -143,8 +152,8 @@ def load_checkpoint(
     try:
         with _quiet_single_process():
             dcp.load(sd, checkpoint_id=str(folder), no_dist=not world.distributed)
-    except (CheckpointException, RuntimeError, ValueError, KeyError, OSError) as exc:
-        raise LlamalabError(f"{folder}: cannot load this checkpoint: {exc}") from None
+    except (CheckpointException, RuntimeError, ValueError, KeyError, OSError, EOFError) as exc:
+        raise LlamalabError(f"{folder}: cannot load this checkpoint: {load_failure(exc)}") from None
     set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
     rng = folder / f"rng-{world.rank}.pt"
     if rng.is_file():  # absent when resuming with more ranks than saved: keep fresh state

@@ -72,7 +72,7 @@ def export_run(run_dir: Path, into: Path) -> Path:
 
     from llamalab.config import ModelConfig
     from llamalab.model import Transformer
-    from llamalab.train.checkpoint import latest_checkpoint
+    from llamalab.train.checkpoint import latest_checkpoint, load_failure
     from llamalab.train.loop import RUN_FILE
 
     run_dir = Path(run_dir)
@@ -102,5 +102,7 @@ def export_run(run_dir: Path, into: Path) -> Path:
     try:
         dcp.load(state, checkpoint_id=str(checkpoint), no_dist=True)
     except Exception as exc:  # noqa: BLE001  (DCP raises many kinds; all mean one thing here)
-        raise LlamalabError(f"{checkpoint}: cannot load this checkpoint: {exc}") from None
+        raise LlamalabError(
+            f"{checkpoint}: cannot load this checkpoint: {load_failure(exc)}"
+        ) from None
     return export_meta(state["model"], config, tokenizer_dir, Path(into))
