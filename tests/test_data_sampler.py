@@ -95,3 +95,17 @@ def test_permute_is_a_bijection(n):
         assert sorted(permute(i, n, key) for i in range(n)) == list(range(n))
     if n >= 10:
         assert [permute(i, n, 1) for i in range(n)] != list(range(n))
+
+
+def test_table_1_proportions_over_ten_thousand_sequences_on_one_and_two_ranks():
+    # The paper's seven sources and proportions (Table 1), over windows of unequal counts.
+    table1 = {"cc": 0.67, "c4": 0.15, "github": 0.045, "wiki": 0.045, "books": 0.045,
+              "arxiv": 0.025, "se": 0.02}  # fmt: skip
+    windows = {name: 97 + 31 * i for i, name in enumerate(table1)}
+    one = MixtureSampler(windows, table1, seed=9).take(10_000)
+    counts = Counter(name for name, _ in one)
+    for name, weight in table1.items():
+        assert abs(counts[name] / 10_000 - weight) <= 0.01, (name, counts[name])
+    ranks = [MixtureSampler(windows, table1, seed=9, rank=r, world_size=2) for r in (0, 1)]
+    two = [ranks[i % 2].take(1)[0] for i in range(10_000)]
+    assert two == one  # world size 2 sees exactly the sequences world size 1 sees

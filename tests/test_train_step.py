@@ -10,6 +10,8 @@ elementwise, so the permutation commutes with the update).
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -87,3 +89,53 @@ def test_one_step_matches_transformers_and_torch_adamw(tmp_path):
         assert diff.mean() <= 1e-5 * lr, (name, diff.mean().item())
         moved = max(moved, (got[name] - before[name]).abs().max().item())
     assert moved > 1e-3  # the step really changed the weights
+
+
+def test_twenty_losses_match_a_plain_transformers_loop(tmp_path):
+    hf = make_hf_model("grouped-query", seed=5).train()
+    hf.save_pretrained(tmp_path / "start")
+    ours = llamalab.load_model(tmp_path / "start", dtype="float32").train()
+    for p in ours.parameters():
+        p.requires_grad_(True)
+    steps, peak, warmup = 20, 3e-3, 4
+    cfg = TrainConfig(
+        model="debug", data="-", out_dir="-", max_steps=steps, lr=peak,
+        warmup_steps=warmup, grad_clip=1.0, eps=1e-6,
+    )  # fmt: skip
+    gen = torch.Generator().manual_seed(1)
+    batches = [torch.randint(0, hf.config.vocab_size, (4, 33), generator=gen) for _ in range(steps)]
+
+    def reference_lr(step: int) -> float:
+        # Written out here, apart from llamalab's schedule (steps count from 0): linear
+        # warm-up over `warmup` steps, then a cosine from the peak to a tenth of it.
+        if step < warmup:
+            return peak * (step + 1) / warmup
+        progress = (step - warmup) / (steps - warmup)
+        return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+    decay = [p for p in hf.parameters() if p.ndim >= 2]
+    rest = [p for p in hf.parameters() if p.ndim < 2]
+    ref_opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
+        lr=peak, betas=(0.9, 0.95), eps=1e-6,
+    )  # fmt: skip
+    opt = build_optimizer(ours, cfg)
+    theirs, mine = [], []
+    for step, tokens in enumerate(batches):
+        x, y = tokens[:, :-1], tokens[:, 1:]
+        for group in ref_opt.param_groups:
+            group["lr"] = reference_lr(step)
+        loss = F.cross_entropy(hf(input_ids=x).logits.flatten(0, 1), y.flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
+        ref_opt.step()
+        ref_opt.zero_grad(set_to_none=True)
+        theirs.append(loss.item())
+
+        lr = lr_at(step, peak=peak, warmup_steps=warmup, total_steps=steps, min_ratio=0.1)
+        assert lr == pytest.approx(reference_lr(step), rel=1e-12)
+        micro = [(x[:2], y[:2]), (x[2:], y[2:])]
+        got, _ = train_step(ours, opt, iter(micro), accum=2, lr=lr, grad_clip=1.0)
+        mine.append(got.item())
+    assert theirs[-1] < theirs[0] - 0.1  # it learned something
+    assert max(abs(a - b) for a, b in zip(theirs, mine, strict=True)) <= 1e-4
