@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -128,6 +129,9 @@ class Conversation:
 def run(args: argparse.Namespace) -> int:
     from llamalab.generation import Engine, Request
 
+    # Ctrl-C stops a reply: take SIGINT even when started from a shell that ignores it
+    # (a background job inherits SIG_IGN, and Python then leaves it ignored).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     sampling = sampling_from_args(args)
     grammar = grammar_from_args(args)
     system = check_text_argument(args.system, "system message") if args.system else None
