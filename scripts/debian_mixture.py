@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import gzip
-import hashlib
 import html
 import json
 import os
@@ -48,6 +47,8 @@ import zlib
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import ClassVar
+
+from llamalab.digest import file_sha256
 
 # (group, package, [(pattern inside the unpacked package, converter)]). Patterns are
 # fnmatch patterns on the path relative to the package root ("*" crosses "/").
@@ -257,14 +258,6 @@ def wanted(rel: str, pattern: str, kind: str) -> bool:
 
 
 # ------------------------------------------------------------------ packages
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
 def deb_field(deb: Path, field: str) -> str:
     return subprocess.run(
         ["dpkg-deb", "-f", str(deb), field], capture_output=True, text=True, check=True
@@ -321,7 +314,7 @@ def build(args: argparse.Namespace) -> int:
         deb = download(
             package, None if args.update_lock or not entry else entry["version"], out / "debs"
         )
-        digest, version = sha256(deb), deb_field(deb, "Version")
+        digest, version = file_sha256(deb), deb_field(deb, "Version")
         if entry and not args.update_lock and digest != entry["sha256"]:
             raise BuildError(
                 f"{package} {version}: sha256 {digest} differs from the lock's {entry['sha256']}; "
@@ -435,7 +428,9 @@ def _record(manifest, group, package, version, digest, files, dest, max_non_asci
         data = f.read_bytes()
         total += len(data)
         non_ascii += sum(1 for b in data if b >= 0x80)
-        entries.append({"path": str(f.relative_to(dest)), "bytes": len(data), "sha256": sha256(f)})
+        entries.append(
+            {"path": str(f.relative_to(dest)), "bytes": len(data), "sha256": file_sha256(f)}
+        )
     fraction = non_ascii / max(1, total)
     if fraction > max_non_ascii:
         raise BuildError(

@@ -24,7 +24,6 @@ U+FFFD.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -37,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from llamalab.digest import file_sha256
 from llamalab.errors import LlamalabError
 
 MANIFEST = "manifest.json"
@@ -65,15 +65,6 @@ def iter_documents(path: Path, doc_chars: int = DEFAULT_DOC_CHARS) -> Iterator[s
                 parts, size = [], 0
         if parts:
             yield "".join(parts)
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ------------------------------------------------------------------ worker side
@@ -108,7 +99,7 @@ def _tokenize_file(task: _Task) -> dict[str, Any]:
     return {
         "path": str(task.path),
         "bytes": task.path.stat().st_size,
-        "sha256": sha256_file(task.path),
+        "sha256": file_sha256(task.path),
         "documents": documents,
         "tokens": tokens,
     }
@@ -140,7 +131,7 @@ def tokenizer_files(tok: Any, folder: Path) -> str:
 
     folder.mkdir()
     names = write_tokenizer_files(tok, folder, context_length=1 << 20)
-    return sha256_file(folder / names[0])
+    return file_sha256(folder / names[0])
 
 
 def prepare(

@@ -17,7 +17,6 @@ traced back to its text).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -26,6 +25,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from llamalab.digest import file_sha256
 from llamalab.errors import LlamalabError
 
 # Meta's LLaMA trainer spec, the fields that shape the vocabulary. Everything else is
@@ -101,15 +101,6 @@ def iter_sentences(files: Iterable[Path], max_chars: int) -> Iterator[str]:
                         pass  # the rest of an overlong line
                     continue
                 yield line.rstrip("\r\n")
-
-
-def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
-    """The hex sha256 of a file, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _check_output(output: Path) -> None:
