@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import run_cli
 
 from llamalab.data import parse_sources, prepare
 from llamalab.tokenizer.trainer import train_tokenizer
@@ -29,17 +30,8 @@ def losses(out: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in lines]
 
 
-def cli(*args: str, **kw) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
-    return subprocess.run(
-        [sys.executable, "-m", "llamalab", *args],
-        check=False,
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-        **kw,
-    )
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return run_cli(*args, env={"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")})
 
 
 @pytest.fixture(scope="module")
