@@ -48,7 +48,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 from typing import ClassVar
 
-from llamalab.digest import file_sha256
+from llamalab.files import file_sha256
 
 # (group, package, [(pattern inside the unpacked package, converter)]). Patterns are
 # fnmatch patterns on the path relative to the package root ("*" crosses "/").

@@ -36,8 +36,8 @@ from typing import Any
 
 import numpy as np
 
-from llamalab.digest import file_sha256
 from llamalab.errors import LlamalabError
+from llamalab.files import file_sha256
 
 MANIFEST = "manifest.json"
 FORMAT = "llamalab-token-shards"

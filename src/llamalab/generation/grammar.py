@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llamalab.errors import LlamalabError
+from llamalab.files import read_file_bounded
 
 if TYPE_CHECKING:
     import torch
@@ -104,13 +105,7 @@ class Grammar:
     def from_file(cls, path: str | Path, kind: str) -> Grammar:
         """Read a grammar (``kind="grammar"``) or a JSON Schema (``"json_schema"``) file."""
         path = Path(path)
-        try:
-            with path.open("rb") as f:
-                data = f.read(MAX_GRAMMAR_BYTES + 1)
-        except OSError as exc:
-            raise LlamalabError(f"cannot read {path}: {exc.strerror or exc}") from None
-        if len(data) > MAX_GRAMMAR_BYTES:
-            raise LlamalabError(f"{path} is larger than {MAX_GRAMMAR_BYTES:,} bytes")
+        data = read_file_bounded(path, MAX_GRAMMAR_BYTES)
         try:
             text = data.decode("utf-8")
         except UnicodeDecodeError:

@@ -25,8 +25,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from llamalab.digest import file_sha256
 from llamalab.errors import LlamalabError
+from llamalab.files import file_sha256
 
 # Meta's LLaMA trainer spec, the fields that shape the vocabulary. Everything else is
 # either a default or about speed (threads, sentence sampling).

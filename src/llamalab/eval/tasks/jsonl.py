@@ -6,6 +6,7 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
+from llamalab import files
 from llamalab.errors import LlamalabError
 
 MAX_FILE_BYTES = 256 << 20
@@ -14,20 +15,8 @@ MAX_LINES = 1_000_000
 
 
 def read_file_bounded(path: Path, limit: int = MAX_FILE_BYTES) -> bytes:
-    """The bytes of a user's file, refusing what is missing, not a file, or too big."""
-    try:
-        if not path.is_file():
-            raise LlamalabError(f"{path}: no such file")
-        size = path.stat().st_size
-        if size > limit:
-            raise LlamalabError(f"{path}: {size} bytes, more than the {limit} allowed")
-        with open(path, "rb") as f:
-            data = f.read(limit + 1)
-    except OSError as exc:
-        raise LlamalabError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    if len(data) > limit:
-        raise LlamalabError(f"{path}: more than the {limit} bytes allowed")
-    return data
+    """The bytes of a user's task file, at most ``limit`` (see :func:`llamalab.files.read_file_bounded`)."""
+    return files.read_file_bounded(path, limit)
 
 
 def iter_jsonl(data: bytes, source: str) -> Iterator[tuple[int, dict]]:
