@@ -13,6 +13,8 @@ import pytest
 import torch
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Compiling the decode step costs seconds per process; tests that need it ask for it.
+os.environ.setdefault("LLAMALAB_COMPILE", "0")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 REPO = Path(__file__).resolve().parent.parent

@@ -15,6 +15,7 @@ Hugging Face checkpoints are converted to it on load (``checkpoint/names.py``).
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -76,21 +77,25 @@ def rope_cache(
 
 
 def apply_rope(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent channel pairs of x (B, T, H, D) by rotation (B or 1, T, 1, D/2), complex.
+    """Rotate adjacent channel pairs of x (B, T, H, D) by rotation (B or 1, T, 1, D/2, 2).
 
-    Each pair (x[2j], x[2j+1]) is read as the complex number x[2j] + i·x[2j+1] and
-    multiplied by e^(i·angle), as in Meta's reference code. ``rotation`` comes from
-    :func:`rope_rotation`; its head axis broadcasts over every head.
+    Each pair (x[2j], x[2j+1]) is the complex number x[2j] + i·x[2j+1], multiplied by
+    e^(i·angle) = cos + i·sin as in Meta's reference code. The product is written out
+    in real arithmetic, which ``torch.compile`` fuses into one kernel (it does not
+    generate code for complex tensors). ``rotation`` comes from :func:`rope_rotation`;
+    its head axis broadcasts over every head.
     """
     x32 = x if x.dtype == torch.float32 else x.float()
-    pairs = torch.view_as_complex(x32.unflatten(-1, (-1, 2)))  # (B, T, H, D/2)
-    rotated = torch.view_as_real(pairs * rotation).flatten(-2)
+    pairs = x32.unflatten(-1, (-1, 2))  # (B, T, H, D/2, 2)
+    real, imag = pairs[..., 0], pairs[..., 1]
+    cos, sin = rotation[..., 0], rotation[..., 1]
+    rotated = torch.stack((real * cos - imag * sin, real * sin + imag * cos), dim=-1).flatten(-2)
     return rotated if x.dtype == torch.float32 else rotated.to(x.dtype)
 
 
 def rope_rotation(rope: torch.Tensor) -> torch.Tensor:
-    """The (B, T, D/2, 2) real table as complex (B, T, 1, D/2), ready for :func:`apply_rope`."""
-    return torch.view_as_complex(rope).unsqueeze(2)
+    """The (B, T, D/2, 2) table of (cos, sin) as (B, T, 1, D/2, 2), ready for :func:`apply_rope`."""
+    return rope.unsqueeze(2)
 
 
 def grouped_attention(
@@ -262,6 +267,16 @@ class TransformerBlock(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
 
+def _run_block(
+    layer: TransformerBlock,
+    h: torch.Tensor,
+    rope: torch.Tensor,
+    cache: CacheView,
+    mask: torch.Tensor | None,
+) -> torch.Tensor:
+    return layer(h, rope, cache, mask)
+
+
 class Transformer(nn.Module):
     """A LLaMA-family decoder-only transformer.
 
@@ -284,12 +299,20 @@ class Transformer(nn.Module):
         # and grows to the longest length actually used (the cache's, or a sequence's):
         # sizing it to config.context_length up front would let a file that claims a huge
         # context allocate terabytes.
-        self.register_buffer("rope", self._empty_rope(self._device()), persistent=False)
+        self.register_buffer("rope", self._empty_rope(self.device), persistent=False)
         self.max_batch_size = 0
         self.max_seq_len = 0
+        self._step_block = None  # set by compile_decode()
 
-    def _device(self) -> torch.device:
-        return self.tok_embeddings.weight.device
+    @property
+    def device(self) -> torch.device:
+        """Where the model's float tensors live (the final norm's weight is always one)."""
+        return self.norm.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The activations' dtype: the final norm's (packed layers keep other forms inside)."""
+        return self.norm.weight.dtype
 
     def _empty_rope(self, device: torch.device | str | None) -> torch.Tensor:
         return torch.empty(0, self.config.head_dim // 2, 2, dtype=torch.float32, device=device)
@@ -297,7 +320,11 @@ class Transformer(nn.Module):
     def tie_weights(self) -> None:
         """Share the embedding matrix with the output projection when the config says so."""
         # A packed output layer (quant/linear.py) holds its own copy of the matrix.
-        if self.config.tie_embeddings and isinstance(self.output, nn.Linear):
+        if (
+            self.config.tie_embeddings
+            and isinstance(self.output, nn.Linear)
+            and isinstance(self.tok_embeddings, nn.Embedding)
+        ):
             self.output.weight = self.tok_embeddings.weight
 
     def _apply(self, fn, recurse=True):
@@ -310,7 +337,7 @@ class Transformer(nn.Module):
 
     def init_buffers(self, device: torch.device | str | None = None) -> None:
         """(Re)build the rotary table on ``device`` (needed after building on ``meta``)."""
-        device = device if device is not None else self._device()
+        device = device if device is not None else self.device
         length = self.rope.shape[0]
         self.rope = self._empty_rope(device)
         self.rope_table(length)
@@ -347,8 +374,8 @@ class Transformer(nn.Module):
                 f"max_seq_len {max_seq_len} exceeds the model's context length "
                 f"{self.config.context_length}"
             )
-        dtype = dtype or self.tok_embeddings.weight.dtype
-        device = self._device()
+        dtype = dtype or self.dtype
+        device = self.device
         for layer in self.layers:
             layer.attention.kv_cache = KVCache(
                 max_batch_size,
@@ -389,13 +416,18 @@ class Transformer(nn.Module):
                     f"sequence of {T} tokens exceeds the context length "
                     f"{self.config.context_length}"
                 )
-            rope = rope_rotation(self.rope_table(T)[:T].unsqueeze(0))  # (1, T, 1, head_dim/2)
+            rope = rope_rotation(self.rope_table(T)[:T].unsqueeze(0))  # (1, T, 1, head_dim/2, 2)
         else:
             rope, mask = self._rope_and_mask(cache, T)
 
-        h = self.tok_embeddings(tokens)  # (B, T, dim)
-        for layer in self.layers:
-            h = layer(h, rope, cache, mask)
+        embedded = self.tok_embeddings(tokens)  # (B, T, dim)
+        h = None
+        if self._step_block is not None and isinstance(cache, CacheView) and T == 1:
+            h = self._compiled_layers(embedded, rope, cache, mask)  # None if compiling failed
+        if h is None:
+            h = embedded
+            for layer in self.layers:
+                h = layer(h, rope, cache, mask)
         if cache is not None and cache.last_only:  # a prefill needs only the next token's logits
             h = h[:, -1:]
         logits = self.output(self.norm(h))  # (B, T, vocab)
@@ -403,15 +435,44 @@ class Transformer(nn.Module):
             return logits
         return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
 
+    def compile_decode(self) -> None:
+        """Run one-token steps through a compiled transformer block (``torch.compile``).
+
+        A decode step is hundreds of small operations whose dispatch costs more than their
+        arithmetic; inductor fuses the norms, rotations, residual adds and casts around
+        the matmuls and runs them from generated code. One graph, traced with dynamic
+        sizes, serves every layer, every position and batch size. Prefill and training
+        stay eager. It compiles at the first step (seconds; inductor caches the code on
+        disk, so later runs start faster). If compiling fails (no C++ compiler, say) the
+        model warns once and stays eager.
+        """
+        self._step_block = torch.compile(_run_block, dynamic=True)
+
+    def _compiled_layers(
+        self, h: torch.Tensor, rope: torch.Tensor, cache: CacheView, mask: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        try:
+            for layer in self.layers:
+                h = self._step_block(layer, h, rope, cache, mask)
+        except Exception as exc:
+            if not type(exc).__module__.startswith(("torch._dynamo", "torch._inductor")):
+                raise
+            # The compiler could not build the step; the inputs are fine. The eager rerun
+            # rewrites the same cache slots with the same values.
+            warnings.warn(f"compiling the decode step failed; running eagerly: {exc}", stacklevel=3)
+            self._step_block = None
+            return None
+        return h
+
     def _rope_and_mask(self, cache: CacheView, T: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The rotation (B or 1, T, 1, head_dim/2) and the mask (model dtype) for a view."""
+        """The rotation (B or 1, T, 1, head_dim/2, 2) and the mask (model dtype) for a view."""
         table = self.rope_table(cache.kv_len)
         if cache.start is not None:  # consecutive positions: a slice, not a gather
             rope = rope_rotation(table[cache.start : cache.start + T].unsqueeze(0))
         else:
-            rope = rope_rotation(table[cache.input_pos])  # (B or 1, T, 1, head_dim/2)
+            rope = rope_rotation(table[cache.input_pos])  # (B or 1, T, 1, head_dim/2, 2)
         mask = cache.mask
-        dtype = self.tok_embeddings.weight.dtype
+        dtype = self.dtype
         if mask is not None and mask.dtype != dtype:
             mask = mask.to(dtype)  # once here rather than in every layer
         return rope, mask

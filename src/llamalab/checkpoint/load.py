@@ -150,11 +150,22 @@ def build_model(
     if packed:
         if device.type != "cpu":
             raise LlamalabError("packed linear layers run on the CPU only")
-        from llamalab.quant.linear import fuse_projections, quantize_model
+        from gguf.constants import GGMLQuantizationType
+
+        from llamalab.quant.linear import (
+            GGUFWeight,
+            PackedEmbedding,
+            fuse_projections,
+            quantize_model,
+        )
 
         present = set(reader.names())
         source = lambda name: reader.raw(name) if name in present else None
         replaced = {f"{name}.weight" for name in quantize_model(model, source, progress=progress)}
+        embedding = reader.raw("tok_embeddings.weight")
+        if isinstance(embedding, GGUFWeight) and embedding.qtype != GGMLQuantizationType.F32:
+            model.tok_embeddings = PackedEmbedding(embedding, dtype)
+            replaced.add("tok_embeddings.weight")
         names = [n for n in names if n not in replaced]
     if progress:
         from tqdm import tqdm
@@ -162,7 +173,7 @@ def build_model(
         names = tqdm(names, desc="loading", unit="tensor", leave=False)
     for name in names:
         state[name] = reader.load(name).to(device=device, dtype=dtype)
-    if config.tie_embeddings and isinstance(model.output, torch.nn.Linear):
+    if config.tie_embeddings and isinstance(model.output, torch.nn.Linear) and "tok_embeddings.weight" in state:
         state["output.weight"] = state["tok_embeddings.weight"]
     model.load_state_dict(state, strict=True, assign=True)
     if packed:

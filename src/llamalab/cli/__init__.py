@@ -10,13 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import sys
-
-# OpenMP's default spin-wait makes two torch threads crawl whenever another process is
-# busy on this kind of machine; passive waiting costs nothing measurable when idle.
-# Set before torch loads; it applies to llamalab's own process only.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 # (name, module, one-line help); the module's docstring is the command's description.
 COMMANDS = (

@@ -50,6 +50,13 @@ def add_runtime_options(p: argparse.ArgumentParser) -> None:
         default=None,
         help="CPU threads (default: the physical cores)",
     )
+    p.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="compile the CPU decode step with torch.compile (default: on, "
+        "unless LLAMALAB_COMPILE=0); the first run compiles for a few seconds",
+    )
 
 
 def load_runtime_from_args(args: argparse.Namespace):
@@ -68,6 +75,7 @@ def load_runtime_from_args(args: argparse.Namespace):
         device=args.device,
         threads=args.threads,
         ctx=args.ctx,
+        compile=args.compile,
         announce=sys.stderr.isatty(),
     )
 

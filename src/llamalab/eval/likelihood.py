@@ -43,8 +43,8 @@ class LikelihoodScorer:
         if max_rows < 1:
             raise LlamalabError(f"max_rows must be at least 1, got {max_rows}")
         self.max_rows = max_rows
-        self.device = model.tok_embeddings.weight.device
-        self.dtype = model.tok_embeddings.weight.dtype
+        self.device = model.device
+        self.dtype = model.dtype
         self._cache = None  # the layer-0 cache object this scorer allocated
 
     def _ensure_cache(self) -> None:

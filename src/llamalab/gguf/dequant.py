@@ -41,7 +41,16 @@ from gguf.quants import quantize as _gguf_quantize
 
 from llamalab.errors import LlamalabError
 
-__all__ = ["BLOCK_LAYOUTS", "SUPPORTED_TYPES", "BlockLayout", "dequantize", "quantize_q8_0"]
+__all__ = [
+    "BLOCK_LAYOUTS",
+    "INT4_GROUP_TYPES",
+    "SUPPORTED_TYPES",
+    "BlockLayout",
+    "Int4Groups",
+    "dequantize",
+    "int4_groups",
+    "quantize_q8_0",
+]
 
 _T = GGMLQuantizationType
 
@@ -485,6 +494,70 @@ def dequantize(
         )
     values = _DEQUANTIZERS[qtype](data.view(n_blocks, type_size))
     return values.reshape(shape)
+
+
+class Int4Groups(NamedTuple):
+    """A 4-bit tensor as groups of 32: ``value = (q - 8) * scale + zero``.
+
+    ``q`` is (rows, cols) uint8 in 0..15; ``scale`` and ``zero`` are (rows, cols / 32)
+    float32. This is the form of torch's packed int4 matmul (``_weight_int4pack_mm*``).
+    """
+
+    q: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+
+
+def _groups_q4_0(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    d, qs = _split(blocks, 2, 16)
+    q = _nibbles(qs, dim=1).view(-1, 32)  # d * (q - 8): the form as it stands
+    scale = _f16(d)
+    return q, scale, torch.zeros_like(scale)
+
+
+def _groups_q4_1(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    d, m, q = _unpack_q4_1(blocks)  # d * q + m = (q - 8) * d + (m + 8 d)
+    return q, d, m + 8 * d
+
+
+def _groups_q4_k(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    sub_d, sub_m, q = _unpack_q4_k(blocks)  # sub_d * q - sub_m = (q - 8) * sub_d + (8 sub_d - sub_m)
+    return q.reshape(-1, 32), sub_d.reshape(-1, 1), (8 * sub_d - sub_m).reshape(-1, 1)
+
+
+_INT4_GROUPS: dict[GGMLQuantizationType, Callable] = {
+    _T.Q4_0: _groups_q4_0,
+    _T.Q4_1: _groups_q4_1,
+    _T.Q4_K: _groups_q4_k,
+}
+
+INT4_GROUP_TYPES: frozenset[GGMLQuantizationType] = frozenset(_INT4_GROUPS)
+"""The GGUF types that are exactly 4-bit groups of 32 with a scale and an offset."""
+
+
+def int4_groups(
+    raw: torch.Tensor | np.ndarray, qtype: GGMLQuantizationType, shape: Sequence[int]
+) -> Int4Groups:
+    """Unpack a 2-D Q4_0, Q4_1 or Q4_K tensor into :class:`Int4Groups`, without expanding
+    it to float values. ``(q - 8) * scale + zero`` computed in float64 equals
+    :func:`dequantize` to float32 rounding (the offsets are recombined, not the quants).
+    """
+    qtype = GGMLQuantizationType(qtype)
+    if qtype not in _INT4_GROUPS:
+        raise LlamalabError(f"{qtype.name} is not a 4-bit type with groups of 32")
+    rows, cols = (int(s) for s in shape)
+    block_size, type_size = BLOCK_LAYOUTS[qtype]
+    if cols % block_size:
+        raise LlamalabError(f"{qtype.name} tensor of shape {tuple(shape)}: {cols} is not a multiple of {block_size}")
+    data = _as_bytes(raw)
+    n_blocks = rows * cols // block_size
+    if data.numel() != n_blocks * type_size:
+        raise LlamalabError(
+            f"{qtype.name} tensor of shape {tuple(shape)} needs {n_blocks * type_size} bytes, got {data.numel()}"
+        )
+    q, scale, zero = _INT4_GROUPS[qtype](data.view(n_blocks, type_size))
+    groups = cols // 32
+    return Int4Groups(q.reshape(rows, cols), scale.reshape(rows, groups), zero.reshape(rows, groups))
 
 
 def quantize_q8_0(x: torch.Tensor) -> np.ndarray:

@@ -37,6 +37,7 @@ The layers are for inference: they hold no parameters and have no backward pass.
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable, Iterator, Mapping
 from typing import Literal, NamedTuple
 
@@ -47,20 +48,30 @@ from gguf.constants import GGMLQuantizationType
 from torch import nn
 
 from llamalab.errors import LlamalabError
-from llamalab.gguf.dequant import BLOCK_LAYOUTS, SUPPORTED_TYPES, _as_bytes, dequantize
+from llamalab.gguf.dequant import (
+    BLOCK_LAYOUTS,
+    INT4_GROUP_TYPES,
+    SUPPORTED_TYPES,
+    _as_bytes,
+    dequantize,
+    int4_groups,
+)
 
 __all__ = [
     "GGUFWeight",
     "Kernel",
+    "PackedEmbedding",
     "QuantizedLinear",
     "fp16_kernel_available",
+    "int4_kernel_available",
     "quantizable_linears",
     "quantize_model",
 ]
 
-Kernel = Literal["fp16", "float32"]
+Kernel = Literal["int4", "fp16", "float32"]
 
 _FP16_MAX = 65504.0
+_INT4_GROUP = 32  # elements sharing one scale and zero: a GGUF block
 # Rows dequantized at a time when building from GGUF bytes: bounds the transient
 # float32 copy (4096 x 576 floats = 9 MB) however large the matrix is.
 _ROW_CHUNK = 4096
@@ -76,6 +87,42 @@ class GGUFWeight(NamedTuple):
     data: np.ndarray | torch.Tensor
     qtype: GGMLQuantizationType
     shape: tuple[int, ...]
+
+
+@functools.cache
+def int4_kernel_available() -> bool:
+    """Whether 4-bit weights run packed here: torch's int4 kernel, with bfloat16 activations.
+
+    That kernel is vectorised for bfloat16 only, which is fast where the CPU has
+    AVX-512 BF16 (or AMX) and slower than float32 elsewhere (AVX2-only machines), so
+    the CPU's flags decide; one small product checked against float32 maths guards
+    against a build where the op exists but misbehaves.
+    """
+    if os.environ.get("LLAMALAB_INT4", "1") == "0":
+        return False
+    if not _cpu_flags() & {"avx512_bf16", "amx_bf16"}:
+        return False
+    try:
+        q = torch.arange(64 * 64, dtype=torch.int32).remainder_(16).view(64, 64)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)
+        scales = torch.stack([torch.full((2, 64), 0.5), torch.full((2, 64), 1.0)], -1).bfloat16()
+        x = torch.ones(1, 64, dtype=torch.bfloat16)
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, _INT4_GROUP, scales).float()
+    except (RuntimeError, AttributeError, NotImplementedError):
+        return False
+    expected = ((q.float() - 8) * 0.5 + 1.0).sum(1)
+    return bool(torch.allclose(out[0], expected, rtol=1e-2))
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return set()
 
 
 @functools.cache
@@ -109,20 +156,24 @@ class QuantizedLinear(nn.Module):
         packed: torch.ScriptObject | None,
         weight: torch.Tensor | None,
         source_type: str,
+        int4: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> None:
         super().__init__()
-        if (packed is None) == (weight is None):
-            raise ValueError("give exactly one of packed (fp16 kernel) and weight (float32 kernel)")
+        if sum(part is not None for part in (packed, weight, int4)) != 1:
+            raise ValueError("give exactly one of packed (fp16), weight (float32) and int4")
         self.in_features = in_features
         self.out_features = out_features
         self.source_type = source_type  # e.g. "Q4_1": what the weight was built from
         self._packed = packed
-        # A plain attribute, not a parameter or buffer: the tied-embedding case must
-        # never make the model's state_dict alias or re-tie it.
+        # Plain attributes, not parameters or buffers: the tied-embedding case must
+        # never make the model's state_dict alias or re-tie them.
         self._weight = weight
+        self._int4 = int4  # (packed nibbles, (groups, out, 2) bfloat16 scales and zeros)
 
     @property
     def kernel(self) -> Kernel:
+        if self._int4 is not None:
+            return "int4"
         return "fp16" if self._packed is not None else "float32"
 
     # -- construction ---------------------------------------------------------
@@ -178,6 +229,10 @@ class QuantizedLinear(nn.Module):
             raise LlamalabError(
                 f"{qtype.name} weight of shape {shape} needs {out_features * row_bytes} bytes, got {raw.numel()}"
             )
+        if kernel is None and qtype in INT4_GROUP_TYPES and int4_kernel_available():
+            kernel = _int4_fits(out_features, in_features)
+        if kernel == "int4":
+            return cls._from_int4_bytes(raw, qtype, shape, row_bytes)
         if kernel is None and not fp16_kernel_available():
             kernel = "float32"
         if kernel == "float32":
@@ -194,10 +249,33 @@ class QuantizedLinear(nn.Module):
             return cls(in_features, out_features, None, dequantize(raw, qtype, shape), qtype.name)
         return cls(in_features, out_features, _prepack_fp16(half), None, qtype.name)
 
+    @classmethod
+    def _from_int4_bytes(
+        cls, raw: torch.Tensor, qtype: GGMLQuantizationType, shape: tuple[int, int], row_bytes: int
+    ) -> QuantizedLinear:
+        out_features, in_features = shape
+        if qtype not in INT4_GROUP_TYPES:
+            raise LlamalabError(f"the int4 kernel takes Q4_0, Q4_1 and Q4_K weights, not {qtype.name}")
+        if _int4_fits(out_features, in_features) != "int4":
+            raise LlamalabError(f"the int4 kernel cannot take a weight of shape {shape}")
+        packed, scales = [], []
+        for _, rows in _row_bands(out_features, raw, row_bytes):
+            groups = int4_groups(rows, qtype, (rows.numel() // row_bytes, in_features))
+            packed.append(torch.ops.aten._convert_weight_to_int4pack_for_cpu(groups.q.to(torch.int32), 2))
+            scales.append(torch.stack([groups.scale.T, groups.zero.T], dim=-1).to(torch.bfloat16))
+        int4 = (torch.cat(packed), torch.cat(scales, dim=1).contiguous())
+        return cls(in_features, out_features, None, None, qtype.name, int4=int4)
+
     # -- use --------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
+        if self._int4 is not None:
+            packed, scales = self._int4
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                x.reshape(-1, self.in_features).to(torch.bfloat16), packed, _INT4_GROUP, scales
+            )
+            return y.view(*x.shape[:-1], self.out_features).to(dtype)
         if dtype != torch.float32:
             x = x.float()
         if self._packed is not None:
@@ -209,6 +287,10 @@ class QuantizedLinear(nn.Module):
 
     def dequantized_weight(self) -> torch.Tensor:
         """The weight this layer multiplies by, as a new float32 tensor (for checks)."""
+        if self._int4 is not None:  # the weight as the kernel applies it, rounded to bfloat16
+            packed, scales = self._int4
+            eye = torch.eye(self.in_features, dtype=torch.bfloat16)
+            return torch.ops.aten._weight_int4pack_mm_for_cpu(eye, packed, _INT4_GROUP, scales).T.float()
         if self._packed is not None:
             weight, _ = torch.ops.quantized.linear_unpack_fp16(self._packed)
             return weight.float()
@@ -219,6 +301,47 @@ class QuantizedLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"kernel={self.kernel}, source={self.source_type}"
         )
+
+
+class PackedEmbedding(nn.Module):
+    """A token embedding kept in its stored GGUF form; a lookup dequantizes only its rows.
+
+    A float32 copy of a 49,152 × 2,048 table is 400 MB that a decode step reads a few
+    rows of; the stored Q4/Q8 bytes are a quarter to an eighth of that.
+    """
+
+    def __init__(self, weight: GGUFWeight, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        qtype = GGMLQuantizationType(weight.qtype)
+        if qtype not in SUPPORTED_TYPES or len(weight.shape) != 2:
+            raise LlamalabError(f"cannot keep a {qtype.name} embedding of shape {weight.shape} packed")
+        self.num_embeddings, self.embedding_dim = (int(s) for s in weight.shape)
+        block_size, type_size = BLOCK_LAYOUTS[qtype]
+        if self.embedding_dim % block_size:
+            raise LlamalabError(f"{qtype.name} embedding of shape {weight.shape}: rows are not whole blocks")
+        row_bytes = self.embedding_dim // block_size * type_size
+        raw = _flat_bytes(weight.data)
+        if raw.numel() != self.num_embeddings * row_bytes:
+            raise LlamalabError(
+                f"{qtype.name} embedding of shape {weight.shape} needs "
+                f"{self.num_embeddings * row_bytes} bytes, got {raw.numel()}"
+            )
+        self.qtype = qtype
+        self.dtype = dtype
+        self._rows = raw.view(self.num_embeddings, row_bytes).clone()  # owned, not the file's map
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        flat = tokens.reshape(-1)
+        rows = dequantize(self._rows[flat], self.qtype, (flat.numel(), self.embedding_dim))
+        return rows.view(*tokens.shape, self.embedding_dim).to(self.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, source={self.qtype.name}"
+
+
+def _int4_fits(out_features: int, in_features: int) -> Kernel | None:
+    # The packed layout tiles output rows by 16; other shapes take the next kernel.
+    return "int4" if out_features % 16 == 0 and in_features % _INT4_GROUP == 0 else None
 
 
 def _pick_kernel(absmax: float) -> Kernel:
@@ -343,23 +466,44 @@ def fuse_projections(model: nn.Module) -> int:
 
     Every packed call has a fixed cost that dominates for small decode matmuls; one
     576→960 call is cheaper than 576→576 + 2 × 576→192. The merged weights are the same
-    float16 values, so outputs do not change. Returns the number of layers fused.
+    values, so outputs do not change. Parts on different kernels (a Q4_K_M file keeps
+    ``attn_v`` in Q6_K) stay apart. Returns the number of layers fused.
     """
     fused = 0
     for layer in getattr(model, "layers", []):
         attention, ffn = layer.attention, layer.feed_forward
-        parts = [attention.wq, attention.wk, attention.wv, ffn.w1, ffn.w3]
-        if not all(isinstance(p, QuantizedLinear) and p.kernel == "fp16" for p in parts):
-            continue
-        attention.wqkv = _concat(attention.wq, attention.wk, attention.wv)
-        ffn.w13 = _concat(ffn.w1, ffn.w3)
-        for owner, names in ((attention, ("wq", "wk", "wv")), (ffn, ("w1", "w3"))):
+        qkv = [attention.wq, attention.wk, attention.wv]
+        gate_up = [ffn.w1, ffn.w3]
+        done = False
+        for owner, names, parts, target in (
+            (attention, ("wq", "wk", "wv"), qkv, "wqkv"),
+            (ffn, ("w1", "w3"), gate_up, "w13"),
+        ):
+            merged = _concat(parts)
+            if merged is None:
+                continue
+            setattr(owner, target, merged)
             for name in names:
                 delattr(owner, name)
-        fused += 1
+            done = True
+        fused += done
     return fused
 
 
-def _concat(*layers: QuantizedLinear) -> QuantizedLinear:
-    weight = torch.cat([layer.dequantized_weight() for layer in layers])  # exact: float16 → float32
-    return QuantizedLinear.from_float(weight, kernel="fp16", source_type=layers[0].source_type)
+def _concat(layers: list[nn.Module]) -> QuantizedLinear | None:
+    """One layer computing every part's outputs side by side, or None where they cannot join."""
+    if not all(isinstance(p, QuantizedLinear) for p in layers):
+        return None
+    kernels = {p.kernel for p in layers}
+    in_features = layers[0].in_features
+    out_features = sum(p.out_features for p in layers)
+    source = layers[0].source_type
+    if kernels == {"fp16"}:
+        weight = torch.cat([p.dequantized_weight() for p in layers])  # exact: float16 → float32
+        return QuantizedLinear.from_float(weight, kernel="fp16", source_type=source)
+    # The int4 layout tiles output rows in 64s: parts that are whole tiles concatenate as stored.
+    if kernels == {"int4"} and all(p.out_features % 64 == 0 for p in layers):
+        packed = torch.cat([p._int4[0] for p in layers])
+        scales = torch.cat([p._int4[1] for p in layers], dim=1).contiguous()
+        return QuantizedLinear(in_features, out_features, None, None, source, int4=(packed, scales))
+    return None
