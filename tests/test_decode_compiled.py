@@ -35,7 +35,9 @@ def _teacher_forced(model, ids: list[int]) -> torch.Tensor:
 
 def test_compiled_steps_match_eager(runtime) -> None:
     model, tokenizer = runtime
-    ids = tokenizer.encode("The llama is a domesticated South American camelid. It lives", add_bos=False)
+    ids = tokenizer.encode(
+        "The llama is a domesticated South American camelid. It lives", add_bos=False
+    )
     eager = _teacher_forced(model, ids)
     model.compile_decode()
     try:
@@ -54,8 +56,12 @@ def test_compiled_steps_match_eager(runtime) -> None:
 def test_compiled_engine_batches_and_single(runtime) -> None:
     """The engine's shapes (one row, then rows of different lengths) all run compiled."""
     model, tokenizer = runtime
-    prompts = [tokenizer.encode(t, add_bos=False) for t in ("Once upon a time", "The capital of France is")]
-    requests = lambda: [Request(p, max_tokens=12, sampling=GREEDY, ignore_eos=True) for p in prompts]
+    prompts = [
+        tokenizer.encode(t, add_bos=False) for t in ("Once upon a time", "The capital of France is")
+    ]
+    requests = lambda: [
+        Request(p, max_tokens=12, sampling=GREEDY, ignore_eos=True) for p in prompts
+    ]
 
     def run() -> list[list[int]]:
         engine = Engine(model, tokenizer, max_batch=2, max_seq_len=128)

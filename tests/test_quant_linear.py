@@ -25,8 +25,7 @@ import torch
 import torch.nn.functional as F
 from gguf.constants import GGMLQuantizationType as T
 
-from llamalab.gguf.dequant import dequantize
-from llamalab.gguf.dequant import int4_groups
+from llamalab.gguf.dequant import dequantize, int4_groups
 from llamalab.quant.linear import (
     GGUFWeight,
     PackedEmbedding,
@@ -99,7 +98,9 @@ def _q4_k_bytes(shape: tuple[int, int], seed: int) -> GGUFWeight:
     n_blocks = shape[0] * shape[1] // 256
     raw = rng.integers(0, 256, (n_blocks, 144), dtype=np.uint8)
     for field in (0, 2):  # d, dmin
-        raw[:, field : field + 2] = (rng.random(n_blocks) * 0.002).astype(np.float16).view(np.uint8).reshape(-1, 2)
+        raw[:, field : field + 2] = (
+            (rng.random(n_blocks) * 0.002).astype(np.float16).view(np.uint8).reshape(-1, 2)
+        )
     return GGUFWeight(raw, T.Q4_K, shape)
 
 
@@ -127,7 +128,9 @@ def test_int4_layer_within_bfloat16_bound(qtype: T, shape: tuple[int, int]) -> N
         bound = 4 * u * F.linear(x.abs(), weight.abs() + spread) + u * ref.abs() + 1e-6
         excess = (y - ref).abs() - bound
         assert float(excess.max()) <= 0.0, f"max excess over the bound {float(excess.max())}"
-        assert float((y - ref).abs().max()) > 0.0 or qtype == T.Q4_0  # the bound is not vacuous: bf16 shows
+        assert (
+            float((y - ref).abs().max()) > 0.0 or qtype == T.Q4_0
+        )  # the bound is not vacuous: bf16 shows
 
 
 @needs_int4

@@ -173,7 +173,11 @@ def build_model(
         names = tqdm(names, desc="loading", unit="tensor", leave=False)
     for name in names:
         state[name] = reader.load(name).to(device=device, dtype=dtype)
-    if config.tie_embeddings and isinstance(model.output, torch.nn.Linear) and "tok_embeddings.weight" in state:
+    if (
+        config.tie_embeddings
+        and isinstance(model.output, torch.nn.Linear)
+        and "tok_embeddings.weight" in state
+    ):
         state["output.weight"] = state["tok_embeddings.weight"]
     model.load_state_dict(state, strict=True, assign=True)
     if packed:

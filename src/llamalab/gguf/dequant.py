@@ -521,7 +521,9 @@ def _groups_q4_1(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torc
 
 
 def _groups_q4_k(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    sub_d, sub_m, q = _unpack_q4_k(blocks)  # sub_d * q - sub_m = (q - 8) * sub_d + (8 sub_d - sub_m)
+    sub_d, sub_m, q = _unpack_q4_k(
+        blocks
+    )  # sub_d * q - sub_m = (q - 8) * sub_d + (8 sub_d - sub_m)
     return q.reshape(-1, 32), sub_d.reshape(-1, 1), (8 * sub_d - sub_m).reshape(-1, 1)
 
 
@@ -548,7 +550,9 @@ def int4_groups(
     rows, cols = (int(s) for s in shape)
     block_size, type_size = BLOCK_LAYOUTS[qtype]
     if cols % block_size:
-        raise LlamalabError(f"{qtype.name} tensor of shape {tuple(shape)}: {cols} is not a multiple of {block_size}")
+        raise LlamalabError(
+            f"{qtype.name} tensor of shape {tuple(shape)}: {cols} is not a multiple of {block_size}"
+        )
     data = _as_bytes(raw)
     n_blocks = rows * cols // block_size
     if data.numel() != n_blocks * type_size:
@@ -557,7 +561,9 @@ def int4_groups(
         )
     q, scale, zero = _INT4_GROUPS[qtype](data.view(n_blocks, type_size))
     groups = cols // 32
-    return Int4Groups(q.reshape(rows, cols), scale.reshape(rows, groups), zero.reshape(rows, groups))
+    return Int4Groups(
+        q.reshape(rows, cols), scale.reshape(rows, groups), zero.reshape(rows, groups)
+    )
 
 
 def quantize_q8_0(x: torch.Tensor) -> np.ndarray:

@@ -193,7 +193,13 @@ class QuantizedLinear(nn.Module):
         weight = weight.detach().to(device="cpu", dtype=torch.float32)
         kernel = kernel or _pick_kernel(float(weight.abs().max()) if weight.numel() else 0.0)
         if kernel == "fp16":
-            return cls(in_features, out_features, _prepack_fp16(weight.to(torch.float16)), None, source_type)
+            return cls(
+                in_features,
+                out_features,
+                _prepack_fp16(weight.to(torch.float16)),
+                None,
+                source_type,
+            )
         return cls(in_features, out_features, None, weight.contiguous(), source_type)
 
     @classmethod
@@ -255,13 +261,17 @@ class QuantizedLinear(nn.Module):
     ) -> QuantizedLinear:
         out_features, in_features = shape
         if qtype not in INT4_GROUP_TYPES:
-            raise LlamalabError(f"the int4 kernel takes Q4_0, Q4_1 and Q4_K weights, not {qtype.name}")
+            raise LlamalabError(
+                f"the int4 kernel takes Q4_0, Q4_1 and Q4_K weights, not {qtype.name}"
+            )
         if _int4_fits(out_features, in_features) != "int4":
             raise LlamalabError(f"the int4 kernel cannot take a weight of shape {shape}")
         packed, scales = [], []
         for _, rows in _row_bands(out_features, raw, row_bytes):
             groups = int4_groups(rows, qtype, (rows.numel() // row_bytes, in_features))
-            packed.append(torch.ops.aten._convert_weight_to_int4pack_for_cpu(groups.q.to(torch.int32), 2))
+            packed.append(
+                torch.ops.aten._convert_weight_to_int4pack_for_cpu(groups.q.to(torch.int32), 2)
+            )
             scales.append(torch.stack([groups.scale.T, groups.zero.T], dim=-1).to(torch.bfloat16))
         int4 = (torch.cat(packed), torch.cat(scales, dim=1).contiguous())
         return cls(in_features, out_features, None, None, qtype.name, int4=int4)
@@ -290,7 +300,9 @@ class QuantizedLinear(nn.Module):
         if self._int4 is not None:  # the weight as the kernel applies it, rounded to bfloat16
             packed, scales = self._int4
             eye = torch.eye(self.in_features, dtype=torch.bfloat16)
-            return torch.ops.aten._weight_int4pack_mm_for_cpu(eye, packed, _INT4_GROUP, scales).T.float()
+            return torch.ops.aten._weight_int4pack_mm_for_cpu(
+                eye, packed, _INT4_GROUP, scales
+            ).T.float()
         if self._packed is not None:
             weight, _ = torch.ops.quantized.linear_unpack_fp16(self._packed)
             return weight.float()
@@ -314,11 +326,15 @@ class PackedEmbedding(nn.Module):
         super().__init__()
         qtype = GGMLQuantizationType(weight.qtype)
         if qtype not in SUPPORTED_TYPES or len(weight.shape) != 2:
-            raise LlamalabError(f"cannot keep a {qtype.name} embedding of shape {weight.shape} packed")
+            raise LlamalabError(
+                f"cannot keep a {qtype.name} embedding of shape {weight.shape} packed"
+            )
         self.num_embeddings, self.embedding_dim = (int(s) for s in weight.shape)
         block_size, type_size = BLOCK_LAYOUTS[qtype]
         if self.embedding_dim % block_size:
-            raise LlamalabError(f"{qtype.name} embedding of shape {weight.shape}: rows are not whole blocks")
+            raise LlamalabError(
+                f"{qtype.name} embedding of shape {weight.shape}: rows are not whole blocks"
+            )
         row_bytes = self.embedding_dim // block_size * type_size
         raw = _flat_bytes(weight.data)
         if raw.numel() != self.num_embeddings * row_bytes:
@@ -364,7 +380,9 @@ def _flat_bytes(data: np.ndarray | torch.Tensor) -> torch.Tensor:
     return _as_bytes(data.cpu() if isinstance(data, torch.Tensor) else data)
 
 
-def _row_bands(n_rows: int, raw: torch.Tensor, row_bytes: int) -> Iterator[tuple[int, torch.Tensor]]:
+def _row_bands(
+    n_rows: int, raw: torch.Tensor, row_bytes: int
+) -> Iterator[tuple[int, torch.Tensor]]:
     for start in range(0, n_rows, _ROW_CHUNK):
         stop = min(n_rows, start + _ROW_CHUNK)
         yield start, raw[start * row_bytes : stop * row_bytes]
@@ -391,7 +409,9 @@ def quantizable_linears(model: nn.Module) -> list[str]:
     return names
 
 
-WeightSource = Mapping[str, GGUFWeight | torch.Tensor] | Callable[[str], GGUFWeight | torch.Tensor | None]
+WeightSource = (
+    Mapping[str, GGUFWeight | torch.Tensor] | Callable[[str], GGUFWeight | torch.Tensor | None]
+)
 
 
 def quantize_model(
@@ -435,10 +455,14 @@ def quantize_model(
         if source is None:
             weight = model.get_submodule(name).weight
             if weight.is_meta:
-                raise LlamalabError(f"no weight for {name}: the module is on the meta device and none was given")
+                raise LlamalabError(
+                    f"no weight for {name}: the module is on the meta device and none was given"
+                )
             source = weight
         if isinstance(source, GGUFWeight):
-            layer = QuantizedLinear.from_gguf(source.data, source.qtype, source.shape, kernel=kernel)
+            layer = QuantizedLinear.from_gguf(
+                source.data, source.qtype, source.shape, kernel=kernel
+            )
         else:
             layer = QuantizedLinear.from_float(source, kernel=kernel)
         old = model.get_submodule(name)
