@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 PROMPT_TOKENS = 512
 DECODE_TOKENS = 128
@@ -51,11 +52,11 @@ def peak_rss_mb() -> float:
     return float("nan")
 
 
-def run_llamalab(ids: list[int], dtype: str) -> dict:
+def run_llamalab(ids: list[int], dtype: str, model_path: str) -> dict:
     from llamalab.generation import GREEDY, Engine, Request
     from llamalab.runtime import load_runtime
 
-    model, tokenizer = load_runtime(None, dtype, progress=False)
+    model, tokenizer = load_runtime(model_path, dtype, progress=False)
     engine = Engine(model, tokenizer, max_seq_len=1024)
     list(engine.generate(Request(ids[:16], max_tokens=4, sampling=GREEDY)))  # warm-up
     start = time.perf_counter()
@@ -68,14 +69,12 @@ def run_llamalab(ids: list[int], dtype: str) -> dict:
     return {"prefill_tps": len(ids) / seq.timing.prefill_s, "ttft_s": ttft, "decode_tps": DECODE_TOKENS / decode_s}
 
 
-def run_llamacpp(ids: list[int], threads: int) -> dict:
+def run_llamacpp(ids: list[int], threads: int, model_path: str) -> dict:
     import numpy as np
     from llama_cpp import Llama
 
-    from llamalab.default_model import default_model_path
-
     llm = Llama(
-        model_path=str(default_model_path()), n_ctx=1024, n_batch=512, n_threads=threads,
+        model_path=model_path, n_ctx=1024, n_batch=512, n_threads=threads,
         n_threads_batch=threads, verbose=False,
     )  # fmt: skip
     n_vocab = llm.n_vocab()
@@ -98,13 +97,11 @@ def run_llamacpp(ids: list[int], threads: int) -> dict:
     return {"prefill_tps": len(ids) / prefill_s, "ttft_s": ttft, "decode_tps": DECODE_TOKENS / decode_s}
 
 
-def run_transformers(ids: list[int]) -> dict:
+def run_transformers(ids: list[int], model_path: str) -> dict:
     import torch
     from transformers import LlamaForCausalLM
 
-    from llamalab.default_model import default_model_path
-
-    path = default_model_path()
+    path = Path(model_path)
     model = LlamaForCausalLM.from_pretrained(path.parent, gguf_file=path.name, torch_dtype=torch.float32).eval()
     with torch.inference_mode():
         model(torch.tensor([ids[:16]]))  # warm-up
@@ -122,7 +119,7 @@ def run_transformers(ids: list[int]) -> dict:
     return {"prefill_tps": len(ids) / ttft, "ttft_s": ttft, "decode_tps": DECODE_TOKENS / decode_s}
 
 
-def child(engine: str, threads: int, ids_file: str) -> None:
+def child(engine: str, threads: int, ids_file: str, model_path: str) -> None:
     if engine != "llama.cpp":  # llama.cpp gets its threads as an argument, and no torch
         import torch
 
@@ -131,15 +128,28 @@ def child(engine: str, threads: int, ids_file: str) -> None:
     with open(ids_file) as f:
         ids = json.load(f)
     if engine == "llamalab":
-        result = run_llamalab(ids, "auto")
+        result = run_llamalab(ids, "auto", model_path)
     elif engine == "llamalab-float32":
-        result = run_llamalab(ids, "float32")
+        result = run_llamalab(ids, "float32", model_path)
     elif engine == "llama.cpp":
-        result = run_llamacpp(ids, threads)
+        result = run_llamacpp(ids, threads, model_path)
     else:
-        result = run_transformers(ids)
+        result = run_transformers(ids, model_path)
     result["peak_rss_mb"] = peak_rss_mb()
     print(json.dumps(result))
+
+
+def resolve_model(name: str | None) -> str:
+    if name is None:
+        from llamalab.default_model import default_model_path
+
+        return str(default_model_path())
+    if name.startswith("random-0.9b-"):
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from random_model import ensure
+
+        return str(ensure()[name.removeprefix("random-0.9b-")])
+    return name
 
 
 def available(engine: str) -> bool:
@@ -160,11 +170,18 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--engines", default=",".join(ENGINES))
     parser.add_argument("--json", default=None, help="also write the raw results here")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="a GGUF file (default: SmolLM2-135M-Instruct Q4_1); bench/random_model.py "
+        "makes the 0.9B files, and 'random-0.9b-Q4_0' or 'random-0.9b-Q4_K_M' names them",
+    )
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--ids-file", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    model_path = resolve_model(args.model)
     if args.child:
-        child(args.child, args.threads, args.ids_file)
+        child(args.child, args.threads, args.ids_file, model_path)
         return
 
     engines = [e for e in args.engines.split(",") if e]
@@ -172,14 +189,12 @@ def main() -> None:
     for e in missing:
         print(f"note: {e} is not installed (pip install llama-cpp-python; it compiles for ~20 min); skipped")
     engines = [e for e in engines if e not in missing]
-    # Every engine runs as its users run it. llamalab's command sets OMP_WAIT_POLICY=PASSIVE
-    # for itself, so its runs get that; a peer gets the environment without it, because
-    # ggml's OpenMP threads sleep between operations under PASSIVE (about 3x slower decode).
-    plain = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
+    # Every engine runs as its users run it: with no OpenMP or llamalab variable of ours.
+    # (Under OMP_WAIT_POLICY=PASSIVE, OpenMP threads sleep between operations, which cuts
+    # ggml's decode to about a third and torch's int4 decode by about 40%.)
+    ours = ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "LLAMALAB_COMPILE", "LLAMALAB_INT4")
+    plain = {k: v for k, v in os.environ.items() if k not in ours}
     envs = {e: plain for e in engines}
-    for e in engines:
-        if e.startswith("llamalab"):
-            envs[e] = {**plain, "OMP_WAIT_POLICY": "PASSIVE"}
     results: dict[str, list[dict]] = {e: [] for e in engines}
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(prompt_ids(), f)
@@ -188,7 +203,7 @@ def main() -> None:
         for engine in engines:  # round-robin: every engine sees the same machine noise
             out = subprocess.run(
                 [sys.executable, __file__, "--child", engine, "--threads", str(args.threads),
-                 "--ids-file", ids_file],
+                 "--ids-file", ids_file, "--model", model_path],
                 capture_output=True, text=True, env=envs[engine], check=False,
             )  # fmt: skip
             if out.returncode != 0:
@@ -198,7 +213,7 @@ def main() -> None:
             print(f"run {r + 1}/{args.repeats} {engine}: {results[engine][-1]}", file=sys.stderr)
     os.unlink(ids_file)
 
-    print(f"\nSmolLM2-135M-Instruct Q4_1, {args.threads} threads, {PROMPT_TOKENS}-token prompt, "
+    print(f"\n{Path(model_path).name}, {args.threads} threads, {PROMPT_TOKENS}-token prompt, "
           f"{DECODE_TOKENS} decode tokens; median [min–max] of {args.repeats} runs\n")  # fmt: skip
     header = f"{'engine':<22}{'prefill tok/s':>26}{'decode tok/s':>26}{'TTFT s':>26}{'peak RSS MB':>26}"
     print(header)

@@ -9,7 +9,8 @@ for every output element
 which is the bound the layer tests check (with a small float32 allowance).  On top,
 the packed weights must be *exactly* ``W`` rounded to float16.
 
-The int4 kernel (4-bit GGUF types, on CPUs with AVX-512 BF16) rounds the activations,
+The int4 kernel (4-bit GGUF types, on CPUs with AVX-512 BF16; from 64 rows a bfloat16
+GEMM on the unpacked weight) rounds the activations,
 each group's scale and zero, and the outputs to bfloat16 (unit roundoff u = 2**-8). The
 bound checked is ``|y - F.linear(x, W)| <= 4 u (|x| @ (|W| + |q - 8| |s| + |z|).T) + u |y|``,
 with room for the order of the kernel's internal roundings (measured: under 0.2 u of
@@ -117,11 +118,15 @@ def test_int4_layer_within_bfloat16_bound(qtype: T, shape: tuple[int, int]) -> N
     assert layer.kernel == "int4" and layer.source_type == qtype.name
     weight = dequantize(src.data, qtype, shape)
     groups = int4_groups(src.data, qtype, shape)
-    spread = (groups.q.float() - 8).abs() * groups.scale.abs().repeat_interleave(32, 1)
+    # Rounding room per weight: |q - 8| |s| + |z|, plus 8 |s| for the unpacked GEMM path's
+    # offset z - 8 s.
+    spread = ((groups.q.float() - 8).abs() + 8) * groups.scale.abs().repeat_interleave(32, 1)
     spread += groups.zero.abs().repeat_interleave(32, 1)
     u = 2.0**-8
     torch.manual_seed(0)
-    for batch in [(1,), (7,), (2, 5)]:
+    # One row (decode), a few, a leading batch dimension, and enough rows for the path
+    # that unpacks to bfloat16 for a GEMM (prefill).
+    for batch in [(1,), (7,), (2, 5), (3, 40)]:
         x = torch.randn(*batch, shape[1])
         y, ref = layer(x), F.linear(x, weight)
         assert y.shape == ref.shape and y.dtype == torch.float32

@@ -172,7 +172,10 @@ def build_model(
 
         names = tqdm(names, desc="loading", unit="tensor", leave=False)
     for name in names:
-        state[name] = reader.load(name).to(device=device, dtype=dtype)
+        tensor = reader.load(name).to(device=device, dtype=dtype)
+        # What is left beside packed layers is small (norms): copies let the file's memory
+        # map go, instead of keeping its pages resident for a few kilobytes.
+        state[name] = tensor.clone() if packed else tensor
     if (
         config.tie_embeddings
         and isinstance(model.output, torch.nn.Linear)
@@ -182,9 +185,23 @@ def build_model(
     model.load_state_dict(state, strict=True, assign=True)
     if packed:
         fuse_projections(model)
+        _release_freed_memory()
     model.tie_weights()
     model.init_buffers(device)
     return model.eval()
+
+
+def _release_freed_memory() -> None:
+    """Hand the heap's free pages back to the system (glibc keeps them after a load's
+    transient buffers are freed, and they would count in the resident size for good)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
 
 
 _DTYPE_NAMES = {
