@@ -78,6 +78,9 @@ _UNPACK_ROWS = 64
 # Rows dequantized at a time when building from GGUF bytes: bounds the transient
 # float32 copy (4096 x 576 floats = 9 MB) however large the matrix is.
 _ROW_CHUNK = 4096
+# Output rows per fbgemm float16 matrix: packing takes transient copies of the whole
+# matrix, so a 49152-row output layer is packed as bands (the extra calls cost ~10 us).
+_PACK_ROWS = 16384
 
 
 class GGUFWeight(NamedTuple):
@@ -156,7 +159,7 @@ class QuantizedLinear(nn.Module):
         self,
         in_features: int,
         out_features: int,
-        packed: torch.ScriptObject | None,
+        packed: tuple[torch.ScriptObject, ...] | None,
         weight: torch.Tensor | None,
         source_type: str,
         int4: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -167,7 +170,7 @@ class QuantizedLinear(nn.Module):
         self.in_features = in_features
         self.out_features = out_features
         self.source_type = source_type  # e.g. "Q4_1": what the weight was built from
-        self._packed = packed
+        self._packed = packed  # fbgemm float16 matrices, one per band of output rows
         # Plain attributes, not parameters or buffers: the tied-embedding case must
         # never make the model's state_dict alias or re-tie them.
         self._weight = weight
@@ -196,13 +199,11 @@ class QuantizedLinear(nn.Module):
         weight = weight.detach().to(device="cpu", dtype=torch.float32)
         kernel = kernel or _pick_kernel(float(weight.abs().max()) if weight.numel() else 0.0)
         if kernel == "fp16":
-            return cls(
-                in_features,
-                out_features,
-                _prepack_fp16(weight.to(torch.float16)),
-                None,
-                source_type,
+            bands = tuple(
+                _prepack_fp16(weight[start : start + _PACK_ROWS].to(torch.float16))
+                for start in range(0, out_features, _PACK_ROWS)
             )
+            return cls(in_features, out_features, bands, None, source_type)
         return cls(in_features, out_features, None, weight.contiguous(), source_type)
 
     @classmethod
@@ -248,15 +249,21 @@ class QuantizedLinear(nn.Module):
             weight = dequantize(raw, qtype, shape)
             return cls(in_features, out_features, None, weight, qtype.name)
 
-        half = torch.empty(shape, dtype=torch.float16)
-        absmax = 0.0
-        for start, rows in _row_bands(out_features, raw, row_bytes):
-            band = dequantize(rows, qtype, (rows.numel() // row_bytes, in_features))
-            absmax = max(absmax, float(band.abs().max()))
-            half[start : start + band.shape[0]] = band  # rounds to nearest even
-        if kernel is None and _pick_kernel(absmax) == "float32":
-            return cls(in_features, out_features, None, dequantize(raw, qtype, shape), qtype.name)
-        return cls(in_features, out_features, _prepack_fp16(half), None, qtype.name)
+        bands = []
+        for start in range(0, out_features, _PACK_ROWS):
+            stop = min(out_features, start + _PACK_ROWS)
+            half = torch.empty((stop - start, in_features), dtype=torch.float16)
+            for at, rows in _row_bands(
+                stop - start, raw[start * row_bytes : stop * row_bytes], row_bytes
+            ):
+                band = dequantize(rows, qtype, (rows.numel() // row_bytes, in_features))
+                if kernel is None and _pick_kernel(float(band.abs().max())) == "float32":
+                    weight = dequantize(raw, qtype, shape)
+                    return cls(in_features, out_features, None, weight, qtype.name)
+                half[at : at + band.shape[0]] = band  # rounds to nearest even
+            bands.append(_prepack_fp16(half))
+            del half
+        return cls(in_features, out_features, tuple(bands), None, qtype.name)
 
     @classmethod
     def _from_int4_bytes(
@@ -297,7 +304,8 @@ class QuantizedLinear(nn.Module):
             x = x.float()
         if self._packed is not None:
             # fbgemm flattens leading dimensions itself and copies strided input.
-            y = torch.ops.quantized.linear_dynamic_fp16(x, self._packed)
+            parts = [torch.ops.quantized.linear_dynamic_fp16(x, band) for band in self._packed]
+            y = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
         else:
             y = F.linear(x, self._weight)
         return y if dtype == torch.float32 else y.to(dtype)
@@ -311,8 +319,8 @@ class QuantizedLinear(nn.Module):
                 eye, packed, _INT4_GROUP, scales
             ).T.float()
         if self._packed is not None:
-            weight, _ = torch.ops.quantized.linear_unpack_fp16(self._packed)
-            return weight.float()
+            bands = [torch.ops.quantized.linear_unpack_fp16(band)[0] for band in self._packed]
+            return torch.cat(bands).float()
         return self._weight.clone()
 
     def extra_repr(self) -> str:
