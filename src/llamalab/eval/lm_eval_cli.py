@@ -10,14 +10,11 @@ the same arguments, e.g.::
 
 from __future__ import annotations
 
-import os
 import sys
 
 
 def main() -> None:
     """Register the llamalab model, then hand ``sys.argv`` to lm-eval's CLI."""
-    # As `llamalab` itself does: spin-waiting OpenMP threads crawl on a busy machine.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from lm_eval.__main__ import cli_evaluate
 
     from llamalab.eval.lm_eval_backend import register
