@@ -1,0 +1,94 @@
+"""Cold start: from typing the command to the first generated text, and to the 16th token.
+
+llamalab runs as its users run it: ``llamalab generate -m MODEL -n 16 --temperature 0
+-p PROMPT``. llama.cpp runs through llama-cpp-python as its users write it (``Llama``,
+then a streamed ``create_completion``). Both at their default threads.
+
+"cold" for llamalab is a first run on a machine: inductor's compiled-code cache is a new
+empty folder, so the decode step compiles (the file itself is in the page cache for
+every run, both engines). "warm" reuses that cache, as every later run does.
+Runs alternate between the engines; medians with min/max.
+
+    python bench/bench_coldstart.py [--model FILE] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+PROMPT = "The history of the llama begins in the high Andes, where"
+TOKENS = 16
+
+LLAMACPP = """
+import sys
+from llama_cpp import Llama
+llm = Llama(model_path=sys.argv[1], n_ctx=2048, verbose=False)
+for chunk in llm.create_completion(sys.argv[2], max_tokens=int(sys.argv[3]), temperature=0, stream=True):
+    sys.stdout.write(chunk["choices"][0]["text"])
+    sys.stdout.flush()
+"""
+
+
+def timed(command: list[str], env: dict[str, str]) -> tuple[float, float]:
+    """Seconds to the first byte of output, and to the end."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
+    first = proc.stdout.read(1)
+    t_first = time.perf_counter() - start
+    proc.stdout.read()
+    if proc.wait() != 0 or not first:
+        raise RuntimeError(f"{command[:3]} failed")
+    return t_first, time.perf_counter() - start
+
+
+def summary(values: list[float]) -> str:
+    return f"{statistics.median(values):6.2f} [{min(values):.2f}–{max(values):.2f}]"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    if args.model is None:
+        from llamalab.default_model import default_model_path
+
+        args.model = str(default_model_path())
+    plain = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("OMP_", "LLAMALAB_", "TORCHINDUCTOR_"))
+    }
+    llamalab_cmd = [str(Path(sys.executable).parent / "llamalab"), "generate", "-m", args.model,
+                    "-n", str(TOKENS), "--temperature", "0", "-p", PROMPT]  # fmt: skip
+    llamacpp_cmd = [sys.executable, "-c", LLAMACPP, args.model, PROMPT, str(TOKENS)]
+    results: dict[str, list[tuple[float, float]]] = {
+        "llamalab cold": [],
+        "llamalab warm": [],
+        "llama.cpp": [],
+    }
+    timed(llamacpp_cmd, plain)  # the file into the page cache, for both
+    for _ in range(args.repeats):
+        with tempfile.TemporaryDirectory(prefix="inductor-") as cache:
+            env = {**plain, "TORCHINDUCTOR_CACHE_DIR": cache}
+            results["llamalab cold"].append(timed(llamalab_cmd, env))
+            results["llamalab warm"].append(timed(llamalab_cmd, env))
+        results["llama.cpp"].append(timed(llamacpp_cmd, plain))
+    print(f"\n{Path(args.model).name}: seconds from the command to its first text and to "
+          f"{TOKENS} tokens; median [min–max] of {args.repeats}\n")  # fmt: skip
+    print(f"{'engine':<16}{'first text s':>22}{f'{TOKENS} tokens s':>22}")
+    for name, runs in results.items():
+        print(f"{name:<16}{summary([r[0] for r in runs]):>22}{summary([r[1] for r in runs]):>22}")
+
+
+if __name__ == "__main__":
+    main()
