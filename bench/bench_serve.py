@@ -31,14 +31,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import threading
 import time
 import urllib.request
-
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from llamalab.serve.launch import ServerProcess
 

@@ -130,11 +130,8 @@ def worker_peak(threads: int, precision: str) -> float:
 def in_process(kind: str, *args: object) -> object:
     """Run one worker in a fresh interpreter (each side as its users run it)."""
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
-    # Each side as its users run it: `llamalab train` sets OMP_WAIT_POLICY=PASSIVE for
-    # itself (the CLI does, before torch loads); the transformers loop gets the defaults.
+    # Each side as its users run it: OpenMP at its defaults for both.
     env.pop("OMP_WAIT_POLICY", None)
-    if kind == "llamalab":
-        env["OMP_WAIT_POLICY"] = "PASSIVE"
     code = (
         "import json, sys; sys.path.insert(0, sys.argv[1]); import bench_train as b; "
         f"print(json.dumps(b.worker_{kind}(*json.loads(sys.argv[2]))))"

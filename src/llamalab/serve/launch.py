@@ -50,7 +50,7 @@ class ServerProcess:
 
     def launch(self) -> ServerProcess:
         """Launch the server without waiting (load something else meanwhile, then `wait_ready`)."""
-        env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+        env = dict(os.environ)  # the server runs as a user's would: no settings of ours
         command = [
             sys.executable,
             "-m",
