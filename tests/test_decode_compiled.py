@@ -74,6 +74,7 @@ def test_compiled_engine_batches_and_single(runtime) -> None:
     eager = run()
     model.compile_decode()
     try:
+        Engine(model, tokenizer, max_batch=2, max_seq_len=128).warm_up()  # what serve does
         compiled = run()
         assert model._step_block is not None
     finally:

@@ -30,7 +30,9 @@ def default_model_path() -> Path:
         )
     path = Path(next(iter(spec.submodule_search_locations))) / DEFAULT_MODEL_FILE
     if not path.is_file():
-        raise LlamalabError(f"the default model file is missing at {path}; reinstall it with `{INSTALL_HINT}`")
+        raise LlamalabError(
+            f"the default model file is missing at {path}; reinstall it with `{INSTALL_HINT}`"
+        )
     return path
 
 

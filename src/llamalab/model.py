@@ -446,7 +446,8 @@ class Transformer(nn.Module):
         disk, so later runs start faster). If compiling fails (no C++ compiler, say) the
         model warns once and stays eager.
         """
-        self._step_block = torch.compile(_run_block, dynamic=True)
+        # One small graph: compiling it in worker processes only adds their start-up.
+        self._step_block = torch.compile(_run_block, dynamic=True, options={"compile_threads": 1})
 
     def _compiled_layers(
         self, h: torch.Tensor, rope: torch.Tensor, cache: CacheView, mask: torch.Tensor | None

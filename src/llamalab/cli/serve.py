@@ -138,8 +138,14 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     _configure_logging(args.log_level)
-    model, tokenizer = load_runtime_from_args(args)
+    model, tokenizer = load_runtime_from_args(args, compile_by_default=True)
     engine = Engine(model, tokenizer, max_batch=args.max_batch, max_seq_len=args.ctx)
+    if getattr(model, "_step_block", None) is not None:
+        print(
+            "llamalab serve: compiling the decode step (seconds; later starts reuse the code)",
+            file=sys.stderr,
+        )
+        engine.warm_up()
     # Without a key, the Host check keeps web pages that rebind their name to this
     # address out; the address the server listens on is one more name for it.
     allowed_hosts = None if args.api_key else [_bracketed(args.host), *args.allow_host]

@@ -36,6 +36,7 @@ import torch
 
 from llamalab.errors import LlamalabError
 from llamalab.generation.grammar import Constraint, Grammar, GrammarCompiler
+from llamalab.generation.params import GREEDY
 from llamalab.generation.sampling import SamplingParams, sample, top_logprobs
 from llamalab.generation.stopping import StopStringMatcher
 from llamalab.kv_cache import CacheView, Segments, cache_view
@@ -609,6 +610,19 @@ class Engine:
                         yield ev
         finally:
             self.cancel(seq)
+
+    def warm_up(self) -> None:
+        """Decode a few throwaway tokens, one row alone and then two rows together.
+
+        A compiled decode step compiles at its first use, once for a single row and once
+        for a batch; a server calls this before it takes requests, so that no client
+        waits for the compiler.
+        """
+        prompt = [self.tokenizer.bos_id if self.tokenizer.bos_id is not None else 0]
+        request = Request(prompt, max_tokens=2, sampling=GREEDY, ignore_eos=True)
+        self.generate_batch([request])
+        if self.max_batch > 1:
+            self.generate_batch([request, request])
 
     def generate_batch(self, requests: Sequence[Request]) -> list[Generation]:
         """Run several requests together to the end; returns their finished states."""
