@@ -290,7 +290,14 @@ class Transformer(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        table = torch.empty(config.vocab_size, config.dim)
+        if table.is_meta:
+            # A loader builds on the meta device and assigns the weights. Skip the
+            # embedding's random init there: normal_ on meta runs torch's Python reference
+            # ops, whose import (torch._dynamo) costs 1.5 s of every load.
+            self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim, _weight=table)
+        else:
+            self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
         self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
