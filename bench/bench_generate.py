@@ -27,7 +27,9 @@ from pathlib import Path
 
 PROMPT_TOKENS = 512
 DECODE_TOKENS = 128
-ENGINES = ("llamalab", "llamalab-float32", "llama.cpp", "transformers-float32")
+# llamalab: as `serve` runs it (compiled decode step, compiled before the clock starts);
+# llamalab-eager: as `generate` runs it by default.
+ENGINES = ("llamalab", "llamalab-eager", "llamalab-float32", "llama.cpp", "transformers-float32")
 
 
 def prompt_ids() -> list[int]:
@@ -52,11 +54,11 @@ def peak_rss_mb() -> float:
     return float("nan")
 
 
-def run_llamalab(ids: list[int], dtype: str, model_path: str) -> dict:
+def run_llamalab(ids: list[int], dtype: str, model_path: str, compile: bool) -> dict:
     from llamalab.generation import GREEDY, Engine, Request
     from llamalab.runtime import load_runtime
 
-    model, tokenizer = load_runtime(model_path, dtype, progress=False)
+    model, tokenizer = load_runtime(model_path, dtype, progress=False, compile=compile)
     engine = Engine(model, tokenizer, max_seq_len=1024)
     list(engine.generate(Request(ids[:16], max_tokens=4, sampling=GREEDY)))  # warm-up
     start = time.perf_counter()
@@ -128,9 +130,11 @@ def child(engine: str, threads: int, ids_file: str, model_path: str) -> None:
     with open(ids_file) as f:
         ids = json.load(f)
     if engine == "llamalab":
-        result = run_llamalab(ids, "auto", model_path)
+        result = run_llamalab(ids, "auto", model_path, compile=True)
+    elif engine == "llamalab-eager":
+        result = run_llamalab(ids, "auto", model_path, compile=False)
     elif engine == "llamalab-float32":
-        result = run_llamalab(ids, "float32", model_path)
+        result = run_llamalab(ids, "float32", model_path, compile=False)
     elif engine == "llama.cpp":
         result = run_llamacpp(ids, threads, model_path)
     else:

@@ -319,6 +319,8 @@ def test_chunk_budget_follows_the_measured_step_times(model):
     assert engine.chunk_budget() == 100  # never more than prefill_chunk
     engine._prefill_token_s = 0.5
     assert engine.chunk_budget() == 4  # nor so few that a prompt never gets in
+    engine._prefill_token_s = 0.0  # a chunk that cost nothing measurable (a noisy step)
+    assert engine.chunk_budget() == 100
     engine.prefill_share = None
     assert engine.chunk_budget() == 100
 

@@ -478,6 +478,8 @@ class Engine:
             return self.prefill_chunk
         if self._decode_step_s is None or self._prefill_token_s is None:
             return min(self.prefill_chunk, PROBE_PREFILL_CHUNK)
+        if self._prefill_token_s <= 0.0:  # chunks measured as free: as many as allowed
+            return self.prefill_chunk
         fit = int(self.prefill_share * self._decode_step_s / self._prefill_token_s)
         return max(min(MIN_PREFILL_CHUNK, self.prefill_chunk), min(fit, self.prefill_chunk))
 
