@@ -4,10 +4,10 @@ llamalab runs as its users run it: ``llamalab generate -m MODEL -n 16 --temperat
 -p PROMPT``. llama.cpp runs through llama-cpp-python as its users write it (``Llama``,
 then a streamed ``create_completion``). Both at their default threads.
 
-"cold" for llamalab is a first run on a machine: inductor's compiled-code cache is a new
-empty folder, so the decode step compiles (the file itself is in the page cache for
-every run, both engines). "warm" reuses that cache, as every later run does.
-Runs alternate between the engines; medians with min/max.
+``llamalab generate`` runs eagerly by default. With ``--compile``, "cold" is a first run
+on a machine (inductor's code cache is a new empty folder, so the decode step compiles)
+and "warm" reuses that cache, as every later run does. The model file is in the page
+cache for every run of both engines. Runs alternate; medians with min/max.
 
     python bench/bench_coldstart.py [--model FILE] [--repeats 3]
 """
@@ -71,23 +71,21 @@ def main() -> None:
     llamalab_cmd = [str(Path(sys.executable).parent / "llamalab"), "generate", "-m", args.model,
                     "-n", str(TOKENS), "--temperature", "0", "-p", PROMPT]  # fmt: skip
     llamacpp_cmd = [sys.executable, "-c", LLAMACPP, args.model, PROMPT, str(TOKENS)]
-    results: dict[str, list[tuple[float, float]]] = {
-        "llamalab cold": [],
-        "llamalab warm": [],
-        "llama.cpp": [],
-    }
+    names = ("llamalab", "llamalab --compile, cold", "llamalab --compile, warm", "llama.cpp")
+    results: dict[str, list[tuple[float, float]]] = {name: [] for name in names}
     timed(llamacpp_cmd, plain)  # the file into the page cache, for both
     for _ in range(args.repeats):
+        results["llamalab"].append(timed(llamalab_cmd, plain))
         with tempfile.TemporaryDirectory(prefix="inductor-") as cache:
             env = {**plain, "TORCHINDUCTOR_CACHE_DIR": cache}
-            results["llamalab cold"].append(timed(llamalab_cmd, env))
-            results["llamalab warm"].append(timed(llamalab_cmd, env))
+            results["llamalab --compile, cold"].append(timed([*llamalab_cmd, "--compile"], env))
+            results["llamalab --compile, warm"].append(timed([*llamalab_cmd, "--compile"], env))
         results["llama.cpp"].append(timed(llamacpp_cmd, plain))
     print(f"\n{Path(args.model).name}: seconds from the command to its first text and to "
           f"{TOKENS} tokens; median [min–max] of {args.repeats}\n")  # fmt: skip
-    print(f"{'engine':<16}{'first text s':>22}{f'{TOKENS} tokens s':>22}")
+    print(f"{'engine':<28}{'first text s':>22}{f'{TOKENS} tokens s':>22}")
     for name, runs in results.items():
-        print(f"{name:<16}{summary([r[0] for r in runs]):>22}{summary([r[1] for r in runs]):>22}")
+        print(f"{name:<28}{summary([r[0] for r in runs]):>22}{summary([r[1] for r in runs]):>22}")
 
 
 if __name__ == "__main__":
