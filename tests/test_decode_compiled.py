@@ -54,7 +54,7 @@ def test_compiled_steps_match_eager(runtime) -> None:
 
 
 def test_compiled_engine_batches_and_single(runtime) -> None:
-    """The engine's shapes (one row, then rows of different lengths) all run compiled."""
+    """One row runs compiled, rows of different lengths eagerly: the replies are the same."""
     model, tokenizer = runtime
     prompts = [
         tokenizer.encode(t, add_bos=False) for t in ("Once upon a time", "The capital of France is")

@@ -614,17 +614,13 @@ class Engine:
             self.cancel(seq)
 
     def warm_up(self) -> None:
-        """Decode a few throwaway tokens, one row alone and then two rows together.
+        """Decode a few throwaway tokens, so that a compiled decode step compiles now.
 
-        A compiled decode step compiles at its first use, once for a single row and once
-        for a batch; a server calls this before it takes requests, so that no client
-        waits for the compiler.
+        A server calls this before it takes requests, so that no client waits for the
+        compiler.
         """
         prompt = [self.tokenizer.bos_id if self.tokenizer.bos_id is not None else 0]
-        request = Request(prompt, max_tokens=2, sampling=GREEDY, ignore_eos=True)
-        self.generate_batch([request])
-        if self.max_batch > 1:
-            self.generate_batch([request, request])
+        self.generate_batch([Request(prompt, max_tokens=3, sampling=GREEDY, ignore_eos=True)])
 
     def generate_batch(self, requests: Sequence[Request]) -> list[Generation]:
         """Run several requests together to the end; returns their finished states."""
