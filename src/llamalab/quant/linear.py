@@ -1,37 +1,36 @@
 """Linear layers that keep their weights packed, for fast CPU inference.
 
-Why float16 weights run through fbgemm
---------------------------------------
-Decoding one token reads every weight once, so on a CPU the speed of a decode step
-is the number of weight bytes divided by the memory bandwidth.  float32 weights cost
-4 bytes each; GGUF's Q4_1 / Q8_0 store 0.6 / 1.06 bytes.  What matters is which
-*kernel* can read a smaller form while the activations stay float32 (this class of
-CPU has no fast bf16/fp16 arithmetic, and float32 activations keep the model's
-output where the float32 model puts it).  Measured with torch 2.13 on this machine
-(``bench/bench_kernels.py``):
+Decoding one token reads every weight once, so on a CPU a decode step costs the weight
+bytes over the memory bandwidth (plus a fixed cost per operation). float32 weights cost
+4 bytes each; GGUF's Q4_0 / Q4_1 / Q4_K about 0.56-0.63 and Q8_0 1.06. Which kernel can
+read a small form decides the speed. Three kernels, chosen per weight at load time:
 
-* ``aten._weight_int4pack_mm_for_cpu`` (groupwise scale + zero, which is exactly
-  Q4_1's ``d * q + m``) and ``aten._weight_int8pack_mm`` accept float32
-  activations, but only their bfloat16 path is vectorised: with float32 they run
-  10-50x *slower* than a float32 matmul.  The bf16 path is fast only where the CPU
-  has AVX-512 (bf16), and rounds activations and outputs to bf16.
-* fbgemm's dynamic int8 linear (``quantized::linear_dynamic``) is fast but
-  quantizes the activations to 8 bits per tensor: ~2 % output error.
-* A ``torch.compile``d dequantize-and-reduce over packed nibbles is exact, but the
-  generated code is compute bound and no faster than float32 (and costs ~50 s of
-  compiling).
-* fbgemm's float16-weight GEMM (``quantized::linear_dynamic_fp16``) reads half
-  the bytes of float32, converts them with F16C in registers and computes in
-  float32: it beats float32 both for one token and for 512-token prefill, needs
-  only AVX2 + F16C, and its only error is rounding each dequantized weight to
-  float16 (at most 2**-11 relative, far below the 4-bit quantization step).
+* ``int4``: 4-bit GGUF types (Q4_0, Q4_1, Q4_K), whose blocks are exactly groups of 32
+  with a scale and a zero (``llamalab.gguf.dequant.int4_groups``), on torch's
+  ``aten._weight_int4pack_mm_for_cpu``. Only that kernel's bfloat16 path is vectorised
+  (float32 activations run 10-50x slower than a float32 matmul), and it is fast only
+  on CPUs with AVX-512 BF16 or AMX, so :func:`int4_kernel_available` checks the CPU's
+  flags. Activations, scales, zeros and outputs are rounded to bfloat16 (unit roundoff
+  2**-8): over SmolLM2 that moves the next-token distribution by a KL of about 6e-4
+  from the float32 model, a seventh of what llama.cpp's own 8-bit activations do
+  (``bench/bench_quality.py``). A call with 64 rows or more (a prefill chunk) unpacks
+  the weight to bfloat16 once and runs one bfloat16 GEMM, 1.4-2x faster than the int4
+  kernel at that size.
+* ``fp16``: every other type, and CPUs without fast bfloat16. fbgemm's float16-weight
+  GEMM (``quantized::linear_dynamic_fp16``) reads half the bytes of float32, converts
+  them with F16C in registers and computes in float32; its only error is rounding each
+  dequantized weight to float16 (at most 2**-11 relative).
+* ``float32``: a torch build without fbgemm (e.g. on ARM), or a weight beyond float16's
+  range: ``F.linear`` on the dequantized weight, slower and never wrong.
 
-So :class:`QuantizedLinear` dequantizes GGUF blocks (with ``llamalab.gguf.dequant``, bit
-exact) to float16 and hands them to fbgemm's packed format.  Where that kernel is
-missing (a torch build without fbgemm, e.g. on ARM) or a weight does not fit in
-float16, it keeps a float32 weight and calls ``F.linear``: slower, never wrong.
+Also measured (``bench/bench_kernels.py``) and not used: fbgemm's dynamic int8 linear
+(activations quantized per tensor, ~2 % output error); ``aten._weight_int8pack_mm``
+(per-channel scales cannot hold GGUF's per-block ones); a ``torch.compile``d
+dequantize-and-reduce over packed nibbles (compute bound, no faster than float32).
 
-The layers are for inference: they hold no parameters and have no backward pass.
+:class:`PackedEmbedding` keeps the token embedding in its stored type and dequantizes
+only the rows a lookup needs. The layers are for inference: they hold no parameters
+and have no backward pass.
 """
 
 from __future__ import annotations
@@ -147,12 +146,12 @@ def fp16_kernel_available() -> bool:
 
 
 class QuantizedLinear(nn.Module):
-    """``y = x @ W.T`` (no bias) with ``W`` stored in float16 for fbgemm, or float32.
+    """``y = x @ W.T`` (no bias) with ``W`` packed for the int4 or fp16 kernel, or float32.
 
     Build it with :meth:`from_gguf` (straight from a GGUF tensor's bytes, never
     holding more than a few MB of float32) or :meth:`from_float`.  ``forward``
-    accepts any leading batch shape; non-float32 inputs are computed in float32 and
-    cast back.
+    accepts any leading batch shape and returns the input's dtype (the fp16 and float32
+    kernels compute in float32, the int4 kernel in bfloat16).
     """
 
     def __init__(
@@ -217,9 +216,11 @@ class QuantizedLinear(nn.Module):
     ) -> QuantizedLinear:
         """Build from a GGUF tensor's stored bytes (``shape`` in PyTorch order).
 
-        The bytes are dequantized bit-exactly by ``llamalab.gguf.dequant``, a band of rows at
-        a time, and each band is rounded to float16 right away, so a 49152-row
-        output matrix never exists in float32.
+        ``kernel`` defaults to ``"int4"`` for Q4_0 / Q4_1 / Q4_K where that kernel runs
+        fast and the shape fits (``$LLAMALAB_INT4=0`` turns it off), else ``"fp16"``
+        where fbgemm runs and the values fit, else ``"float32"``. Either way the bytes
+        are unpacked a band of rows at a time (bit-exactly, by ``llamalab.gguf.dequant``),
+        so a 49152-row output matrix never exists in float32.
         """
         qtype = GGMLQuantizationType(qtype)
         if qtype not in SUPPORTED_TYPES:
