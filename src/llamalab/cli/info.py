@@ -77,23 +77,35 @@ def _config_fields(config: ModelConfig) -> dict[str, Any]:
     }
 
 
-def run_memory(config: ModelConfig, ctx: int, dtype: str) -> dict[str, Any]:
+def run_memory(
+    config: ModelConfig, ctx: int, dtype: str, stored: dict[str, tuple[str, int]] | None = None
+) -> dict[str, Any]:
     """What running the model takes: weights in the form ``dtype`` loads, plus the KV cache.
 
     ``auto`` on the CPU packs every linear layer (the output layer included, even when it
-    shares the embedding's values) as float16 and keeps the embedding and norms in
-    float32; ``float32`` holds every weight in float32. The cache is float32 on the CPU
+    shares the embedding's values): 4-bit GGUF types in 4 bits where the CPU runs that
+    kernel, the rest as float16 (``quant/plan.py``). A GGUF file's embedding stays in its
+    stored type; otherwise the embedding and norms are float32. ``stored`` maps each
+    tensor to its stored type and size (a GGUF file's); without it every linear counts as
+    float16. ``float32`` holds every weight in float32. The cache is float32 on the CPU
     and holds ``ctx`` tokens (never more than the model's context).
     """
     from llamalab.checkpoint.names import expected_shapes
+    from llamalab.quant.plan import packed_linear_bytes
 
-    sizes = {name: math.prod(shape) for name, shape in expected_shapes(config).items()}
+    shapes = expected_shapes(config)
+    sizes = {name: math.prod(shape) for name, shape in shapes.items()}
     embedding = sizes.pop("tok_embeddings.weight")
     norms = sum(n for name, n in sizes.items() if name.endswith("norm.weight"))
-    # Every other tensor is a linear layer; a tied output layer is packed as one more.
-    linear = sum(sizes.values()) - norms + (embedding if config.tie_embeddings else 0)
     if dtype == "auto":
-        weights = 2 * linear + 4 * (embedding + norms)
+        stored = stored or {}
+        kind = lambda name: stored.get(name, ("F16", 0))[0]
+        linears = [name for name in sizes if not name.endswith("norm.weight")]
+        weights = sum(packed_linear_bytes(kind(name), shapes[name]) for name in linears)
+        embedding_type, embedding_bytes = stored.get("tok_embeddings.weight", ("F32", 0))
+        if config.tie_embeddings:  # the output layer is packed as one more linear
+            weights += packed_linear_bytes(embedding_type, shapes["tok_embeddings.weight"])
+        weights += 4 * norms + (4 * embedding if embedding_type == "F32" else embedding_bytes)
     else:
         weights = 4 * config.num_parameters()
     tokens = min(ctx, config.context_length)
@@ -157,9 +169,13 @@ def describe(ref: str | None, *, ctx: int = 2048, dtype: str = "auto") -> dict[s
         report["weights_bytes"] = reader.weights_nbytes()
         if reader.format == "meta":
             report["shards"] = reader.num_shards
+        stored = None
+        if reader.format == "gguf":  # only GGUF weights are packed from their stored form
+            infos = {name: reader.info(name) for name in reader.names()}
+            stored = {name: (info.stored_type, info.nbytes) for name, info in infos.items()}
     finally:
         reader.close()
-    report["run_memory"] = run_memory(config, ctx, dtype)
+    report["run_memory"] = run_memory(config, ctx, dtype, stored)
     report.update(_tokenizer_fields(ref))
     return report
 

@@ -36,7 +36,6 @@ and have no backward pass.
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Callable, Iterator, Mapping
 from typing import Literal, NamedTuple
 
@@ -55,6 +54,7 @@ from llamalab.gguf.dequant import (
     dequantize,
     int4_groups,
 )
+from llamalab.quant.plan import INT4_GROUP, cpu_runs_int4_fast, int4_shape_fits
 
 __all__ = [
     "GGUFWeight",
@@ -70,7 +70,7 @@ __all__ = [
 Kernel = Literal["int4", "fp16", "float32"]
 
 _FP16_MAX = 65504.0
-_INT4_GROUP = 32  # elements sharing one scale and zero: a GGUF block
+_INT4_GROUP = INT4_GROUP  # elements sharing one scale and zero: a GGUF block
 # From this many rows per call an int4 layer unpacks to bfloat16 for a GEMM instead
 # (measured break-even on a 576 x 3072 weight: about 55 rows).
 _UNPACK_ROWS = 64
@@ -103,9 +103,7 @@ def int4_kernel_available() -> bool:
     the CPU's flags decide; one small product checked against float32 maths guards
     against a build where the op exists but misbehaves.
     """
-    if os.environ.get("LLAMALAB_INT4", "1") == "0":
-        return False
-    if not _cpu_flags() & {"avx512_bf16", "amx_bf16"}:
+    if not cpu_runs_int4_fast():
         return False
     try:
         q = torch.arange(64 * 64, dtype=torch.int32).remainder_(16).view(64, 64)
@@ -117,17 +115,6 @@ def int4_kernel_available() -> bool:
         return False
     expected = ((q.float() - 8) * 0.5 + 1.0).sum(1)
     return bool(torch.allclose(out[0], expected, rtol=1e-2))
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.partition(":")[2].split())
-    except OSError:
-        pass
-    return set()
 
 
 @functools.cache
@@ -393,8 +380,7 @@ def unpack_int4_transposed(packed: torch.Tensor, scales: torch.Tensor) -> torch.
 
 
 def _int4_fits(out_features: int, in_features: int) -> Kernel | None:
-    # The packed layout tiles output rows by 16; other shapes take the next kernel.
-    return "int4" if out_features % 16 == 0 and in_features % _INT4_GROUP == 0 else None
+    return "int4" if int4_shape_fits(out_features, in_features) else None
 
 
 def _pick_kernel(absmax: float) -> Kernel:
