@@ -138,6 +138,13 @@ def test_int4_layer_within_bfloat16_bound(qtype: T, shape: tuple[int, int]) -> N
         )  # the bound is not vacuous: bf16 shows
 
 
+def test_int4_dispatch_names_exactly_the_types_dequant_can_group() -> None:
+    from llamalab.gguf.dequant import INT4_GROUP_TYPES
+    from llamalab.quant.plan import INT4_TYPES
+
+    assert {t.name for t in INT4_GROUP_TYPES} == INT4_TYPES
+
+
 @needs_int4
 def test_int4_refuses_what_it_cannot_hold() -> None:
     from llamalab.errors import LlamalabError

@@ -176,11 +176,7 @@ def build_model(
         # What is left beside packed layers is small (norms): copies let the file's memory
         # map go, instead of keeping its pages resident for a few kilobytes.
         state[name] = tensor.clone() if packed else tensor
-    if (
-        config.tie_embeddings
-        and isinstance(model.output, torch.nn.Linear)
-        and "tok_embeddings.weight" in state
-    ):
+    if config.tie_embeddings and isinstance(model.output, torch.nn.Linear):
         state["output.weight"] = state["tok_embeddings.weight"]
     model.load_state_dict(state, strict=True, assign=True)
     if packed:

@@ -521,9 +521,8 @@ def _groups_q4_1(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torc
 
 
 def _groups_q4_k(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    sub_d, sub_m, q = _unpack_q4_k(
-        blocks
-    )  # sub_d * q - sub_m = (q - 8) * sub_d + (8 sub_d - sub_m)
+    # sub_d * q - sub_m = (q - 8) * sub_d + (8 sub_d - sub_m)
+    sub_d, sub_m, q = _unpack_q4_k(blocks)
     return q.reshape(-1, 32), sub_d.reshape(-1, 1), (8 * sub_d - sub_m).reshape(-1, 1)
 
 

@@ -46,15 +46,8 @@ from gguf.constants import GGMLQuantizationType
 from torch import nn
 
 from llamalab.errors import LlamalabError
-from llamalab.gguf.dequant import (
-    BLOCK_LAYOUTS,
-    INT4_GROUP_TYPES,
-    SUPPORTED_TYPES,
-    _as_bytes,
-    dequantize,
-    int4_groups,
-)
-from llamalab.quant.plan import INT4_GROUP, cpu_runs_int4_fast, int4_shape_fits
+from llamalab.gguf.dequant import BLOCK_LAYOUTS, SUPPORTED_TYPES, _as_bytes, dequantize, int4_groups
+from llamalab.quant.plan import INT4_GROUP, cpu_runs_int4_fast, int4_takes
 
 __all__ = [
     "GGUFWeight",
@@ -70,7 +63,6 @@ __all__ = [
 Kernel = Literal["int4", "fp16", "float32"]
 
 _FP16_MAX = 65504.0
-_INT4_GROUP = INT4_GROUP  # elements sharing one scale and zero: a GGUF block
 # From this many rows per call an int4 layer unpacks to bfloat16 for a GEMM instead
 # (measured break-even on a 576 x 3072 weight: about 55 rows).
 _UNPACK_ROWS = 64
@@ -110,7 +102,7 @@ def int4_kernel_available() -> bool:
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)
         scales = torch.stack([torch.full((2, 64), 0.5), torch.full((2, 64), 1.0)], -1).bfloat16()
         x = torch.ones(1, 64, dtype=torch.bfloat16)
-        out = torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, _INT4_GROUP, scales).float()
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, INT4_GROUP, scales).float()
     except (RuntimeError, AttributeError, NotImplementedError):
         return False
     expected = ((q.float() - 8) * 0.5 + 1.0).sum(1)
@@ -216,19 +208,9 @@ class QuantizedLinear(nn.Module):
         if len(shape) != 2:
             raise LlamalabError(f"a linear weight must be 2-D, got shape {shape}")
         out_features, in_features = shape
-        block_size, type_size = BLOCK_LAYOUTS[qtype]
-        if in_features % block_size:
-            raise LlamalabError(
-                f"{qtype.name} weight of shape {shape}: {in_features} is not a multiple of {block_size}"
-            )
-        row_bytes = in_features // block_size * type_size
-        raw = _flat_bytes(data)
-        if raw.numel() != out_features * row_bytes:
-            raise LlamalabError(
-                f"{qtype.name} weight of shape {shape} needs {out_features * row_bytes} bytes, got {raw.numel()}"
-            )
-        if kernel is None and qtype in INT4_GROUP_TYPES and int4_kernel_available():
-            kernel = _int4_fits(out_features, in_features)
+        raw, row_bytes = _stored_rows(data, qtype, shape, "weight")
+        if kernel is None and int4_takes(qtype.name, shape) and int4_kernel_available():
+            kernel = "int4"
         if kernel == "int4":
             return cls._from_int4_bytes(raw, qtype, shape, row_bytes)
         if kernel is None and not fp16_kernel_available():
@@ -258,12 +240,11 @@ class QuantizedLinear(nn.Module):
         cls, raw: torch.Tensor, qtype: GGMLQuantizationType, shape: tuple[int, int], row_bytes: int
     ) -> QuantizedLinear:
         out_features, in_features = shape
-        if qtype not in INT4_GROUP_TYPES:
+        if not int4_takes(qtype.name, shape):
             raise LlamalabError(
-                f"the int4 kernel takes Q4_0, Q4_1 and Q4_K weights, not {qtype.name}"
+                f"the int4 kernel takes Q4_0, Q4_1 and Q4_K weights whose output rows are a "
+                f"multiple of 16, not a {qtype.name} weight of shape {shape}"
             )
-        if _int4_fits(out_features, in_features) != "int4":
-            raise LlamalabError(f"the int4 kernel cannot take a weight of shape {shape}")
         packed, scales = [], []
         for _, rows in _row_bands(out_features, raw, row_bytes):
             groups = int4_groups(rows, qtype, (rows.numel() // row_bytes, in_features))
@@ -286,7 +267,7 @@ class QuantizedLinear(nn.Module):
                 # and unpacking to bfloat16 once for a bfloat16 GEMM is 1.4-2x faster.
                 y = torch.matmul(x2, unpack_int4_transposed(packed, scales))
             else:
-                y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, _INT4_GROUP, scales)
+                y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, INT4_GROUP, scales)
             return y.view(*x.shape[:-1], self.out_features).to(dtype)
         if dtype != torch.float32:
             x = x.float()
@@ -304,7 +285,7 @@ class QuantizedLinear(nn.Module):
             packed, scales = self._int4
             eye = torch.eye(self.in_features, dtype=torch.bfloat16)
             return torch.ops.aten._weight_int4pack_mm_for_cpu(
-                eye, packed, _INT4_GROUP, scales
+                eye, packed, INT4_GROUP, scales
             ).T.float()
         if self._packed is not None:
             bands = [torch.ops.quantized.linear_unpack_fp16(band)[0] for band in self._packed]
@@ -333,18 +314,8 @@ class PackedEmbedding(nn.Module):
                 f"cannot keep a {qtype.name} embedding of shape {weight.shape} packed"
             )
         self.num_embeddings, self.embedding_dim = (int(s) for s in weight.shape)
-        block_size, type_size = BLOCK_LAYOUTS[qtype]
-        if self.embedding_dim % block_size:
-            raise LlamalabError(
-                f"{qtype.name} embedding of shape {weight.shape}: rows are not whole blocks"
-            )
-        row_bytes = self.embedding_dim // block_size * type_size
-        raw = _flat_bytes(weight.data)
-        if raw.numel() != self.num_embeddings * row_bytes:
-            raise LlamalabError(
-                f"{qtype.name} embedding of shape {weight.shape} needs "
-                f"{self.num_embeddings * row_bytes} bytes, got {raw.numel()}"
-            )
+        shape = (self.num_embeddings, self.embedding_dim)
+        raw, row_bytes = _stored_rows(weight.data, qtype, shape, "embedding")
         self.qtype = qtype
         self.dtype = dtype
         self._rows = raw.view(self.num_embeddings, row_bytes).clone()  # owned, not the file's map
@@ -373,14 +344,30 @@ def unpack_int4_transposed(packed: torch.Tensor, scales: torch.Tensor) -> torch.
     q = torch.empty(k, n // 64, 2, 32, dtype=torch.uint8)
     torch.bitwise_and(bands, 0x0F, out=q[:, :, 0])
     torch.bitwise_right_shift(bands, 4, out=q[:, :, 1])
-    scale = scales[..., 0].float()
-    offset = (scales[..., 1].float() - 8 * scale).to(torch.bfloat16).unsqueeze(1)  # (k/32, 1, n)
-    values = q.view(k // _INT4_GROUP, _INT4_GROUP, n).to(torch.bfloat16)
-    return torch.addcmul(offset, values, scales[..., 0].unsqueeze(1)).view(k, n)
+    scale, zero = scales[..., 0], scales[..., 1]  # (k/32, n) bfloat16
+    offset = (zero.float() - 8 * scale.float()).to(torch.bfloat16).unsqueeze(1)  # (k/32, 1, n)
+    values = q.view(k // INT4_GROUP, INT4_GROUP, n).to(torch.bfloat16)
+    return torch.addcmul(offset, values, scale.unsqueeze(1)).view(k, n)
 
 
-def _int4_fits(out_features: int, in_features: int) -> Kernel | None:
-    return "int4" if int4_shape_fits(out_features, in_features) else None
+def _stored_rows(
+    data: np.ndarray | torch.Tensor, qtype: GGMLQuantizationType, shape: tuple[int, int], what: str
+) -> tuple[torch.Tensor, int]:
+    """A 2-D GGUF tensor's bytes as a flat uint8 tensor, and the bytes of one row, after
+    checking that rows are whole blocks and that the byte count matches ``shape``."""
+    rows, cols = shape
+    block_size, type_size = BLOCK_LAYOUTS[qtype]
+    if cols % block_size:
+        raise LlamalabError(
+            f"{qtype.name} {what} of shape {shape}: {cols} is not a multiple of {block_size}"
+        )
+    row_bytes = cols // block_size * type_size
+    raw = _flat_bytes(data)
+    if raw.numel() != rows * row_bytes:
+        raise LlamalabError(
+            f"{qtype.name} {what} of shape {shape} needs {rows * row_bytes} bytes, got {raw.numel()}"
+        )
+    return raw, row_bytes
 
 
 def _pick_kernel(absmax: float) -> Kernel:
@@ -519,14 +506,12 @@ def fuse_projections(model: nn.Module) -> int:
     fused = 0
     for layer in getattr(model, "layers", []):
         attention, ffn = layer.attention, layer.feed_forward
-        qkv = [attention.wq, attention.wk, attention.wv]
-        gate_up = [ffn.w1, ffn.w3]
         done = False
-        for owner, names, parts, target in (
-            (attention, ("wq", "wk", "wv"), qkv, "wqkv"),
-            (ffn, ("w1", "w3"), gate_up, "w13"),
+        for owner, names, target in (
+            (attention, ("wq", "wk", "wv"), "wqkv"),
+            (ffn, ("w1", "w3"), "w13"),
         ):
-            merged = _concat(parts)
+            merged = _concat([getattr(owner, name) for name in names])
             if merged is None:
                 continue
             setattr(owner, target, merged)

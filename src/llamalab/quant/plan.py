@@ -34,19 +34,17 @@ def cpu_runs_int4_fast() -> bool:
     return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
 
 
-def int4_shape_fits(out_features: int, in_features: int) -> bool:
-    """The packed int4 layout tiles output rows by 16 and input columns by groups of 32."""
-    return out_features % 16 == 0 and in_features % INT4_GROUP == 0
+def int4_takes(stored_type: str, shape: tuple[int, ...]) -> bool:
+    """Whether the int4 kernel can hold this weight: a 4-bit type whose (out, in) shape
+    fits the packed layout, which tiles output rows by 16 and input columns by 32."""
+    out_features, in_features = shape
+    return stored_type in INT4_TYPES and out_features % 16 == 0 and in_features % INT4_GROUP == 0
 
 
 def packed_linear_bytes(stored_type: str, shape: tuple[int, ...]) -> int:
     """Bytes a packed linear layer of this stored type and (out, in) shape holds."""
     out_features, in_features = shape
-    if (
-        stored_type in INT4_TYPES
-        and cpu_runs_int4_fast()
-        and int4_shape_fits(out_features, in_features)
-    ):
+    if cpu_runs_int4_fast() and int4_takes(stored_type, shape):
         # Two weights a byte, and a bfloat16 scale and zero per group.
         return out_features * in_features // 2 + out_features * (in_features // INT4_GROUP) * 4
     return 2 * out_features * in_features  # float16
