@@ -452,12 +452,18 @@ class Transformer(nn.Module):
         A decode step is hundreds of small operations whose dispatch costs more than their
         arithmetic; inductor fuses the norms, rotations, residual adds and casts around
         the matmuls and runs them from generated code. One graph, traced with dynamic
-        sizes, serves every layer and position. Batches, prefill and training stay eager. It compiles at the first step (seconds; inductor caches the code on
-        disk, so later runs start faster). If compiling fails (no C++ compiler, say) the
-        model warns once and stays eager.
+        sizes, serves every layer and position. Batches, prefill and training stay eager.
+        It compiles at the first step (seconds; inductor caches the code on disk, so later
+        runs start faster). If compiling fails (no C++ compiler, say) the model warns once
+        and stays eager.
         """
         # One small graph: compiling it in worker processes only adds their start-up.
         self._step_block = torch.compile(_run_block, dynamic=True, options={"compile_threads": 1})
+
+    @property
+    def compiles_decode(self) -> bool:
+        """Whether one-row decode steps go through the compiled block (see :meth:`compile_decode`)."""
+        return self._step_block is not None
 
     def _compiled_layers(
         self, h: torch.Tensor, rope: torch.Tensor, cache: CacheView, mask: torch.Tensor | None

@@ -140,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
     _configure_logging(args.log_level)
     model, tokenizer = load_runtime_from_args(args, compile_by_default=True)
     engine = Engine(model, tokenizer, max_batch=args.max_batch, max_seq_len=args.ctx)
-    if getattr(model, "_step_block", None) is not None:
+    if model.compiles_decode:
         print(
             "llamalab serve: compiling the decode step (seconds; later starts reuse the code)",
             file=sys.stderr,
