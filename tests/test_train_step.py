@@ -26,12 +26,18 @@ from llamalab.train.schedule import lr_at
 pytest.importorskip("transformers")
 
 
-def test_one_step_matches_transformers_and_torch_adamw(tmp_path):
-    hf = make_hf_model("grouped-query", seed=3).train()
-    hf.save_pretrained(tmp_path / "before")
-    ours = llamalab.load_model(tmp_path / "before", dtype="float32").train()
+def _twin_models(folder, seed: int):
+    """A random transformers model in training mode, and llamalab's load of its saved copy."""
+    hf = make_hf_model("grouped-query", seed=seed).train()
+    hf.save_pretrained(folder)
+    ours = llamalab.load_model(folder, dtype="float32").train()
     for p in ours.parameters():
         p.requires_grad_(True)
+    return hf, ours
+
+
+def test_one_step_matches_transformers_and_torch_adamw(tmp_path):
+    hf, ours = _twin_models(tmp_path / "before", seed=3)
 
     # eps 1e-6 rather than 1e-8: Adam's first update is g / (|g| + eps), which for the few
     # gradients near 1e-8 turns float rounding differences between the two models (1e-7
@@ -92,11 +98,7 @@ def test_one_step_matches_transformers_and_torch_adamw(tmp_path):
 
 
 def test_twenty_losses_match_a_plain_transformers_loop(tmp_path):
-    hf = make_hf_model("grouped-query", seed=5).train()
-    hf.save_pretrained(tmp_path / "start")
-    ours = llamalab.load_model(tmp_path / "start", dtype="float32").train()
-    for p in ours.parameters():
-        p.requires_grad_(True)
+    hf, ours = _twin_models(tmp_path / "start", seed=5)
     steps, peak, warmup = 20, 3e-3, 4
     cfg = TrainConfig(
         model="debug", data="-", out_dir="-", max_steps=steps, lr=peak,
