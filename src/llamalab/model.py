@@ -23,6 +23,7 @@ from torch import nn
 
 from llamalab.config import ModelConfig, RopeScaling
 from llamalab.kv_cache import CacheView, KVCache, Segments
+from llamalab.loss import linear_cross_entropy
 
 
 class RMSNorm(nn.Module):
@@ -441,6 +442,9 @@ class Transformer(nn.Module):
                 h = layer(h, rope, cache, mask)
         if cache is not None and cache.last_only:  # a prefill needs only the next token's logits
             h = h[:, -1:]
+        if targets is not None and isinstance(self.output, nn.Linear):
+            # Training and evaluation: the loss without materialising every logit.
+            return linear_cross_entropy(self.norm(h), self.output.weight, targets)
         logits = self.output(self.norm(h))  # (B, T, vocab)
         if targets is None:
             return logits
