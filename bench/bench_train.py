@@ -8,8 +8,8 @@ clipping. The reference is the loop a user would write around
 micro-batch, ``clip_grad_norm_``, ``optimizer.step()``. Each side runs in a fresh process,
 alternating, ``--runs`` times per thread count and precision; a run's figure is its median
 tokens/s over the steps after ``--warmup``. Reported: median [min, max] over runs, the
-ratio of medians, and MFU: model FLOPs per token (6 × parameters + 12 × layers × dim ×
-seq_len, the usual estimate) × tokens/s over the peak that torch's own matmul reaches on
+ratio of medians, and MFU: model FLOPs per token (6 × parameters outside the input
+embedding + 12 × layers × dim × seq_len, the usual estimate) × tokens/s over the peak that torch's own matmul reaches on
 this machine at that precision and thread count (measured here, a 2048³ matmul).
 
     .venv/bin/python bench/bench_train.py [--data DIR] [--runs 3] [--steps 12] [--threads 1 2]
@@ -172,8 +172,12 @@ def model_flops_per_token(config: str, data: str) -> tuple[float, int]:
     cfg = load_config(config, [f"data={data}"])
     mc = model_config(cfg, TokenShards(Path(data)).vocab_size)
     with torch.device("meta"):
-        params = sum(p.numel() for p in Transformer(mc).parameters())
-    return 6 * params + 12 * mc.n_layers * mc.dim * cfg.seq_len, params
+        model = Transformer(mc)
+    params = sum(p.numel() for p in model.parameters())
+    # The input embedding is a lookup, not a matmul: its rows count no FLOPs (torchtitan's
+    # rule), unless the output projection shares them.
+    matmul_params = params if mc.tie_embeddings else params - model.tok_embeddings.weight.numel()
+    return 6 * matmul_params + 12 * mc.n_layers * mc.dim * cfg.seq_len, params
 
 
 def summary(values: list[float]) -> str:

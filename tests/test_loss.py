@@ -53,7 +53,9 @@ def test_without_grad_and_all_ignored():
     with torch.no_grad():
         torch.testing.assert_close(linear_cross_entropy(h, w, t), _reference(h, w, t))
     ignored = torch.full_like(t, -100)
-    assert torch.isnan(_reference(h, w, ignored)) and torch.isnan(linear_cross_entropy(h, w, ignored))
+    assert torch.isnan(_reference(h, w, ignored)) and torch.isnan(
+        linear_cross_entropy(h, w, ignored)
+    )
 
 
 def test_model_loss_uses_it_and_equals_the_logits_path():
@@ -61,11 +63,30 @@ def test_model_loss_uses_it_and_equals_the_logits_path():
     from llamalab.model import Transformer
 
     torch.manual_seed(0)
-    cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, vocab_size=500, ffn_hidden_dim=128, context_length=32)
+    cfg = ModelConfig(
+        dim=64, n_layers=2, n_heads=4, vocab_size=500, ffn_hidden_dim=128, context_length=32
+    )
     model = Transformer(cfg)
     tokens = torch.randint(0, 500, (2, 17))
     loss = model(tokens[:, :-1], targets=tokens[:, 1:])
     logits = model(tokens[:, :-1])
     torch.testing.assert_close(loss, F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()))
     loss.backward()
-    assert model.output.weight.grad is not None and model.layers[0].attention.wq.weight.grad is not None
+    assert (
+        model.output.weight.grad is not None
+        and model.layers[0].attention.wq.weight.grad is not None
+    )
+
+
+def test_a_target_far_below_the_top_logit_keeps_a_finite_exact_loss():
+    # The target's probability underflows float32 (a logit 150 below the top): the loss
+    # still equals torch's, which works from the logits.
+    h = torch.zeros(2, 4)
+    h[:, 0] = 1.0
+    w = torch.zeros(6, 4)
+    w[0, 0] = 150.0
+    t = torch.tensor([3, 0])
+    loss = linear_cross_entropy(h.requires_grad_(), w.requires_grad_(), t)
+    ref = _reference(h, w, t)
+    assert torch.isfinite(loss) and ref.item() > 70
+    torch.testing.assert_close(loss, ref)
