@@ -46,18 +46,21 @@ def test_checkpoint_report_names_path_tokens_and_template(smollm2_path):
 
 def test_auto_memory_equals_what_the_packed_model_holds(smollm2_path):
     """`info`'s weight bytes for --dtype auto are the bytes the loaded model's tensors take
-    (int4 where this CPU runs it, float16 otherwise, the embedding as stored)."""
+    (vnni or int4 where this CPU runs them, float16 otherwise, the embedding as stored)."""
+    import torch
+
     import llamalab
 
     model = llamalab.load_model(smollm2_path, packed=True)
     held = sum(p.numel() * p.element_size() for p in model.parameters())
     for module in model.modules():
-        for attr in ("_int4", "_weight", "_rows"):
+        for attr in ("_vnni", "_int4", "_weight", "_rows"):
             value = getattr(module, attr, None)
             for tensor in (
                 value if isinstance(value, tuple) else (value,) if value is not None else ()
             ):
-                held += tensor.numel() * tensor.element_size()
+                if isinstance(tensor, torch.Tensor):  # not vnni's bits and group
+                    held += tensor.numel() * tensor.element_size()
         if getattr(module, "_packed", None) is not None:  # fbgemm float16: 2 bytes a weight
             held += 2 * module.in_features * module.out_features
     assert info_json(str(smollm2_path))["run_memory"]["weights_bytes"] == held

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from gguf.constants import GGMLQuantizationType as T
 
-from llamalab.gguf.dequant import dequantize, int4_groups
+from llamalab.gguf.dequant import affine_groups, dequantize, int4_groups
 from llamalab.quant.linear import (
     GGUFWeight,
     PackedEmbedding,
@@ -36,12 +36,16 @@ from llamalab.quant.linear import (
     quantizable_linears,
     quantize_model,
 )
+from llamalab.quant.native import vnni_available
 
 needs_fp16 = pytest.mark.skipif(
     not fp16_kernel_available(), reason="no fbgemm fp16 kernel in this torch build"
 )
 needs_int4 = pytest.mark.skipif(
     not int4_kernel_available(), reason="this CPU has no fast bfloat16 (AVX-512 BF16)"
+)
+needs_vnni = pytest.mark.skipif(
+    not vnni_available(), reason="no AVX-512 VNNI or no C++ compiler for llamalab's kernel"
 )
 
 
@@ -114,7 +118,7 @@ def _int4_source(qtype: T, shape: tuple[int, int], seed: int) -> GGUFWeight:
 @pytest.mark.parametrize("shape", [(192, 512), (4096 + 64, 256)])  # the second spans two bands
 def test_int4_layer_within_bfloat16_bound(qtype: T, shape: tuple[int, int]) -> None:
     src = _int4_source(qtype, shape, seed=shape[0])
-    layer = QuantizedLinear.from_gguf(*src)
+    layer = QuantizedLinear.from_gguf(*src, kernel="int4")
     assert layer.kernel == "int4" and layer.source_type == qtype.name
     weight = dequantize(src.data, qtype, shape)
     groups = int4_groups(src.data, qtype, shape)
@@ -146,8 +150,10 @@ def test_int4_dispatch_names_exactly_the_types_dequant_can_group() -> None:
 
 
 @needs_int4
-def test_int4_refuses_what_it_cannot_hold() -> None:
+def test_int4_refuses_what_it_cannot_hold(monkeypatch) -> None:
     from llamalab.errors import LlamalabError
+
+    monkeypatch.setattr("llamalab.quant.linear.vnni_available", lambda: False)
 
     # Q8_0 is not 4-bit: the default kernel is the next one down; forcing int4 is an error.
     src = _quantized(T.Q8_0, (64, 128), seed=5)
@@ -225,7 +231,8 @@ def _gguf_weights(path) -> dict[str, GGUFWeight]:
 
 # Logit bounds against the float32 model (logits reach |30..45|). Measured: fp16 max
 # 0.033, RMS 0.006; int4 (bfloat16 activations and outputs) max 0.42, RMS 0.05.
-_MODEL_BOUNDS = {"fp16": (0.1, 0.02), "int4": (1.0, 0.15)}
+# vnni (int8 activations per block of 32, as llama.cpp does) max 1.40, RMS 0.28.
+_MODEL_BOUNDS = {"fp16": (0.1, 0.02), "int4": (1.0, 0.15), "vnni": (2.0, 0.4)}
 
 
 @pytest.mark.parametrize(
@@ -233,10 +240,13 @@ _MODEL_BOUNDS = {"fp16": (0.1, 0.02), "int4": (1.0, 0.15)}
     [
         pytest.param("fp16", marks=needs_fp16),
         pytest.param("int4", marks=needs_int4),
+        pytest.param("vnni", marks=needs_vnni),
     ],
 )
 @torch.inference_mode()
-def test_smollm2_quantized_model_matches_float32(smollm2_path, smollm2_reference, kernel) -> None:
+def test_smollm2_quantized_model_matches_float32(
+    smollm2_path, smollm2_reference, kernel, monkeypatch
+) -> None:
     """Every linear packed from the file's bytes: logits stay close to the float32 model's
     and the greedy token is the same at the last position of every prompt."""
     import llamalab
@@ -247,9 +257,13 @@ def test_smollm2_quantized_model_matches_float32(smollm2_path, smollm2_reference
     reference = [model(torch.tensor([ids]))[0] for ids in prompts]
 
     weights = _gguf_weights(smollm2_path)
-    # The output layer is Q8_0 (the tied embedding): it takes fp16 whatever the layers take.
-    kernels = {k: kernel if w.qtype == T.Q4_1 else "fp16" for k, w in weights.items()}
-    replaced = quantize_model(model, weights, kernel=None if kernel == "int4" else "fp16")
+    # The output layer is Q8_0 (the tied embedding): vnni takes it, int4 leaves it to fp16.
+    kernels = {
+        k: kernel if w.qtype == T.Q4_1 or kernel == "vnni" else "fp16" for k, w in weights.items()
+    }
+    if kernel == "int4":  # the default, where vnni is not available
+        monkeypatch.setattr("llamalab.quant.linear.vnni_available", lambda: False)
+    replaced = quantize_model(model, weights, kernel="fp16" if kernel == "fp16" else None)
     assert {model.get_submodule(name).kernel for name in replaced} == set(kernels.values())
     assert len(replaced) == 7 * model.config.n_layers + 1 and "output" in replaced
     assert quantizable_linears(model) == []  # nothing left as nn.Linear
@@ -269,3 +283,102 @@ def test_smollm2_quantized_model_matches_float32(smollm2_path, smollm2_reference
         assert torch.equal(got.argmax(-1)[clear], ref.argmax(-1)[clear])
     max_bound, rms_bound = _MODEL_BOUNDS[kernel]
     assert worst < max_bound and rms < rms_bound, (worst, rms)
+
+
+# ---------------------------------------------------------------------------- vnni kernel
+
+
+def _random_blocks(qtype: T, shape: tuple[int, int], seed: int) -> GGUFWeight:
+    """Random K-quant blocks (gguf-py cannot quantize to them) with sane float16 scales."""
+    rng = np.random.default_rng(seed)
+    block_size, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    n_blocks = shape[0] * shape[1] // block_size
+    raw = rng.integers(0, 256, (n_blocks, type_size), dtype=np.uint8)
+    fields = {T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (type_size - 2,)}[qtype]
+    for field in fields:
+        raw[:, field : field + 2] = (
+            (rng.random(n_blocks) * 0.002).astype(np.float16).view(np.uint8).reshape(-1, 2)
+        )
+    return GGUFWeight(raw, qtype, shape)
+
+
+_AFFINE_CASES = [T.Q4_0, T.Q4_1, T.Q4_K, T.Q5_0, T.Q5_1, T.Q5_K, T.Q8_0, T.Q6_K]
+
+
+def _affine_source(qtype: T, shape: tuple[int, int], seed: int) -> GGUFWeight:
+    if qtype in (T.Q4_K, T.Q5_K, T.Q6_K):
+        return _random_blocks(qtype, shape, seed)
+    return _quantized(qtype, shape, seed)
+
+
+@pytest.mark.parametrize("qtype", _AFFINE_CASES)
+def test_affine_groups_recombine_to_the_dequantized_values(qtype: T) -> None:
+    src = _affine_source(qtype, (32, 512), seed=3)
+    groups = affine_groups(src.data, qtype, src.shape)
+    rows, cols = src.shape
+    values = groups.q.double().view(rows, -1, groups.group) * groups.scale.double()[..., None]
+    values = (values + groups.zero.double()[..., None]).view(rows, cols)
+    assert torch.equal(values.float(), dequantize(src.data, qtype, src.shape))
+
+
+def test_vnni_dispatch_names_exactly_the_affine_types() -> None:
+    from llamalab.gguf.dequant import AFFINE_TYPES
+    from llamalab.quant.plan import VNNI_LAYOUTS
+
+    assert {t.name for t in AFFINE_TYPES} == set(VNNI_LAYOUTS)
+    for qtype in AFFINE_TYPES:
+        src = _affine_source(qtype, (16, 256), seed=1)
+        assert affine_groups(src.data, qtype, src.shape).group == VNNI_LAYOUTS[qtype.name][1]
+
+
+@needs_vnni
+@pytest.mark.parametrize("qtype", _AFFINE_CASES)
+@pytest.mark.parametrize("shape", [(192, 512), (4096 + 64, 256)])  # the second spans two bands
+def test_vnni_layer_within_its_activation_quantization_bound(qtype: T, shape) -> None:
+    src = _affine_source(qtype, shape, seed=shape[0])
+    layer = QuantizedLinear.from_gguf(*src)
+    assert layer.kernel == "vnni" and layer.source_type == qtype.name
+    # The weight it multiplies by: the GGUF values with scale and zero rounded to float16.
+    groups = affine_groups(src.data, qtype, shape)
+    g = groups.group
+    scale = groups.scale.half().float().repeat_interleave(g, 1)
+    zero = groups.zero.half().float().repeat_interleave(g, 1)
+    weight = torch.addcmul(zero, groups.q.float(), scale)
+    assert torch.equal(layer.dequantized_weight(), weight)
+    spread = (groups.q.float() * scale).abs() + zero.abs()  # what the sums are made of
+    torch.manual_seed(0)
+    for batch in [(1,), (5,), (2, 3)]:  # the kernel itself: one row, several, a leading dim
+        x = torch.randn(*batch, shape[1])
+        y, ref = layer(x), F.linear(x, weight)
+        assert y.shape == ref.shape and y.dtype == torch.float32
+        # Each activation is rounded to its block's step d = max|x| / 127, so it moves by
+        # at most d / 2; the float arithmetic adds a few ulps of the sums' magnitudes.
+        step = x.abs().unflatten(-1, (-1, 32)).amax(-1, keepdim=True) / 127
+        moved = (step / 2).expand(*step.shape[:-1], 32).flatten(-2)
+        bound = F.linear(moved, weight.abs()) + 1e-5 * F.linear(x.abs(), spread) + 1e-6
+        excess = (y - ref).abs() - bound
+        assert float(excess.max()) <= 0.0, f"max excess over the bound {float(excess.max())}"
+        assert float((y - ref).abs().max()) > 0.0  # int8 activations show: not vacuous
+    # A prefill chunk: the bfloat16 GEMM on the same weight.
+    x = torch.randn(70, shape[1])
+    y, ref = layer(x), F.linear(x, weight)
+    u = 2.0**-8
+    assert float(((y - ref).abs() - (3 * u * F.linear(x.abs(), weight.abs()) + 1e-6)).max()) <= 0
+
+
+@needs_vnni
+def test_vnni_fuses_and_refuses() -> None:
+    from llamalab.errors import LlamalabError
+    from llamalab.quant.linear import _concat
+
+    parts = [QuantizedLinear.from_gguf(*_quantized(T.Q4_0, (n, 256), seed=n)) for n in (64, 32)]
+    fused = _concat(parts)
+    assert fused is not None and fused.kernel == "vnni"
+    x = torch.randn(3, 256)
+    assert torch.equal(fused(x), torch.cat([p(x) for p in parts], dim=-1))
+    mixed = _concat([parts[0], QuantizedLinear.from_gguf(*_quantized(T.Q8_0, (32, 256), seed=2))])
+    assert mixed is None  # 4-bit and 8-bit layouts do not join
+    odd = _quantized(T.Q8_0, (40, 128), seed=6)  # 40 rows are not whole tiles of 16
+    assert QuantizedLinear.from_gguf(*odd).kernel != "vnni"
+    with pytest.raises(LlamalabError, match="vnni"):
+        QuantizedLinear.from_gguf(*odd, kernel="vnni")

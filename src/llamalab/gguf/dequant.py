@@ -496,56 +496,88 @@ def dequantize(
     return values.reshape(shape)
 
 
-class Int4Groups(NamedTuple):
-    """A 4-bit tensor as groups of 32: ``value = (q - 8) * scale + zero``.
+class AffineGroups(NamedTuple):
+    """A tensor as groups of ``group`` weights along its rows: ``value = q * scale + zero``.
 
-    ``q`` is (rows, cols) uint8 in 0..15; ``scale`` and ``zero`` are (rows, cols / 32)
-    float32. This is the form of torch's packed int4 matmul (``_weight_int4pack_mm*``).
+    ``q`` is (rows, cols) uint8, unsigned (0..15 for 4-bit types, up to 255 for Q8_0);
+    ``scale`` and ``zero`` are (rows, cols / group) float32.
     """
 
     q: torch.Tensor
     scale: torch.Tensor
     zero: torch.Tensor
+    group: int
 
 
-def _groups_q4_0(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _affine_q4_0(blocks: torch.Tensor):
     d, qs = _split(blocks, 2, 16)
-    q = _nibbles(qs, dim=1).view(-1, 32)  # d * (q - 8): the form as it stands
-    scale = _f16(d)
-    return q, scale, torch.zeros_like(scale)
+    scale = _f16(d)  # d * (q - 8)
+    return _nibbles(qs, dim=1).view(-1, 32), scale, -8 * scale
 
 
-def _groups_q4_1(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    d, m, q = _unpack_q4_1(blocks)  # d * q + m = (q - 8) * d + (m + 8 d)
-    return q, d, m + 8 * d
+def _affine_q4_1(blocks: torch.Tensor):
+    d, m, q = _unpack_q4_1(blocks)  # d * q + m
+    return q, d, m
 
 
-def _groups_q4_k(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    # sub_d * q - sub_m = (q - 8) * sub_d + (8 sub_d - sub_m)
-    sub_d, sub_m, q = _unpack_q4_k(blocks)
-    return q.reshape(-1, 32), sub_d.reshape(-1, 1), (8 * sub_d - sub_m).reshape(-1, 1)
+def _affine_q5_0(blocks: torch.Tensor):
+    d, qh, qs = _split(blocks, 2, 4, 16)
+    scale = _f16(d)  # d * (q - 16)
+    return _q5_quants(qh, qs), scale, -16 * scale
 
 
-_INT4_GROUPS: dict[GGMLQuantizationType, Callable] = {
-    _T.Q4_0: _groups_q4_0,
-    _T.Q4_1: _groups_q4_1,
-    _T.Q4_K: _groups_q4_k,
+def _affine_q5_1(blocks: torch.Tensor):
+    d, m, q = _unpack_q5_1(blocks)  # d * q + m
+    return q, d, m
+
+
+def _affine_q8_0(blocks: torch.Tensor):
+    d, q = _unpack_q8_0(blocks)  # d * q = d * (q + 128) - 128 d
+    return (q.to(torch.int16) + 128).to(torch.uint8), d, -128 * d
+
+
+def _affine_k(unpack: Callable):
+    def affine(blocks: torch.Tensor):
+        sub_d, sub_m, q = unpack(blocks)  # sub_d * q - sub_m, per sub-block of 32
+        return q.reshape(-1, 32), sub_d.reshape(-1, 1), -sub_m.reshape(-1, 1)
+
+    return affine
+
+
+def _affine_q6_k(blocks: torch.Tensor):
+    sub_d, q = _unpack_q6_k(blocks)  # sub_d * (q + 32) - 32 sub_d, per sub-block of 16
+    sub_d = sub_d.reshape(-1, 1)
+    return (q.reshape(-1, 16).to(torch.int16) + 32).to(torch.uint8), sub_d, -32 * sub_d
+
+
+_AFFINE: dict[GGMLQuantizationType, tuple[Callable, int]] = {
+    _T.Q4_0: (_affine_q4_0, 32),
+    _T.Q4_1: (_affine_q4_1, 32),
+    _T.Q4_K: (_affine_k(_unpack_q4_k), 32),
+    _T.Q5_0: (_affine_q5_0, 32),
+    _T.Q5_1: (_affine_q5_1, 32),
+    _T.Q5_K: (_affine_k(_unpack_q5_k), 32),
+    _T.Q8_0: (_affine_q8_0, 32),
+    _T.Q6_K: (_affine_q6_k, 16),
 }
 
-INT4_GROUP_TYPES: frozenset[GGMLQuantizationType] = frozenset(_INT4_GROUPS)
+AFFINE_TYPES: frozenset[GGMLQuantizationType] = frozenset(_AFFINE)
+"""The GGUF types that are exactly ``q * scale + zero`` per group (see :func:`affine_groups`)."""
+
+INT4_GROUP_TYPES: frozenset[GGMLQuantizationType] = frozenset({_T.Q4_0, _T.Q4_1, _T.Q4_K})
 """The GGUF types that are exactly 4-bit groups of 32 with a scale and an offset."""
 
 
-def int4_groups(
+def affine_groups(
     raw: torch.Tensor | np.ndarray, qtype: GGMLQuantizationType, shape: Sequence[int]
-) -> Int4Groups:
-    """Unpack a 2-D Q4_0, Q4_1 or Q4_K tensor into :class:`Int4Groups`, without expanding
-    it to float values. ``(q - 8) * scale + zero`` computed in float64 equals
+) -> AffineGroups:
+    """Unpack a 2-D tensor of an :data:`AFFINE_TYPES` type into :class:`AffineGroups`,
+    without expanding it to float values. ``q * scale + zero`` computed in float64 equals
     :func:`dequantize` to float32 rounding (the offsets are recombined, not the quants).
     """
     qtype = GGMLQuantizationType(qtype)
-    if qtype not in _INT4_GROUPS:
-        raise LlamalabError(f"{qtype.name} is not a 4-bit type with groups of 32")
+    if qtype not in _AFFINE:
+        raise LlamalabError(f"{qtype.name} is not a type of groups with a scale and an offset")
     rows, cols = (int(s) for s in shape)
     block_size, type_size = BLOCK_LAYOUTS[qtype]
     if cols % block_size:
@@ -558,11 +590,36 @@ def int4_groups(
         raise LlamalabError(
             f"{qtype.name} tensor of shape {tuple(shape)} needs {n_blocks * type_size} bytes, got {data.numel()}"
         )
-    q, scale, zero = _INT4_GROUPS[qtype](data.view(n_blocks, type_size))
-    groups = cols // 32
-    return Int4Groups(
-        q.reshape(rows, cols), scale.reshape(rows, groups), zero.reshape(rows, groups)
+    unpack, group = _AFFINE[qtype]
+    q, scale, zero = unpack(data.view(n_blocks, type_size))
+    groups = cols // group
+    return AffineGroups(
+        q.reshape(rows, cols), scale.reshape(rows, groups), zero.reshape(rows, groups), group
     )
+
+
+class Int4Groups(NamedTuple):
+    """A 4-bit tensor as groups of 32: ``value = (q - 8) * scale + zero``.
+
+    ``q`` is (rows, cols) uint8 in 0..15; ``scale`` and ``zero`` are (rows, cols / 32)
+    float32. This is the form of torch's packed int4 matmul (``_weight_int4pack_mm*``).
+    """
+
+    q: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+
+
+def int4_groups(
+    raw: torch.Tensor | np.ndarray, qtype: GGMLQuantizationType, shape: Sequence[int]
+) -> Int4Groups:
+    """A 2-D Q4_0, Q4_1 or Q4_K tensor as :class:`Int4Groups`: its :func:`affine_groups`
+    with the zero moved by 8 scales (exactly 0 for Q4_0)."""
+    qtype = GGMLQuantizationType(qtype)
+    if qtype not in INT4_GROUP_TYPES:
+        raise LlamalabError(f"{qtype.name} is not a 4-bit type with groups of 32")
+    groups = affine_groups(raw, qtype, shape)
+    return Int4Groups(groups.q, groups.scale, groups.zero + 8 * groups.scale)
 
 
 def quantize_q8_0(x: torch.Tensor) -> np.ndarray:

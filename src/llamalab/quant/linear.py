@@ -3,9 +3,19 @@
 Decoding one token reads every weight once, so on a CPU a decode step costs the weight
 bytes over the memory bandwidth (plus a fixed cost per operation). float32 weights cost
 4 bytes each; GGUF's Q4_0 / Q4_1 / Q4_K about 0.56-0.63 and Q8_0 1.06. Which kernel can
-read a small form decides the speed. Three kernels, chosen per weight at load time:
+read a small form decides the speed. Four kernels, chosen per weight at load time:
 
-* ``int4``: 4-bit GGUF types (Q4_0, Q4_1, Q4_K), whose blocks are exactly groups of 32
+* ``vnni``: llamalab's own (``csrc/vnni.cpp``, built on first use by ``quant/native.py``)
+  on CPUs with AVX-512 VNNI. Every type that is exactly ``q * scale + zero`` per group
+  (``llamalab.gguf.dequant.affine_groups``: Q4_0, Q4_1, Q4_K in 4 bits, groups of 32;
+  Q5_0, Q5_1, Q5_K, Q8_0 in 8 bits, groups of 32; Q6_K in 8 bits, groups of 16) keeps
+  its quants, with a float16 scale and zero per group: 0.625 bytes a weight for the
+  4-bit types, 1.125-1.25 for the others. Activations are quantized to int8 per block
+  of 32, as llama.cpp does, and ``vpdpbusd`` multiplies four weights of 16 rows at a
+  time. One row reads 30-32 GB/s here, the machine's bandwidth, against 20-22 for
+  torch's int4 kernel and 2 bytes a weight for fp16. A call with 64 rows or more (a
+  prefill chunk) unpacks the layer to bfloat16 for one GEMM.
+* ``int4`` (where ``vnni`` is not available): 4-bit GGUF types (Q4_0, Q4_1, Q4_K), whose blocks are exactly groups of 32
   with a scale and a zero (``llamalab.gguf.dequant.int4_groups``), on torch's
   ``aten._weight_int4pack_mm_for_cpu``. Only that kernel's bfloat16 path is vectorised
   (float32 activations run 10-50x slower than a float32 matmul), and it is fast only
@@ -46,8 +56,22 @@ from gguf.constants import GGMLQuantizationType
 from torch import nn
 
 from llamalab.errors import LlamalabError
-from llamalab.gguf.dequant import BLOCK_LAYOUTS, SUPPORTED_TYPES, _as_bytes, dequantize, int4_groups
-from llamalab.quant.plan import INT4_GROUP, cpu_runs_int4_fast, int4_takes
+from llamalab.gguf.dequant import (
+    BLOCK_LAYOUTS,
+    SUPPORTED_TYPES,
+    _as_bytes,
+    affine_groups,
+    dequantize,
+    int4_groups,
+)
+from llamalab.quant.native import vnni_available
+from llamalab.quant.plan import (
+    INT4_GROUP,
+    VNNI_LAYOUTS,
+    cpu_runs_int4_fast,
+    int4_takes,
+    vnni_takes,
+)
 
 __all__ = [
     "GGUFWeight",
@@ -60,7 +84,7 @@ __all__ = [
     "quantize_model",
 ]
 
-Kernel = Literal["int4", "fp16", "float32"]
+Kernel = Literal["vnni", "int4", "fp16", "float32"]
 
 _FP16_MAX = 65504.0
 # From this many rows per call an int4 layer unpacks to bfloat16 for a GEMM instead
@@ -141,10 +165,11 @@ class QuantizedLinear(nn.Module):
         weight: torch.Tensor | None,
         source_type: str,
         int4: tuple[torch.Tensor, torch.Tensor] | None = None,
+        vnni: tuple[torch.Tensor, int, int] | None = None,
     ) -> None:
         super().__init__()
-        if sum(part is not None for part in (packed, weight, int4)) != 1:
-            raise ValueError("give exactly one of packed (fp16), weight (float32) and int4")
+        if sum(part is not None for part in (packed, weight, int4, vnni)) != 1:
+            raise ValueError("give exactly one of packed (fp16), weight (float32), int4 and vnni")
         self.in_features = in_features
         self.out_features = out_features
         self.source_type = source_type  # e.g. "Q4_1": what the weight was built from
@@ -153,9 +178,12 @@ class QuantizedLinear(nn.Module):
         # never make the model's state_dict alias or re-tie them.
         self._weight = weight
         self._int4 = int4  # (packed nibbles, (groups, out, 2) bfloat16 scales and zeros)
+        self._vnni = vnni  # (the tiled buffer of csrc/vnni.cpp, bits, group)
 
     @property
     def kernel(self) -> Kernel:
+        if self._vnni is not None:
+            return "vnni"
         if self._int4 is not None:
             return "int4"
         return "fp16" if self._packed is not None else "float32"
@@ -209,6 +237,16 @@ class QuantizedLinear(nn.Module):
             raise LlamalabError(f"a linear weight must be 2-D, got shape {shape}")
         out_features, in_features = shape
         raw, row_bytes = _stored_rows(data, qtype, shape, "weight")
+        if kernel == "vnni" or (
+            kernel is None and vnni_takes(qtype.name, shape) and vnni_available()
+        ):
+            layer = cls._from_vnni_bytes(raw, qtype, shape, row_bytes)
+            if layer is not None:
+                return layer
+            if kernel == "vnni":
+                raise LlamalabError(
+                    f"a {qtype.name} weight of shape {shape} has scales beyond float16's range"
+                )
         if kernel is None and int4_takes(qtype.name, shape) and int4_kernel_available():
             kernel = "int4"
         if kernel == "int4":
@@ -236,6 +274,30 @@ class QuantizedLinear(nn.Module):
         return cls(in_features, out_features, tuple(bands), None, qtype.name)
 
     @classmethod
+    def _from_vnni_bytes(
+        cls, raw: torch.Tensor, qtype: GGMLQuantizationType, shape: tuple[int, int], row_bytes: int
+    ) -> QuantizedLinear | None:
+        """The vnni layer, or None where a scale or zero does not fit in float16."""
+        out_features, in_features = shape
+        if not vnni_takes(qtype.name, shape):
+            raise LlamalabError(
+                f"the vnni kernel takes {', '.join(VNNI_LAYOUTS)} weights whose output rows are "
+                f"a multiple of 16, not a {qtype.name} weight of shape {shape}"
+            )
+        if not vnni_available():
+            raise LlamalabError("the vnni kernel does not run here (see llamalab.quant.native)")
+        bits, group = VNNI_LAYOUTS[qtype.name]
+        parts = []
+        for _, rows in _row_bands(out_features, raw, row_bytes):
+            groups = affine_groups(rows, qtype, (rows.numel() // row_bytes, in_features))
+            part = pack_vnni(groups.q, groups.scale, groups.zero, bits, group)
+            if part is None:
+                return None
+            parts.append(part)
+        buffer = torch.cat(parts) if len(parts) > 1 else parts[0]
+        return cls(in_features, out_features, None, None, qtype.name, vnni=(buffer, bits, group))
+
+    @classmethod
     def _from_int4_bytes(
         cls, raw: torch.Tensor, qtype: GGMLQuantizationType, shape: tuple[int, int], row_bytes: int
     ) -> QuantizedLinear:
@@ -259,6 +321,16 @@ class QuantizedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
+        if self._vnni is not None:
+            buffer, bits, group = self._vnni
+            x2 = x.reshape(-1, self.in_features)
+            if x2.shape[0] >= _UNPACK_ROWS:  # a prefill chunk: one bfloat16 GEMM
+                weight = unpack_vnni(buffer, self.out_features, self.in_features, bits, group)
+                y = F.linear(x2.to(torch.bfloat16), weight)
+            else:
+                x2 = x2.to(torch.float32).contiguous()
+                y = torch.ops.llamalab.vnni_linear(x2, buffer, self.out_features, bits, group)
+            return y.view(*x.shape[:-1], self.out_features).to(dtype)
         if self._int4 is not None:
             packed, scales = self._int4
             x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)
@@ -281,6 +353,11 @@ class QuantizedLinear(nn.Module):
 
     def dequantized_weight(self) -> torch.Tensor:
         """The weight this layer multiplies by, as a new float32 tensor (for checks)."""
+        if self._vnni is not None:
+            buffer, bits, group = self._vnni
+            return unpack_vnni(
+                buffer, self.out_features, self.in_features, bits, group, torch.float32
+            )
         if self._int4 is not None:  # the weight as the kernel applies it, rounded to bfloat16
             packed, scales = self._int4
             eye = torch.eye(self.in_features, dtype=torch.bfloat16)
@@ -327,6 +404,69 @@ class PackedEmbedding(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, source={self.qtype.name}"
+
+
+def pack_vnni(
+    q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, group: int
+) -> torch.Tensor | None:
+    """The buffer ``csrc/vnni.cpp`` reads, from (out, in) quants and (out, in / group)
+    scales and zeros; None where a scale or zero is beyond float16's range.
+
+    Output rows are tiled by 16; per tile and group, the quants (their order is in the
+    C++ file's header), then 16 float16 scales and 16 float16 zeros.
+    """
+    n, k = q.shape
+    tiles, groups = n // 16, k // group
+    if bits == 4:
+        nibbles = q.view(tiles, 16, k // 8, 2, 4)  # [tile, row, octet, half, byte]
+        quants = (nibbles[:, :, :, 0] | (nibbles[:, :, :, 1] << 4)).permute(0, 2, 1, 3)
+    else:
+        quants = q.view(tiles, 16, k // 4, 4).permute(0, 2, 1, 3)
+    quants = quants.reshape(tiles, groups, group * bits * 2)  # 16 rows x group weights
+
+    def halves(t: torch.Tensor) -> torch.Tensor:
+        return t.to(torch.float16).view(tiles, 16, groups).permute(0, 2, 1).contiguous()
+
+    scale16, zero16 = halves(scale), halves(zero)
+    if not (torch.isfinite(scale16).all() and torch.isfinite(zero16).all()):
+        return None
+    parts = [quants, scale16.view(torch.uint8), zero16.view(torch.uint8)]
+    return torch.cat(parts, dim=2).reshape(-1)
+
+
+def unpack_vnni(
+    buffer: torch.Tensor,
+    out_features: int,
+    in_features: int,
+    bits: int,
+    group: int,
+    dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """The (out, in) weight of a :func:`pack_vnni` buffer: ``q * scale + zero`` in float32
+    (the float16 scales and zeros widen exactly), rounded once to ``dtype``, 1,024 rows at
+    a time so that no float32 copy of the whole matrix exists."""
+    tiles, groups = out_features // 16, in_features // group
+    quant_bytes = group * bits * 2
+    parts = buffer.view(tiles, groups, quant_bytes + 64)
+    out = torch.empty(out_features, in_features, dtype=dtype)
+    step = 1024 // 16
+    for t0 in range(0, tiles, step):
+        t1 = min(tiles, t0 + step)
+        chunk = parts[t0:t1]
+        quants = chunk[:, :, :quant_bytes]
+        if bits == 4:
+            packed = quants.reshape(t1 - t0, groups, group // 8, 16, 4)  # [t, g, octet, row, b]
+            q = torch.stack([packed & 0x0F, packed >> 4], dim=3)  # [t, g, octet, half, row, b]
+            q = q.permute(0, 4, 1, 2, 3, 5)  # [t, row, g, octet, half, b]
+        else:
+            q = quants.reshape(t1 - t0, groups, group // 4, 16, 4).permute(0, 3, 1, 2, 4)
+        q = q.reshape(t1 - t0, 16, groups, group).float()
+        sz = chunk[:, :, quant_bytes:].contiguous().view(torch.float16).float()
+        scale = sz[:, :, :16].permute(0, 2, 1).unsqueeze(-1)  # [t, row, g, 1]
+        zero = sz[:, :, 16:].permute(0, 2, 1).unsqueeze(-1)
+        values = torch.addcmul(zero, q, scale)
+        out[t0 * 16 : t1 * 16] = values.reshape((t1 - t0) * 16, in_features)
+    return out
 
 
 def unpack_int4_transposed(packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -530,6 +670,10 @@ def _concat(layers: list[nn.Module]) -> QuantizedLinear | None:
     in_features = layers[0].in_features
     out_features = sum(p.out_features for p in layers)
     source = layers[0].source_type
+    # A vnni buffer is whole tiles of 16 rows one after another: parts of one layout join.
+    if kernels == {"vnni"} and len({p._vnni[1:] for p in layers}) == 1:
+        vnni = (torch.cat([p._vnni[0] for p in layers]), *layers[0]._vnni[1:])
+        return QuantizedLinear(in_features, out_features, None, None, source, vnni=vnni)
     if kernels == {"fp16"}:
         weight = torch.cat([p.dequantized_weight() for p in layers])  # exact: float16 → float32
         return QuantizedLinear.from_float(weight, kernel="fp16", source_type=source)

@@ -11,6 +11,13 @@ import os
 
 INT4_TYPES = frozenset({"Q4_0", "Q4_1", "Q4_K"})  # exactly groups of 32 with a scale and a zero
 INT4_GROUP = 32
+# The types llamalab's VNNI kernel holds, as (bits per quant, weights per group): each is
+# exactly value = q * scale + zero per group (``gguf.dequant.affine_groups``).
+VNNI_LAYOUTS = {
+    "Q4_0": (4, 32), "Q4_1": (4, 32), "Q4_K": (4, 32),
+    "Q5_0": (8, 32), "Q5_1": (8, 32), "Q5_K": (8, 32), "Q8_0": (8, 32), "Q6_K": (8, 16),
+}  # fmt: skip
+_VNNI_FLAGS = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "f16c", "fma"})
 
 
 @functools.cache
@@ -34,6 +41,21 @@ def cpu_runs_int4_fast() -> bool:
     return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
 
 
+def cpu_runs_vnni() -> bool:
+    """Whether this CPU has what llamalab's VNNI kernel needs (AVX-512 F/BW/VL with VNNI,
+    F16C, FMA) and ``$LLAMALAB_VNNI`` does not turn it off."""
+    if os.environ.get("LLAMALAB_VNNI", "1") == "0":
+        return False
+    return _VNNI_FLAGS <= cpu_flags()
+
+
+def vnni_takes(stored_type: str, shape: tuple[int, ...]) -> bool:
+    """Whether the VNNI kernel can hold this weight: a type it knows whose output rows are
+    a multiple of 16 (its tiles) and whose input columns are a multiple of 32."""
+    out_features, in_features = shape
+    return stored_type in VNNI_LAYOUTS and out_features % 16 == 0 and in_features % 32 == 0
+
+
 def int4_takes(stored_type: str, shape: tuple[int, ...]) -> bool:
     """Whether the int4 kernel can hold this weight: a 4-bit type whose (out, in) shape
     fits the packed layout, which tiles output rows by 16 and input columns by 32."""
@@ -44,6 +66,10 @@ def int4_takes(stored_type: str, shape: tuple[int, ...]) -> bool:
 def packed_linear_bytes(stored_type: str, shape: tuple[int, ...]) -> int:
     """Bytes a packed linear layer of this stored type and (out, in) shape holds."""
     out_features, in_features = shape
+    if cpu_runs_vnni() and vnni_takes(stored_type, shape):
+        # The quants, and a float16 scale and zero per group.
+        bits, group = VNNI_LAYOUTS[stored_type]
+        return out_features * in_features * bits // 8 + out_features * (in_features // group) * 4
     if cpu_runs_int4_fast() and int4_takes(stored_type, shape):
         # Two weights a byte, and a bfloat16 scale and zero per group.
         return out_features * in_features // 2 + out_features * (in_features // INT4_GROUP) * 4

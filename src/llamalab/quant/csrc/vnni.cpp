@@ -1,0 +1,199 @@
+// Matrix-vector products on weights kept at 4 or 8 bits, with AVX-512 VNNI.
+//
+// Built and loaded by llamalab/quant/native.py the first time a model needs it; registers
+// torch.ops.llamalab.vnni_linear.
+//
+// Weights: every GGUF type llamalab packs this way is, per group of G weights of one
+// output row, value = q * scale + zero with q unsigned (4 bits, or up to 8). Rows are
+// tiled by 16. For one tile and one group the buffer holds the quants, then the 16
+// scales and the 16 zeros as float16 (64 bytes), so a tile is one contiguous stream:
+//
+//   4 bits (G = 32): 4 chunks of 64 bytes; in chunk c, bytes 4j..4j+3 are row j's
+//       weights 8c..8c+3 in their low nibbles and 8c+4..8c+7 in their high nibbles.
+//   8 bits (G = 16 or 32): G / 4 chunks of 64 bytes; in chunk c, bytes 4j..4j+3 are
+//       row j's weights 4c..4c+3.
+//
+// So one vpdpbusd multiplies four weights of each of 16 rows by the same four
+// activations and adds them into that row's 32-bit lane: no horizontal sums.
+//
+// Activations are quantized to int8 per block of 32 (x ~= d * xq), as llama.cpp does:
+//   sum_k w_k x_k ~= scale * d * sum_k q_k xq_k + zero * d * sum_k xq_k   (per group)
+// Outputs are float32.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <immintrin.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <cstring>
+
+namespace {
+
+constexpr int kXBlock = 32;  // activations per int8 scale
+constexpr int kPrefetch = 4;  // groups ahead
+
+struct Activations {
+  const int8_t* q;  // (M, K)
+  const float* d;   // (M, K / 32)
+  const float* s;   // (M, K / G): d * sum of the group's q
+};
+
+// x (M, K) float32 -> int8 per block of 32, its scales and per-group sums.
+void quantize(const float* x, int64_t M, int64_t K, int64_t G, int8_t* q, float* d, float* s) {
+  const int64_t nb = K / kXBlock, ng = K / G;
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t b = 0; b < nb; ++b) {
+      const float* p = x + m * K + b * kXBlock;
+      const __m512 v0 = _mm512_loadu_ps(p), v1 = _mm512_loadu_ps(p + 16);
+      const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+      const __m512 inv = _mm512_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
+      int8_t* out = q + m * K + b * kXBlock;
+      _mm_storeu_si128((__m128i*)out, _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(v0, inv))));
+      _mm_storeu_si128((__m128i*)(out + 16), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(v1, inv))));
+      d[m * nb + b] = amax / 127.0f;
+    }
+    for (int64_t g = 0; g < ng; ++g) {
+      int32_t total = 0;
+      for (int64_t k = g * G; k < (g + 1) * G; ++k) total += q[m * K + k];
+      s[m * ng + g] = d[m * nb + (g * G) / kXBlock] * static_cast<float>(total);
+    }
+  }
+}
+
+inline __m512i broadcast4(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return _mm512_set1_epi32(v);
+}
+
+// RB consecutive row tiles against MC activation rows starting at m0.
+template <int BITS, int G, int MC, int RB>
+void tiles(const uint8_t* w, const Activations& a, int64_t K, int64_t N, int64_t t0, int64_t m0,
+           float* y) {
+  constexpr int kQuantBytes = 16 * G * BITS / 8;
+  constexpr int kGroupBytes = kQuantBytes + 64;
+  const int64_t ng = K / G;
+  const int64_t tile_bytes = ng * kGroupBytes;
+  const __m512i nibble = _mm512_set1_epi8(0x0F);
+  __m512 acc[RB][MC];
+  for (int r = 0; r < RB; ++r)
+    for (int m = 0; m < MC; ++m) acc[r][m] = _mm512_setzero_ps();
+
+  for (int64_t g = 0; g < ng; ++g) {
+    __m512i dot[RB][MC];
+    for (int r = 0; r < RB; ++r) {
+      for (int m = 0; m < MC; ++m) dot[r][m] = _mm512_setzero_si512();
+      if (g + kPrefetch < ng) {
+        const char* ahead = (const char*)(w + (t0 + r) * tile_bytes + (g + kPrefetch) * kGroupBytes);
+        for (int p = 0; p < kGroupBytes; p += 64) _mm_prefetch(ahead + p, _MM_HINT_T0);
+      }
+    }
+    if constexpr (BITS == 4) {
+      for (int c = 0; c < G / 8; ++c) {
+        __m512i lo_x[MC], hi_x[MC];
+        for (int m = 0; m < MC; ++m) {
+          const int8_t* xp = a.q + (m0 + m) * K + g * G + c * 8;
+          lo_x[m] = broadcast4(xp);
+          hi_x[m] = broadcast4(xp + 4);
+        }
+        for (int r = 0; r < RB; ++r) {
+          const __m512i v = _mm512_loadu_si512(w + (t0 + r) * tile_bytes + g * kGroupBytes + c * 64);
+          const __m512i lo = _mm512_and_si512(v, nibble);
+          const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
+          for (int m = 0; m < MC; ++m) {
+            dot[r][m] = _mm512_dpbusd_epi32(dot[r][m], lo, lo_x[m]);
+            dot[r][m] = _mm512_dpbusd_epi32(dot[r][m], hi, hi_x[m]);
+          }
+        }
+      }
+    } else {
+      for (int c = 0; c < G / 4; ++c) {
+        __m512i xs[MC];
+        for (int m = 0; m < MC; ++m) xs[m] = broadcast4(a.q + (m0 + m) * K + g * G + c * 4);
+        for (int r = 0; r < RB; ++r) {
+          const __m512i v = _mm512_loadu_si512(w + (t0 + r) * tile_bytes + g * kGroupBytes + c * 64);
+          for (int m = 0; m < MC; ++m) dot[r][m] = _mm512_dpbusd_epi32(dot[r][m], v, xs[m]);
+        }
+      }
+    }
+    float d[MC], sum[MC];
+    for (int m = 0; m < MC; ++m) {
+      d[m] = a.d[(m0 + m) * (K / kXBlock) + (g * G) / kXBlock];
+      sum[m] = a.s[(m0 + m) * ng + g];
+    }
+    for (int r = 0; r < RB; ++r) {
+      const uint8_t* sz = w + (t0 + r) * tile_bytes + g * kGroupBytes + kQuantBytes;
+      const __m512 scale = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)sz));
+      const __m512 zero = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(sz + 32)));
+      for (int m = 0; m < MC; ++m) {
+        const __m512 dq = _mm512_cvtepi32_ps(dot[r][m]);
+        acc[r][m] = _mm512_fmadd_ps(dq, _mm512_mul_ps(scale, _mm512_set1_ps(d[m])), acc[r][m]);
+        acc[r][m] = _mm512_fmadd_ps(zero, _mm512_set1_ps(sum[m]), acc[r][m]);
+      }
+    }
+  }
+  for (int r = 0; r < RB; ++r)
+    for (int m = 0; m < MC; ++m) _mm512_storeu_ps(y + (m0 + m) * N + (t0 + r) * 16, acc[r][m]);
+}
+
+// Tiles [begin, end) against activation rows m0..m0+MC. One row reads four tiles at a
+// time (four independent chains of vpdpbusd), more rows fewer.
+template <int BITS, int G, int MC>
+void tile_range(const uint8_t* w, const Activations& a, int64_t K, int64_t N, int64_t begin,
+                int64_t end, int64_t m0, float* y) {
+  constexpr int RB = MC == 1 ? 4 : (MC == 2 ? 2 : 1);
+  int64_t t = begin;
+  for (; t + RB <= end; t += RB) tiles<BITS, G, MC, RB>(w, a, K, N, t, m0, y);
+  for (; t < end; ++t) tiles<BITS, G, MC, 1>(w, a, K, N, t, m0, y);
+}
+
+template <int BITS, int G>
+void product(const uint8_t* w, const Activations& a, int64_t M, int64_t K, int64_t N, float* y) {
+  at::parallel_for(0, N / 16, 4, [&](int64_t begin, int64_t end) {
+    int64_t m0 = 0;
+    for (; m0 + 4 <= M; m0 += 4) tile_range<BITS, G, 4>(w, a, K, N, begin, end, m0, y);
+    switch (M - m0) {
+      case 3: tile_range<BITS, G, 3>(w, a, K, N, begin, end, m0, y); break;
+      case 2: tile_range<BITS, G, 2>(w, a, K, N, begin, end, m0, y); break;
+      case 1: tile_range<BITS, G, 1>(w, a, K, N, begin, end, m0, y); break;
+      default: break;
+    }
+  });
+}
+
+at::Tensor vnni_linear(const at::Tensor& x, const at::Tensor& w, int64_t out_features,
+                       int64_t bits, int64_t group) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
+              "vnni_linear: x must be a contiguous (M, K) float32 tensor");
+  TORCH_CHECK(w.scalar_type() == at::kByte && w.is_contiguous(), "vnni_linear: w must be uint8");
+  const int64_t M = x.size(0), K = x.size(1), N = out_features;
+  TORCH_CHECK(N % 16 == 0 && K % kXBlock == 0 && K % group == 0, "vnni_linear: shape");
+  const bool known = (bits == 4 && group == 32) || (bits == 8 && (group == 16 || group == 32));
+  TORCH_CHECK(known, "vnni_linear: bits/group");
+  TORCH_CHECK(w.numel() == N * K * bits / 8 + N * (K / group) * 4, "vnni_linear: weight bytes");
+  auto xq = at::empty({M, K}, x.options().dtype(at::kChar));
+  auto xd = at::empty({M, K / kXBlock}, x.options());
+  auto xs = at::empty({M, K / group}, x.options());
+  quantize(x.data_ptr<float>(), M, K, group, xq.data_ptr<int8_t>(), xd.data_ptr<float>(),
+           xs.data_ptr<float>());
+  const Activations a{xq.data_ptr<int8_t>(), xd.data_ptr<float>(), xs.data_ptr<float>()};
+  auto y = at::empty({M, N}, x.options());
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  if (bits == 4)
+    product<4, 32>(wp, a, M, K, N, y.data_ptr<float>());
+  else if (group == 32)
+    product<8, 32>(wp, a, M, K, N, y.data_ptr<float>());
+  else
+    product<8, 16>(wp, a, M, K, N, y.data_ptr<float>());
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(llamalab, m) {
+  m.def("vnni_linear(Tensor x, Tensor w, int out_features, int bits, int group) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(llamalab, CPU, m) { m.impl("vnni_linear", vnni_linear); }
