@@ -9,8 +9,9 @@ windows of ``--window`` tokens, for every position:
 - how often the path's top token is the reference's.
 
 Paths: llamalab ``auto`` as prefill runs it (whole windows), llamalab ``auto`` as decode
-runs it (one token at a time through the KV cache, compiled step), llamalab with the
-fp16 kernel (``LLAMALAB_INT4=0``), and llama.cpp (llama-cpp-python, ``logits_all=True``,
+runs it (one token at a time through the KV cache, compiled step), the same with torch's
+int4 kernel instead of llamalab's VNNI one (``LLAMALAB_VNNI=0``), llamalab with the fp16
+kernel (``LLAMALAB_VNNI=0 LLAMALAB_INT4=0``), and llama.cpp (llama-cpp-python, ``logits_all=True``,
 its defaults otherwise: f16 KV cache, 8-bit activations for 4-bit matmuls).
 
     python bench/bench_quality.py [--model FILE] [--text FILE_OR_DIR] [--tokens 4096]
@@ -139,10 +140,15 @@ def main() -> None:
         "float32": {},
         "llamalab auto (prefill)": {"how": "prefill"},
         "llamalab auto (decode, compiled)": {"how": "decode"},
-        "llamalab fp16 kernel": {"how": "prefill", "env": {"LLAMALAB_INT4": "0"}},
+        "llamalab int4 kernel (decode)": {"how": "decode", "env": {"LLAMALAB_VNNI": "0"}},
+        "llamalab fp16 kernel": {
+            "how": "prefill",
+            "env": {"LLAMALAB_VNNI": "0", "LLAMALAB_INT4": "0"},
+        },
         "llama.cpp": {"how": "llama.cpp"},
     }
-    plain = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "LLAMALAB_INT4")}
+    ours = ("OMP_WAIT_POLICY", "LLAMALAB_INT4", "LLAMALAB_VNNI")
+    plain = {k: v for k, v in os.environ.items() if k not in ours}
     results = {}
     for name, spec in paths.items():
         how = spec.get("how", "float32")

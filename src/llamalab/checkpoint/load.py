@@ -180,7 +180,12 @@ def build_model(
         state["output.weight"] = state["tok_embeddings.weight"]
     model.load_state_dict(state, strict=True, assign=True)
     if packed:
+        from llamalab.quant.native import vnni_available
+
         fuse_projections(model)
+        native = vnni_available()
+        for layer in model.layers:
+            layer.attention.native_decode = native
         _release_freed_memory()
     model.tie_weights()
     model.init_buffers(device)

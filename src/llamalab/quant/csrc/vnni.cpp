@@ -26,8 +26,11 @@
 #include <immintrin.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 namespace {
 
@@ -190,10 +193,136 @@ at::Tensor vnni_linear(const at::Tensor& x, const at::Tensor& w, int64_t out_fea
   return y;
 }
 
+// ---------------------------------------------------------------------------------------
+// Attention of one new token over a float32 KV cache, for every query head of a group at
+// once, so that each cached key and value is read once (torch's fused kernel reads them
+// once per query head). q (B, H, 1, D); k, v (B, KVH, S, D) with unit stride along D.
+
+// e^x for x <= 0 (softmax after subtracting the maximum): 2^(x log2 e) split into an
+// integer power (scalef) and a degree-6 polynomial on [-0.5, 0.5]; relative error < 2e-7.
+inline __m512 exp_nonpositive(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_mul_ps(_mm512_sub_ps(t, n), _mm512_set1_ps(0.69314718055994531f));
+  __m512 p = _mm512_set1_ps(1.0f / 720);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 120));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 24));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 6));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+template <int D>
+void attend(const float* const* qs, int nq, const float* k, const float* v, int64_t S,
+            int64_t kv_stride, float scale, float* scores, float* const* outs) {
+  constexpr int V = D / 16;
+  // Scores, one key at a time for every query of the group.
+  __m512 qv[4][V];
+  for (int j = 0; j < nq; ++j)
+    for (int c = 0; c < V; ++c) qv[j][c] = _mm512_mul_ps(_mm512_loadu_ps(qs[j] + 16 * c), _mm512_set1_ps(scale));
+  for (int64_t s = 0; s < S; ++s) {
+    const float* ks = k + s * kv_stride;
+    __m512 kc[V];
+    for (int c = 0; c < V; ++c) kc[c] = _mm512_loadu_ps(ks + 16 * c);
+    for (int j = 0; j < nq; ++j) {
+      __m512 acc = _mm512_mul_ps(qv[j][0], kc[0]);
+      for (int c = 1; c < V; ++c) acc = _mm512_fmadd_ps(qv[j][c], kc[c], acc);
+      scores[j * S + s] = _mm512_reduce_add_ps(acc);
+    }
+  }
+  // Softmax per query.
+  float inv[4];
+  for (int j = 0; j < nq; ++j) {
+    float* row = scores + j * S;
+    float top = -INFINITY;
+    for (int64_t s = 0; s < S; ++s) top = row[s] > top ? row[s] : top;
+    const __m512 vtop = _mm512_set1_ps(top);
+    __m512 total = _mm512_setzero_ps();
+    int64_t s = 0;
+    for (; s + 16 <= S; s += 16) {
+      const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(row + s), vtop));
+      _mm512_storeu_ps(row + s, e);
+      total = _mm512_add_ps(total, e);
+    }
+    if (s < S) {
+      const __mmask16 m = (__mmask16)((1u << (S - s)) - 1);
+      const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, row + s), vtop));
+      _mm512_mask_storeu_ps(row + s, m, e);
+      total = _mm512_add_ps(total, _mm512_maskz_mov_ps(m, e));
+    }
+    inv[j] = 1.0f / _mm512_reduce_add_ps(total);
+  }
+  // Weighted sum of the values, one value row at a time for every query.
+  __m512 acc[4][V];
+  for (int j = 0; j < nq; ++j)
+    for (int c = 0; c < V; ++c) acc[j][c] = _mm512_setzero_ps();
+  for (int64_t s = 0; s < S; ++s) {
+    const float* vs = v + s * kv_stride;
+    __m512 vc[V];
+    for (int c = 0; c < V; ++c) vc[c] = _mm512_loadu_ps(vs + 16 * c);
+    for (int j = 0; j < nq; ++j) {
+      const __m512 p = _mm512_set1_ps(scores[j * S + s]);
+      for (int c = 0; c < V; ++c) acc[j][c] = _mm512_fmadd_ps(p, vc[c], acc[j][c]);
+    }
+  }
+  for (int j = 0; j < nq; ++j)
+    for (int c = 0; c < V; ++c) _mm512_storeu_ps(outs[j] + 16 * c, _mm512_mul_ps(acc[j][c], _mm512_set1_ps(inv[j])));
+}
+
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && q.size(2) == 1, "decode_attention: shapes");
+  TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat,
+              "decode_attention: float32");
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(3), KVH = k.size(1), S = k.size(2);
+  TORCH_CHECK(H % KVH == 0 && k.sizes() == v.sizes() && k.size(3) == D && S > 0, "decode_attention: heads");
+  TORCH_CHECK(k.stride(3) == 1 && v.stride(3) == 1 && k.stride(2) == v.stride(2) && k.stride(1) == v.stride(1) &&
+              k.stride(0) == v.stride(0), "decode_attention: K and V rows must be alike and unit-strided");
+  TORCH_CHECK(D == 64 || D == 128, "decode_attention: head_dim 64 or 128");
+  auto qc = q.contiguous();
+  auto out = at::empty({B, H, 1, D}, q.options());
+  const int64_t group = H / KVH;
+  // Query heads are taken up to 4 at a time with their key/value head.
+  const int64_t per_task = group <= 4 ? group : 4;
+  const int64_t chunks = (group + per_task - 1) / per_task;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  const float* qp = qc.data_ptr<float>();
+  const float* kp = k.data_ptr<float>();
+  const float* vp = v.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, B * KVH * chunks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(4 * S);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / (KVH * chunks), h = (task / chunks) % KVH, c = task % chunks;
+      const int64_t first = h * group + c * per_task;
+      const int nq = static_cast<int>(std::min<int64_t>(per_task, h * group + group - first));
+      const float* qs[4];
+      float* os[4];
+      for (int j = 0; j < nq; ++j) {
+        qs[j] = qp + (b * H + first + j) * D;
+        os[j] = op + (b * H + first + j) * D;
+      }
+      const float* kh = kp + b * k.stride(0) + h * k.stride(1);
+      const float* vh = vp + b * v.stride(0) + h * v.stride(1);
+      if (D == 64)
+        attend<64>(qs, nq, kh, vh, S, k.stride(2), scale, scores.data(), os);
+      else
+        attend<128>(qs, nq, kh, vh, S, k.stride(2), scale, scores.data(), os);
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(llamalab, m) {
   m.def("vnni_linear(Tensor x, Tensor w, int out_features, int bits, int group) -> Tensor");
+  m.def("decode_attention(Tensor q, Tensor k, Tensor v) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(llamalab, CPU, m) { m.impl("vnni_linear", vnni_linear); }
+TORCH_LIBRARY_IMPL(llamalab, CPU, m) {
+  m.impl("vnni_linear", vnni_linear);
+  m.impl("decode_attention", decode_attention);
+}
