@@ -2,6 +2,11 @@
 
 Both run the same packed SmolLM2 model; only the block's code differs (inductor fuses the
 norms, rotations and casts around the same matmul kernels), so they agree to rounding.
+With torch's int4 kernel (bfloat16 activations) that rounding stays small. llamalab's
+VNNI kernel rounds activations to int8 per block of 32, and a last-bit difference
+upstream can move an activation to the next int8 step: the two paths are then two draws
+of that quantization noise (max logit difference about 2, as each is from float32), so
+they are held to a looser bound, and batches (eager in both runs) to equality.
 """
 
 import shutil
@@ -16,9 +21,18 @@ from llamalab.runtime import load_runtime
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="inductor needs a C++ compiler")
 
 
-@pytest.fixture(scope="module")
-def runtime(smollm2_path):
-    return load_runtime(str(smollm2_path), "auto", progress=False, compile=False)
+@pytest.fixture(scope="module", params=["int4", "vnni"])
+def runtime(request, smollm2_path):
+    from llamalab.quant.native import vnni_available
+
+    if request.param == "vnni" and not vnni_available():
+        pytest.skip("no AVX-512 VNNI or no C++ compiler for llamalab's kernels")
+    with pytest.MonkeyPatch.context() as patch:
+        if request.param == "int4":
+            patch.setattr("llamalab.quant.native.vnni_available", lambda: False)
+            patch.setattr("llamalab.quant.linear.vnni_available", lambda: False)
+        model, tokenizer = load_runtime(str(smollm2_path), "auto", progress=False, compile=False)
+    return model, tokenizer, request.param
 
 
 def _teacher_forced(model, ids: list[int]) -> torch.Tensor:
@@ -34,7 +48,7 @@ def _teacher_forced(model, ids: list[int]) -> torch.Tensor:
 
 
 def test_compiled_steps_match_eager(runtime) -> None:
-    model, tokenizer = runtime
+    model, tokenizer, kernel = runtime
     ids = tokenizer.encode(
         "The llama is a domesticated South American camelid. It lives", add_bos=False
     )
@@ -47,15 +61,16 @@ def test_compiled_steps_match_eager(runtime) -> None:
         model._step_block = None
     log_p, log_q = eager.log_softmax(-1), compiled.log_softmax(-1)
     kl = float((log_p.exp() * (log_p - log_q)).sum(-1).max())
-    assert kl < 1e-3, kl  # measured: ~1e-4 with the int4 kernel, ~1e-9 with fp16
+    # Measured: ~1e-4 with the int4 kernel, ~1e-9 with fp16, 0.014 with vnni.
+    assert kl < (1e-3 if kernel == "int4" else 0.05), kl
     top2 = eager.topk(2, dim=-1).values
-    clear = (top2[:, 0] - top2[:, 1]) >= 0.5
+    clear = (top2[:, 0] - top2[:, 1]) >= (0.5 if kernel == "int4" else 3.0)
     assert torch.equal(compiled.argmax(-1)[clear], eager.argmax(-1)[clear])
 
 
 def test_compiled_engine_batches_and_single(runtime) -> None:
     """One row runs compiled, rows of different lengths eagerly: the replies are the same."""
-    model, tokenizer = runtime
+    model, tokenizer, kernel = runtime
     prompts = [
         tokenizer.encode(t, add_bos=False) for t in ("Once upon a time", "The capital of France is")
     ]
@@ -80,12 +95,17 @@ def test_compiled_engine_batches_and_single(runtime) -> None:
     finally:
         model._step_block = None
     # Greedy replies agree token for token except after a near tie; 12 tokens of these
-    # prompts have none (measured), so they must be equal.
-    assert compiled == eager
+    # prompts have none with the int4 kernel (measured), so they must be equal. With vnni
+    # the compiled single reply is another draw of the int8 rounding (see the top).
+    assert compiled[1:] == eager[1:]  # the batch: eager in both runs
+    if kernel == "int4":
+        assert compiled == eager
+    else:
+        assert compiled[0][:4] == eager[0][:4]
 
 
 def test_compile_failure_falls_back_to_eager(runtime, monkeypatch) -> None:
-    model, tokenizer = runtime
+    model, tokenizer, _ = runtime
     ids = tokenizer.encode("Hello there", add_bos=False)
     eager = _teacher_forced(model, ids)
 
