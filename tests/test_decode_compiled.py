@@ -6,7 +6,7 @@ With torch's int4 kernel (bfloat16 activations) that rounding stays small. llama
 VNNI kernel rounds activations to int8 per block of 32, and a last-bit difference
 upstream can move an activation to the next int8 step: the two paths are then two draws
 of that quantization noise (max logit difference about 2, as each is from float32), so
-they are held to a looser bound, and batches (eager in both runs) to equality.
+they are held to a looser bound, and replies to their first tokens.
 """
 
 import shutil
@@ -96,12 +96,12 @@ def test_compiled_engine_batches_and_single(runtime) -> None:
         model._step_block = None
     # Greedy replies agree token for token except after a near tie; 12 tokens of these
     # prompts have none with the int4 kernel (measured), so they must be equal. With vnni
-    # the compiled single reply is another draw of the int8 rounding (see the top).
-    assert compiled[1:] == eager[1:]  # the batch: eager in both runs
+    # the compiled reply is another draw of the int8 rounding (see the top), and so is a
+    # batch that reuses its prompt's cached keys and values.
     if kernel == "int4":
         assert compiled == eager
     else:
-        assert compiled[0][:4] == eager[0][:4]
+        assert [r[:4] for r in compiled] == [r[:4] for r in eager]
 
 
 def test_compile_failure_falls_back_to_eager(runtime, monkeypatch) -> None:

@@ -30,8 +30,17 @@ KEY = "test-key"
 def server(smollm2_path):
     args = ["--model", str(smollm2_path), "--ctx", str(CTX), "--max-batch", "2"]
     args += ["--api-key", KEY, "--log-level", "info"]
-    with ServerProcess(args) as proc:
-        yield proc
+    # Choices sampled in one batch are held to the same choices alone: without the VNNI
+    # kernel, whose int8 activations can turn a last-bit difference between those paths
+    # into another token (as in test_serve.py).
+    proc = ServerProcess(args)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LLAMALAB_VNNI", "0")
+        proc.launch()
+    try:
+        yield proc.wait_ready()
+    finally:
+        proc.stop()
 
 
 def call(
