@@ -351,10 +351,10 @@ def test_vnni_layer_within_its_activation_quantization_bound(qtype: T, shape) ->
         x = torch.randn(*batch, shape[1])
         y, ref = layer(x), F.linear(x, weight)
         assert y.shape == ref.shape and y.dtype == torch.float32
-        # Each activation is rounded to its block's step d = max|x| / 127, so it moves by
+        # Each activation is rounded to its block's (16) step d = max|x| / 127, so it moves by
         # at most d / 2; the float arithmetic adds a few ulps of the sums' magnitudes.
-        step = x.abs().unflatten(-1, (-1, 32)).amax(-1, keepdim=True) / 127
-        moved = (step / 2).expand(*step.shape[:-1], 32).flatten(-2)
+        step = x.abs().unflatten(-1, (-1, 16)).amax(-1, keepdim=True) / 127
+        moved = (step / 2).expand(*step.shape[:-1], 16).flatten(-2)
         bound = F.linear(moved, weight.abs()) + 1e-5 * F.linear(x.abs(), spread) + 1e-6
         excess = (y - ref).abs() - bound
         assert float(excess.max()) <= 0.0, f"max excess over the bound {float(excess.max())}"

@@ -16,8 +16,9 @@
 // So one vpdpbusd multiplies four weights of each of 16 rows by the same four
 // activations and adds them into that row's 32-bit lane: no horizontal sums.
 //
-// Activations are quantized to int8 per block of 32 (x ~= d * xq), as llama.cpp does:
-//   sum_k w_k x_k ~= scale * d * sum_k q_k xq_k + zero * d * sum_k xq_k   (per group)
+// Activations are quantized to int8 per block of 16 (x ~= d * xq), half llama.cpp's 32,
+// which keeps an outlier from coarsening twice as many neighbours:
+//   sum_k w_k x_k ~= scale * sum_blocks d * sum_k q_k xq_k + zero * sum_k d xq_k  (per group)
 // Outputs are float32.
 
 #include <ATen/Parallel.h>
@@ -34,33 +35,35 @@
 
 namespace {
 
-constexpr int kXBlock = 32;  // activations per int8 scale
+constexpr int kXBlock = 16;  // activations per int8 scale
 constexpr int kPrefetch = 4;  // groups ahead
 
 struct Activations {
   const int8_t* q;  // (M, K)
-  const float* d;   // (M, K / 32)
+  const float* d;   // (M, K / 16)
   const float* s;   // (M, K / G): d * sum of the group's q
 };
 
-// x (M, K) float32 -> int8 per block of 32, its scales and per-group sums.
+// x (M, K) float32 -> int8 per block of 16, its scales and per-group sums of d * xq.
 void quantize(const float* x, int64_t M, int64_t K, int64_t G, int8_t* q, float* d, float* s) {
   const int64_t nb = K / kXBlock, ng = K / G;
   for (int64_t m = 0; m < M; ++m) {
     for (int64_t b = 0; b < nb; ++b) {
-      const float* p = x + m * K + b * kXBlock;
-      const __m512 v0 = _mm512_loadu_ps(p), v1 = _mm512_loadu_ps(p + 16);
-      const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+      const __m512 v = _mm512_loadu_ps(x + m * K + b * kXBlock);
+      const float amax = _mm512_reduce_max_ps(_mm512_abs_ps(v));
       const __m512 inv = _mm512_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
-      int8_t* out = q + m * K + b * kXBlock;
-      _mm_storeu_si128((__m128i*)out, _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(v0, inv))));
-      _mm_storeu_si128((__m128i*)(out + 16), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(v1, inv))));
+      const __m512i xq = _mm512_cvtps_epi32(_mm512_mul_ps(v, inv));
+      _mm_storeu_si128((__m128i*)(q + m * K + b * kXBlock), _mm512_cvtsepi32_epi8(xq));
       d[m * nb + b] = amax / 127.0f;
     }
     for (int64_t g = 0; g < ng; ++g) {
-      int32_t total = 0;
-      for (int64_t k = g * G; k < (g + 1) * G; ++k) total += q[m * K + k];
-      s[m * ng + g] = d[m * nb + (g * G) / kXBlock] * static_cast<float>(total);
+      float total = 0.0f;
+      for (int64_t b = g * G / kXBlock; b < (g + 1) * G / kXBlock; ++b) {
+        int32_t block = 0;
+        for (int64_t k = b * kXBlock; k < (b + 1) * kXBlock; ++k) block += q[m * K + k];
+        total += d[m * nb + b] * static_cast<float>(block);
+      }
+      s[m * ng + g] = total;
     }
   }
 }
@@ -84,10 +87,12 @@ void tiles(const uint8_t* w, const Activations& a, int64_t K, int64_t N, int64_t
   for (int r = 0; r < RB; ++r)
     for (int m = 0; m < MC; ++m) acc[r][m] = _mm512_setzero_ps();
 
+  constexpr int kBlocks = G / kXBlock;  // activation scales per group
   for (int64_t g = 0; g < ng; ++g) {
-    __m512i dot[RB][MC];
+    __m512i dot[RB][MC][kBlocks];
     for (int r = 0; r < RB; ++r) {
-      for (int m = 0; m < MC; ++m) dot[r][m] = _mm512_setzero_si512();
+      for (int m = 0; m < MC; ++m)
+        for (int h = 0; h < kBlocks; ++h) dot[r][m][h] = _mm512_setzero_si512();
       if (g + kPrefetch < ng) {
         const char* ahead = (const char*)(w + (t0 + r) * tile_bytes + (g + kPrefetch) * kGroupBytes);
         for (int p = 0; p < kGroupBytes; p += 64) _mm_prefetch(ahead + p, _MM_HINT_T0);
@@ -105,9 +110,9 @@ void tiles(const uint8_t* w, const Activations& a, int64_t K, int64_t N, int64_t
           const __m512i v = _mm512_loadu_si512(w + (t0 + r) * tile_bytes + g * kGroupBytes + c * 64);
           const __m512i lo = _mm512_and_si512(v, nibble);
           const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
-          for (int m = 0; m < MC; ++m) {
-            dot[r][m] = _mm512_dpbusd_epi32(dot[r][m], lo, lo_x[m]);
-            dot[r][m] = _mm512_dpbusd_epi32(dot[r][m], hi, hi_x[m]);
+          for (int m = 0; m < MC; ++m) {  // chunk c holds weights 8c..8c+7: block c / 2
+            dot[r][m][c / 2] = _mm512_dpbusd_epi32(dot[r][m][c / 2], lo, lo_x[m]);
+            dot[r][m][c / 2] = _mm512_dpbusd_epi32(dot[r][m][c / 2], hi, hi_x[m]);
           }
         }
       }
@@ -117,13 +122,14 @@ void tiles(const uint8_t* w, const Activations& a, int64_t K, int64_t N, int64_t
         for (int m = 0; m < MC; ++m) xs[m] = broadcast4(a.q + (m0 + m) * K + g * G + c * 4);
         for (int r = 0; r < RB; ++r) {
           const __m512i v = _mm512_loadu_si512(w + (t0 + r) * tile_bytes + g * kGroupBytes + c * 64);
-          for (int m = 0; m < MC; ++m) dot[r][m] = _mm512_dpbusd_epi32(dot[r][m], v, xs[m]);
+          for (int m = 0; m < MC; ++m)  // chunk c holds weights 4c..4c+3: block c / 4
+            dot[r][m][c / 4] = _mm512_dpbusd_epi32(dot[r][m][c / 4], v, xs[m]);
         }
       }
     }
-    float d[MC], sum[MC];
+    float d[MC][kBlocks], sum[MC];
     for (int m = 0; m < MC; ++m) {
-      d[m] = a.d[(m0 + m) * (K / kXBlock) + (g * G) / kXBlock];
+      for (int h = 0; h < kBlocks; ++h) d[m][h] = a.d[(m0 + m) * (K / kXBlock) + g * kBlocks + h];
       sum[m] = a.s[(m0 + m) * ng + g];
     }
     for (int r = 0; r < RB; ++r) {
@@ -131,8 +137,10 @@ void tiles(const uint8_t* w, const Activations& a, int64_t K, int64_t N, int64_t
       const __m512 scale = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)sz));
       const __m512 zero = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(sz + 32)));
       for (int m = 0; m < MC; ++m) {
-        const __m512 dq = _mm512_cvtepi32_ps(dot[r][m]);
-        acc[r][m] = _mm512_fmadd_ps(dq, _mm512_mul_ps(scale, _mm512_set1_ps(d[m])), acc[r][m]);
+        for (int h = 0; h < kBlocks; ++h) {
+          const __m512 dq = _mm512_cvtepi32_ps(dot[r][m][h]);
+          acc[r][m] = _mm512_fmadd_ps(dq, _mm512_mul_ps(scale, _mm512_set1_ps(d[m][h])), acc[r][m]);
+        }
         acc[r][m] = _mm512_fmadd_ps(zero, _mm512_set1_ps(sum[m]), acc[r][m]);
       }
     }
@@ -172,7 +180,7 @@ at::Tensor vnni_linear(const at::Tensor& x, const at::Tensor& w, int64_t out_fea
               "vnni_linear: x must be a contiguous (M, K) float32 tensor");
   TORCH_CHECK(w.scalar_type() == at::kByte && w.is_contiguous(), "vnni_linear: w must be uint8");
   const int64_t M = x.size(0), K = x.size(1), N = out_features;
-  TORCH_CHECK(N % 16 == 0 && K % kXBlock == 0 && K % group == 0, "vnni_linear: shape");
+  TORCH_CHECK(N % 16 == 0 && K % 32 == 0 && K % group == 0, "vnni_linear: shape");
   const bool known = (bits == 4 && group == 32) || (bits == 8 && (group == 16 || group == 32));
   TORCH_CHECK(known, "vnni_linear: bits/group");
   TORCH_CHECK(w.numel() == N * K * bits / 8 + N * (K / group) * 4, "vnni_linear: weight bytes");
