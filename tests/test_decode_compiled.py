@@ -3,7 +3,7 @@
 Both run the same packed SmolLM2 model; only the block's code differs (inductor fuses the
 norms, rotations and casts around the same matmul kernels), so they agree to rounding.
 With torch's int4 kernel (bfloat16 activations) that rounding stays small. llamalab's
-VNNI kernel rounds activations to int8 per block of 32, and a last-bit difference
+VNNI kernel rounds activations to int8 per block of 16, and a last-bit difference
 upstream can move an activation to the next int8 step: the two paths are then two draws
 of that quantization noise (max logit difference about 2, as each is from float32), so
 they are held to a looser bound, and replies to their first tokens.

@@ -11,12 +11,12 @@ read a small form decides the speed. Four kernels, chosen per weight at load tim
   Q5_0, Q5_1, Q5_K, Q8_0 in 8 bits, groups of 32; Q6_K in 8 bits, groups of 16) keeps
   its quants, with a float16 scale and zero per group: 0.625 bytes a weight for the
   4-bit types, 1.125-1.25 for the others. Activations are quantized to int8 per block
-  of 32, as llama.cpp does, and ``vpdpbusd`` multiplies four weights of 16 rows at a
-  time. One row reads 30-32 GB/s here, the machine's bandwidth, against 20-22 for
-  torch's int4 kernel and 2 bytes a weight for fp16. A call with 64 rows or more (a
-  prefill chunk) unpacks the layer to bfloat16 for one GEMM.
-* ``int4`` (where ``vnni`` is not available): 4-bit GGUF types (Q4_0, Q4_1, Q4_K), whose blocks are exactly groups of 32
-  with a scale and a zero (``llamalab.gguf.dequant.int4_groups``), on torch's
+  of 16 (llama.cpp uses 32; 16 halved the KL), and ``vpdpbusd`` multiplies four
+  weights of 16 rows at a time. One row reads 30-32 GB/s here, the machine's bandwidth,
+  against 20-22 for torch's int4 kernel and 2 bytes a weight for fp16. A call with 64
+  rows or more (a prefill chunk) unpacks the layer to bfloat16 for one GEMM.
+* ``int4`` (where ``vnni`` is not available): 4-bit GGUF types (Q4_0, Q4_1, Q4_K),
+  whose blocks are exactly groups of 32 with a scale and a zero (``llamalab.gguf.dequant.int4_groups``), on torch's
   ``aten._weight_int4pack_mm_for_cpu``. Only that kernel's bfloat16 path is vectorised
   (float32 activations run 10-50x slower than a float32 matmul), and it is fast only
   on CPUs with AVX-512 BF16 or AMX, so :func:`int4_kernel_available` checks the CPU's
