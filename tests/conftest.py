@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -74,6 +75,16 @@ def smollm2_path() -> Path:
     if not path.is_file():
         pytest.skip(f"{path} is missing")
     return path
+
+
+@contextlib.contextmanager
+def without_vnni():
+    """Models loaded inside take torch's kernels instead of llamalab's VNNI kernel (which
+    ``quant/linear.py`` imports by name, so both names are switched)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("llamalab.quant.native.vnni_available", lambda: False)
+        patch.setattr("llamalab.quant.linear.vnni_available", lambda: False)
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -9,10 +9,12 @@ of that quantization noise (max logit difference about 2, as each is from float3
 they are held to a looser bound, and replies to their first tokens.
 """
 
+import contextlib
 import shutil
 
 import pytest
 import torch
+from conftest import without_vnni
 
 from llamalab.generation import GREEDY, Engine, Request
 from llamalab.kv_cache import cache_view
@@ -27,10 +29,7 @@ def runtime(request, smollm2_path):
 
     if request.param == "vnni" and not vnni_available():
         pytest.skip("no AVX-512 VNNI or no C++ compiler for llamalab's kernels")
-    with pytest.MonkeyPatch.context() as patch:
-        if request.param == "int4":
-            patch.setattr("llamalab.quant.native.vnni_available", lambda: False)
-            patch.setattr("llamalab.quant.linear.vnni_available", lambda: False)
+    with without_vnni() if request.param == "int4" else contextlib.nullcontext():
         model, tokenizer = load_runtime(str(smollm2_path), "auto", progress=False, compile=False)
     return model, tokenizer, request.param
 

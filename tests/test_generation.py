@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import run_cli
+from conftest import run_cli, without_vnni
 
 import llamalab
 from llamalab.generation import GREEDY, Engine, Request, SamplingParams
@@ -39,9 +39,7 @@ def batching_engine(smollm2_path):
     activations to int8, which can turn such a bit into a whole int8 step and, after a
     near tie, another token. So these run on the packed model without it (torch's int4
     kernel in bfloat16, or fp16), whose replies agree; the kernel has its own tests."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("llamalab.quant.native.vnni_available", lambda: False)
-        patch.setattr("llamalab.quant.linear.vnni_available", lambda: False)
+    with without_vnni():
         model, tokenizer = load_runtime(str(smollm2_path), "auto", progress=False)
     return Engine(model, tokenizer, max_batch=4, max_seq_len=512)
 

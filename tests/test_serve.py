@@ -13,7 +13,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from conftest import http_request, run_cli
+from conftest import http_request, run_cli, without_vnni
 
 openai = pytest.importorskip("openai")
 
@@ -69,9 +69,7 @@ def reference(smollm2_path, server):
     """The engine alone in this process (loaded while the server starts), for greedy references."""
     from llamalab.runtime import load_runtime
 
-    with pytest.MonkeyPatch.context() as patch:  # as the server runs (see above)
-        patch.setattr("llamalab.quant.native.vnni_available", lambda: False)
-        patch.setattr("llamalab.quant.linear.vnni_available", lambda: False)
+    with without_vnni():  # as the server runs (see above)
         model, tokenizer = load_runtime(str(smollm2_path), "auto", progress=False)
     server.wait_ready()
     return Engine(model, tokenizer, max_batch=1, max_seq_len=CTX), tokenizer

@@ -97,25 +97,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 g = probs.to(dtype)
                 if grad_h is not None:
                     grad_h[start:stop] = g @ w
-                if grad_w is None:
-                    pass
-                elif g.dtype == torch.float32:
+                if grad_w is not None and g.dtype == torch.float32:
                     grad_w.addmm_(g.T, hc)
-                else:
+                elif grad_w is not None:
                     grad_w += (g.T @ hc).float()
-        ctx.save_for_backward(
-            grad_h if grad_h is not None else torch.empty(0),
-            grad_w.to(weight.dtype) if grad_w is not None else torch.empty(0),
-        )
-        ctx.has = (grad_h is not None, grad_w is not None)
+        ctx.save_for_backward(grad_h, grad_w.to(weight.dtype) if grad_w is not None else None)
         return total / count if count else total.new_tensor(float("nan"))
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         grad_h, grad_w = ctx.saved_tensors
-        has_h, has_w = ctx.has
         return (
-            grad_h * grad_out.to(grad_h.dtype) if has_h else None,
-            grad_w * grad_out.to(grad_w.dtype) if has_w else None,
+            grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None,
+            grad_w * grad_out.to(grad_w.dtype) if grad_w is not None else None,
             None,
         )

@@ -57,6 +57,8 @@ def _build(compiler: str) -> Path:
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
+    if sys.stderr.isatty():
+        print("llamalab: building the VNNI kernel (once, about 7 s)", file=sys.stderr)
     # Built under a temporary name and renamed: a concurrent process never loads half a file.
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
@@ -80,8 +82,6 @@ def vnni_available() -> bool:
     if compiler is None:
         return False
     try:
-        if sys.stderr.isatty() and not _cached():
-            print("llamalab: building the VNNI kernel (once, about 7 s)", file=sys.stderr)
         torch.ops.load_library(str(_build(compiler)))
         _register_fake()
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
@@ -93,10 +93,6 @@ def vnni_available() -> bool:
         )
         return False
     return True
-
-
-def _cached() -> bool:
-    return any(_cache_dir().glob("vnni-*.so")) if _cache_dir().exists() else False
 
 
 def _register_fake() -> None:
