@@ -321,6 +321,10 @@ class Transformer(nn.Module):
         self.max_batch_size = 0
         self.max_seq_len = 0
         self._step_block = None  # set by compile_decode()
+        # Set by the loader where every block runs on llamalab's kernels: a callable
+        # (h, input_pos, row) -> h that runs the blocks of a one-token step in one call
+        # (quant/native.py's NativeStep).
+        self.native_step = None
 
     @property
     def device(self) -> torch.device:
@@ -444,7 +448,9 @@ class Transformer(nn.Module):
         # scattered cache writes ran slower than eager (measured: 53 against 33 ms for
         # 8 SmolLM2 rows).
         single = T == 1 and tokens.shape[0] == 1
-        if self._step_block is not None and isinstance(cache, CacheView) and single:
+        if self.native_step is not None and isinstance(cache, CacheView) and T == 1:
+            h = self.native_step(embedded, cache.input_pos, cache.row)
+        elif self._step_block is not None and isinstance(cache, CacheView) and single:
             h = self._compiled_layers(embedded, rope, cache, mask)  # None if compiling failed
         if h is None:
             h = embedded

@@ -180,12 +180,13 @@ def build_model(
         state["output.weight"] = state["tok_embeddings.weight"]
     model.load_state_dict(state, strict=True, assign=True)
     if packed:
-        from llamalab.quant.native import vnni_available
+        from llamalab.quant.native import NativeStep, vnni_available
 
         fuse_projections(model)
         native = vnni_available()
         for layer in model.layers:
             layer.attention.native_decode = native
+        model.native_step = NativeStep.for_model(model)
         _release_freed_memory()
     model.tie_weights()
     model.init_buffers(device)

@@ -104,3 +104,78 @@ def _register_fake() -> None:
     @torch.library.register_fake("llamalab::decode_attention")
     def _(q, k, v):
         return q.new_empty(q.shape)
+
+    @torch.library.register_fake("llamalab::decode_step")
+    def _(x, positions, rope, norms, weights, layout, k_caches, v_caches, row, heads, kv_heads, eps):
+        return x.new_empty(x.shape)
+
+
+class NativeStep:
+    """A packed model's one-token decode steps through ``torch.ops.llamalab.decode_step``.
+
+    That op runs every transformer block of the step in one call (``csrc/vnni.cpp``), so
+    the few thousand floats of norms, rotations and residual adds between the matrix
+    products cost no per-operation dispatch. It serves models whose every block matrix is
+    on the vnni kernel, in float32 with head_dim 64 or 128; :meth:`for_model` returns None
+    for any other. The embedding, the final norm and the output layer stay in the model.
+    """
+
+    def __init__(self, model: torch.nn.Module, layout: list[int], weights: list[torch.Tensor]):
+        self._model = model
+        self._layout = layout
+        self._weights = weights
+        self._norms = [
+            norm.weight for layer in model.layers for norm in (layer.attention_norm, layer.ffn_norm)
+        ]
+        self._caches: tuple[object, list[torch.Tensor], list[torch.Tensor]] | None = None
+
+    @classmethod
+    def for_model(cls, model: torch.nn.Module) -> NativeStep | None:
+        """The step for ``model``, or None where some part of it is not on the vnni kernel."""
+        config = model.config
+        if not vnni_available() or model.dtype != torch.float32 or config.head_dim not in (64, 128):
+            return None
+        layout: list[int] = []
+        weights: list[torch.Tensor] = []
+        for layer in model.layers:
+            attention, ffn = layer.attention, layer.feed_forward
+            qkv = [attention.wqkv] if attention.wqkv is not None else [
+                attention.wq, attention.wk, attention.wv
+            ]  # fmt: skip
+            gate_up = [ffn.w13] if ffn.w13 is not None else [ffn.w1, ffn.w3]
+            parts = [*qkv, attention.wo, *gate_up, ffn.w2]
+            vnni = [getattr(part, "_vnni", None) for part in parts]
+            if any(v is None for v in vnni):
+                return None
+            norms = (layer.attention_norm.weight, layer.ffn_norm.weight)
+            if any(n.dtype != torch.float32 or not n.is_contiguous() for n in norms):
+                return None
+            layout += [len(qkv), len(gate_up)]
+            for part, (buffer, bits, group) in zip(parts, vnni, strict=True):
+                layout += [part.out_features, bits, group]
+                weights.append(buffer)
+        return cls(model, layout, weights)
+
+    def __call__(self, h: torch.Tensor, input_pos: torch.Tensor, row: int) -> torch.Tensor:
+        """Blocks' output (B, 1, dim) for the embedded new tokens h (B, 1, dim) at
+        ``input_pos`` ((B, 1), or (1, 1) shared), whose cache rows start at ``row``."""
+        model = self._model
+        B = h.shape[0]
+        positions = input_pos.reshape(-1).expand(B).contiguous()
+        k_caches, v_caches = self._cache_tensors()
+        config = model.config
+        out = torch.ops.llamalab.decode_step(
+            h.reshape(B, -1).contiguous(), positions, model.rope, self._norms, self._weights,
+            self._layout, k_caches, v_caches, row, config.n_heads, config.n_kv_heads,
+            config.norm_eps,
+        )  # fmt: skip
+        return out.view(B, 1, -1)
+
+    def _cache_tensors(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        # setup_cache() replaces every layer's cache together: one identity says whether
+        # the lists are current.
+        first = self._model.layers[0].attention.kv_cache
+        if self._caches is None or self._caches[0] is not first:
+            caches = [layer.attention.kv_cache for layer in self._model.layers]
+            self._caches = (first, [c.k for c in caches], [c.v for c in caches])
+        return self._caches[1], self._caches[2]

@@ -28,6 +28,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -76,8 +77,8 @@ inline __m512i broadcast4(const int8_t* p) {
 
 // RB consecutive row tiles against MC activation rows starting at m0.
 template <int BITS, int G, int MC, int RB>
-void tiles(const uint8_t* w, const Activations& a, int64_t K, int64_t N, int64_t t0, int64_t m0,
-           float* y) {
+void tiles(const uint8_t* w, const Activations& a, int64_t K, int64_t ldy, int64_t t0, int64_t m0,
+           float* y, int64_t next, int64_t next_count) {
   constexpr int kQuantBytes = 16 * G * BITS / 8;
   constexpr int kGroupBytes = kQuantBytes + 64;
   const int64_t ng = K / G;
@@ -93,10 +94,15 @@ void tiles(const uint8_t* w, const Activations& a, int64_t K, int64_t N, int64_t
     for (int r = 0; r < RB; ++r) {
       for (int m = 0; m < MC; ++m)
         for (int h = 0; h < kBlocks; ++h) dot[r][m][h] = _mm512_setzero_si512();
-      if (g + kPrefetch < ng) {
-        const char* ahead = (const char*)(w + (t0 + r) * tile_bytes + (g + kPrefetch) * kGroupBytes);
+      // kPrefetch groups ahead: in these tiles, or near the end in the tiles this
+      // thread takes next, so that a short row of groups never starts cold.
+      const char* ahead = nullptr;
+      if (g + kPrefetch < ng)
+        ahead = (const char*)(w + (t0 + r) * tile_bytes + (g + kPrefetch) * kGroupBytes);
+      else if (r < next_count)
+        ahead = (const char*)(w + (next + r) * tile_bytes + (g + kPrefetch - ng) * kGroupBytes);
+      if (ahead != nullptr)
         for (int p = 0; p < kGroupBytes; p += 64) _mm_prefetch(ahead + p, _MM_HINT_T0);
-      }
     }
     if constexpr (BITS == 4) {
       for (int c = 0; c < G / 8; ++c) {
@@ -146,32 +152,75 @@ void tiles(const uint8_t* w, const Activations& a, int64_t K, int64_t N, int64_t
     }
   }
   for (int r = 0; r < RB; ++r)
-    for (int m = 0; m < MC; ++m) _mm512_storeu_ps(y + (m0 + m) * N + (t0 + r) * 16, acc[r][m]);
+    for (int m = 0; m < MC; ++m) _mm512_storeu_ps(y + (m0 + m) * ldy + (t0 + r) * 16, acc[r][m]);
 }
 
 // Tiles [begin, end) against activation rows m0..m0+MC. One row reads four tiles at a
 // time (four independent chains of vpdpbusd), more rows fewer.
 template <int BITS, int G, int MC>
-void tile_range(const uint8_t* w, const Activations& a, int64_t K, int64_t N, int64_t begin,
+void tile_range(const uint8_t* w, const Activations& a, int64_t K, int64_t ldy, int64_t begin,
                 int64_t end, int64_t m0, float* y) {
   constexpr int RB = MC == 1 ? 4 : (MC == 2 ? 2 : 1);
+  constexpr int kGroupBytes = 16 * G * BITS / 8 + 64;
+  const int64_t tile_bytes = K / G * kGroupBytes;
+  // The first groups of the first tiles: nothing before them prefetched them.
+  for (int64_t t = begin; t < std::min<int64_t>(begin + RB, end); ++t)
+    for (int64_t p = 0; p < std::min<int64_t>(kPrefetch * kGroupBytes, tile_bytes); p += 64)
+      _mm_prefetch((const char*)(w + t * tile_bytes + p), _MM_HINT_T0);
   int64_t t = begin;
-  for (; t + RB <= end; t += RB) tiles<BITS, G, MC, RB>(w, a, K, N, t, m0, y);
-  for (; t < end; ++t) tiles<BITS, G, MC, 1>(w, a, K, N, t, m0, y);
+  for (; t + RB <= end; t += RB) {
+    const int64_t next = t + RB;
+    tiles<BITS, G, MC, RB>(w, a, K, ldy, t, m0, y, next, std::min<int64_t>(RB, end - next));
+  }
+  for (; t < end; ++t) tiles<BITS, G, MC, 1>(w, a, K, ldy, t, m0, y, t + 1, t + 1 < end ? 1 : 0);
 }
 
+// y (M, N) with row stride ldy = x (M, K) times the tiled weights. More than four rows
+// go through a few tiles at a time, every block of four rows in turn, so that the
+// weights are read from memory once and from cache after.
 template <int BITS, int G>
-void product(const uint8_t* w, const Activations& a, int64_t M, int64_t K, int64_t N, float* y) {
+void product(const uint8_t* w, const Activations& a, int64_t M, int64_t K, int64_t N, int64_t ldy,
+             float* y) {
   at::parallel_for(0, N / 16, 4, [&](int64_t begin, int64_t end) {
-    int64_t m0 = 0;
-    for (; m0 + 4 <= M; m0 += 4) tile_range<BITS, G, 4>(w, a, K, N, begin, end, m0, y);
-    switch (M - m0) {
-      case 3: tile_range<BITS, G, 3>(w, a, K, N, begin, end, m0, y); break;
-      case 2: tile_range<BITS, G, 2>(w, a, K, N, begin, end, m0, y); break;
-      case 1: tile_range<BITS, G, 1>(w, a, K, N, begin, end, m0, y); break;
-      default: break;
+    const int64_t step = M > 4 ? 8 : end - begin;
+    for (int64_t c = begin; c < end; c += step) {
+      const int64_t c_end = std::min(end, c + step);
+      int64_t m0 = 0;
+      for (; m0 + 4 <= M; m0 += 4) tile_range<BITS, G, 4>(w, a, K, ldy, c, c_end, m0, y);
+      switch (M - m0) {
+        case 3: tile_range<BITS, G, 3>(w, a, K, ldy, c, c_end, m0, y); break;
+        case 2: tile_range<BITS, G, 2>(w, a, K, ldy, c, c_end, m0, y); break;
+        case 1: tile_range<BITS, G, 1>(w, a, K, ldy, c, c_end, m0, y); break;
+        default: break;
+      }
     }
   });
+}
+
+bool known_layout(int64_t bits, int64_t group) {
+  return (bits == 4 && group == 32) || (bits == 8 && (group == 16 || group == 32));
+}
+
+int64_t weight_bytes(int64_t N, int64_t K, int64_t bits, int64_t group) {
+  return N * K * bits / 8 + N * (K / group) * 4;
+}
+
+// y (M, N; row stride ldy) = x (M, K) W^T for a tiled weight; shapes checked by the caller.
+void linear(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t N, int64_t bits,
+            int64_t group, float* y, int64_t ldy) {
+  thread_local std::vector<int8_t> xq;
+  thread_local std::vector<float> xd, xs;
+  xq.resize(M * K);
+  xd.resize(M * K / kXBlock);
+  xs.resize(M * K / group);
+  quantize(x, M, K, group, xq.data(), xd.data(), xs.data());
+  const Activations a{xq.data(), xd.data(), xs.data()};
+  if (bits == 4)
+    product<4, 32>(w, a, M, K, N, ldy, y);
+  else if (group == 32)
+    product<8, 32>(w, a, M, K, N, ldy, y);
+  else
+    product<8, 16>(w, a, M, K, N, ldy, y);
 }
 
 at::Tensor vnni_linear(const at::Tensor& x, const at::Tensor& w, int64_t out_features,
@@ -181,23 +230,10 @@ at::Tensor vnni_linear(const at::Tensor& x, const at::Tensor& w, int64_t out_fea
   TORCH_CHECK(w.scalar_type() == at::kByte && w.is_contiguous(), "vnni_linear: w must be uint8");
   const int64_t M = x.size(0), K = x.size(1), N = out_features;
   TORCH_CHECK(N % 16 == 0 && K % 32 == 0 && K % group == 0, "vnni_linear: shape");
-  const bool known = (bits == 4 && group == 32) || (bits == 8 && (group == 16 || group == 32));
-  TORCH_CHECK(known, "vnni_linear: bits/group");
-  TORCH_CHECK(w.numel() == N * K * bits / 8 + N * (K / group) * 4, "vnni_linear: weight bytes");
-  auto xq = at::empty({M, K}, x.options().dtype(at::kChar));
-  auto xd = at::empty({M, K / kXBlock}, x.options());
-  auto xs = at::empty({M, K / group}, x.options());
-  quantize(x.data_ptr<float>(), M, K, group, xq.data_ptr<int8_t>(), xd.data_ptr<float>(),
-           xs.data_ptr<float>());
-  const Activations a{xq.data_ptr<int8_t>(), xd.data_ptr<float>(), xs.data_ptr<float>()};
+  TORCH_CHECK(known_layout(bits, group), "vnni_linear: bits/group");
+  TORCH_CHECK(w.numel() == weight_bytes(N, K, bits, group), "vnni_linear: weight bytes");
   auto y = at::empty({M, N}, x.options());
-  const uint8_t* wp = w.data_ptr<uint8_t>();
-  if (bits == 4)
-    product<4, 32>(wp, a, M, K, N, y.data_ptr<float>());
-  else if (group == 32)
-    product<8, 32>(wp, a, M, K, N, y.data_ptr<float>());
-  else
-    product<8, 16>(wp, a, M, K, N, y.data_ptr<float>());
+  linear(x.data_ptr<float>(), M, K, w.data_ptr<uint8_t>(), N, bits, group, y.data_ptr<float>(), N);
   return y;
 }
 
@@ -280,6 +316,41 @@ void attend(const float* const* qs, int nq, const float* k, const float* v, int6
     for (int c = 0; c < V; ++c) _mm512_storeu_ps(outs[j] + 16 * c, _mm512_mul_ps(acc[j][c], _mm512_set1_ps(inv[j])));
 }
 
+// Attention of B rows of one new token each: q (B, H, D) contiguous, out likewise. Row b's
+// keys and values start at k + b * sb (heads sh, slots ss apart) and it sees its first
+// lengths[b] slots.
+void attention_rows(const float* q, int64_t B, int64_t H, int64_t KVH, int64_t D, const float* k,
+                    const float* v, int64_t sb, int64_t sh, int64_t ss, const int64_t* lengths,
+                    float* out) {
+  const int64_t group = H / KVH;
+  // Query heads are taken up to 4 at a time with their key/value head.
+  const int64_t per_task = group <= 4 ? group : 4;
+  const int64_t chunks = (group + per_task - 1) / per_task;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  int64_t longest = 0;
+  for (int64_t b = 0; b < B; ++b) longest = std::max(longest, lengths[b]);
+  at::parallel_for(0, B * KVH * chunks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(4 * longest);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / (KVH * chunks), h = (task / chunks) % KVH, c = task % chunks;
+      const int64_t first = h * group + c * per_task;
+      const int nq = static_cast<int>(std::min<int64_t>(per_task, h * group + group - first));
+      const float* qs[4];
+      float* os[4];
+      for (int j = 0; j < nq; ++j) {
+        qs[j] = q + (b * H + first + j) * D;
+        os[j] = out + (b * H + first + j) * D;
+      }
+      const float* kh = k + b * sb + h * sh;
+      const float* vh = v + b * sb + h * sh;
+      if (D == 64)
+        attend<64>(qs, nq, kh, vh, lengths[b], ss, scale, scores.data(), os);
+      else
+        attend<128>(qs, nq, kh, vh, lengths[b], ss, scale, scores.data(), os);
+    }
+  });
+}
+
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && q.size(2) == 1, "decode_attention: shapes");
   TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat,
@@ -291,36 +362,175 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   TORCH_CHECK(D == 64 || D == 128, "decode_attention: head_dim 64 or 128");
   auto qc = q.contiguous();
   auto out = at::empty({B, H, 1, D}, q.options());
-  const int64_t group = H / KVH;
-  // Query heads are taken up to 4 at a time with their key/value head.
-  const int64_t per_task = group <= 4 ? group : 4;
-  const int64_t chunks = (group + per_task - 1) / per_task;
-  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
-  const float* qp = qc.data_ptr<float>();
-  const float* kp = k.data_ptr<float>();
-  const float* vp = v.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  at::parallel_for(0, B * KVH * chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores(4 * S);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / (KVH * chunks), h = (task / chunks) % KVH, c = task % chunks;
-      const int64_t first = h * group + c * per_task;
-      const int nq = static_cast<int>(std::min<int64_t>(per_task, h * group + group - first));
-      const float* qs[4];
-      float* os[4];
-      for (int j = 0; j < nq; ++j) {
-        qs[j] = qp + (b * H + first + j) * D;
-        os[j] = op + (b * H + first + j) * D;
-      }
-      const float* kh = kp + b * k.stride(0) + h * k.stride(1);
-      const float* vh = vp + b * v.stride(0) + h * v.stride(1);
-      if (D == 64)
-        attend<64>(qs, nq, kh, vh, S, k.stride(2), scale, scores.data(), os);
-      else
-        attend<128>(qs, nq, kh, vh, S, k.stride(2), scale, scores.data(), os);
-    }
-  });
+  const std::vector<int64_t> lengths(B, S);
+  attention_rows(qc.data_ptr<float>(), B, H, KVH, D, k.data_ptr<float>(), v.data_ptr<float>(), k.stride(0),
+                 k.stride(1), k.stride(2), lengths.data(), out.data_ptr<float>());
   return out;
+}
+
+// ---------------------------------------------------------------------------------------
+// A whole decode step through every transformer block, for B rows of one new token each,
+// in one call: the same maths as model.TransformerBlock (RMSNorm in float32, rotary
+// embedding on adjacent pairs, grouped-query attention over the KV cache, SwiGLU), with
+// every matrix on the tiled weights above. Between the matrix products the work is a few
+// thousand floats, so the per-operation dispatch of the Python model, not arithmetic,
+// was most of a small model's step.
+
+void rms_norm(const float* x, const float* weight, int64_t M, int64_t dim, float eps, float* out) {
+  for (int64_t m = 0; m < M; ++m) {
+    const float* row = x + m * dim;
+    double total = 0.0;
+    for (int64_t i = 0; i < dim; ++i) total += static_cast<double>(row[i]) * row[i];
+    const float inv = 1.0f / std::sqrt(static_cast<float>(total / dim) + eps);
+    for (int64_t i = 0; i < dim; ++i) out[m * dim + i] = row[i] * inv * weight[i];
+  }
+}
+
+// Rotate adjacent pairs of n heads of D channels by the table row (D/2 (cos, sin) pairs).
+void rotate(float* heads, int64_t n, int64_t D, const float* rotation) {
+  for (int64_t h = 0; h < n; ++h) {
+    float* x = heads + h * D;
+    for (int64_t j = 0; j < D / 2; ++j) {
+      const float re = x[2 * j], im = x[2 * j + 1], c = rotation[2 * j], s = rotation[2 * j + 1];
+      x[2 * j] = re * c - im * s;
+      x[2 * j + 1] = re * s + im * c;
+    }
+  }
+}
+
+struct Matrix {
+  const uint8_t* w;
+  int64_t out, bits, group;
+};
+
+// x (M, K) times each part, their outputs side by side in y (M, sum of outs).
+void project(const float* x, int64_t M, int64_t K, const Matrix* parts, int64_t n, float* y, int64_t ldy) {
+  int64_t column = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    linear(x, M, K, parts[i].w, parts[i].out, parts[i].bits, parts[i].group, y + column, ldy);
+    column += parts[i].out;
+  }
+}
+
+// layout, per block: the number of parts of the q/k/v projection (1 fused, or 3) and of
+// the gate/up projection (1 fused, or 2); then (out_features, bits, group) of every
+// matrix in order: q/k/v parts, wo, gate/up parts, w2. weights holds the matrices in the
+// same order; norms the blocks' attention and FFN norm weights, two per block.
+at::Tensor decode_step(const at::Tensor& x, const at::Tensor& positions, const at::Tensor& rope,
+                       at::TensorList norms, at::TensorList weights, at::IntArrayRef layout,
+                       at::TensorList k_caches, at::TensorList v_caches, int64_t row, int64_t n_heads,
+                       int64_t n_kv_heads, double eps) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
+              "decode_step: x must be a contiguous (rows, dim) float32 tensor");
+  const int64_t M = x.size(0), dim = x.size(1), L = static_cast<int64_t>(k_caches.size());
+  TORCH_CHECK(L > 0 && static_cast<int64_t>(v_caches.size()) == L &&
+                  static_cast<int64_t>(norms.size()) == 2 * L,
+              "decode_step: one K cache, one V cache and two norms per block");
+  TORCH_CHECK(positions.dim() == 1 && positions.size(0) == M && positions.scalar_type() == at::kLong,
+              "decode_step: one int64 position per row");
+  TORCH_CHECK(n_heads > 0 && n_kv_heads > 0 && n_heads % n_kv_heads == 0, "decode_step: heads");
+  const at::Tensor& k0 = k_caches[0];
+  TORCH_CHECK(k0.dim() == 4 && k0.size(1) == n_kv_heads, "decode_step: caches are (rows, kv_heads, slots, head_dim)");
+  const int64_t D = k0.size(3), S = k0.size(2);
+  TORCH_CHECK(D == 64 || D == 128, "decode_step: head_dim 64 or 128");
+  TORCH_CHECK(n_heads * D == dim, "decode_step: n_heads * head_dim must equal dim");
+  TORCH_CHECK(row >= 0 && row + M <= k0.size(0), "decode_step: cache rows");
+  TORCH_CHECK(rope.dim() == 3 && rope.size(1) == D / 2 && rope.size(2) == 2 && rope.scalar_type() == at::kFloat &&
+                  rope.is_contiguous(),
+              "decode_step: rope is a contiguous (positions, head_dim / 2, 2) float32 table");
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  std::vector<int64_t> lengths(M);
+  for (int64_t m = 0; m < M; ++m) {
+    TORCH_CHECK(pos[m] >= 0 && pos[m] < S && pos[m] < rope.size(0), "decode_step: position ", pos[m],
+                " is outside the cache or the rotary table");
+    lengths[m] = pos[m] + 1;
+  }
+  for (int64_t l = 0; l < L; ++l) {
+    for (const at::Tensor* c : {&k_caches[l], &v_caches[l]})
+      TORCH_CHECK(c->scalar_type() == at::kFloat && c->sizes() == k0.sizes() && c->strides() == k0.strides() &&
+                      c->stride(3) == 1,
+                  "decode_step: every cache alike, float32, unit-strided along head_dim");
+    for (const at::Tensor* n : {&norms[2 * l], &norms[2 * l + 1]})
+      TORCH_CHECK(n->scalar_type() == at::kFloat && n->is_contiguous() && n->numel() == dim, "decode_step: norms");
+  }
+  // Read the layout: every block's matrices, checked against their shapes and bytes.
+  const int64_t H = n_heads, KVH = n_kv_heads, qkv_width = (H + 2 * KVH) * D;
+  std::vector<std::array<int64_t, 2>> counts;
+  std::vector<Matrix> matrices;
+  int64_t at_layout = 0, hidden = 0;
+  auto next_int = [&]() {
+    TORCH_CHECK(at_layout < static_cast<int64_t>(layout.size()), "decode_step: layout too short");
+    return layout[at_layout++];
+  };
+  for (int64_t l = 0; l < L; ++l) {
+    const int64_t n_qkv = next_int(), n_ffn = next_int();
+    TORCH_CHECK((n_qkv == 1 || n_qkv == 3) && (n_ffn == 1 || n_ffn == 2), "decode_step: layout counts");
+    counts.push_back({n_qkv, n_ffn});
+    int64_t qkv = 0, ffn = 0;
+    for (int64_t i = 0; i < n_qkv + 1 + n_ffn + 1; ++i) {
+      const int64_t index = static_cast<int64_t>(matrices.size());
+      TORCH_CHECK(index < static_cast<int64_t>(weights.size()), "decode_step: too few weights");
+      const int64_t out = next_int(), bits = next_int(), group = next_int();
+      const bool is_w2 = i == n_qkv + 1 + n_ffn;
+      const int64_t in = is_w2 ? ffn / 2 : (i == n_qkv ? H * D : dim);
+      const at::Tensor& w = weights[index];
+      TORCH_CHECK(known_layout(bits, group) && out % 16 == 0 && in % 32 == 0 && in % group == 0 &&
+                      w.scalar_type() == at::kByte && w.is_contiguous() && w.numel() == weight_bytes(out, in, bits, group),
+                  "decode_step: weight ", index, " does not match its layout");
+      if (i < n_qkv) qkv += out;
+      else if (i > n_qkv && !is_w2) ffn += out;
+      TORCH_CHECK(!(i == n_qkv || is_w2) || out == dim, "decode_step: wo and w2 give dim outputs");
+      matrices.push_back({w.data_ptr<uint8_t>(), out, bits, group});
+    }
+    TORCH_CHECK(qkv == qkv_width && ffn % 2 == 0 && ffn > 0, "decode_step: projection widths");
+    TORCH_CHECK(l == 0 || ffn / 2 == hidden, "decode_step: every block's FFN alike");
+    hidden = ffn / 2;
+  }
+  TORCH_CHECK(at_layout == static_cast<int64_t>(layout.size()) &&
+                  matrices.size() == weights.size(), "decode_step: layout and weights disagree");
+
+  auto h = x.clone();
+  float* hp = h.data_ptr<float>();
+  std::vector<float> normed(M * dim), qkv(M * qkv_width), attended(M * H * D), q(M * H * D),
+      gate_up(M * 2 * hidden), act(M * hidden), add(M * dim);
+  const int64_t sb = k0.stride(0), sh = k0.stride(1), ss = k0.stride(2);
+  const float* table = rope.data_ptr<float>();
+  const Matrix* next = matrices.data();
+  for (int64_t l = 0; l < L; ++l) {
+    const auto [n_qkv, n_ffn] = counts[l];
+    float* kc = k_caches[l].data_ptr<float>() + row * sb;
+    float* vc = v_caches[l].data_ptr<float>() + row * sb;
+    // Attention.
+    rms_norm(hp, norms[2 * l].data_ptr<float>(), M, dim, static_cast<float>(eps), normed.data());
+    project(normed.data(), M, dim, next, n_qkv, qkv.data(), qkv_width);
+    next += n_qkv;
+    for (int64_t m = 0; m < M; ++m) {
+      float* r = qkv.data() + m * qkv_width;
+      rotate(r, H + KVH, D, table + pos[m] * D);  // queries and keys
+      std::memcpy(q.data() + m * H * D, r, H * D * sizeof(float));
+      for (int64_t g = 0; g < KVH; ++g) {  // this token's key and value into the cache
+        std::memcpy(kc + m * sb + g * sh + pos[m] * ss, r + (H + g) * D, D * sizeof(float));
+        std::memcpy(vc + m * sb + g * sh + pos[m] * ss, r + (H + KVH + g) * D, D * sizeof(float));
+      }
+    }
+    attention_rows(q.data(), M, H, KVH, D, kc, vc, sb, sh, ss, lengths.data(), attended.data());
+    project(attended.data(), M, H * D, next, 1, add.data(), dim);
+    next += 1;
+    for (int64_t i = 0; i < M * dim; ++i) hp[i] += add[i];
+    // Feed-forward.
+    rms_norm(hp, norms[2 * l + 1].data_ptr<float>(), M, dim, static_cast<float>(eps), normed.data());
+    project(normed.data(), M, dim, next, n_ffn, gate_up.data(), 2 * hidden);
+    next += n_ffn;
+    for (int64_t m = 0; m < M; ++m) {
+      const float* gate = gate_up.data() + m * 2 * hidden;
+      const float* up = gate + hidden;
+      for (int64_t i = 0; i < hidden; ++i) act[m * hidden + i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
+    }
+    project(act.data(), M, hidden, next, 1, add.data(), dim);
+    next += 1;
+    for (int64_t i = 0; i < M * dim; ++i) hp[i] += add[i];
+  }
+  return h;
 }
 
 }  // namespace
@@ -328,9 +538,12 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
 TORCH_LIBRARY(llamalab, m) {
   m.def("vnni_linear(Tensor x, Tensor w, int out_features, int bits, int group) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor k, Tensor v) -> Tensor");
+  m.def("decode_step(Tensor x, Tensor positions, Tensor rope, Tensor[] norms, Tensor[] weights, int[] layout, "
+        "Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, int row, int n_heads, int n_kv_heads, float eps) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(llamalab, CPU, m) {
   m.impl("vnni_linear", vnni_linear);
   m.impl("decode_attention", decode_attention);
+  m.impl("decode_step", decode_step);
 }
