@@ -106,7 +106,9 @@ def _register_fake() -> None:
         return q.new_empty(q.shape)
 
     @torch.library.register_fake("llamalab::decode_step")
-    def _(x, positions, rope, norms, weights, layout, k_caches, v_caches, row, heads, kv_heads, eps):
+    def _(
+        x, positions, rope, norms, weights, layout, k_caches, v_caches, row, heads, kv_heads, eps
+    ):
         return x.new_empty(x.shape)
 
 
