@@ -138,7 +138,9 @@ def load_runtime(
     model = load_model(
         path, dtype=model_dtype, device=torch_device, progress=progress, packed=packed
     )
-    if compile and torch_device.type == "cpu":
+    # A model whose blocks all run on llamalab's kernels steps in one native call
+    # (quant/native.py's NativeStep), which leaves a compiled block nothing to do.
+    if compile and torch_device.type == "cpu" and model.native_step is None:
         model.compile_decode()
     return model, tokenizer
 
