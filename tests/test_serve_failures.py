@@ -185,3 +185,41 @@ def test_health_is_503_when_the_scheduler_hangs() -> None:
         engine.release.set()
         thread.join(10)
         assert client.get("/health").status_code == 200
+
+
+def test_the_engine_thread_runs_every_job_on_one_thread_in_order() -> None:
+    from llamalab.serve.scheduler import EngineThread
+
+    thread = EngineThread()
+    try:
+        idents = [thread.call(threading.get_ident) for _ in range(3)]
+        assert len(set(idents)) == 1 and idents[0] != threading.get_ident()
+        with pytest.raises(ZeroDivisionError):
+            thread.call(lambda: 1 / 0)
+        assert thread.call(lambda: "still there") == "still there"
+    finally:
+        thread.stop()
+
+
+def test_the_scheduler_steps_on_the_thread_that_built_the_engine() -> None:
+    """OpenMP keeps a worker pool per thread that starts parallel work; two pools on a
+    small machine slow every torch kernel (EngineThread's docstring): the server loads
+    on the engine thread and the scheduler steps there too."""
+    from llamalab.serve.scheduler import EngineThread
+
+    thread = EngineThread()
+    engine = thread.call(FakeEngine)
+    built_on = thread.call(threading.get_ident)
+    stepped_on: set[int] = set()
+    step = engine.step
+
+    def recording_step():
+        stepped_on.add(threading.get_ident())
+        return step()
+
+    engine.step = recording_step
+    scheduler = Scheduler(engine, thread=thread)  # type: ignore[arg-type]  # a stand-in engine
+    with TestClient(create_app(scheduler, model_id="fake")) as client:
+        out = client.post("/v1/completions", json={"prompt": [7], "max_tokens": 3}).json()
+        assert out["choices"][0]["text"] == "aaa"
+    assert stepped_on == {built_on}

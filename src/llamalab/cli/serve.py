@@ -119,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
     from llamalab.generation import Engine
     from llamalab.runtime import resolve_model_ref
     from llamalab.serve.app import Limits, create_app
-    from llamalab.serve.scheduler import Scheduler
+    from llamalab.serve.scheduler import EngineThread, Scheduler
 
     if args.max_batch < 1:
         raise LlamalabError(f"--max-batch must be at least 1, got {args.max_batch}")
@@ -138,19 +138,26 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     _configure_logging(args.log_level)
-    model, tokenizer = load_runtime_from_args(args, compile_by_default=True)
-    engine = Engine(model, tokenizer, max_batch=args.max_batch, max_seq_len=args.ctx)
-    if model.compiles_decode:
-        print(
-            "llamalab serve: compiling the decode step (seconds; later starts reuse the code)",
-            file=sys.stderr,
-        )
-        engine.warm_up()
+
+    def build() -> Engine:
+        model, tokenizer = load_runtime_from_args(args, compile_by_default=True)
+        engine = Engine(model, tokenizer, max_batch=args.max_batch, max_seq_len=args.ctx)
+        if model.compiles_decode:
+            print(
+                "llamalab serve: compiling the decode step (seconds; later starts reuse the code)",
+                file=sys.stderr,
+            )
+            engine.warm_up()
+        return engine
+
+    # Loading, warming up and every step run on one thread (see EngineThread).
+    engine_thread = EngineThread()
+    engine = engine_thread.call(build)
     # Without a key, the Host check keeps web pages that rebind their name to this
     # address out; the address the server listens on is one more name for it.
     allowed_hosts = None if args.api_key else [_bracketed(args.host), *args.allow_host]
     app = create_app(
-        Scheduler(engine),
+        Scheduler(engine, thread=engine_thread),
         model_id=model_id_for(resolve_model_ref(args.model)),
         api_key=args.api_key,
         limits=Limits(max_body_bytes=args.max_body_bytes, max_queue=args.max_queue),

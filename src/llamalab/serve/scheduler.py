@@ -26,8 +26,9 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator
-from typing import Literal
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future, wait
+from typing import Any, Literal, TypeVar
 
 from llamalab.errors import LlamalabError
 from llamalab.generation import Engine, Generation, GenerationEvent, Request
@@ -39,6 +40,14 @@ IDLE_TICK_S = 1.0
 # A step takes well under a second (prefill comes a chunk at a time); a heartbeat older
 # than this means the thread is stuck, and /health says so.
 DEFAULT_STALL_AFTER_S = 60.0
+
+
+T = TypeVar("T")
+
+
+def _log_death(loop: Future[None]) -> None:
+    if not loop.cancelled() and loop.exception() is not None:
+        log.error("the scheduler loop died", exc_info=loop.exception())
 
 
 class Unavailable(Exception):
@@ -85,18 +94,69 @@ class Ticket:
 Message = tuple[Literal["submit", "cancel"], Ticket] | tuple[Literal["abort"], str] | None
 
 
-class Scheduler:
-    """Runs an `Engine` on its own thread and batches every submitted request through it."""
+class EngineThread:
+    """The one thread that does a server's torch work: loading, warming up, then stepping.
 
-    def __init__(self, engine: Engine, *, stall_after: float = DEFAULT_STALL_AFTER_S) -> None:
+    Torch's CPU kernels run on OpenMP, which keeps a pool of worker threads for each
+    thread that starts parallel work. With a second pool on a machine of few cores,
+    libgomp counts more threads than CPUs and cuts its workers' spinning short, so every
+    parallel region pays a sleep and a wake-up: a SmolLM2 decode step took 13.4 ms on a
+    second thread against 5.6 ms on the thread that had loaded the model (2 cores).
+    Handing every piece of torch work to this thread keeps one pool. Jobs run in order.
+    """
+
+    def __init__(self, name: str = "llamalab-engine") -> None:
+        self._jobs: queue.SimpleQueue[tuple[Callable[[], Any], Future] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._work, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, job: Callable[[], T]) -> Future[T]:
+        """Queue ``job``; its future holds what it returns or raises."""
+        future: Future[T] = Future()
+        self._jobs.put((job, future))
+        return future
+
+    def call(self, job: Callable[[], T]) -> T:
+        """Run ``job`` on the thread and wait for it: its result, or its exception raised here."""
+        return self.submit(job).result()
+
+    def stop(self) -> None:
+        """End the thread once the jobs queued before this have run."""
+        self._jobs.put(None)
+
+    def _work(self) -> None:
+        while (item := self._jobs.get()) is not None:
+            job, future = item
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(job())
+                except BaseException as exc:  # noqa: BLE001 (handed to whoever waits)
+                    future.set_exception(exc)
+
+
+class Scheduler:
+    """Runs an `Engine` on its own thread and batches every submitted request through it.
+
+    ``thread`` is the :class:`EngineThread` that loaded the engine, if one did (the
+    ``serve`` command's); otherwise the scheduler starts one of its own.
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        stall_after: float = DEFAULT_STALL_AFTER_S,
+        thread: EngineThread | None = None,
+    ) -> None:
         self.engine = engine
         self.stall_after = stall_after
+        self._engine_thread = thread
         # Everything the event loop tells the thread goes through this one queue, so the
         # thread can sleep on it when idle and drain it without blocking between steps.
         self._inbox: queue.SimpleQueue[Message] = queue.SimpleQueue()
         self._waiting: deque[Ticket] = deque()  # submitted, not yet admitted (FIFO)
         self._running: dict[Generation, Ticket] = {}  # admitted: prefilling or decoding
-        self._thread: threading.Thread | None = None
+        self._loop_done: Future[None] | None = None  # the scheduler loop, once started
         # Each counter has one writer thread, so /health can read them without a lock.
         self.active_slots = 0  # written by the scheduler thread
         self._submitted = 0  # written by the event loop
@@ -121,7 +181,7 @@ class Scheduler:
 
     def state(self) -> Literal["ok", "stalled", "dead"]:
         """Whether the thread runs ("ok"), hangs in one iteration ("stalled") or is gone."""
-        if self._thread is None or not self._thread.is_alive():
+        if self._loop_done is None or self._loop_done.done():
             return "dead"
         if time.monotonic() - self._heartbeat > self.stall_after:
             return "stalled"
@@ -130,19 +190,22 @@ class Scheduler:
     # ------------------------------------------------------------------ event-loop side
     def start(self) -> None:
         """Start the thread (the app does it at startup)."""
-        if self._thread is None:
+        if self._loop_done is None:
             self._heartbeat = time.monotonic()
-            self._thread = threading.Thread(
-                target=self._run, name="llamalab-scheduler", daemon=True
-            )
-            self._thread.start()
+            if self._engine_thread is None:
+                self._engine_thread = EngineThread("llamalab-scheduler")
+            self._loop_done = self._engine_thread.submit(self._run)
+            self._loop_done.add_done_callback(_log_death)
 
     def close(self, timeout: float = 10.0) -> None:
         """Stop the thread after its current step; unfinished requests fail with `Unavailable`."""
-        if self._thread is not None:
+        if self._loop_done is not None:
             self._inbox.put(None)
-            self._thread.join(timeout)
-            self._thread = None
+            wait([self._loop_done], timeout)
+            self._loop_done = None
+            if self._engine_thread is not None:
+                self._engine_thread.stop()
+                self._engine_thread = None
 
     def submit(self, request: Request) -> Ticket:
         """Queue a request; call from the event loop. Read its events with ``Ticket.events()``."""
