@@ -102,15 +102,15 @@ def test_bad_calls_are_refused(packed) -> None:
     step = packed.native_step
     packed.setup_cache(1, 16)
     try:
-        h = torch.zeros(1, 1, packed.config.dim)
+        h = torch.zeros(1, packed.config.dim)
         with pytest.raises(RuntimeError, match="outside the cache"):
-            step(h, torch.tensor([[16]]), 0)
-        with pytest.raises(RuntimeError, match="cache rows"):
-            step(h, torch.tensor([[3]]), 1)
+            step(h, torch.tensor([0]), torch.tensor([16]))
+        with pytest.raises(RuntimeError, match="cache row 1 does not exist"):
+            step(h, torch.tensor([1]), torch.tensor([3]))
         layout, step._layout = step._layout, step._layout[:-1]
         try:
             with pytest.raises(RuntimeError, match="layout"):
-                step(h, torch.tensor([[3]]), 0)
+                step(h, torch.tensor([0]), torch.tensor([3]))
         finally:
             step._layout = layout
     finally:
@@ -129,3 +129,55 @@ def test_models_off_the_vnni_kernel_get_no_native_step(smollm2_path) -> None:
     with torch.inference_mode():
         logits = model(torch.tensor([[1]]), cache_view(torch.tensor([0])))
     assert torch.isfinite(F.log_softmax(logits, -1)).all()
+
+
+def test_a_prompt_chunk_equals_its_tokens_one_at_a_time(packed, ids) -> None:
+    """The tokens of one chunk write their keys and values before any attends, and each
+    sees only the slots up to its own position: the chunk is exactly causal."""
+    n = 40  # under NativeStep.MAX_TOKENS: one native call
+    packed.setup_cache(2, 64)
+    try:
+        with torch.inference_mode():
+            chunk = packed(torch.tensor([ids[:n]]), cache_view(torch.arange(n), row=0))[0]
+            singles = torch.stack(
+                [
+                    packed(torch.tensor([[ids[p]]]), cache_view(torch.tensor([p]), row=1))[0, -1]
+                    for p in range(n)
+                ]
+            )
+        caches = [layer.attention.kv_cache for layer in packed.layers]
+        assert torch.equal(chunk, singles)
+        for c in caches:
+            assert torch.equal(c.k[0, :, :n], c.k[1, :, :n])
+            assert torch.equal(c.v[0, :, :n], c.v[1, :, :n])
+    finally:
+        packed.clear_cache()
+
+
+def test_a_packed_pass_equals_its_views_apart(packed, ids) -> None:
+    """Decode rows beside a prompt chunk (the engine's packed pass) in one native call."""
+    from llamalab.kv_cache import Segments
+
+    lengths = (30, 37)
+
+    def prefill(row: int, n: int) -> None:
+        packed(torch.tensor([ids[:n]]), cache_view(torch.arange(n), row=row, last_only=True))
+
+    packed.setup_cache(3, 96)
+    try:
+        with torch.inference_mode():
+            for r, n in enumerate(lengths):
+                prefill(r, n)
+            decode = cache_view(torch.tensor([[n] for n in lengths]), row=0)
+            chunk = cache_view(torch.arange(10, 20).unsqueeze(0), row=2, last_only=True)
+            prefill(2, 10)
+            tokens = torch.tensor([[ids[30], ids[37], *ids[10:20]]])
+            together = packed(tokens, cache=Segments((decode, chunk), ((2, 1), (1, 10))))
+            apart = [
+                packed(torch.tensor([[ids[30]], [ids[37]]]), decode),
+                packed(torch.tensor([ids[10:20]]), chunk),
+            ]
+    finally:
+        packed.clear_cache()
+    for a, b in zip(together, apart, strict=True):
+        assert torch.equal(a, b)

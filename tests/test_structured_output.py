@@ -164,10 +164,11 @@ def test_greedy_and_logprobs_under_a_grammar(engine):
     assert events[0].token_id == best
     # Logprobs stay the model's: the grammar shaped the choice, not the reported numbers.
     expected = float(torch.log_softmax(model_logits, -1)[best])
-    # (The engine's cached pass and this whole-sequence pass differ by the int4 kernel's
-    # bfloat16 rounding, up to ~0.01; renormalised over the allowed tokens the logprob
-    # would be near 0, far outside this tolerance.)
-    assert events[0].logprob == pytest.approx(expected, abs=0.05)
+    # (The engine's cached pass and this whole-sequence pass differ by the packed
+    # kernels' rounding: up to ~0.01 with the int4 kernel's bfloat16, 0.06 measured with
+    # the vnni kernel's int8 activations on a token at -5.9. Renormalised over the
+    # allowed tokens the logprob would be near 0, far outside this tolerance.)
+    assert events[0].logprob == pytest.approx(expected, abs=0.25)
     assert tok.decode([events[0].token_id]) in ("y", "ye", "yes", "n", "no")
 
 

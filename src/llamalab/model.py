@@ -278,6 +278,12 @@ class TransformerBlock(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
 
+def _token_slots(view: CacheView, B: int, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cache row and position of each of a view's B·T new tokens, row by row: (B·T,) each."""
+    rows = torch.arange(view.row, view.row + B).repeat_interleave(T)
+    return rows, view.input_pos.expand(B, T).reshape(-1).long()
+
+
 def _run_block(
     layer: TransformerBlock,
     h: torch.Tensor,
@@ -322,8 +328,8 @@ class Transformer(nn.Module):
         self.max_seq_len = 0
         self._step_block = None  # set by compile_decode()
         # Set by the loader where every block runs on llamalab's kernels: a callable
-        # (h, input_pos, row) -> h that runs the blocks of a one-token step in one call
-        # (quant/native.py's NativeStep).
+        # (h, rows, positions) -> h that runs every block of a pass of few tokens in one
+        # call (quant/native.py's NativeStep).
         self.native_step = None
 
     @property
@@ -447,9 +453,11 @@ class Transformer(nn.Module):
         # One row only: for a batch, inductor's code for the masked attention and the
         # scattered cache writes ran slower than eager (measured: 53 against 33 ms for
         # 8 SmolLM2 rows).
-        single = T == 1 and tokens.shape[0] == 1
-        if self.native_step is not None and isinstance(cache, CacheView) and T == 1:
-            h = self.native_step(embedded, cache.input_pos, cache.row)
+        B = tokens.shape[0]
+        single = T == 1 and B == 1
+        if self._native_takes(cache, B * T):
+            rows, positions = _token_slots(cache, B, T)
+            h = self.native_step(embedded.view(B * T, -1), rows, positions).view(B, T, -1)
         elif self._step_block is not None and isinstance(cache, CacheView) and single:
             h = self._compiled_layers(embedded, rope, cache, mask)  # None if compiling failed
         if h is None:
@@ -465,6 +473,14 @@ class Transformer(nn.Module):
         if targets is None:
             return logits
         return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+
+    def _native_takes(self, cache: CacheView | Segments | None, n_tokens: int) -> bool:
+        """Whether the native step (see ``native_step``) runs a cached pass of n_tokens."""
+        return (
+            self.native_step is not None
+            and cache is not None
+            and n_tokens < self.native_step.MAX_TOKENS
+        )
 
     def compile_decode(self) -> None:
         """Run one-row, one-token steps through a compiled transformer block (``torch.compile``).
@@ -531,8 +547,16 @@ class Transformer(nn.Module):
             else:
                 keep.extend(range(a, a + B * T))
         h = self.tok_embeddings(tokens)  # (1, N, dim)
-        for layer in self.layers:
-            h = layer(h, ropes, cache, masks)
+        N = tokens.shape[1]
+        if self._native_takes(cache, N):
+            slots = [
+                _token_slots(v, B, T) for v, (B, T) in zip(cache.views, cache.shapes, strict=True)
+            ]
+            rows, positions = (torch.cat(parts) for parts in zip(*slots, strict=True))
+            h = self.native_step(h.view(N, -1), rows, positions).view(1, N, -1)
+        else:
+            for layer in self.layers:
+                h = layer(h, ropes, cache, masks)
         logits = self.output(self.norm(h[:, keep]))  # (1, K, vocab)
         out, at = [], 0
         for (B, T), view in zip(cache.shapes, cache.views, strict=True):

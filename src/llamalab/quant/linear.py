@@ -67,6 +67,7 @@ from llamalab.gguf.dequant import (
 from llamalab.quant.native import vnni_available
 from llamalab.quant.plan import (
     INT4_GROUP,
+    UNPACK_ROWS,
     VNNI_LAYOUTS,
     cpu_runs_int4_fast,
     int4_takes,
@@ -87,9 +88,6 @@ __all__ = [
 Kernel = Literal["vnni", "int4", "fp16", "float32"]
 
 _FP16_MAX = 65504.0
-# From this many rows per call an int4 layer unpacks to bfloat16 for a GEMM instead
-# (measured break-even on a 576 x 3072 weight: about 55 rows).
-_UNPACK_ROWS = 64
 # Rows dequantized at a time when building from GGUF bytes: bounds the transient
 # float32 copy (4096 x 576 floats = 9 MB) however large the matrix is.
 _ROW_CHUNK = 4096
@@ -324,7 +322,7 @@ class QuantizedLinear(nn.Module):
         if self._vnni is not None:
             buffer, bits, group = self._vnni
             x2 = x.reshape(-1, self.in_features)
-            if x2.shape[0] >= _UNPACK_ROWS:  # a prefill chunk: one bfloat16 GEMM
+            if x2.shape[0] >= UNPACK_ROWS:  # a prefill chunk: one bfloat16 GEMM
                 weight = unpack_vnni(buffer, self.out_features, self.in_features, bits, group)
                 y = F.linear(x2.to(torch.bfloat16), weight)
             else:
@@ -334,7 +332,7 @@ class QuantizedLinear(nn.Module):
         if self._int4 is not None:
             packed, scales = self._int4
             x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)
-            if x2.shape[0] >= _UNPACK_ROWS and self.out_features % 64 == 0:
+            if x2.shape[0] >= UNPACK_ROWS and self.out_features % 64 == 0:
                 # Many rows (a prefill chunk): torch's int4 kernel is slowest per row here,
                 # and unpacking to bfloat16 once for a bfloat16 GEMM is 1.4-2x faster.
                 y = torch.matmul(x2, unpack_int4_transposed(packed, scales))

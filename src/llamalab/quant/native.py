@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from llamalab.quant.plan import cpu_runs_vnni
+from llamalab.quant.plan import UNPACK_ROWS, cpu_runs_vnni
 
 _SOURCE = Path(__file__).parent / "csrc" / "vnni.cpp"
 _FLAGS = [
@@ -113,14 +113,19 @@ def _register_fake() -> None:
 
 
 class NativeStep:
-    """A packed model's one-token decode steps through ``torch.ops.llamalab.decode_step``.
+    """A packed model's decode steps and short prompt chunks through
+    ``torch.ops.llamalab.decode_step``.
 
-    That op runs every transformer block of the step in one call (``csrc/vnni.cpp``), so
+    That op runs every transformer block of a pass in one call (``csrc/vnni.cpp``), so
     the few thousand floats of norms, rotations and residual adds between the matrix
-    products cost no per-operation dispatch. It serves models whose every block matrix is
+    products cost no per-operation dispatch. It takes fewer than ``MAX_TOKENS`` tokens a
+    pass: more rows make the matrix products compute-bound, where one bfloat16
+    GEMM over unpacked weights is faster. It serves models whose every block matrix is
     on the vnni kernel, in float32 with head_dim 64 or 128; :meth:`for_model` returns None
     for any other. The embedding, the final norm and the output layer stay in the model.
     """
+
+    MAX_TOKENS = UNPACK_ROWS
 
     def __init__(self, model: torch.nn.Module, layout: list[int], weights: list[torch.Tensor]):
         self._model = model
@@ -158,20 +163,19 @@ class NativeStep:
                 weights.append(buffer)
         return cls(model, layout, weights)
 
-    def __call__(self, h: torch.Tensor, input_pos: torch.Tensor, row: int) -> torch.Tensor:
-        """Blocks' output (B, 1, dim) for the embedded new tokens h (B, 1, dim) at
-        ``input_pos`` ((B, 1), or (1, 1) shared), whose cache rows start at ``row``."""
+    def __call__(
+        self, h: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor
+    ) -> torch.Tensor:
+        """The blocks' output (N, dim) for N embedded new tokens h (N, dim), token i in
+        cache row ``rows[i]`` at position ``positions[i]`` (int64 (N,) each)."""
         model = self._model
-        B = h.shape[0]
-        positions = input_pos.reshape(-1).expand(B).contiguous()
-        k_caches, v_caches = self._cache_tensors()
         config = model.config
-        out = torch.ops.llamalab.decode_step(
-            h.reshape(B, -1).contiguous(), positions, model.rope, self._norms, self._weights,
-            self._layout, k_caches, v_caches, row, config.n_heads, config.n_kv_heads,
+        k_caches, v_caches = self._cache_tensors()
+        return torch.ops.llamalab.decode_step(
+            h.contiguous(), rows, positions, model.rope, self._norms, self._weights,
+            self._layout, k_caches, v_caches, config.n_heads, config.n_kv_heads,
             config.norm_eps,
         )  # fmt: skip
-        return out.view(B, 1, -1)
 
     def _cache_tensors(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         # setup_cache() replaces every layer's cache together: one identity says whether

@@ -17,6 +17,10 @@ VNNI_LAYOUTS = {
     "Q4_0": (4, 32), "Q4_1": (4, 32), "Q4_K": (4, 32),
     "Q5_0": (8, 32), "Q5_1": (8, 32), "Q5_K": (8, 32), "Q8_0": (8, 32), "Q6_K": (8, 16),
 }  # fmt: skip
+# From this many rows per call a packed layer unpacks to bfloat16 for one GEMM instead
+# (measured break-even on a 576 x 3072 weight: about 55 rows), and a pass leaves the
+# native step (quant/native.py) for the model's blocks.
+UNPACK_ROWS = 64
 _VNNI_FLAGS = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "f16c", "fma"})
 
 

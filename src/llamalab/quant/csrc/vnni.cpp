@@ -316,12 +316,12 @@ void attend(const float* const* qs, int nq, const float* k, const float* v, int6
     for (int c = 0; c < V; ++c) _mm512_storeu_ps(outs[j] + 16 * c, _mm512_mul_ps(acc[j][c], _mm512_set1_ps(inv[j])));
 }
 
-// Attention of B rows of one new token each: q (B, H, D) contiguous, out likewise. Row b's
-// keys and values start at k + b * sb (heads sh, slots ss apart) and it sees its first
-// lengths[b] slots.
+// Attention of B queries of one token each: q (B, H, D) contiguous, out likewise. Query b
+// reads cache row rows[b], whose keys and values start at k + rows[b] * sb (heads sh,
+// slots ss apart), and sees its first lengths[b] slots.
 void attention_rows(const float* q, int64_t B, int64_t H, int64_t KVH, int64_t D, const float* k,
-                    const float* v, int64_t sb, int64_t sh, int64_t ss, const int64_t* lengths,
-                    float* out) {
+                    const float* v, int64_t sb, int64_t sh, int64_t ss, const int64_t* rows,
+                    const int64_t* lengths, float* out) {
   const int64_t group = H / KVH;
   // Query heads are taken up to 4 at a time with their key/value head.
   const int64_t per_task = group <= 4 ? group : 4;
@@ -341,8 +341,8 @@ void attention_rows(const float* q, int64_t B, int64_t H, int64_t KVH, int64_t D
         qs[j] = q + (b * H + first + j) * D;
         os[j] = out + (b * H + first + j) * D;
       }
-      const float* kh = k + b * sb + h * sh;
-      const float* vh = v + b * sb + h * sh;
+      const float* kh = k + rows[b] * sb + h * sh;
+      const float* vh = v + rows[b] * sb + h * sh;
       if (D == 64)
         attend<64>(qs, nq, kh, vh, lengths[b], ss, scale, scores.data(), os);
       else
@@ -363,18 +363,24 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   auto qc = q.contiguous();
   auto out = at::empty({B, H, 1, D}, q.options());
   const std::vector<int64_t> lengths(B, S);
+  std::vector<int64_t> rows(B);
+  for (int64_t b = 0; b < B; ++b) rows[b] = b;
   attention_rows(qc.data_ptr<float>(), B, H, KVH, D, k.data_ptr<float>(), v.data_ptr<float>(), k.stride(0),
-                 k.stride(1), k.stride(2), lengths.data(), out.data_ptr<float>());
+                 k.stride(1), k.stride(2), rows.data(), lengths.data(), out.data_ptr<float>());
   return out;
 }
 
 // ---------------------------------------------------------------------------------------
-// A whole decode step through every transformer block, for B rows of one new token each,
-// in one call: the same maths as model.TransformerBlock (RMSNorm in float32, rotary
-// embedding on adjacent pairs, grouped-query attention over the KV cache, SwiGLU), with
-// every matrix on the tiled weights above. Between the matrix products the work is a few
-// thousand floats, so the per-operation dispatch of the Python model, not arithmetic,
-// was most of a small model's step.
+// A whole step through every transformer block in one call, for M new tokens: token m
+// in cache row rows[m] at position positions[m]. Those are the rows of a decode batch,
+// the tokens of a short prompt chunk, or both packed together. Every token's key and
+// value are written, in token order, before any token attends; token m then sees slots
+// 0..positions[m] of its row, so tokens of one row see each other causally. The maths
+// is model.TransformerBlock's (RMSNorm in float32, rotary embedding on adjacent pairs,
+// grouped-query attention over the KV cache, SwiGLU), with every matrix on the tiled
+// weights above. Between the matrix products the work is a few thousand floats, so the
+// per-operation dispatch of the Python model, not arithmetic, was most of a small
+// model's step.
 
 void rms_norm(const float* x, const float* weight, int64_t M, int64_t dim, float eps, float* out) {
   for (int64_t m = 0; m < M; ++m) {
@@ -416,31 +422,35 @@ void project(const float* x, int64_t M, int64_t K, const Matrix* parts, int64_t 
 // the gate/up projection (1 fused, or 2); then (out_features, bits, group) of every
 // matrix in order: q/k/v parts, wo, gate/up parts, w2. weights holds the matrices in the
 // same order; norms the blocks' attention and FFN norm weights, two per block.
-at::Tensor decode_step(const at::Tensor& x, const at::Tensor& positions, const at::Tensor& rope,
-                       at::TensorList norms, at::TensorList weights, at::IntArrayRef layout,
-                       at::TensorList k_caches, at::TensorList v_caches, int64_t row, int64_t n_heads,
-                       int64_t n_kv_heads, double eps) {
+at::Tensor decode_step(const at::Tensor& x, const at::Tensor& rows, const at::Tensor& positions,
+                       const at::Tensor& rope, at::TensorList norms, at::TensorList weights,
+                       at::IntArrayRef layout, at::TensorList k_caches, at::TensorList v_caches,
+                       int64_t n_heads, int64_t n_kv_heads, double eps) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
               "decode_step: x must be a contiguous (rows, dim) float32 tensor");
   const int64_t M = x.size(0), dim = x.size(1), L = static_cast<int64_t>(k_caches.size());
   TORCH_CHECK(L > 0 && static_cast<int64_t>(v_caches.size()) == L &&
                   static_cast<int64_t>(norms.size()) == 2 * L,
               "decode_step: one K cache, one V cache and two norms per block");
-  TORCH_CHECK(positions.dim() == 1 && positions.size(0) == M && positions.scalar_type() == at::kLong,
-              "decode_step: one int64 position per row");
+  for (const at::Tensor* t : {&rows, &positions})
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == M && t->scalar_type() == at::kLong && t->is_contiguous() &&
+                    t->device().is_cpu(),
+                "decode_step: one int64 cache row and position per token");
   TORCH_CHECK(n_heads > 0 && n_kv_heads > 0 && n_heads % n_kv_heads == 0, "decode_step: heads");
   const at::Tensor& k0 = k_caches[0];
   TORCH_CHECK(k0.dim() == 4 && k0.size(1) == n_kv_heads, "decode_step: caches are (rows, kv_heads, slots, head_dim)");
   const int64_t D = k0.size(3), S = k0.size(2);
   TORCH_CHECK(D == 64 || D == 128, "decode_step: head_dim 64 or 128");
   TORCH_CHECK(n_heads * D == dim, "decode_step: n_heads * head_dim must equal dim");
-  TORCH_CHECK(row >= 0 && row + M <= k0.size(0), "decode_step: cache rows");
+
   TORCH_CHECK(rope.dim() == 3 && rope.size(1) == D / 2 && rope.size(2) == 2 && rope.scalar_type() == at::kFloat &&
                   rope.is_contiguous(),
               "decode_step: rope is a contiguous (positions, head_dim / 2, 2) float32 table");
   const int64_t* pos = positions.data_ptr<int64_t>();
+  const int64_t* row = rows.data_ptr<int64_t>();
   std::vector<int64_t> lengths(M);
   for (int64_t m = 0; m < M; ++m) {
+    TORCH_CHECK(row[m] >= 0 && row[m] < k0.size(0), "decode_step: cache row ", row[m], " does not exist");
     TORCH_CHECK(pos[m] >= 0 && pos[m] < S && pos[m] < rope.size(0), "decode_step: position ", pos[m],
                 " is outside the cache or the rotary table");
     lengths[m] = pos[m] + 1;
@@ -498,8 +508,8 @@ at::Tensor decode_step(const at::Tensor& x, const at::Tensor& positions, const a
   const Matrix* next = matrices.data();
   for (int64_t l = 0; l < L; ++l) {
     const auto [n_qkv, n_ffn] = counts[l];
-    float* kc = k_caches[l].data_ptr<float>() + row * sb;
-    float* vc = v_caches[l].data_ptr<float>() + row * sb;
+    float* kc = k_caches[l].data_ptr<float>();
+    float* vc = v_caches[l].data_ptr<float>();
     // Attention.
     rms_norm(hp, norms[2 * l].data_ptr<float>(), M, dim, static_cast<float>(eps), normed.data());
     project(normed.data(), M, dim, next, n_qkv, qkv.data(), qkv_width);
@@ -509,11 +519,11 @@ at::Tensor decode_step(const at::Tensor& x, const at::Tensor& positions, const a
       rotate(r, H + KVH, D, table + pos[m] * D);  // queries and keys
       std::memcpy(q.data() + m * H * D, r, H * D * sizeof(float));
       for (int64_t g = 0; g < KVH; ++g) {  // this token's key and value into the cache
-        std::memcpy(kc + m * sb + g * sh + pos[m] * ss, r + (H + g) * D, D * sizeof(float));
-        std::memcpy(vc + m * sb + g * sh + pos[m] * ss, r + (H + KVH + g) * D, D * sizeof(float));
+        std::memcpy(kc + row[m] * sb + g * sh + pos[m] * ss, r + (H + g) * D, D * sizeof(float));
+        std::memcpy(vc + row[m] * sb + g * sh + pos[m] * ss, r + (H + KVH + g) * D, D * sizeof(float));
       }
     }
-    attention_rows(q.data(), M, H, KVH, D, kc, vc, sb, sh, ss, lengths.data(), attended.data());
+    attention_rows(q.data(), M, H, KVH, D, kc, vc, sb, sh, ss, row, lengths.data(), attended.data());
     project(attended.data(), M, H * D, next, 1, add.data(), dim);
     next += 1;
     for (int64_t i = 0; i < M * dim; ++i) hp[i] += add[i];
@@ -538,8 +548,8 @@ at::Tensor decode_step(const at::Tensor& x, const at::Tensor& positions, const a
 TORCH_LIBRARY(llamalab, m) {
   m.def("vnni_linear(Tensor x, Tensor w, int out_features, int bits, int group) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor k, Tensor v) -> Tensor");
-  m.def("decode_step(Tensor x, Tensor positions, Tensor rope, Tensor[] norms, Tensor[] weights, int[] layout, "
-        "Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, int row, int n_heads, int n_kv_heads, float eps) -> Tensor");
+  m.def("decode_step(Tensor x, Tensor rows, Tensor positions, Tensor rope, Tensor[] norms, Tensor[] weights, "
+        "int[] layout, Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, int n_heads, int n_kv_heads, float eps) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(llamalab, CPU, m) {
