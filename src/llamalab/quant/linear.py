@@ -8,9 +8,11 @@ read a small form decides the speed. Four kernels, chosen per weight at load tim
 * ``vnni``: llamalab's own (``csrc/vnni.cpp``, built on first use by ``quant/native.py``)
   on CPUs with AVX-512 VNNI. Every type that is exactly ``q * scale + zero`` per group
   (``llamalab.gguf.dequant.affine_groups``: Q4_0, Q4_1, Q4_K in 4 bits, groups of 32;
-  Q5_0, Q5_1, Q5_K, Q8_0 in 8 bits, groups of 32; Q6_K in 8 bits, groups of 16) keeps
-  its quants, with a float16 scale and zero per group: 0.625 bytes a weight for the
-  4-bit types, 1.125-1.25 for the others. Activations are quantized to int8 per block
+  Q5_0, Q5_1, Q5_K in 6 bits, groups of 32; Q6_K in 6 bits, groups of 16; Q8_0 in 8
+  bits, groups of 32) keeps its quants, with a float16 scale per group and a float16
+  zero where the type is not symmetric (``plan.VNNI_LAYOUTS``): 0.5625 bytes a weight
+  for Q4_0, 0.625 for Q4_1 and Q4_K, 0.81-0.875 for the 5- and 6-bit types and 1.0625
+  for Q8_0, each within 7% of the GGUF size. Activations are quantized to int8 per block
   of 16 (llama.cpp uses 32; 16 halved the KL), and ``vpdpbusd`` multiplies four
   weights of 16 rows at a time. One row reads 30-32 GB/s here, the machine's bandwidth,
   against 20-22 for torch's int4 kernel and 2 bytes a weight for fp16. A call with 64
@@ -69,6 +71,7 @@ from llamalab.quant.plan import (
     INT4_GROUP,
     UNPACK_ROWS,
     VNNI_LAYOUTS,
+    VnniLayout,
     cpu_runs_int4_fast,
     int4_takes,
     vnni_takes,
@@ -163,7 +166,7 @@ class QuantizedLinear(nn.Module):
         weight: torch.Tensor | None,
         source_type: str,
         int4: tuple[torch.Tensor, torch.Tensor] | None = None,
-        vnni: tuple[torch.Tensor, int, int] | None = None,
+        vnni: tuple[torch.Tensor, VnniLayout] | None = None,
     ) -> None:
         super().__init__()
         if sum(part is not None for part in (packed, weight, int4, vnni)) != 1:
@@ -176,7 +179,7 @@ class QuantizedLinear(nn.Module):
         # never make the model's state_dict alias or re-tie them.
         self._weight = weight
         self._int4 = int4  # (packed nibbles, (groups, out, 2) bfloat16 scales and zeros)
-        self._vnni = vnni  # (the tiled buffer of csrc/vnni.cpp, bits, group)
+        self._vnni = vnni  # (the tiled buffer of csrc/vnni.cpp, its layout)
 
     @property
     def kernel(self) -> Kernel:
@@ -284,16 +287,16 @@ class QuantizedLinear(nn.Module):
             )
         if not vnni_available():
             raise LlamalabError("the vnni kernel does not run here (see llamalab.quant.native)")
-        bits, group = VNNI_LAYOUTS[qtype.name]
+        layout = VNNI_LAYOUTS[qtype.name]
         parts = []
         for _, rows in _row_bands(out_features, raw, row_bytes):
             groups = affine_groups(rows, qtype, (rows.numel() // row_bytes, in_features))
-            part = pack_vnni(groups.q, groups.scale, groups.zero, bits, group)
+            part = pack_vnni(groups.q, groups.scale, groups.zero, layout)
             if part is None:
                 return None
             parts.append(part)
         buffer = torch.cat(parts) if len(parts) > 1 else parts[0]
-        return cls(in_features, out_features, None, None, qtype.name, vnni=(buffer, bits, group))
+        return cls(in_features, out_features, None, None, qtype.name, vnni=(buffer, layout))
 
     @classmethod
     def _from_int4_bytes(
@@ -320,14 +323,14 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         if self._vnni is not None:
-            buffer, bits, group = self._vnni
+            buffer, layout = self._vnni
             x2 = x.reshape(-1, self.in_features)
             if x2.shape[0] >= UNPACK_ROWS:  # a prefill chunk: one bfloat16 GEMM
-                weight = unpack_vnni(buffer, self.out_features, self.in_features, bits, group)
+                weight = unpack_vnni(buffer, self.out_features, self.in_features, layout)
                 y = F.linear(x2.to(torch.bfloat16), weight)
             else:
                 x2 = x2.to(torch.float32).contiguous()
-                y = torch.ops.llamalab.vnni_linear(x2, buffer, self.out_features, bits, group)
+                y = torch.ops.llamalab.vnni_linear(x2, buffer, self.out_features, *layout)
             return y.view(*x.shape[:-1], self.out_features).to(dtype)
         if self._int4 is not None:
             packed, scales = self._int4
@@ -352,10 +355,8 @@ class QuantizedLinear(nn.Module):
     def dequantized_weight(self) -> torch.Tensor:
         """The weight this layer multiplies by, as a new float32 tensor (for checks)."""
         if self._vnni is not None:
-            buffer, bits, group = self._vnni
-            return unpack_vnni(
-                buffer, self.out_features, self.in_features, bits, group, torch.float32
-            )
+            buffer, layout = self._vnni
+            return unpack_vnni(buffer, self.out_features, self.in_features, layout, torch.float32)
         if self._int4 is not None:  # the weight as the kernel applies it, rounded to bfloat16
             packed, scales = self._int4
             eye = torch.eye(self.in_features, dtype=torch.bfloat16)
@@ -405,63 +406,76 @@ class PackedEmbedding(nn.Module):
 
 
 def pack_vnni(
-    q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, group: int
+    q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, layout: VnniLayout
 ) -> torch.Tensor | None:
     """The buffer ``csrc/vnni.cpp`` reads, from (out, in) quants and (out, in / group)
     scales and zeros; None where a scale or zero is beyond float16's range.
 
     Output rows are tiled by 16; per tile and group, the quants (their order is in the
-    C++ file's header), then 16 float16 scales and 16 float16 zeros.
+    C++ file's header), then 16 float16 scales and, unless the layout is symmetric (its
+    zeros are ``-offset * scale``), 16 float16 zeros.
     """
     n, k = q.shape
+    bits, group, offset = layout
     tiles, groups = n // 16, k // group
-    if bits == 4:
-        nibbles = q.view(tiles, 16, k // 8, 2, 4)  # [tile, row, octet, half, byte]
-        quants = (nibbles[:, :, :, 0] | (nibbles[:, :, :, 1] << 4)).permute(0, 2, 1, 3)
+    if bits == 8:
+        quants = q.view(tiles, 16, k // 4, 4).permute(0, 2, 1, 3)  # [tile, chunk, row, byte]
+        quants = quants.reshape(tiles, groups, group * 16)
     else:
-        quants = q.view(tiles, 16, k // 4, 4).permute(0, 2, 1, 3)
-    quants = quants.reshape(tiles, groups, group * bits * 2)  # 16 rows x group weights
+        low = q & 0x0F if bits == 6 else q
+        nibbles = low.view(tiles, 16, k // 8, 2, 4)  # [tile, row, chunk, half, byte]
+        quants = (nibbles[:, :, :, 0] | (nibbles[:, :, :, 1] << 4)).permute(0, 2, 1, 3)
+        quants = quants.reshape(tiles, groups, group * 8)
+        if bits == 6:
+            top = (q >> 4).view(tiles, 16, k // 16, 4, 4)  # [tile, row, chunk, field, byte]
+            fields = sum(top[:, :, :, f] << (2 * f) for f in range(4)).permute(0, 2, 1, 3)
+            quants = torch.cat([quants, fields.reshape(tiles, groups, group * 4)], dim=2)
 
     def halves(t: torch.Tensor) -> torch.Tensor:
         return t.to(torch.float16).view(tiles, 16, groups).permute(0, 2, 1).contiguous()
 
-    scale16, zero16 = halves(scale), halves(zero)
-    if not (torch.isfinite(scale16).all() and torch.isfinite(zero16).all()):
+    parts = [halves(scale)] if offset else [halves(scale), halves(zero)]
+    if not all(torch.isfinite(p).all() for p in parts):
         return None
-    parts = [quants, scale16.view(torch.uint8), zero16.view(torch.uint8)]
-    return torch.cat(parts, dim=2).reshape(-1)
+    return torch.cat([quants, *(p.view(torch.uint8) for p in parts)], dim=2).reshape(-1)
 
 
 def unpack_vnni(
     buffer: torch.Tensor,
     out_features: int,
     in_features: int,
-    bits: int,
-    group: int,
+    layout: VnniLayout,
     dtype: torch.dtype = torch.bfloat16,
 ) -> torch.Tensor:
     """The (out, in) weight of a :func:`pack_vnni` buffer: ``q * scale + zero`` in float32
     (the float16 scales and zeros widen exactly), rounded once to ``dtype``, 1,024 rows at
     a time so that no float32 copy of the whole matrix exists."""
+    bits, group, offset = layout
     tiles, groups = out_features // 16, in_features // group
     quant_bytes = group * bits * 2
-    parts = buffer.view(tiles, groups, quant_bytes + 64)
+    parts = buffer.view(tiles, groups, quant_bytes + (32 if offset else 64))
     out = torch.empty(out_features, in_features, dtype=dtype)
     step = 1024 // 16
     for t0 in range(0, tiles, step):
         t1 = min(tiles, t0 + step)
         chunk = parts[t0:t1]
-        quants = chunk[:, :, :quant_bytes]
-        if bits == 4:
-            packed = quants.reshape(t1 - t0, groups, group // 8, 16, 4)  # [t, g, octet, row, b]
-            q = torch.stack([packed & 0x0F, packed >> 4], dim=3)  # [t, g, octet, half, row, b]
-            q = q.permute(0, 4, 1, 2, 3, 5)  # [t, row, g, octet, half, b]
+        if bits == 8:
+            q = chunk[:, :, :quant_bytes].reshape(t1 - t0, groups, group // 4, 16, 4)
+            q = q.permute(0, 3, 1, 2, 4)  # [t, row, g, chunk, byte]
         else:
-            q = quants.reshape(t1 - t0, groups, group // 4, 16, 4).permute(0, 3, 1, 2, 4)
+            packed = chunk[:, :, : group * 8].reshape(t1 - t0, groups, group // 8, 16, 4)
+            q = torch.stack([packed & 0x0F, packed >> 4], dim=3)  # [t, g, chunk, half, row, b]
+            q = q.permute(0, 4, 1, 2, 3, 5)  # [t, row, g, chunk, half, b]
+            if bits == 6:
+                fields = chunk[:, :, group * 8 : quant_bytes]
+                fields = fields.reshape(t1 - t0, groups, group // 16, 16, 4)  # [t, g, c, row, b]
+                top = torch.stack([(fields >> (2 * f)) & 3 for f in range(4)], dim=3)
+                top = top.permute(0, 4, 1, 2, 3, 5)  # [t, row, g, chunk, field, b]
+                q = q.reshape(top.shape) | (top << 4)
         q = q.reshape(t1 - t0, 16, groups, group).float()
         sz = chunk[:, :, quant_bytes:].contiguous().view(torch.float16).float()
         scale = sz[:, :, :16].permute(0, 2, 1).unsqueeze(-1)  # [t, row, g, 1]
-        zero = sz[:, :, 16:].permute(0, 2, 1).unsqueeze(-1)
+        zero = -offset * scale if offset else sz[:, :, 16:].permute(0, 2, 1).unsqueeze(-1)
         values = torch.addcmul(zero, q, scale)
         out[t0 * 16 : t1 * 16] = values.reshape((t1 - t0) * 16, in_features)
     return out

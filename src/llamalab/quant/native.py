@@ -98,7 +98,7 @@ def vnni_available() -> bool:
 def _register_fake() -> None:
     # Shapes for torch.compile's tracing: (M, K) in, (M, out_features) float32 out.
     @torch.library.register_fake("llamalab::vnni_linear")
-    def _(x, w, out_features, bits, group):
+    def _(x, w, out_features, bits, group, offset):
         return x.new_empty((x.shape[0], out_features))
 
     @torch.library.register_fake("llamalab::decode_attention")
@@ -158,8 +158,8 @@ class NativeStep:
             if any(n.dtype != torch.float32 or not n.is_contiguous() for n in norms):
                 return None
             layout += [len(qkv), len(gate_up)]
-            for part, (buffer, bits, group) in zip(parts, vnni, strict=True):
-                layout += [part.out_features, bits, group]
+            for part, (buffer, kind) in zip(parts, vnni, strict=True):
+                layout += [part.out_features, *kind]
                 weights.append(buffer)
         return cls(model, layout, weights)
 

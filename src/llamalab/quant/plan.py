@@ -8,14 +8,33 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import NamedTuple
 
 INT4_TYPES = frozenset({"Q4_0", "Q4_1", "Q4_K"})  # exactly groups of 32 with a scale and a zero
 INT4_GROUP = 32
-# The types llamalab's VNNI kernel holds, as (bits per quant, weights per group): each is
-# exactly value = q * scale + zero per group (``gguf.dequant.affine_groups``).
+
+
+class VnniLayout(NamedTuple):
+    """How llamalab's VNNI kernel holds a weight type (``csrc/vnni.cpp``'s header)."""
+
+    bits: int  # per quant: 4, 6 or 8
+    group: int  # weights per scale
+    offset: int  # symmetric types: zero = -offset * scale, not stored; 0: zeros stored
+
+    def nbytes(self, out_features: int, in_features: int) -> int:
+        """Bytes of an (out, in) weight: the quants, a float16 scale and zero per group."""
+        per_group = 2 if self.offset else 4
+        return out_features * in_features * self.bits // 8 + out_features * (
+            in_features // self.group
+        ) * per_group
+
+
+# The types the kernel holds: each is exactly value = q * scale + zero per group
+# (``gguf.dequant.affine_groups``), with q stored in the fewest bits the kernel has.
 VNNI_LAYOUTS = {
-    "Q4_0": (4, 32), "Q4_1": (4, 32), "Q4_K": (4, 32),
-    "Q5_0": (8, 32), "Q5_1": (8, 32), "Q5_K": (8, 32), "Q8_0": (8, 32), "Q6_K": (8, 16),
+    "Q4_0": VnniLayout(4, 32, 8), "Q4_1": VnniLayout(4, 32, 0), "Q4_K": VnniLayout(4, 32, 0),
+    "Q5_0": VnniLayout(6, 32, 16), "Q5_1": VnniLayout(6, 32, 0), "Q5_K": VnniLayout(6, 32, 0),
+    "Q6_K": VnniLayout(6, 16, 32), "Q8_0": VnniLayout(8, 32, 128),
 }  # fmt: skip
 # From this many rows per call a packed layer unpacks to bfloat16 for one GEMM instead
 # (measured break-even on a 576 x 3072 weight: about 55 rows), and a pass leaves the
@@ -71,9 +90,7 @@ def packed_linear_bytes(stored_type: str, shape: tuple[int, ...]) -> int:
     """Bytes a packed linear layer of this stored type and (out, in) shape holds."""
     out_features, in_features = shape
     if cpu_runs_vnni() and vnni_takes(stored_type, shape):
-        # The quants, and a float16 scale and zero per group.
-        bits, group = VNNI_LAYOUTS[stored_type]
-        return out_features * in_features * bits // 8 + out_features * (in_features // group) * 4
+        return VNNI_LAYOUTS[stored_type].nbytes(out_features, in_features)
     if cpu_runs_int4_fast() and int4_takes(stored_type, shape):
         # Two weights a byte, and a bfloat16 scale and zero per group.
         return out_features * in_features // 2 + out_features * (in_features // INT4_GROUP) * 4

@@ -1,15 +1,20 @@
-// Matrix-vector products on weights kept at 4 or 8 bits, with AVX-512 VNNI.
+// Matrix-vector products on weights kept at 4, 6 or 8 bits, with AVX-512 VNNI.
 //
 // Built and loaded by llamalab/quant/native.py the first time a model needs it; registers
 // torch.ops.llamalab.vnni_linear.
 //
 // Weights: every GGUF type llamalab packs this way is, per group of G weights of one
-// output row, value = q * scale + zero with q unsigned (4 bits, or up to 8). Rows are
-// tiled by 16. For one tile and one group the buffer holds the quants, then the 16
-// scales and the 16 zeros as float16 (64 bytes), so a tile is one contiguous stream:
+// output row, value = q * scale + zero with q unsigned (4, 6 or 8 bits). Where the type
+// is symmetric, zero = -offset * scale for a fixed offset (Q4_0: 8, Q6_K: 32 ...) and
+// is not stored. Rows are tiled by 16. For one tile and one group the buffer holds the
+// quants, then the 16 scales and (unless symmetric) the 16 zeros as float16, so a tile
+// is one contiguous stream:
 //
-//   4 bits (G = 32): 4 chunks of 64 bytes; in chunk c, bytes 4j..4j+3 are row j's
+//   4 bits (G = 32): G / 8 chunks of 64 bytes; in chunk c, bytes 4j..4j+3 are row j's
 //       weights 8c..8c+3 in their low nibbles and 8c+4..8c+7 in their high nibbles.
+//   6 bits (G = 16 or 32): the low 4 bits as the 4-bit layout, then G / 16 chunks of
+//       the high 2 bits: in chunk h, byte 4j+i holds in bits 2f..2f+1 the high bits of
+//       row j's weight 16h + 4f + i.
 //   8 bits (G = 16 or 32): G / 4 chunks of 64 bytes; in chunk c, bytes 4j..4j+3 are
 //       row j's weights 4c..4c+3.
 //
@@ -19,6 +24,7 @@
 // Activations are quantized to int8 per block of 16 (x ~= d * xq), half llama.cpp's 32,
 // which keeps an outlier from coarsening twice as many neighbours:
 //   sum_k w_k x_k ~= scale * sum_blocks d * sum_k q_k xq_k + zero * sum_k d xq_k  (per group)
+// (symmetric: scale * (sum_blocks d * sum_k q_k xq_k - offset * sum_k d xq_k)).
 // Outputs are float32.
 
 #include <ATen/Parallel.h>
@@ -43,6 +49,7 @@ struct Activations {
   const int8_t* q;  // (M, K)
   const float* d;   // (M, K / 16)
   const float* s;   // (M, K / G): d * sum of the group's q
+  float offset;     // the weights' symmetric offset, or 0 where zeros are stored
 };
 
 // x (M, K) float32 -> int8 per block of 16, its scales and per-group sums of d * xq.
@@ -74,11 +81,17 @@ void quantize(const float* x, int64_t M, int64_t K, int64_t G, int8_t* q, float*
 inline __m512i broadcast4(const int8_t* p) { return _mm512_broadcastd_epi32(_mm_loadu_si32(p)); }
 
 // RB consecutive row tiles against MC activation rows starting at m0.
-template <int BITS, int G, int MC, int RB>
+// Bytes of one tile's group: quants, then float16 scales and (unless symmetric) zeros.
+template <int BITS, int G, bool SYM>
+constexpr int group_bytes() {
+  return 16 * G * BITS / 8 + (SYM ? 32 : 64);
+}
+
+template <int BITS, int G, bool SYM, int MC, int RB>
 void tiles(const uint8_t* w, const Activations& a, int64_t K, int64_t ldy, int64_t t0, int64_t m0,
            float* y, int64_t next, int64_t next_count) {
   constexpr int kQuantBytes = 16 * G * BITS / 8;
-  constexpr int kGroupBytes = kQuantBytes + 64;
+  constexpr int kGroupBytes = group_bytes<BITS, G, SYM>();
   const int64_t ng = K / G;
   const int64_t tile_bytes = ng * kGroupBytes;
   const __m512i nibble = _mm512_set1_epi8(0x0F);
@@ -102,7 +115,8 @@ void tiles(const uint8_t* w, const Activations& a, int64_t K, int64_t ldy, int64
       if (ahead != nullptr)
         for (int p = 0; p < kGroupBytes; p += 64) _mm_prefetch(ahead + p, _MM_HINT_T0);
     }
-    if constexpr (BITS == 4) {
+    if constexpr (BITS == 4 || BITS == 6) {
+      const __m512i three = _mm512_set1_epi8(0x03);
       for (int c = 0; c < G / 8; ++c) {
         __m512i lo_x[MC], hi_x[MC];
         for (int m = 0; m < MC; ++m) {
@@ -111,9 +125,18 @@ void tiles(const uint8_t* w, const Activations& a, int64_t K, int64_t ldy, int64
           hi_x[m] = broadcast4(xp + 4);
         }
         for (int r = 0; r < RB; ++r) {
-          const __m512i v = _mm512_loadu_si512(w + (t0 + r) * tile_bytes + g * kGroupBytes + c * 64);
-          const __m512i lo = _mm512_and_si512(v, nibble);
-          const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
+          const uint8_t* quants = w + (t0 + r) * tile_bytes + g * kGroupBytes;
+          const __m512i v = _mm512_loadu_si512(quants + c * 64);
+          __m512i lo = _mm512_and_si512(v, nibble);
+          __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
+          if constexpr (BITS == 6) {  // bits 4 and 5 from the high chunk
+            const __m512i high = _mm512_loadu_si512(quants + G / 8 * 64 + c / 2 * 64);
+            const int f = 2 * (c % 2);  // the fields of this chunk's low and high halves
+            const __m512i top_lo = _mm512_and_si512(_mm512_srl_epi16(high, _mm_cvtsi32_si128(2 * f)), three);
+            const __m512i top_hi = _mm512_and_si512(_mm512_srl_epi16(high, _mm_cvtsi32_si128(2 * f + 2)), three);
+            lo = _mm512_or_si512(lo, _mm512_slli_epi16(top_lo, 4));
+            hi = _mm512_or_si512(hi, _mm512_slli_epi16(top_hi, 4));
+          }
           for (int m = 0; m < MC; ++m) {  // chunk c holds weights 8c..8c+7: block c / 2
             dot[r][m][c / 2] = _mm512_dpbusd_epi32(dot[r][m][c / 2], lo, lo_x[m]);
             dot[r][m][c / 2] = _mm512_dpbusd_epi32(dot[r][m][c / 2], hi, hi_x[m]);
@@ -139,14 +162,16 @@ void tiles(const uint8_t* w, const Activations& a, int64_t K, int64_t ldy, int64
     for (int r = 0; r < RB; ++r) {
       const uint8_t* sz = w + (t0 + r) * tile_bytes + g * kGroupBytes + kQuantBytes;
       const __m512 scale = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)sz));
-      const __m512 zero = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(sz + 32)));
       for (int m = 0; m < MC; ++m) {
         // The group's blocks weighted by their activation scales, then by the weights'.
-        __m512 group = _mm512_mul_ps(_mm512_cvtepi32_ps(dot[r][m][0]), _mm512_set1_ps(d[m][0]));
-        for (int h = 1; h < kBlocks; ++h)
+        __m512 group = SYM ? _mm512_set1_ps(-a.offset * sum[m]) : _mm512_setzero_ps();
+        for (int h = 0; h < kBlocks; ++h)
           group = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[r][m][h]), _mm512_set1_ps(d[m][h]), group);
         acc[r][m] = _mm512_fmadd_ps(group, scale, acc[r][m]);
-        acc[r][m] = _mm512_fmadd_ps(zero, _mm512_set1_ps(sum[m]), acc[r][m]);
+        if constexpr (!SYM) {
+          const __m512 zero = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(sz + 32)));
+          acc[r][m] = _mm512_fmadd_ps(zero, _mm512_set1_ps(sum[m]), acc[r][m]);
+        }
       }
     }
   }
@@ -156,11 +181,11 @@ void tiles(const uint8_t* w, const Activations& a, int64_t K, int64_t ldy, int64
 
 // Tiles [begin, end) against activation rows m0..m0+MC. One row reads four tiles at a
 // time (four independent chains of vpdpbusd), more rows fewer.
-template <int BITS, int G, int MC>
+template <int BITS, int G, bool SYM, int MC>
 void tile_range(const uint8_t* w, const Activations& a, int64_t K, int64_t ldy, int64_t begin,
                 int64_t end, int64_t m0, float* y) {
   constexpr int RB = MC == 1 ? 4 : (MC == 2 ? 2 : 1);
-  constexpr int kGroupBytes = 16 * G * BITS / 8 + 64;
+  constexpr int kGroupBytes = group_bytes<BITS, G, SYM>();
   const int64_t tile_bytes = K / G * kGroupBytes;
   // The first groups of the first tiles: nothing before them prefetched them.
   for (int64_t t = begin; t < std::min<int64_t>(begin + RB, end); ++t)
@@ -169,15 +194,15 @@ void tile_range(const uint8_t* w, const Activations& a, int64_t K, int64_t ldy, 
   int64_t t = begin;
   for (; t + RB <= end; t += RB) {
     const int64_t next = t + RB;
-    tiles<BITS, G, MC, RB>(w, a, K, ldy, t, m0, y, next, std::min<int64_t>(RB, end - next));
+    tiles<BITS, G, SYM, MC, RB>(w, a, K, ldy, t, m0, y, next, std::min<int64_t>(RB, end - next));
   }
-  for (; t < end; ++t) tiles<BITS, G, MC, 1>(w, a, K, ldy, t, m0, y, t + 1, t + 1 < end ? 1 : 0);
+  for (; t < end; ++t) tiles<BITS, G, SYM, MC, 1>(w, a, K, ldy, t, m0, y, t + 1, t + 1 < end ? 1 : 0);
 }
 
 // y (M, N) with row stride ldy = x (M, K) times the tiled weights. More than four rows
 // go through a few tiles at a time, every block of four rows in turn, so that the
 // weights are read from memory once and from cache after.
-template <int BITS, int G>
+template <int BITS, int G, bool SYM>
 void product(const uint8_t* w, const Activations& a, int64_t M, int64_t K, int64_t N, int64_t ldy,
              float* y) {
   at::parallel_for(0, N / 16, 4, [&](int64_t begin, int64_t end) {
@@ -185,54 +210,69 @@ void product(const uint8_t* w, const Activations& a, int64_t M, int64_t K, int64
     for (int64_t c = begin; c < end; c += step) {
       const int64_t c_end = std::min(end, c + step);
       int64_t m0 = 0;
-      for (; m0 + 4 <= M; m0 += 4) tile_range<BITS, G, 4>(w, a, K, ldy, c, c_end, m0, y);
+      for (; m0 + 4 <= M; m0 += 4) tile_range<BITS, G, SYM, 4>(w, a, K, ldy, c, c_end, m0, y);
       switch (M - m0) {
-        case 3: tile_range<BITS, G, 3>(w, a, K, ldy, c, c_end, m0, y); break;
-        case 2: tile_range<BITS, G, 2>(w, a, K, ldy, c, c_end, m0, y); break;
-        case 1: tile_range<BITS, G, 1>(w, a, K, ldy, c, c_end, m0, y); break;
+        case 3: tile_range<BITS, G, SYM, 3>(w, a, K, ldy, c, c_end, m0, y); break;
+        case 2: tile_range<BITS, G, SYM, 2>(w, a, K, ldy, c, c_end, m0, y); break;
+        case 1: tile_range<BITS, G, SYM, 1>(w, a, K, ldy, c, c_end, m0, y); break;
         default: break;
       }
     }
   });
 }
 
-bool known_layout(int64_t bits, int64_t group) {
-  return (bits == 4 && group == 32) || (bits == 8 && (group == 16 || group == 32));
+// offset 0: zeros stored; otherwise symmetric, zero = -offset * scale.
+bool known_layout(int64_t bits, int64_t group, int64_t offset) {
+  const bool shape = (bits == 4 && group == 32) || ((bits == 6 || bits == 8) && (group == 16 || group == 32));
+  return shape && offset >= 0 && offset < 256;
 }
 
-int64_t weight_bytes(int64_t N, int64_t K, int64_t bits, int64_t group) {
-  return N * K * bits / 8 + N * (K / group) * 4;
+int64_t weight_bytes(int64_t N, int64_t K, int64_t bits, int64_t group, int64_t offset) {
+  return N * K * bits / 8 + N * (K / group) * (offset ? 2 : 4);
+}
+
+template <int BITS, int G>
+void product_of(const uint8_t* w, const Activations& a, int64_t M, int64_t K, int64_t N, int64_t ldy,
+                float* y) {
+  if (a.offset != 0.0f)
+    product<BITS, G, true>(w, a, M, K, N, ldy, y);
+  else
+    product<BITS, G, false>(w, a, M, K, N, ldy, y);
 }
 
 // y (M, N; row stride ldy) = x (M, K) W^T for a tiled weight; shapes checked by the caller.
 void linear(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t N, int64_t bits,
-            int64_t group, float* y, int64_t ldy) {
+            int64_t group, int64_t offset, float* y, int64_t ldy) {
   thread_local std::vector<int8_t> xq;
   thread_local std::vector<float> xd, xs;
   xq.resize(M * K);
   xd.resize(M * K / kXBlock);
   xs.resize(M * K / group);
   quantize(x, M, K, group, xq.data(), xd.data(), xs.data());
-  const Activations a{xq.data(), xd.data(), xs.data()};
+  const Activations a{xq.data(), xd.data(), xs.data(), static_cast<float>(offset)};
   if (bits == 4)
-    product<4, 32>(w, a, M, K, N, ldy, y);
+    product_of<4, 32>(w, a, M, K, N, ldy, y);
+  else if (bits == 6 && group == 32)
+    product_of<6, 32>(w, a, M, K, N, ldy, y);
+  else if (bits == 6)
+    product_of<6, 16>(w, a, M, K, N, ldy, y);
   else if (group == 32)
-    product<8, 32>(w, a, M, K, N, ldy, y);
+    product_of<8, 32>(w, a, M, K, N, ldy, y);
   else
-    product<8, 16>(w, a, M, K, N, ldy, y);
+    product_of<8, 16>(w, a, M, K, N, ldy, y);
 }
 
 at::Tensor vnni_linear(const at::Tensor& x, const at::Tensor& w, int64_t out_features,
-                       int64_t bits, int64_t group) {
+                       int64_t bits, int64_t group, int64_t offset) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
               "vnni_linear: x must be a contiguous (M, K) float32 tensor");
   TORCH_CHECK(w.scalar_type() == at::kByte && w.is_contiguous(), "vnni_linear: w must be uint8");
   const int64_t M = x.size(0), K = x.size(1), N = out_features;
   TORCH_CHECK(N % 16 == 0 && K % 32 == 0 && K % group == 0, "vnni_linear: shape");
-  TORCH_CHECK(known_layout(bits, group), "vnni_linear: bits/group");
-  TORCH_CHECK(w.numel() == weight_bytes(N, K, bits, group), "vnni_linear: weight bytes");
+  TORCH_CHECK(known_layout(bits, group, offset), "vnni_linear: bits/group/offset");
+  TORCH_CHECK(w.numel() == weight_bytes(N, K, bits, group, offset), "vnni_linear: weight bytes");
   auto y = at::empty({M, N}, x.options());
-  linear(x.data_ptr<float>(), M, K, w.data_ptr<uint8_t>(), N, bits, group, y.data_ptr<float>(), N);
+  linear(x.data_ptr<float>(), M, K, w.data_ptr<uint8_t>(), N, bits, group, offset, y.data_ptr<float>(), N);
   return y;
 }
 
@@ -405,20 +445,20 @@ void rotate(float* heads, int64_t n, int64_t D, const float* rotation) {
 
 struct Matrix {
   const uint8_t* w;
-  int64_t out, bits, group;
+  int64_t out, bits, group, offset;
 };
 
 // x (M, K) times each part, their outputs side by side in y (M, sum of outs).
 void project(const float* x, int64_t M, int64_t K, const Matrix* parts, int64_t n, float* y, int64_t ldy) {
   int64_t column = 0;
   for (int64_t i = 0; i < n; ++i) {
-    linear(x, M, K, parts[i].w, parts[i].out, parts[i].bits, parts[i].group, y + column, ldy);
+    linear(x, M, K, parts[i].w, parts[i].out, parts[i].bits, parts[i].group, parts[i].offset, y + column, ldy);
     column += parts[i].out;
   }
 }
 
 // layout, per block: the number of parts of the q/k/v projection (1 fused, or 3) and of
-// the gate/up projection (1 fused, or 2); then (out_features, bits, group) of every
+// the gate/up projection (1 fused, or 2); then (out_features, bits, group, offset) of every
 // matrix in order: q/k/v parts, wo, gate/up parts, w2. weights holds the matrices in the
 // same order; norms the blocks' attention and FFN norm weights, two per block.
 at::Tensor decode_step(const at::Tensor& x, const at::Tensor& rows, const at::Tensor& positions,
@@ -479,17 +519,18 @@ at::Tensor decode_step(const at::Tensor& x, const at::Tensor& rows, const at::Te
     for (int64_t i = 0; i < n_qkv + 1 + n_ffn + 1; ++i) {
       const int64_t index = static_cast<int64_t>(matrices.size());
       TORCH_CHECK(index < static_cast<int64_t>(weights.size()), "decode_step: too few weights");
-      const int64_t out = next_int(), bits = next_int(), group = next_int();
+      const int64_t out = next_int(), bits = next_int(), group = next_int(), offset = next_int();
       const bool is_w2 = i == n_qkv + 1 + n_ffn;
       const int64_t in = is_w2 ? ffn / 2 : (i == n_qkv ? H * D : dim);
       const at::Tensor& w = weights[index];
-      TORCH_CHECK(known_layout(bits, group) && out % 16 == 0 && in % 32 == 0 && in % group == 0 &&
-                      w.scalar_type() == at::kByte && w.is_contiguous() && w.numel() == weight_bytes(out, in, bits, group),
+      TORCH_CHECK(known_layout(bits, group, offset) && out % 16 == 0 && in % 32 == 0 && in % group == 0 &&
+                      w.scalar_type() == at::kByte && w.is_contiguous() &&
+                      w.numel() == weight_bytes(out, in, bits, group, offset),
                   "decode_step: weight ", index, " does not match its layout");
       if (i < n_qkv) qkv += out;
       else if (i > n_qkv && !is_w2) ffn += out;
       TORCH_CHECK(!(i == n_qkv || is_w2) || out == dim, "decode_step: wo and w2 give dim outputs");
-      matrices.push_back({w.data_ptr<uint8_t>(), out, bits, group});
+      matrices.push_back({w.data_ptr<uint8_t>(), out, bits, group, offset});
     }
     TORCH_CHECK(qkv == qkv_width && ffn % 2 == 0 && ffn > 0, "decode_step: projection widths");
     TORCH_CHECK(l == 0 || ffn / 2 == hidden, "decode_step: every block's FFN alike");
@@ -545,7 +586,7 @@ at::Tensor decode_step(const at::Tensor& x, const at::Tensor& rows, const at::Te
 }  // namespace
 
 TORCH_LIBRARY(llamalab, m) {
-  m.def("vnni_linear(Tensor x, Tensor w, int out_features, int bits, int group) -> Tensor");
+  m.def("vnni_linear(Tensor x, Tensor w, int out_features, int bits, int group, int offset) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor k, Tensor v) -> Tensor");
   m.def("decode_step(Tensor x, Tensor rows, Tensor positions, Tensor rope, Tensor[] norms, Tensor[] weights, "
         "int[] layout, Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, int n_heads, int n_kv_heads, float eps) -> Tensor");
