@@ -27,8 +27,9 @@ from pathlib import Path
 
 PROMPT_TOKENS = 512
 DECODE_TOKENS = 128
-# llamalab: as `serve` runs it (compiled decode step, compiled before the clock starts);
-# llamalab-eager: as `generate` runs it by default.
+# llamalab: as `serve` runs it (on CPUs with AVX-512 VNNI the native step, elsewhere the
+# compiled decode step, compiled before the clock starts); llamalab-eager: as `generate`
+# runs it by default (the native step too where there is one: then the two are the same).
 ENGINES = ("llamalab", "llamalab-eager", "llamalab-float32", "llama.cpp", "transformers-float32")
 
 

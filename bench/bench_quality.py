@@ -9,7 +9,8 @@ windows of ``--window`` tokens, for every position:
 - how often the path's top token is the reference's.
 
 Paths: llamalab ``auto`` as prefill runs it (whole windows), llamalab ``auto`` as decode
-runs it (one token at a time through the KV cache, compiled step), the same with torch's
+runs it (one token at a time through the KV cache: the native step on CPUs with AVX-512
+VNNI, else the compiled block), the same with torch's
 int4 kernel instead of llamalab's VNNI one (``LLAMALAB_VNNI=0``), llamalab with the fp16
 kernel (``LLAMALAB_VNNI=0 LLAMALAB_INT4=0``), and llama.cpp (llama-cpp-python, ``logits_all=True``,
 its defaults otherwise: f16 KV cache, 8-bit activations for 4-bit matmuls).
@@ -139,7 +140,7 @@ def main() -> None:
     paths = {
         "float32": {},
         "llamalab auto (prefill)": {"how": "prefill"},
-        "llamalab auto (decode, compiled)": {"how": "decode"},
+        "llamalab auto (decode)": {"how": "decode"},
         "llamalab int4 kernel (decode)": {"how": "decode", "env": {"LLAMALAB_VNNI": "0"}},
         "llamalab fp16 kernel": {
             "how": "prefill",
