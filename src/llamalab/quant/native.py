@@ -134,13 +134,17 @@ class NativeStep:
         self._norms = [
             norm.weight for layer in model.layers for norm in (layer.attention_norm, layer.ffn_norm)
         ]
-        self._caches: tuple[object, list[torch.Tensor], list[torch.Tensor]] | None = None
 
     @classmethod
     def for_model(cls, model: torch.nn.Module) -> NativeStep | None:
         """The step for ``model``, or None where some part of it is not on the vnni kernel."""
         config = model.config
-        if not vnni_available() or model.dtype != torch.float32 or config.head_dim not in (64, 128):
+        if (
+            not vnni_available()
+            or model.dtype != torch.float32
+            or config.head_dim not in (64, 128)
+            or config.n_heads * config.head_dim != config.dim
+        ):
             return None
         layout: list[int] = []
         weights: list[torch.Tensor] = []
@@ -178,10 +182,9 @@ class NativeStep:
         )  # fmt: skip
 
     def _cache_tensors(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        # setup_cache() replaces every layer's cache together: one identity says whether
-        # the lists are current.
-        first = self._model.layers[0].attention.kv_cache
-        if self._caches is None or self._caches[0] is not first:
-            caches = [layer.attention.kv_cache for layer in self._model.layers]
-            self._caches = (first, [c.k for c in caches], [c.v for c in caches])
-        return self._caches[1], self._caches[2]
+        # Looked up each pass (microseconds), not kept: a kept list would hold the memory
+        # of caches that clear_cache() has let go.
+        caches = [layer.attention.kv_cache for layer in self._model.layers]
+        if any(c is None for c in caches):
+            raise RuntimeError("a cache view given but no KV cache: call model.setup_cache() first")
+        return [c.k for c in caches], [c.v for c in caches]
