@@ -119,8 +119,8 @@ class NativeStep:
     That op runs every transformer block of a pass in one call (``csrc/vnni.cpp``), so
     the few thousand floats of norms, rotations and residual adds between the matrix
     products cost no per-operation dispatch. It takes fewer than ``MAX_TOKENS`` tokens a
-    pass: more rows make the matrix products compute-bound, where one bfloat16
-    GEMM over unpacked weights is faster. It serves models whose every block matrix is
+    pass: its attention handles one query token at a time, where a long prompt chunk
+    is better served by torch's blocked kernel. It serves models whose every block matrix is
     on the vnni kernel, in float32 with head_dim 64 or 128; :meth:`for_model` returns None
     for any other. The embedding, the final norm and the output layer stay in the model.
     """

@@ -36,9 +36,10 @@ VNNI_LAYOUTS = {
     "Q5_0": VnniLayout(6, 32, 16), "Q5_1": VnniLayout(6, 32, 0), "Q5_K": VnniLayout(6, 32, 0),
     "Q6_K": VnniLayout(6, 16, 32), "Q8_0": VnniLayout(8, 32, 128),
 }  # fmt: skip
-# From this many rows per call a packed layer unpacks to bfloat16 for one GEMM instead
+# From this many rows per call an int4 layer unpacks to bfloat16 for one GEMM instead
 # (measured break-even on a 576 x 3072 weight: about 55 rows), and a pass leaves the
-# native step (quant/native.py) for the model's blocks.
+# native step (quant/native.py) for the model's blocks, whose attention is torch's
+# blocked kernel.
 UNPACK_ROWS = 64
 _VNNI_FLAGS = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "f16c", "fma"})
 
