@@ -2,7 +2,7 @@
 
 The kernel needs AVX-512 with VNNI and a C++ compiler (the one ``torch.compile`` uses).
 It is built once per source, torch version and compiler into
-``$LLAMALAB_CACHE`` (default ``~/.cache/llamalab``)``/kernels/``, which takes about 7 s;
+``$LLAMALAB_CACHE`` (default ``~/.cache/llamalab``)``/kernels/``, which takes about 10 s;
 later processes load the cached library. Where the CPU lacks the instructions, no
 compiler is found, the build fails or ``$LLAMALAB_VNNI=0``, :func:`vnni_available`
 says no and the packed layers use torch's kernels instead.
@@ -58,7 +58,7 @@ def _build(compiler: str) -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     if sys.stderr.isatty():
-        print("llamalab: building the VNNI kernel (once, about 7 s)", file=sys.stderr)
+        print("llamalab: building the VNNI kernel (once, about 10 s)", file=sys.stderr)
     # Built under a temporary name and renamed: a concurrent process never loads half a file.
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)

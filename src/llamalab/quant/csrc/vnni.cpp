@@ -221,23 +221,18 @@ void product(const uint8_t* w, const Activations& a, int64_t M, int64_t K, int64
   });
 }
 
-// offset 0: zeros stored; otherwise symmetric, zero = -offset * scale.
+// The layouts quant/plan.py's VNNI_LAYOUTS uses, and only those (each is compiled for
+// every row count): (bits, group, symmetric). offset 0 means zeros are stored;
+// otherwise the layout is symmetric, zero = -offset * scale.
 bool known_layout(int64_t bits, int64_t group, int64_t offset) {
-  const bool shape = (bits == 4 && group == 32) || ((bits == 6 || bits == 8) && (group == 16 || group == 32));
-  return shape && offset >= 0 && offset < 256;
+  if (offset < 0 || offset > 255) return false;
+  const bool sym = offset != 0;
+  return (bits == 4 && group == 32) || (bits == 6 && group == 32) || (bits == 6 && group == 16 && sym) ||
+         (bits == 8 && group == 32 && sym);
 }
 
 int64_t weight_bytes(int64_t N, int64_t K, int64_t bits, int64_t group, int64_t offset) {
   return N * K * bits / 8 + N * (K / group) * (offset ? 2 : 4);
-}
-
-template <int BITS, int G>
-void product_of(const uint8_t* w, const Activations& a, int64_t M, int64_t K, int64_t N, int64_t ldy,
-                float* y) {
-  if (a.offset != 0.0f)
-    product<BITS, G, true>(w, a, M, K, N, ldy, y);
-  else
-    product<BITS, G, false>(w, a, M, K, N, ldy, y);
 }
 
 // y (M, N; row stride ldy) = x (M, K) W^T for a tiled weight; shapes checked by the caller.
@@ -250,16 +245,19 @@ void linear(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t N, i
   xs.resize(M * K / group);
   quantize(x, M, K, group, xq.data(), xd.data(), xs.data());
   const Activations a{xq.data(), xd.data(), xs.data(), static_cast<float>(offset)};
-  if (bits == 4)
-    product_of<4, 32>(w, a, M, K, N, ldy, y);
-  else if (bits == 6 && group == 32)
-    product_of<6, 32>(w, a, M, K, N, ldy, y);
-  else if (bits == 6)
-    product_of<6, 16>(w, a, M, K, N, ldy, y);
-  else if (group == 32)
-    product_of<8, 32>(w, a, M, K, N, ldy, y);
-  else
-    product_of<8, 16>(w, a, M, K, N, ldy, y);
+  const bool sym = offset != 0;
+  if (bits == 4 && sym)  // Q4_0
+    product<4, 32, true>(w, a, M, K, N, ldy, y);
+  else if (bits == 4)  // Q4_1, Q4_K
+    product<4, 32, false>(w, a, M, K, N, ldy, y);
+  else if (bits == 6 && group == 32 && sym)  // Q5_0
+    product<6, 32, true>(w, a, M, K, N, ldy, y);
+  else if (bits == 6 && group == 32)  // Q5_1, Q5_K
+    product<6, 32, false>(w, a, M, K, N, ldy, y);
+  else if (bits == 6)  // Q6_K
+    product<6, 16, true>(w, a, M, K, N, ldy, y);
+  else  // Q8_0
+    product<8, 32, true>(w, a, M, K, N, ldy, y);
 }
 
 at::Tensor vnni_linear(const at::Tensor& x, const at::Tensor& w, int64_t out_features,
