@@ -56,6 +56,8 @@ struct Activations {
 void quantize(const float* x, int64_t M, int64_t K, int64_t G, int8_t* q, float* d, float* s) {
   const int64_t nb = K / kXBlock, ng = K / G;
   for (int64_t m = 0; m < M; ++m) {
+    float* block_sums = s + m * ng;  // each group's sum of d * xq, built block by block
+    for (int64_t g = 0; g < ng; ++g) block_sums[g] = 0.0f;
     for (int64_t b = 0; b < nb; ++b) {
       const __m512 v = _mm512_loadu_ps(x + m * K + b * kXBlock);
       const float amax = _mm512_reduce_max_ps(_mm512_abs_ps(v));
@@ -63,15 +65,7 @@ void quantize(const float* x, int64_t M, int64_t K, int64_t G, int8_t* q, float*
       const __m512i xq = _mm512_cvtps_epi32(_mm512_mul_ps(v, inv));
       _mm_storeu_si128((__m128i*)(q + m * K + b * kXBlock), _mm512_cvtsepi32_epi8(xq));
       d[m * nb + b] = amax / 127.0f;
-    }
-    for (int64_t g = 0; g < ng; ++g) {
-      float total = 0.0f;
-      for (int64_t b = g * G / kXBlock; b < (g + 1) * G / kXBlock; ++b) {
-        int32_t block = 0;
-        for (int64_t k = b * kXBlock; k < (b + 1) * kXBlock; ++k) block += q[m * K + k];
-        total += d[m * nb + b] * static_cast<float>(block);
-      }
-      s[m * ng + g] = total;
+      block_sums[b * kXBlock / G] += d[m * nb + b] * static_cast<float>(_mm512_reduce_add_epi32(xq));
     }
   }
 }
@@ -279,10 +273,10 @@ at::Tensor vnni_linear(const at::Tensor& x, const at::Tensor& w, int64_t out_fea
 // once, so that each cached key and value is read once (torch's fused kernel reads them
 // once per query head). q (B, H, 1, D); k, v (B, KVH, S, D) with unit stride along D.
 
-// e^x for x <= 0 (softmax after subtracting the maximum): 2^(x log2 e) split into an
-// integer power (scalef) and a degree-6 polynomial on [-0.5, 0.5]; relative error < 2e-7.
-inline __m512 exp_nonpositive(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+// e^x, for x clamped to [-87, 88]: 2^(x log2 e) split into an integer power (scalef)
+// and a degree-6 polynomial on [-0.5, 0.5] (times ln 2); relative error < 2e-7.
+inline __m512 exp_ps(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
   const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
   const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_mul_ps(_mm512_sub_ps(t, n), _mm512_set1_ps(0.69314718055994531f));
@@ -324,13 +318,13 @@ void attend(const float* const* qs, int nq, const float* k, const float* v, int6
     __m512 total = _mm512_setzero_ps();
     int64_t s = 0;
     for (; s + 16 <= S; s += 16) {
-      const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(row + s), vtop));
+      const __m512 e = exp_ps(_mm512_sub_ps(_mm512_loadu_ps(row + s), vtop));
       _mm512_storeu_ps(row + s, e);
       total = _mm512_add_ps(total, e);
     }
     if (s < S) {
       const __mmask16 m = (__mmask16)((1u << (S - s)) - 1);
-      const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, row + s), vtop));
+      const __m512 e = exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, row + s), vtop));
       _mm512_mask_storeu_ps(row + s, m, e);
       total = _mm512_add_ps(total, _mm512_maskz_mov_ps(m, e));
     }
@@ -419,14 +413,33 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
 // per-operation dispatch of the Python model, not arithmetic, was most of a small
 // model's step.
 
+// x * rsqrt(mean(x^2) + eps) * weight per row, in float32 as torch's rms_norm.
 void rms_norm(const float* x, const float* weight, int64_t M, int64_t dim, float eps, float* out) {
   for (int64_t m = 0; m < M; ++m) {
     const float* row = x + m * dim;
-    double total = 0.0;
-    for (int64_t i = 0; i < dim; ++i) total += static_cast<double>(row[i]) * row[i];
-    const float inv = 1.0f / std::sqrt(static_cast<float>(total / dim) + eps);
-    for (int64_t i = 0; i < dim; ++i) out[m * dim + i] = row[i] * inv * weight[i];
+    __m512 squares = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= dim; i += 16) {
+      const __m512 v = _mm512_loadu_ps(row + i);
+      squares = _mm512_fmadd_ps(v, v, squares);
+    }
+    float total = _mm512_reduce_add_ps(squares);
+    for (; i < dim; ++i) total += row[i] * row[i];
+    const float inv = 1.0f / std::sqrt(total / static_cast<float>(dim) + eps);
+    for (i = 0; i < dim; ++i) out[m * dim + i] = row[i] * inv * weight[i];
   }
+}
+
+// silu(gate) * up over n values: gate / (1 + e^-gate) * up.
+void swiglu(const float* gate, const float* up, int64_t n, float* out) {
+  int64_t i = 0;
+  const __m512 one = _mm512_set1_ps(1.0f);
+  for (; i + 16 <= n; i += 16) {
+    const __m512 g = _mm512_loadu_ps(gate + i);
+    const __m512 e = exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), g));
+    _mm512_storeu_ps(out + i, _mm512_mul_ps(_mm512_div_ps(g, _mm512_add_ps(one, e)), _mm512_loadu_ps(up + i)));
+  }
+  for (; i < n; ++i) out[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
 }
 
 // Rotate adjacent pairs of n heads of D channels by the table row (D/2 (cos, sin) pairs).
@@ -572,7 +585,7 @@ at::Tensor decode_step(const at::Tensor& x, const at::Tensor& rows, const at::Te
     for (int64_t m = 0; m < M; ++m) {
       const float* gate = gate_up.data() + m * 2 * hidden;
       const float* up = gate + hidden;
-      for (int64_t i = 0; i < hidden; ++i) act[m * hidden + i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
+      swiglu(gate, up, hidden, act.data() + m * hidden);
     }
     project(act.data(), M, hidden, next, 1, add.data(), dim);
     next += 1;
