@@ -122,10 +122,13 @@ def sample(
         logits = apply_presence_frequency_penalty(
             logits, counts, params.presence_penalty, params.frequency_penalty
         )
-    if bool(torch.isnan(logits).any()):
+    # One pass finds both the choice and any NaN: argmax and max rank NaN above every
+    # number, so a row holding one yields it (a separate isnan scan cost as much again).
+    top = int(torch.argmax(logits))
+    if bool(torch.isnan(logits[top])):
         raise LlamalabError("sampling failed: the model's scores are not numbers (NaN)")
     if params.greedy:
-        return int(torch.argmax(logits))
+        return top
     probs = logits_to_probs(logits, params.temperature, params.top_k, params.top_p, params.min_p)
     return int(torch.multinomial(probs, 1, generator=generator))
 
