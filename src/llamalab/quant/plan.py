@@ -24,9 +24,10 @@ class VnniLayout(NamedTuple):
     def nbytes(self, out_features: int, in_features: int) -> int:
         """Bytes of an (out, in) weight: the quants, a float16 scale and zero per group."""
         per_group = 2 if self.offset else 4
-        return out_features * in_features * self.bits // 8 + out_features * (
-            in_features // self.group
-        ) * per_group
+        return (
+            out_features * in_features * self.bits // 8
+            + out_features * (in_features // self.group) * per_group
+        )
 
 
 # The types the kernel holds: each is exactly value = q * scale + zero per group
