@@ -354,7 +354,7 @@ class QuantizedLinear(nn.Module):
         """The weight this layer multiplies by, as a new float32 tensor (for checks)."""
         if self._vnni is not None:
             buffer, layout = self._vnni
-            return unpack_vnni(buffer, self.out_features, self.in_features, layout, torch.float32)
+            return unpack_vnni(buffer, self.out_features, self.in_features, layout)
         if self._int4 is not None:  # the weight as the kernel applies it, rounded to bfloat16
             packed, scales = self._int4
             eye = torch.eye(self.in_features, dtype=torch.bfloat16)
@@ -439,20 +439,16 @@ def pack_vnni(
 
 
 def unpack_vnni(
-    buffer: torch.Tensor,
-    out_features: int,
-    in_features: int,
-    layout: VnniLayout,
-    dtype: torch.dtype = torch.bfloat16,
+    buffer: torch.Tensor, out_features: int, in_features: int, layout: VnniLayout
 ) -> torch.Tensor:
-    """The (out, in) weight of a :func:`pack_vnni` buffer: ``q * scale + zero`` in float32
-    (the float16 scales and zeros widen exactly), rounded once to ``dtype``, 1,024 rows at
-    a time so that no float32 copy of the whole matrix exists."""
+    """The (out, in) float32 weight of a :func:`pack_vnni` buffer: ``q * scale + zero``
+    (the float16 scales and zeros widen exactly), 1,024 rows at a time so that the
+    unpacked quants never take more than those rows' worth of memory."""
     bits, group, offset = layout
     tiles, groups = out_features // 16, in_features // group
     quant_bytes = group * bits * 2
     parts = buffer.view(tiles, groups, quant_bytes + (32 if offset else 64))
-    out = torch.empty(out_features, in_features, dtype=dtype)
+    out = torch.empty(out_features, in_features, dtype=torch.float32)
     step = 1024 // 16
     for t0 in range(0, tiles, step):
         t1 = min(tiles, t0 + step)
@@ -681,8 +677,8 @@ def _concat(layers: list[nn.Module]) -> QuantizedLinear | None:
     out_features = sum(p.out_features for p in layers)
     source = layers[0].source_type
     # A vnni buffer is whole tiles of 16 rows one after another: parts of one layout join.
-    if kernels == {"vnni"} and len({p._vnni[1:] for p in layers}) == 1:
-        vnni = (torch.cat([p._vnni[0] for p in layers]), *layers[0]._vnni[1:])
+    if kernels == {"vnni"} and len({p._vnni[1] for p in layers}) == 1:
+        vnni = (torch.cat([p._vnni[0] for p in layers]), layers[0]._vnni[1])
         return QuantizedLinear(in_features, out_features, None, None, source, vnni=vnni)
     if kernels == {"fp16"}:
         weight = torch.cat([p.dequantized_weight() for p in layers])  # exact: float16 → float32

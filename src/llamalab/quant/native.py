@@ -107,7 +107,7 @@ def _register_fake() -> None:
 
     @torch.library.register_fake("llamalab::decode_step")
     def _(
-        x, positions, rope, norms, weights, layout, k_caches, v_caches, row, heads, kv_heads, eps
+        x, rows, positions, rope, norms, weights, layout, k_caches, v_caches, heads, kv_heads, eps
     ):
         return x.new_empty(x.shape)
 
@@ -127,13 +127,17 @@ class NativeStep:
 
     MAX_TOKENS = UNPACK_ROWS
 
-    def __init__(self, model: torch.nn.Module, layout: list[int], weights: list[torch.Tensor]):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        layout: list[int],
+        weights: list[torch.Tensor],
+        norms: list[torch.Tensor],
+    ):
         self._model = model
         self._layout = layout
         self._weights = weights
-        self._norms = [
-            norm.weight for layer in model.layers for norm in (layer.attention_norm, layer.ffn_norm)
-        ]
+        self._norms = norms  # each block's attention and FFN norm weights
 
     @classmethod
     def for_model(cls, model: torch.nn.Module) -> NativeStep | None:
@@ -148,6 +152,7 @@ class NativeStep:
             return None
         layout: list[int] = []
         weights: list[torch.Tensor] = []
+        norms: list[torch.Tensor] = []
         for layer in model.layers:
             attention, ffn = layer.attention, layer.feed_forward
             qkv = [attention.wqkv] if attention.wqkv is not None else [
@@ -158,14 +163,15 @@ class NativeStep:
             vnni = [getattr(part, "_vnni", None) for part in parts]
             if any(v is None for v in vnni):
                 return None
-            norms = (layer.attention_norm.weight, layer.ffn_norm.weight)
-            if any(n.dtype != torch.float32 or not n.is_contiguous() for n in norms):
+            block_norms = (layer.attention_norm.weight, layer.ffn_norm.weight)
+            if any(n.dtype != torch.float32 or not n.is_contiguous() for n in block_norms):
                 return None
+            norms += block_norms
             layout += [len(qkv), len(gate_up)]
             for part, (buffer, kind) in zip(parts, vnni, strict=True):
                 layout += [part.out_features, *kind]
                 weights.append(buffer)
-        return cls(model, layout, weights)
+        return cls(model, layout, weights, norms)
 
     def __call__(
         self, h: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor
