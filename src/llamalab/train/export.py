@@ -17,6 +17,9 @@ import torch
 
 from llamalab.config import ModelConfig
 from llamalab.errors import LlamalabError
+from llamalab.train.run_dir import RUN_FILE, is_run_folder
+
+__all__ = ["EXPORT", "export_meta", "export_run", "is_run_folder"]
 
 EXPORT = "export"
 
@@ -54,13 +57,6 @@ def export_meta(
     return dst
 
 
-def is_run_folder(path: Path) -> bool:
-    """Whether ``path`` is the ``out_dir`` of a ``llamalab train`` run."""
-    from llamalab.train.loop import RUN_FILE
-
-    return (Path(path) / RUN_FILE).is_file()
-
-
 def export_run(run_dir: Path, into: Path) -> Path:
     """Write the newest whole checkpoint of the run in ``run_dir`` as a Meta folder.
 
@@ -73,7 +69,6 @@ def export_run(run_dir: Path, into: Path) -> Path:
     from llamalab.config import ModelConfig
     from llamalab.model import Transformer
     from llamalab.train.checkpoint import latest_checkpoint, load_failure
-    from llamalab.train.loop import RUN_FILE
 
     run_dir = Path(run_dir)
     try:

@@ -46,9 +46,8 @@ from llamalab.train.parallel import (
     init_weights,
     init_world,
 )
+from llamalab.train.run_dir import RUN_FILE
 from llamalab.train.schedule import lr_at
-
-RUN_FILE = "run.json"
 
 
 @dataclass
