@@ -19,9 +19,9 @@ def imports_of(path: Path) -> set[str]:
             names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
         for name in names:
             parts = name.split(".")
-            if parts[:2] == ["llamalab", "train"] and len(parts) > 2:
-                if (TRAIN / f"{parts[2]}.py").is_file():
-                    found.add(parts[2])
+            is_train = parts[:2] == ["llamalab", "train"] and len(parts) > 2
+            if is_train and (TRAIN / f"{parts[2]}.py").is_file():
+                found.add(parts[2])
     return found - {path.stem}
 
 
