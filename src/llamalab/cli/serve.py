@@ -26,6 +26,7 @@ from llamalab.errors import LlamalabError
 log = logging.getLogger("llamalab.serve")
 
 API_KEY_ENV = "LLAMALAB_API_KEY"
+MAX_ALIAS_CHARS = 256
 DESCRIPTION = (
     "Serve /v1/models, /v1/completions and /v1/chat/completions (OpenAI's API, streaming "
     "included) and a chat page at /, batching concurrent requests together."
@@ -82,6 +83,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="on SIGTERM, seconds running requests get to finish (default: %(default)s)",
     )
     p.add_argument(
+        "--alias",
+        metavar="NAME",
+        help="the model's name for clients: /v1/models lists it and requests name it "
+        "(default: the model file's name without .gguf)",
+    )
+    p.add_argument(
+        "--grammar-timeout",
+        type=float,
+        default=10.0,
+        help="seconds a grammar or JSON schema may take to compile; longer ones get 400 "
+        "(default: %(default)s)",
+    )
+    p.add_argument(
+        "--grammar-workers",
+        type=int,
+        default=2,
+        help="processes that compile grammars at once (default: %(default)s)",
+    )
+    p.add_argument(
         "--allow-host",
         action="append",
         default=[],
@@ -125,7 +145,14 @@ def run(args: argparse.Namespace) -> int:
         raise LlamalabError(f"--max-batch must be at least 1, got {args.max_batch}")
     if args.max_queue < 0:
         raise LlamalabError(f"--max-queue must be at least 0, got {args.max_queue}")
-    for name in ("header_timeout", "shutdown_grace"):
+    if args.grammar_workers < 1:
+        raise LlamalabError(f"--grammar-workers must be at least 1, got {args.grammar_workers}")
+    alias = args.alias
+    if alias is not None and not (0 < len(alias) <= MAX_ALIAS_CHARS and alias.isprintable()):
+        raise LlamalabError(
+            f"--alias must be 1 to {MAX_ALIAS_CHARS} printable characters, got {alias!r}"
+        )
+    for name in ("header_timeout", "shutdown_grace", "grammar_timeout"):
         if not getattr(args, name) > 0:
             flag = "--" + name.replace("_", "-")
             raise LlamalabError(f"{flag} must be a positive number, got {getattr(args, name)}")
@@ -153,19 +180,26 @@ def run(args: argparse.Namespace) -> int:
     # Loading, warming up and every step run on one thread (see EngineThread).
     engine_thread = EngineThread()
     engine = engine_thread.call(build)
+    engine.grammars.configure(
+        timeout=args.grammar_timeout,
+        workers=args.grammar_workers,
+        # Each worker has a few compiles waiting for it; more get 503.
+        max_pending=4 * args.grammar_workers,
+    )
+    model_id = alias or model_id_for(resolve_model_ref(args.model))
     # Without a key, the Host check keeps web pages that rebind their name to this
     # address out; the address the server listens on is one more name for it.
     allowed_hosts = None if args.api_key else [_bracketed(args.host), *args.allow_host]
     app = create_app(
         Scheduler(engine, thread=engine_thread),
-        model_id=model_id_for(resolve_model_ref(args.model)),
+        model_id=model_id,
         api_key=args.api_key,
         limits=Limits(max_body_bytes=args.max_body_bytes, max_queue=args.max_queue),
         allowed_hosts=allowed_hosts,
     )
     where = f"http://{_bracketed(args.host)}:{args.port}"
     print(
-        f"llamalab serve: {model_id_for(resolve_model_ref(args.model))} at {where}/v1 "
+        f"llamalab serve: {model_id} at {where}/v1 "
         f"(chat page at {where}/), context {engine.max_seq_len} tokens, "
         f"{args.max_batch} requests at a time, API key {'required' if args.api_key else 'off'}",
         file=sys.stderr,

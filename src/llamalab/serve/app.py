@@ -48,6 +48,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llamalab.errors import LlamalabError
 from llamalab.generation import GenerationEvent, Request
+from llamalab.generation.grammar import CompilerBusy
 from llamalab.generation.params import SEED_LIMIT
 from llamalab.serve import schemas as s
 from llamalab.serve.metrics import Metrics, RequestCounter
@@ -58,6 +59,10 @@ log = logging.getLogger("llamalab.serve")
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
 DEFAULT_MAX_QUEUE = 64
+# A compile still running this long past its deadline means the pool that should have
+# stopped it is stuck: /health says so.
+COMPILE_STALL_GRACE_S = 30.0
+MAX_UNKNOWN_SHOWN = 8  # unknown request fields named in the log line
 
 
 from llamalab.serve.errors import APIError, unavailable
@@ -148,6 +153,26 @@ async def _wait_for_disconnect(request: HTTPRequest) -> None:
         pass
 
 
+def _warn_unknown(body: s._Lenient, request: HTTPRequest) -> None:
+    """Log one warning naming the body's unknown fields (accepted, as OpenAI's clients
+    add fields often, but a misspelt one would otherwise vanish without a word)."""
+    unknown = body.unknown_fields
+    if unknown:
+        # The names are the client's text: quoted (no line breaks reach the log), cut short.
+        shown = ", ".join(ascii(name[:40]) for name in unknown[:MAX_UNKNOWN_SHOWN])
+        more = (
+            f" and {len(unknown) - MAX_UNKNOWN_SHOWN} more"
+            if len(unknown) > MAX_UNKNOWN_SHOWN
+            else ""
+        )
+        log.warning(
+            "%s: the request has fields this server does not know, ignored: %s%s",
+            request.url.path,
+            shown,
+            more,
+        )
+
+
 def _check_model(state: ServerState, name: str | None) -> None:
     if name is not None and name != state.model_id:
         raise APIError(
@@ -212,14 +237,19 @@ async def _engine_requests(
     """The engine requests for ``body``: one per choice (``n``), checked as the engine would."""
     request = _engine_request(state, body, prompt_ids, default_max, logprobs)
     grammar = None
+    param = body.constraint_field()
     try:
         grammar = body.constraint()
         if grammar is not None:
-            # Compiling takes milliseconds, a large schema longer: not on the event loop.
-            await asyncio.to_thread(state.scheduler.engine.grammars.compile, grammar)
+            # Compiling takes milliseconds, a hostile grammar minutes: it runs in the
+            # compiler's own processes, bounded in time, and this coroutine only waits
+            # (no thread that tokenizing needs is held meanwhile).
+            future = state.scheduler.engine.grammars.submit(grammar)
+            grammar = replace(grammar, compiled=await asyncio.wrap_future(future))
+    except CompilerBusy as exc:
+        raise unavailable(str(exc), "grammar_compiler_busy") from exc
     except LlamalabError as exc:
-        param = "grammar" if body.grammar is not None else "response_format"
-        raise APIError(400, str(exc), code="invalid_grammar", param=param) from exc
+        raise APIError(400, f"{param}: {exc}", code="invalid_grammar", param=param) from exc
     seed = request.sampling.seed
     return [
         replace(
@@ -564,12 +594,19 @@ async def health(request: HTTPRequest) -> JSONResponse:
     state = _state(request)
     scheduler = state.scheduler
     status = "draining" if state.draining else scheduler.state()
+    grammars = getattr(scheduler.engine, "grammars", None)
+    compiling = 0
+    if grammars is not None:
+        compiling = grammars.pending
+        if status == "ok" and grammars.stuck_for() > grammars.timeout + COMPILE_STALL_GRACE_S:
+            status = "stalled"  # the pool should have stopped that compile long ago
     report = s.Health(
         status=status,
         model=state.model_id,
         active_slots=scheduler.active_slots,
         queued=scheduler.queued,
         max_batch=scheduler.max_batch,
+        compiling=compiling,
     )
     return JSONResponse(report.model_dump(), status_code=200 if status == "ok" else 503)
 
@@ -606,6 +643,7 @@ async def get_model(name: str, request: HTTPRequest) -> s.ModelCard:
 async def completions(body: s.CompletionRequest, request: HTTPRequest) -> Any:
     """Continue a prompt given as text or as token ids."""
     state = _state(request)
+    _warn_unknown(body, request)
     _check_model(state, body.model)
     tokenizer = state.tokenizer
     if isinstance(body.prompt, str):
@@ -640,6 +678,7 @@ async def completions(body: s.CompletionRequest, request: HTTPRequest) -> Any:
 async def chat_completions(body: s.ChatCompletionRequest, request: HTTPRequest) -> Any:
     """The next assistant turn of a conversation."""
     state = _state(request)
+    _warn_unknown(body, request)
     _check_model(state, body.model)
     if state.tokenizer.chat_template is None:
         raise APIError(
@@ -670,6 +709,7 @@ async def tokenize(body: s.TokenizeRequest, request: HTTPRequest) -> s.Tokenized
     ``with_pieces`` pairs each id with its text.
     """
     state = _state(request)
+    _warn_unknown(body, request)
     # The same bound as a prompt's: no text costs more tokenizer work than one that fits.
     _check_prompt_chars(state, len(body.content), "content")
     tokenizer = state.tokenizer
@@ -704,6 +744,7 @@ async def tokenize(body: s.TokenizeRequest, request: HTTPRequest) -> s.Tokenized
 async def detokenize(body: s.DetokenizeRequest, request: HTTPRequest) -> s.Detokenized:
     """The text of ``tokens``, control tokens written out (as a completion's ids are)."""
     state = _state(request)
+    _warn_unknown(body, request)
     tokenizer = state.tokenizer
     # The body limit bounds how many ids there are; each must name a vocabulary entry.
     bad = next((i for i in body.tokens if not 0 <= i < tokenizer.vocab_size), None)
@@ -813,10 +854,15 @@ def create_app(
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         scheduler.start()
+        grammars = getattr(scheduler.engine, "grammars", None)
+        if grammars is not None:
+            grammars.start()  # the compiler's processes, before the first request needs one
         try:
             yield
         finally:
             scheduler.close()
+            if grammars is not None:
+                grammars.close()
 
     app = FastAPI(
         title="llamalab",

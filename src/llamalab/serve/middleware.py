@@ -7,6 +7,7 @@ body limit. Each answers with OpenAI's error body.
 from __future__ import annotations
 
 import hmac
+import re
 from collections.abc import Collection
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -16,6 +17,11 @@ from llamalab.serve.errors import APIError
 # Host names a browser uses for this machine itself; any other name, when the server has
 # no API key, may be a DNS-rebinding attack (a page whose name now points here).
 LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "[::1]", "::1"})
+# What a Host header may be (RFC 9112 3.2; RFC 3986 3.2.2): a name or IPv4 address, or an
+# IPv6 address in brackets, and an optional port. RFC 3986 lets a name hold a few more
+# characters (a comma among them), which no browser sends and which only serve to smuggle
+# a second name past a check that reads the first: they are refused.
+_HOST = re.compile(r"(\[[0-9a-f:.]+\]|[a-z0-9._-]+)(:[0-9]{1,5})?")
 
 
 class HostCheck:
@@ -32,21 +38,33 @@ class HostCheck:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            host = dict(scope["headers"]).get(b"host")
-            # HTTP/1.0 may leave Host out; browsers, the ones rebinding attacks use, never do.
-            if host is not None and _host_name(host.decode("latin-1")) not in self.allowed:
-                message = "the Host header does not name this server (start it with --allow-host)"
-                await APIError(403, message, code="invalid_host").response()(scope, receive, send)
+            hosts = [value for name, value in scope["headers"] if name == b"host"]
+            error = None
+            if len(hosts) > 1:
+                # RFC 9112 3.2: a request with more than one Host header gets 400.
+                error = APIError(
+                    400, "the request has more than one Host header", code="invalid_host"
+                )
+            elif hosts:  # HTTP/1.0 may leave Host out; browsers, which rebinding uses, never do
+                name = _host_name(hosts[0].decode("latin-1"))
+                if name is None:
+                    error = APIError(400, "the Host header is malformed", code="invalid_host")
+                elif name not in self.allowed:
+                    message = (
+                        "the Host header does not name this server (start it with --allow-host)"
+                    )
+                    error = APIError(403, message, code="invalid_host")
+            if error is not None:
+                await error.response()(scope, receive, send)
                 return
         await self.app(scope, receive, send)
 
 
-def _host_name(header: str) -> str:
-    """The host of a Host header, without the port: ``[::1]:8000`` → ``[::1]``."""
-    header = header.strip().lower()
-    if header.startswith("["):
-        return header[: header.find("]") + 1] if "]" in header else header
-    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+def _host_name(header: str) -> str | None:
+    """The host of a Host header, without the port (``[::1]:8000`` → ``[::1]``), or None
+    when the header is not one host and port (a list, a space, anything else)."""
+    match = _HOST.fullmatch(header.strip(" \t").lower())
+    return match.group(1) if match else None
 
 
 # Besides /v1/*: the tokenizer routes use the model, so they need the key as generation does.

@@ -1,7 +1,8 @@
 """The request and response bodies of the OpenAI-compatible API, as pydantic models.
 
 Requests accept what OpenAI's clients send: unknown fields are ignored (clients add new
-ones often), but every field we read is typed and range-checked, so a wrong type or an
+ones often; the server logs a warning that names them, as vLLM does, so a misspelt
+field is not silently lost), but every field we read is typed and range-checked, so a wrong type or an
 impossible value becomes a 400 that names the field before anything reaches the engine.
 Types are strict, as OpenAI's are: ``"0.5"`` is not a temperature, ``[true, false]`` is
 not a prompt and ``"yes"`` is not a boolean. Numbers must be finite, and text must be
@@ -145,11 +146,21 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class _Request(BaseModel):
-    """Fields that completions and chat completions share."""
+class _Lenient(BaseModel):
+    """A request body: unknown top-level fields are kept aside, to be named in the log."""
 
     # strict: no coercion from strings or booleans (JSON integers still count as floats).
-    model_config = ConfigDict(extra="ignore", strict=True)
+    # extra="allow" only so that the unknown names can be reported; nothing reads them.
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    @property
+    def unknown_fields(self) -> list[str]:
+        """The body's top-level fields that this server does not know, sorted."""
+        return sorted(self.model_extra or {})
+
+
+class _Request(_Lenient):
+    """Fields that completions and chat completions share."""
 
     model: Text | None = None  # None: the one model this server runs
     max_tokens: Annotated[int, Field(ge=1)] | None = None
@@ -224,6 +235,15 @@ class _Request(BaseModel):
         ):
             raise ValueError("give either grammar or response_format, not both")
         return self
+
+    def constraint_field(self) -> str:
+        """The request field the constraint comes from, as an error's ``param`` names it."""
+        fmt = self.response_format
+        if self.grammar is not None or fmt is None:
+            return "grammar"
+        if fmt.type == "json_schema":
+            return "response_format.json_schema.schema"
+        return "response_format.schema" if fmt.schema_ is not None else "response_format"
 
     def constraint(self) -> Grammar | None:
         """The grammar the reply must match (``response_format`` or ``grammar``), or None.
@@ -361,20 +381,16 @@ class ChatCompletionRequest(_Request):
         return (self.top_logprobs or 0) if self.logprobs else None
 
 
-class TokenizeRequest(BaseModel):
+class TokenizeRequest(_Lenient):
     """``POST /tokenize``, in llama.cpp's server shape."""
-
-    model_config = ConfigDict(extra="ignore", strict=True)
 
     content: Text
     add_special: bool = False  # the model's own BOS/EOS, as a prompt would get them
     with_pieces: bool = False  # each id with the text it stands for
 
 
-class DetokenizeRequest(BaseModel):
+class DetokenizeRequest(_Lenient):
     """``POST /detokenize``, in llama.cpp's server shape."""
-
-    model_config = ConfigDict(extra="ignore", strict=True)
 
     tokens: list[int]
 
@@ -493,13 +509,15 @@ class ModelList(BaseModel):
 
 class Health(BaseModel):
     """``/health``: "ok" with 200; otherwise 503 and why (the scheduler thread died or
-    stopped making progress, or the server is draining before it exits)."""
+    stopped making progress, a grammar compile ran far past its deadline, or the server
+    is draining before it exits)."""
 
     status: Literal["ok", "stalled", "dead", "draining"] = "ok"
     model: str
     active_slots: int  # batch rows generating right now
     queued: int  # requests waiting for a free row
     max_batch: int
+    compiling: int = 0  # grammars being compiled or waiting for the compiler
 
 
 class TokenPiece(BaseModel):
