@@ -6,8 +6,15 @@ or less.
 
 Output is written into a staging folder created exclusively beside the destination and
 moved into place at the end by a rename that never replaces anything (see ``staging``):
-an interrupted conversion leaves nothing behind, two conversions never touch each other's
-work, and whatever appears at the destination meanwhile is never overwritten.
+an interrupted conversion leaves nothing behind (one killed outright leaves its staging
+folder, which the next conversion to that destination removes), two conversions never
+touch each other's work, and whatever appears at the destination meanwhile is never
+overwritten.
+
+Every output carries a way to check it (see ``checkpoint/verify.py``): a folder gets a
+``SHA256SUMS`` (and a Meta folder Meta's md5 ``checklist.chk``), a single file a
+``FILE.sha256`` beside it; ``cd`` to where they lie and ``sha256sum -c`` checks them, as
+does ``llamalab verify``.
 """
 
 from __future__ import annotations
@@ -17,7 +24,10 @@ import errno
 import functools
 import json
 import os
+import re
 import shutil
+import socket
+import stat
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
@@ -29,6 +39,7 @@ import torch
 from llamalab.checkpoint import names as tensor_names
 from llamalab.checkpoint.load import open_checkpoint, validate
 from llamalab.checkpoint.reader import CheckpointReader
+from llamalab.checkpoint.verify import checksum_path, write_checksums, write_file_checksum
 from llamalab.errors import LlamalabError
 from llamalab.gguf import QUANT_TYPES, WRITE_TYPES
 
@@ -56,16 +67,22 @@ def convert(
     """Convert checkpoint ``src`` to format ``to`` ("hf", "meta" or "gguf") at ``dst``.
 
     ``dtype`` is the tensor type to write (one of ``llamalab.gguf.WRITE_TYPES``; the
-    quantized ones for GGUF only); ``progress`` shows a bar while a GGUF is written.
+    quantized ones for GGUF only); ``progress`` shows bars while tensors are written and
+    the output is hashed.
 
-    ``dst`` must not exist; it is never overwritten, even if it appears during the conversion.
-    Returns ``dst``.
+    A folder gets ``SHA256SUMS`` (a Meta folder ``checklist.chk`` too), a GGUF file a
+    ``DST.sha256`` beside it (see the module's docstring).
+
+    ``dst`` (and a GGUF's ``DST.sha256``) must not exist; they are never overwritten, even
+    if they appear during the conversion. Returns ``dst``.
     """
     dst = Path(dst)
-    if os.path.lexists(dst):  # a dangling symbolic link is in the way too
-        raise LlamalabError(
-            f"{dst}: already exists; choose a new destination (nothing was overwritten)"
-        )
+    sidecar = checksum_path(dst) if to == "gguf" else None
+    for path in (dst, sidecar):
+        if path is not None and os.path.lexists(path):  # a dangling link is in the way too
+            raise LlamalabError(
+                f"{path}: already exists; choose a new destination (nothing was overwritten)"
+            )
     if to not in ("hf", "meta", "gguf"):
         raise LlamalabError(f"unknown target format {to!r}; expected hf, meta or gguf")
     if dtype is not None and dtype not in WRITE_TYPES:
@@ -78,16 +95,21 @@ def convert(
     try:
         validate(reader)
         out_type = dtype or source_float_type(reader)
-        with staging(dst) as tmp:
+        with staging(dst, sidecar=sidecar) as tmp:
             try:
+                # The progress flag goes by position, as the writers' other arguments do.
                 if to == "hf":
-                    write_hf(reader, tmp, TORCH_DTYPES[out_type])
+                    write_hf(reader, tmp, TORCH_DTYPES[out_type], progress)
                 elif to == "meta":
-                    write_meta(reader, tmp, TORCH_DTYPES[out_type], shards)
+                    write_meta(reader, tmp, TORCH_DTYPES[out_type], shards, progress)
                 else:
                     from llamalab.gguf.writer import write_gguf
 
                     write_gguf(reader, tmp, out_type, progress=progress)
+                if to == "gguf":
+                    write_file_checksum(tmp, tmp.with_name(sidecar.name), progress=progress)
+                else:
+                    write_checksums(tmp, meta=to == "meta", progress=progress)
             except OSError as exc:  # a full disk, a vanished source: the user's to fix
                 raise LlamalabError(f"{dst}: conversion failed: {exc}") from None
     finally:
@@ -102,24 +124,29 @@ def source_float_type(reader: CheckpointReader) -> str:
 
 
 @contextmanager
-def staging(dst: Path) -> Iterator[Path]:
+def staging(dst: Path, *, sidecar: Path | None = None) -> Iterator[Path]:
     """Yield a fresh path to write the output at; publish it as ``dst`` if the block succeeds.
 
     The path lies in a staging folder that ``mkdtemp`` creates exclusively beside ``dst``
     (``.NAME.XXXXXXXX``, on the same file system, so the final move is a rename): two
-    conversions to one destination never share it, and nothing here deletes another
-    process's staging. The output then gets the permissions a plain ``open``/``mkdir``
-    would give (some writers create files 0600) and is moved to ``dst`` by
-    :func:`rename_noreplace`. If ``dst`` appeared meanwhile, it is left untouched, the
-    output is kept beside it (see :func:`_keep_aside`) and a ``LlamalabError`` says so.
-    The staging folder is removed however the block ends, KeyboardInterrupt included.
+    conversions to one destination never share it. The folder holds a marker naming its
+    owner (see :func:`remove_stale_staging`), so that a later conversion to ``dst`` can
+    remove it if this process is killed outright; nothing here deletes the staging of a
+    process that is alive, or a folder without our marker. The output then gets the
+    permissions a plain ``open``/``mkdir`` would give (some writers create files 0600)
+    and is moved to ``dst`` by :func:`rename_noreplace`. If ``dst`` appeared meanwhile,
+    it is left untouched, the output is kept beside it (see :func:`_keep_aside`) and a
+    ``LlamalabError`` says so. ``sidecar`` names a second file the block writes beside
+    the output in the staging folder (a checksum list), published after ``dst`` the same
+    way. The staging folder is removed however the block ends, KeyboardInterrupt included.
     """
     parent = dst.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_staging(dst)
         # The name says whose staging it is; cut so that the random suffix still fits in
         # the 255 bytes a file name may take.
-        folder = Path(tempfile.mkdtemp(dir=parent, prefix=f".{dst.name[:200]}."))
+        folder = Path(tempfile.mkdtemp(dir=parent, prefix=_staging_prefix(dst)))
     except OSError as exc:
         blocker = _file_in_the_way(parent)
         if blocker is not None:
@@ -128,22 +155,138 @@ def staging(dst: Path) -> Iterator[Path]:
             ) from None
         raise LlamalabError(f"{dst}: cannot create it: {exc.strerror or exc}") from None
     try:
+        _write_marker(folder, dst)
         dir_mode, file_mode = _default_modes(folder)
         out = folder / dst.name
         yield out
         _set_modes(out, dir_mode, file_mode)
-        try:
-            rename_noreplace(out, dst)
-        except FileExistsError:
-            kept = _keep_aside(out, dst)
-            where = f"; the output was kept as {kept}" if kept else ""
-            raise LlamalabError(
-                f"{dst}: appeared during the conversion; nothing was overwritten{where}"
-            ) from None
-        except OSError as exc:
-            raise LlamalabError(f"{dst}: cannot move the output into place: {exc}") from None
+        _publish(out, dst)
+        if sidecar is not None:
+            staged = folder / sidecar.name
+            _set_modes(staged, dir_mode, file_mode)
+            try:
+                rename_noreplace(staged, sidecar)
+            except FileExistsError:
+                raise LlamalabError(
+                    f"{sidecar}: appeared during the conversion and was not overwritten; "
+                    f"{dst} was written: check it with `llamalab verify {dst}` against "
+                    "a list of your own"
+                ) from None
+            except OSError as exc:
+                raise LlamalabError(f"{sidecar}: cannot move it into place: {exc}") from None
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def _publish(out: Path, dst: Path) -> None:
+    try:
+        rename_noreplace(out, dst)
+    except FileExistsError:
+        kept = _keep_aside(out, dst)
+        where = f"; the output was kept as {kept}" if kept else ""
+        raise LlamalabError(
+            f"{dst}: appeared during the conversion; nothing was overwritten{where}"
+        ) from None
+    except OSError as exc:
+        raise LlamalabError(f"{dst}: cannot move the output into place: {exc}") from None
+
+
+# The file in a staging folder that says whose it is: a JSON object with the destination's
+# name, the owner's host, pid, process start time and boot.
+STAGING_MARKER = ".llamalab-convert"
+_MARKER_MAX_BYTES = 4096
+
+
+def _staging_prefix(dst: Path) -> str:
+    return f".{dst.name[:200]}."
+
+
+def _process_start(pid: int) -> str | None:
+    """When process ``pid`` started (clock ticks since boot, Linux), to tell a reused pid."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            text = f.read().decode("ascii", "replace")
+    except OSError:
+        return None
+    # The command name (field 2) is in parentheses and may hold spaces: count after it.
+    fields = text[text.rfind(")") + 2 :].split()
+    return fields[19] if len(fields) > 19 else None
+
+
+def _boot_id() -> str | None:
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def _write_marker(folder: Path, dst: Path) -> None:
+    owner = {
+        "dst": dst.name,
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "start": _process_start(os.getpid()),
+        "boot": _boot_id(),
+    }
+    (folder / STAGING_MARKER).write_text(json.dumps(owner), encoding="utf-8")
+
+
+def _owner_is_gone(owner: dict) -> bool:
+    """Whether the process a marker names has certainly ended (on doubt: it has not)."""
+    pid = owner.get("pid")
+    if owner.get("host") != socket.gethostname() or not isinstance(pid, int) or pid <= 0:
+        return False  # another machine's (a shared file system), or not a marker we wrote
+    boot = _boot_id()
+    if owner.get("boot") is not None and boot is not None and owner["boot"] != boot:
+        return True  # written before the last reboot
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # alive, another user's
+        return False
+    start = _process_start(pid)
+    return owner.get("start") is not None and start is not None and start != owner["start"]
+
+
+def remove_stale_staging(dst: Path) -> list[Path]:
+    """Remove staging folders of conversions to ``dst`` whose process was killed; return them.
+
+    A folder is removed only if everything says it is such a leftover: its name is
+    ``.NAME.`` and mkdtemp's eight characters, it is a folder (not a link) of this user
+    holding our marker, the marker names ``dst`` and a process on this machine that has
+    ended (its pid is gone, or now belongs to a process started later, or the machine
+    has rebooted since). Anything else is left as it is.
+    """
+    parent = dst.parent
+    prefix = _staging_prefix(dst)
+    pattern = re.compile(re.escape(prefix) + r"[a-z0-9_]{8}")
+    removed = []
+    try:
+        children = list(parent.iterdir())
+    except OSError:
+        return removed
+    for child in children:
+        if not pattern.fullmatch(child.name):
+            continue
+        try:
+            st = child.lstat()
+            if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+                continue
+            marker = child / STAGING_MARKER
+            if not stat.S_ISREG(marker.lstat().st_mode):
+                continue
+            with open(marker, "rb") as f:
+                owner = json.loads(f.read(_MARKER_MAX_BYTES))
+        except (OSError, ValueError):
+            continue
+        if not isinstance(owner, dict) or owner.get("dst") != dst.name:
+            continue
+        if _owner_is_gone(owner):
+            shutil.rmtree(child, ignore_errors=True)
+            removed.append(child)
+    return removed
 
 
 def _file_in_the_way(folder: Path) -> Path | None:
@@ -279,19 +422,30 @@ def _rename_folder(src: Path, dst: Path) -> None:
         raise
 
 
-def tensors(reader: CheckpointReader, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
-    """The checkpoint's tensors in canonical order, converted to ``dtype``, one at a time."""
+def tensors(
+    reader: CheckpointReader, dtype: torch.dtype, progress: bool = False, desc: str = "writing"
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """The checkpoint's tensors in canonical order, converted to ``dtype``, one at a time.
+
+    ``progress`` shows a bar on stderr, one step a tensor.
+    """
     config = reader.config
-    for name in tensor_names.canonical_names(config.n_layers, config.tie_embeddings):
+    names = tensor_names.canonical_names(config.n_layers, config.tie_embeddings)
+    if progress:
+        from tqdm import tqdm
+
+        names = tqdm(names, desc=desc, unit="tensor", leave=False)
+    for name in names:
         yield name, reader.load(name).to(dtype)
 
 
-def copy_tokenizer_files(reader: CheckpointReader, folder: Path) -> None:
+def copy_tokenizer_files(reader: CheckpointReader, folder: Path, tok=None) -> None:
     """Give ``folder`` the source's tokenizer, so that the converted checkpoint runs.
 
     A folder's tokenizer files (see ``TOKENIZER_FILES``) are copied as they are; a
     tokenizer held elsewhere (a GGUF file's metadata) is written out in the folder
-    formats' own files. A source that carries no tokenizer gives a folder without one.
+    formats' own files (``tok``, if already loaded). A source that carries no tokenizer
+    gives a folder without one.
     """
     if reader.path.is_dir():
         copied = [f for f in TOKENIZER_FILES if (reader.path / f).is_file()]
@@ -299,25 +453,31 @@ def copy_tokenizer_files(reader: CheckpointReader, folder: Path) -> None:
             shutil.copyfile(reader.path / file, folder / file)
         if any(f in copied for f in ("tokenizer.json", "tokenizer.model")):
             return
-    from llamalab.tokenizer import load_tokenizer
     from llamalab.tokenizer.export import write_tokenizer_files
 
-    try:
-        tok = load_tokenizer(reader.path)
-    except LlamalabError:
+    tok = tok if tok is not None else source_tokenizer(reader)
+    if tok is None:
         return  # no tokenizer in the source: the weights alone are converted
     write_tokenizer_files(tok, folder, context_length=reader.config.context_length)
 
 
-def write_hf(reader: CheckpointReader, folder: Path, dtype: torch.dtype) -> None:
-    """A transformers-loadable folder: config.json + safetensors (split above 4 GiB, indexed)."""
+def write_hf(
+    reader: CheckpointReader, folder: Path, dtype: torch.dtype, progress: bool = False
+) -> None:
+    """A transformers-loadable folder: config.json + safetensors (split above 4 GiB, indexed).
+
+    The config and a ``generation_config.json`` carry the tokenizer's BOS and EOS ids and
+    every token that ends a turn, so that transformers' ``generate`` stops where
+    llamalab's does (see :func:`generation_ids`).
+    """
     from safetensors.torch import save_file
 
     from llamalab.checkpoint.hf_format import INDEX_FILE, SINGLE_FILE, config_to_hf
 
     config = reader.config
     folder.mkdir(parents=True)
-    hf_config = config_to_hf(config)
+    tok = source_tokenizer(reader)
+    hf_config = config_to_hf(config, **generation_ids(tok))
     hf_config["torch_dtype"] = str(dtype).removeprefix("torch.")
     (folder / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
 
@@ -334,7 +494,7 @@ def write_hf(reader: CheckpointReader, folder: Path, dtype: torch.dtype) -> None
         parts.append(list(pending))
         pending, pending_bytes = {}, 0
 
-    for name, tensor in tensors(reader, dtype):
+    for name, tensor in tensors(reader, dtype, progress):
         if tensor_names.is_query_or_key(name):
             heads = config.n_heads if name.endswith("wq.weight") else config.n_kv_heads
             tensor = tensor_names.meta_to_hf_qk(tensor, heads)
@@ -355,10 +515,58 @@ def write_hf(reader: CheckpointReader, folder: Path, dtype: torch.dtype) -> None
             weight_map.update(dict.fromkeys(keys, final))
         index = {"metadata": {}, "weight_map": weight_map}
         (folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-    copy_tokenizer_files(reader, folder)
+    copy_tokenizer_files(reader, folder, tok)
+    if not (folder / "generation_config.json").is_file():  # the source's own is kept
+        write_generation_config(folder, tok)
 
 
-def write_meta(reader: CheckpointReader, folder: Path, dtype: torch.dtype, shards: int) -> None:
+def source_tokenizer(reader: CheckpointReader):
+    """The source's tokenizer, or None if it carries none."""
+    from llamalab.tokenizer import load_tokenizer
+
+    try:
+        return load_tokenizer(reader.path)
+    except LlamalabError:
+        return None
+
+
+def generation_ids(tok) -> dict[str, int | list[int] | None]:
+    """``bos_token_id``, ``eos_token_id`` and ``pad_token_id`` as transformers' configs spell them.
+
+    ``eos_token_id`` is the EOS id alone, or a list of it and every other token that ends
+    generation (a chat model's ``<|im_end|>`` or ``<|eot_id|>``), as transformers' own
+    Llama 3 exports list them. Without a tokenizer, all are None.
+    """
+    if tok is None:
+        return {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
+    stops = sorted(tok.stop_ids)
+    if tok.eos_id is not None:
+        stops = [tok.eos_id, *(i for i in stops if i != tok.eos_id)]
+    eos: int | list[int] | None = stops[0] if len(stops) == 1 else (stops or None)
+    pad = None
+    for name in ("<pad>", "<|pad|>", "<|finetune_right_pad_id|>"):
+        pad = tok.piece_to_id(name)
+        if pad is not None:
+            break
+    return {"bos_token_id": tok.bos_id, "eos_token_id": eos, "pad_token_id": pad}
+
+
+def write_generation_config(folder: Path, tok) -> None:
+    """A ``generation_config.json`` with the token ids ``generate`` starts and stops on."""
+    if tok is None:
+        return
+    data = {k: v for k, v in generation_ids(tok).items() if v is not None}
+    data["_from_model_config"] = False
+    (folder / "generation_config.json").write_text(json.dumps(data, indent=2) + "\n")
+
+
+def write_meta(
+    reader: CheckpointReader,
+    folder: Path,
+    dtype: torch.dtype,
+    shards: int,
+    progress: bool = False,
+) -> None:
     """Meta's layout: params.json + ``shards`` consolidated.NN.pth files, split as Meta did."""
     from llamalab.checkpoint.meta_format import params_for, split_dim
 
@@ -382,7 +590,8 @@ def write_meta(reader: CheckpointReader, folder: Path, dtype: torch.dtype, shard
     # not the whole tensor the slice views.
     for rank in range(shards):
         shard: dict[str, torch.Tensor] = {}
-        for name, tensor in tensors(reader, dtype):
+        desc = f"writing shard {rank + 1}/{shards}" if shards > 1 else "writing"
+        for name, tensor in tensors(reader, dtype, progress, desc):
             dim = split_dim(name)
             if dim is not None and shards > 1:
                 tensor = tensor.chunk(shards, dim=dim)[rank].clone()

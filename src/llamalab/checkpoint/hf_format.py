@@ -104,10 +104,19 @@ def _rope_scaling_from_hf(rope: dict[str, Any], source: Path) -> RopeScaling | N
     raise LlamalabError(f"{source}: unsupported RoPE scaling {kind!r}")
 
 
-def config_to_hf(config: ModelConfig) -> dict[str, Any]:
+def config_to_hf(
+    config: ModelConfig,
+    *,
+    bos_token_id: int | None = None,
+    eos_token_id: int | list[int] | None = None,
+    pad_token_id: int | None = None,
+) -> dict[str, Any]:
     """A ``config.json`` that transformers' ``LlamaForCausalLM`` loads.
 
-    It uses the legacy spelling, which transformers v4 and v5 both read.
+    It uses the legacy spelling, which transformers v4 and v5 both read. The token ids,
+    where known, are written as transformers' own exports write them (``eos_token_id`` a
+    list when several tokens end generation); left out, transformers would fall back to
+    LlamaConfig's defaults, which are not this vocabulary's.
     """
     data: dict[str, Any] = {
         "architectures": ["LlamaForCausalLM"],
@@ -127,6 +136,13 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
         "attention_bias": False,
         "mlp_bias": False,
     }
+    for key, value in (
+        ("bos_token_id", bos_token_id),
+        ("eos_token_id", eos_token_id),
+        ("pad_token_id", pad_token_id),
+    ):
+        if value is not None:
+            data[key] = value
     scaling = config.rope_scaling
     if scaling is not None:
         if scaling.kind == "linear":

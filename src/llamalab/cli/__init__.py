@@ -16,6 +16,8 @@ import sys
 COMMANDS = (
     ("info", "info", "describe a checkpoint or preset"),
     ("convert", "convert", "convert a checkpoint between formats"),
+    ("verify", "verify", "check a checkpoint's checksums and structure"),
+    ("sign", "sign", "sign a checkpoint with a private key (model-signing)"),
     ("tokenize", "tokenize", "show the token ids and pieces of a text"),
     ("generate", "generate", "continue a prompt"),
     ("chat", "chat", "talk with a model"),
