@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -95,7 +96,13 @@ def export_run(run_dir: Path, into: Path) -> Path:
     model.to_empty(device="cpu")
     state = {"model": model.state_dict()}
     try:
-        dcp.load(state, checkpoint_id=str(checkpoint), no_dist=True)
+        with warnings.catch_warnings():
+            # DCP warns that it loads in one process whenever no process group is set up,
+            # even when told so with no_dist=True: that is the intent here, not news.
+            warnings.filterwarnings(
+                "ignore", "torch.distributed is disabled", UserWarning, "torch.distributed"
+            )
+            dcp.load(state, checkpoint_id=str(checkpoint), no_dist=True)
     except Exception as exc:  # noqa: BLE001  (DCP raises many kinds; all mean one thing here)
         raise LlamalabError(
             f"{checkpoint}: cannot load this checkpoint: {load_failure(exc)}"
