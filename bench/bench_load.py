@@ -173,11 +173,11 @@ def child(path: str) -> None:
     import torch
 
     import llamalab
+    import llamalab.checkpoint.gguf_format
     import llamalab.checkpoint.hf_format
     import llamalab.checkpoint.load
     import llamalab.checkpoint.meta_format
     import llamalab.gguf.dequant
-    import llamalab.gguf.reader
     import llamalab.model
 
     import_s = time.perf_counter() - t0

@@ -38,9 +38,9 @@ def write_f16(path: Path, seed: int = 0) -> None:
     import torch
 
     from llamalab.checkpoint import names as tensor_names
+    from llamalab.checkpoint.gguf_format import ARCHITECTURE, add_model_metadata
     from llamalab.default_model import default_model_path
-    from llamalab.gguf.vocab import add_vocab_to_gguf
-    from llamalab.gguf.writer import ARCHITECTURE, add_model_metadata
+    from llamalab.tokenizer.gguf_vocab import add_vocab_to_gguf
 
     cfg = config()
     shapes = tensor_names.expected_shapes(cfg)

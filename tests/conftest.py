@@ -107,7 +107,7 @@ def write_vocab_gguf(path: Path, source: Path | str | None = None) -> Path:
     """
     import gguf
 
-    from llamalab.gguf.vocab import add_vocab_to_gguf
+    from llamalab.tokenizer.gguf_vocab import add_vocab_to_gguf
 
     writer = gguf.GGUFWriter(path, "llama")
     if source is not None:

@@ -18,10 +18,10 @@ import pytest
 from conftest import run_cli
 
 from llamalab.checkpoint import names as tensor_names
+from llamalab.checkpoint.gguf_format import add_model_metadata
 from llamalab.checkpoint.names import expected_shapes
 from llamalab.config import ModelConfig
-from llamalab.gguf.vocab import add_vocab_to_gguf
-from llamalab.gguf.writer import add_model_metadata
+from llamalab.tokenizer.gguf_vocab import add_vocab_to_gguf
 
 
 def run_raw(args: list[str | bytes], stdin: bytes | None = None, timeout: float = 120):

@@ -13,7 +13,7 @@ from conftest import write_vocab_gguf
 from llamalab import load_tokenizer
 from llamalab.cli import main
 from llamalab.errors import LlamalabError
-from llamalab.gguf.vocab import add_vocab_to_gguf
+from llamalab.tokenizer.gguf_vocab import add_vocab_to_gguf
 from llamalab.tokenizer import detect_file_format
 
 VOCAB_DIR = Path(__file__).parent / "fixtures" / "tokenizer" / "llamacpp-vocab"

@@ -15,7 +15,7 @@ from conftest import write_vocab_gguf
 
 from llamalab import load_tokenizer
 from llamalab.gguf.header import read_gguf_metadata
-from llamalab.gguf.vocab import tiktoken_merges
+from llamalab.tokenizer.gguf_vocab import tiktoken_merges
 from llamalab.tokenizer import Tokenizer
 
 LLAMA_BPE_GGUF = (

@@ -39,7 +39,7 @@ def open_checkpoint(ref: str | Path) -> CheckpointReader:
     if path.is_file():
         magic = read_file_head(path, 4)
         if has_gguf_magic(magic):
-            from llamalab.gguf.reader import GGUFReader
+            from llamalab.checkpoint.gguf_format import GGUFReader
 
             return GGUFReader(path)
         raise LlamalabError(

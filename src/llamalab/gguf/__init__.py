@@ -1,10 +1,13 @@
-"""Everything GGUF (llama.cpp's file format), in one place.
+"""GGUF (llama.cpp's file format) as a library of its own, like gguf-py.
 
-- ``header``: the one parser of a file's metadata and tensor table, and the magic check;
-- ``reader``: a GGUF file as a checkpoint (config from ``llama.*`` metadata, tensors);
+- ``header``: the one parser of a file's metadata and tensor table, validated against the
+  file's size, and the magic check;
+- ``tensors``: one tensor's data read from the file, as stored bytes or as float32;
 - ``dequant``: every supported block layout, dequantized bit-exactly as gguf-py does;
-- ``writer``: streamed GGUF output that llama.cpp loads;
-- ``vocab``: a tokenizer written as ``tokenizer.ggml.*`` metadata.
+- ``writer``: tensor types, their encoding, and streamed output that llama.cpp loads.
+
+It imports nothing of llamalab above it (``llamalab.errors`` only): what a model's file
+means is ``checkpoint.gguf_format``'s, and its vocabulary ``tokenizer``'s.
 
 Importing this package imports nothing heavy: ``header`` needs only numpy, so
 tokenizers and ``llamalab info`` can read a header without loading torch.

@@ -12,7 +12,7 @@ array nesting (``MAX_ARRAY_DEPTH``), value types, duplicate keys and tensor name
 ``general.alignment`` (a uint32 power of two), and each tensor's dimensions (1 to
 ``MAX_TENSOR_DIMS``, none empty, whole quantization blocks), offset (aligned) and data
 (inside the file). Anything wrong is one ``LlamalabError`` naming the file. The model's
-own values (``llama.*``) are checked by ``gguf.reader`` and ``ModelConfig``.
+own values (``llama.*``) are checked by ``checkpoint.gguf_format`` and ``ModelConfig``.
 """
 
 from __future__ import annotations

@@ -9,6 +9,8 @@ The keys are the ones llama.cpp reads (``tokenizer.ggml.*`` and
   form and the merges recovered from the ranks;
 - a byte-level ``tokenizer.json``: ``model=gpt2``, its tokens and merges, and the
   ``pre`` name recognised from the structure of its pre-tokenizer (never from a hash).
+
+Reading a GGUF vocabulary back is ``load_tokenizer``'s (``tokenizer.load``).
 """
 
 from __future__ import annotations
