@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from dataclasses import replace
 
 import jsonschema
@@ -17,7 +18,12 @@ from conftest import run_cli
 
 from llamalab.errors import LlamalabError
 from llamalab.generation import Engine, Grammar, Request, SamplingParams
-from llamalab.generation.grammar import MAX_GRAMMAR_BYTES, GrammarCompiler, check_grammar
+from llamalab.generation.grammar import (
+    MAX_GRAMMAR_BYTES,
+    GrammarCompiler,
+    GrammarTimeout,
+    check_grammar,
+)
 from llamalab.runtime import load_runtime
 
 # Three shapes that small models get wrong without a constraint.
@@ -249,3 +255,77 @@ def test_cli_bad_grammar_files_fail_before_loading(tmp_path, content, flag, mess
     assert out.returncode == 1
     assert message in out.stderr and "Traceback" not in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
+
+
+def chained_rules(n: int) -> str:
+    """A GBNF grammar of ``n`` rules, each one "a" and the next: well under the size limit,
+    but llguidance's GBNF reader takes time quadratic in the chain (over 25 minutes for
+    20,000 rules)."""
+    rules = "".join(f'r{i} ::= "a" r{i + 1}\n' for i in range(n - 1))
+    return f'root ::= r0\n{rules}r{n - 1} ::= "a"\n'
+
+
+def test_a_grammar_that_compiles_for_minutes_is_stopped_at_the_deadline(runtime):
+    _, tokenizer = runtime
+    compiler = GrammarCompiler(tokenizer, tokenizer.stop_ids, tokenizer.vocab_size, timeout=2)
+    try:
+        compiler.start()
+        grammar = Grammar("grammar", chained_rules(20_000))
+        assert len(grammar.text) < MAX_GRAMMAR_BYTES
+        t0 = time.perf_counter()
+        with pytest.raises(GrammarTimeout, match="took longer than 2 s"):
+            compiler.compile(grammar)
+        assert time.perf_counter() - t0 < 8
+        # The compiler works on: the next grammar compiles, in a new process.
+        assert compiler.compile(Grammar("grammar", 'root ::= "yes"'))
+        assert compiler.pending == 0
+    finally:
+        compiler.close()
+
+
+def test_a_cached_grammar_does_not_wait_behind_a_slow_compile(runtime):
+    _, tokenizer = runtime
+    compiler = GrammarCompiler(tokenizer, tokenizer.stop_ids, tokenizer.vocab_size, timeout=3)
+    try:
+        compiler.compile(Grammar.any_json_object())
+        slow = compiler.submit(Grammar("grammar", chained_rules(20_000)))
+        t0 = time.perf_counter()
+        assert compiler.compile(Grammar.any_json_object())
+        assert time.perf_counter() - t0 < 0.5
+        with pytest.raises(GrammarTimeout):
+            slow.result()
+    finally:
+        compiler.close()
+
+
+def test_check_grammar_is_bounded_too():
+    t0 = time.perf_counter()
+    with pytest.raises(GrammarTimeout, match="grammar"):
+        check_grammar(Grammar("grammar", chained_rules(20_000)), timeout=1)
+    assert time.perf_counter() - t0 < 6
+
+
+@pytest.mark.parametrize(
+    "grammar",
+    [
+        Grammar.json_schema({"$ref": "#"}),  # refers to itself, and only to itself
+        Grammar("grammar", 'root ::= "a"{1000000}'),  # a million forced bytes
+    ],
+    ids=["recursive schema", "million repetitions"],
+)
+def test_grammars_that_fail_on_their_first_token_are_refused_when_compiled(engine, grammar):
+    # Before, both compiled and then failed in the middle of generation with llguidance's
+    # internal names ("NoExtensionBias", "Too many items (limit 50000; ff_tokens)").
+    with pytest.raises(LlamalabError) as caught:
+        engine.grammars.compile(grammar)
+    message = str(caught.value)
+    assert message.startswith(("the JSON schema ", "the grammar ")), message
+    for internal in ("NoExtensionBias", "ff_tokens", "non-verbose", "limit 50000"):
+        assert internal not in message
+
+
+def test_a_valid_long_repetition_still_compiles(engine):
+    grammar = Grammar("grammar", 'root ::= "ab"{300}')
+    constraint = engine.grammars.constraint(grammar)
+    masked = constraint.mask(torch.zeros(engine.vocab_size))
+    assert torch.isfinite(masked).any()
