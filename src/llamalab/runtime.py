@@ -13,13 +13,39 @@ from llamalab.errors import LlamalabError
 
 DTYPE_CHOICES = ("auto", "float32")
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
+# Threads beyond the CPUs only take turns on them; far beyond, creating them fails
+# (torch's OpenMP pool crashes the process at 100,000). Four per CPU leaves room for
+# experiments; 1024 is also SentencePiece's own limit.
+THREADS_PER_CPU = 4
+MAX_THREADS = 1024
+
+
+def max_threads() -> int:
+    """The most threads (or worker processes) llamalab accepts on this machine."""
+    return min(MAX_THREADS, THREADS_PER_CPU * (os.cpu_count() or 1))
+
+
+def check_threads(threads: int | None, option: str = "--threads") -> None:
+    """Refuse a thread count below 1 or above :func:`max_threads` (None: the default)."""
+    if threads is None:
+        return
+    if threads < 1:
+        raise LlamalabError(f"{option} must be at least 1, got {threads}")
+    if threads > max_threads():
+        raise LlamalabError(
+            f"{option} must be at most {max_threads()} ({THREADS_PER_CPU} per CPU, "
+            f"{os.cpu_count() or 1} CPUs here), got {threads}"
+        )
 
 
 def resolve_model_ref(ref: str | None) -> Path:
     """The model to run: the given path, else ``$LLAMALAB_MODEL``, else the embedded default."""
     from llamalab.default_model import resolve_model_path
+    from llamalab.files import refuse_special
 
-    return resolve_model_path(ref or None)
+    path = resolve_model_path(ref or None)
+    refuse_special(path)  # a FIFO or a device: say so, rather than "not a model"
+    return path
 
 
 def physical_cores() -> int:
@@ -115,8 +141,7 @@ def load_runtime(
         raise LlamalabError(
             f"unknown --dtype {dtype!r}; expected one of {', '.join(DTYPE_CHOICES)}"
         )
-    if threads is not None and threads < 1:
-        raise LlamalabError(f"--threads must be at least 1, got {threads}")
+    check_threads(threads)
     torch_device = resolve_device(device)
     n_threads = threads or physical_cores()
     if torch.get_num_threads() != n_threads:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 
-from llamalab.cli.options import positive_int
+from llamalab.cli.options import positive_int, thread_count
 
 DESCRIPTION = __doc__
 
@@ -27,7 +27,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     d.add_argument("--tokenizer", required=True, metavar="REF", help="tokenizer file or folder")
     d.add_argument("--out", required=True, metavar="DIR", help="output folder")
     d.add_argument(
-        "--workers", type=positive_int, default=None, help="processes (default: every CPU)"
+        "--workers",
+        type=thread_count,
+        default=None,
+        help="processes, at most 4 per CPU (default: every CPU)",
     )
     d.add_argument(
         "--doc-chars",

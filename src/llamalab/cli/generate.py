@@ -12,6 +12,7 @@ from llamalab.cli.options import (
     check_text_argument,
     grammar_from_args,
     load_runtime_from_args,
+    read_text_file,
     read_text_stdin,
     sampling_from_args,
 )
@@ -28,6 +29,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "prompt_arg", nargs="?", default=None, metavar="PROMPT", help="the prompt (default: stdin)"
     )
     p.add_argument("-p", "--prompt", default=None, help="the prompt, as an option (llama.cpp's -p)")
+    p.add_argument(
+        "-f",
+        "--prompt-file",
+        default=None,
+        metavar="FILE",
+        help="read the prompt from a UTF-8 text file (llama.cpp's -f)",
+    )
     add_runtime_options(p)
     add_sampling_options(p)
     p.add_argument(
@@ -55,8 +63,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def check_arguments(args: argparse.Namespace) -> None:
     """Options that only mean something together with another one are refused alone."""
-    if args.prompt is not None and args.prompt_arg is not None:
-        raise LlamalabError("give the prompt once: as an argument or with -p, not both")
+    given = [args.prompt_arg is not None, args.prompt is not None, args.prompt_file is not None]
+    if sum(given) > 1:
+        raise LlamalabError(
+            "give the prompt once: as an argument, with -p or with --prompt-file, not several"
+        )
     if args.system is not None and not args.chat:
         raise LlamalabError("--system needs --chat (a system message only exists in a chat)")
     if args.logprobs is not None and not args.json:
@@ -69,6 +80,8 @@ def _read_prompt(args: argparse.Namespace) -> str:
     prompt = args.prompt if args.prompt is not None else args.prompt_arg
     if prompt is not None:
         return check_text_argument(prompt, "prompt")
+    if args.prompt_file is not None:
+        return read_text_file(args.prompt_file)
     if sys.stdin.isatty():
         raise LlamalabError("no prompt: pass it as an argument or on stdin")
     return read_text_stdin("prompt")

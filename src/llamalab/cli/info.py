@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from llamalab.cli.options import positive_int
+from llamalab.cli.options import model_ref, positive_int
 from llamalab.config import PRESETS, ModelConfig
 from llamalab.runtime import DTYPE_CHOICES
 
@@ -22,8 +22,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "ref",
         nargs="?",
+        type=model_ref,
         default=None,
         help="checkpoint path or preset name (default: the default model)",
+    )
+    # -m as every other command names the model; the positional form stays for `info PATH`.
+    p.add_argument(
+        "-m",
+        "--model",
+        type=model_ref,
+        default=None,
+        help="checkpoint path or preset name (as REF)",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     # The same defaults as `generate`, so the memory figure is what running it takes.
@@ -43,7 +52,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    report = describe(args.ref, ctx=args.ctx, dtype=args.dtype)
+    from llamalab.errors import LlamalabError
+
+    if args.ref is not None and args.model is not None and args.ref != args.model:
+        raise LlamalabError("give the model once: as an argument or with -m, not both")
+    ref = args.model if args.model is not None else args.ref
+    report = describe(ref, ctx=args.ctx, dtype=args.dtype)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0
 
@@ -157,7 +171,9 @@ def describe(ref: str | None, *, ctx: int = 2048, dtype: str = "auto") -> dict[s
         return report
 
     from llamalab.checkpoint.load import open_checkpoint, validate
+    from llamalab.files import refuse_special
 
+    refuse_special(ref)  # a FIFO or a device: say so, rather than "not a regular file"
     reader = open_checkpoint(ref)
     try:
         validate(reader)

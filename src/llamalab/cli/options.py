@@ -10,7 +10,7 @@ import math
 import os
 
 from llamalab.errors import LlamalabError
-from llamalab.runtime import DEVICE_CHOICES, DTYPE_CHOICES
+from llamalab.runtime import DEVICE_CHOICES, DTYPE_CHOICES, THREADS_PER_CPU, max_threads
 
 MODEL_HELP = (
     "GGUF file, Hugging Face or Meta folder (default: $LLAMALAB_MODEL or SmolLM2-135M-Instruct)"
@@ -18,7 +18,14 @@ MODEL_HELP = (
 
 
 def add_model_option(p: argparse.ArgumentParser, help: str = MODEL_HELP) -> None:
-    p.add_argument("-m", "--model", default=None, help=help)
+    p.add_argument("-m", "--model", type=model_ref, default=None, help=help)
+
+
+def model_ref(text: str) -> str:
+    """An argparse type: a model reference; an empty one (an unset shell variable) is refused."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty; give a path, or leave it out for the default")
+    return text
 
 
 def add_runtime_options(p: argparse.ArgumentParser) -> None:
@@ -47,9 +54,9 @@ def add_runtime_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "-t",
         "--threads",
-        type=positive_int,
+        type=thread_count,
         default=None,
-        help="CPU threads (default: the physical cores)",
+        help="CPU threads, at most 4 per CPU (default: the physical cores)",
     )
     p.add_argument(
         "--compile",
@@ -221,6 +228,18 @@ def positive_int(text: str) -> int:
     return value
 
 
+def thread_count(text: str) -> int:
+    """An argparse type: a number of threads or processes, 1 to :func:`max_threads`."""
+    value = positive_int(text)
+    limit = max_threads()
+    if value > limit:
+        raise argparse.ArgumentTypeError(
+            f"at most {limit} ({THREADS_PER_CPU} per CPU, {os.cpu_count() or 1} CPUs here), "
+            f"got {value}"
+        )
+    return value
+
+
 MAX_SEED = 2**64 - 1
 
 
@@ -246,17 +265,35 @@ def finite_float(text: str) -> float:
     return value
 
 
-def read_text_stdin(what: str = "prompt") -> str:
-    """All of stdin as text; bytes that are not UTF-8 are an error that says so."""
+# A prompt must fit the context: 128K tokens are about half a megabyte of English text.
+# The bound keeps `cat /dev/zero | llamalab generate` from taking all memory.
+MAX_PROMPT_BYTES = 16 << 20
+
+
+def read_text_stdin(what: str = "prompt", limit: int = MAX_PROMPT_BYTES) -> str:
+    """All of stdin as text, at most ``limit`` bytes; bytes that are not UTF-8 are an error."""
     import sys
 
-    data = sys.stdin.buffer.read()
+    data = sys.stdin.buffer.read(limit + 1)
+    if len(data) > limit:
+        raise LlamalabError(f"the {what} on stdin is longer than {limit} bytes")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise LlamalabError(
             f"the {what} on stdin is not valid UTF-8 (byte {data[exc.start]:#04x} at offset {exc.start})"
         ) from None
+
+
+def read_text_file(path: str, what: str = "prompt", limit: int = MAX_PROMPT_BYTES) -> str:
+    """A user's text file (``--prompt-file``): a regular file of at most ``limit`` UTF-8 bytes.
+
+    A FIFO, a device or a folder is refused with what it is (never read: a FIFO would
+    wait forever and ``/dev/zero`` never ends); a byte-order mark opening it is dropped.
+    """
+    from llamalab.files import read_text_bounded
+
+    return read_text_bounded(path, limit, what)
 
 
 def check_text_argument(text: str, what: str) -> str:

@@ -30,6 +30,7 @@ def run(args: argparse.Namespace) -> int:
     index, id, piece and the text each token decodes to.
     """
     from llamalab.errors import LlamalabError
+    from llamalab.files import refuse_special
     from llamalab.tokenizer.load import load_tokenizer
 
     if args.text is not None:
@@ -38,6 +39,8 @@ def run(args: argparse.Namespace) -> int:
         raise LlamalabError("no text: pass it as an argument or on stdin")
     else:
         text = read_text_stdin("text")
+    if args.model is not None:
+        refuse_special(args.model)  # a FIFO or a device: say so
     tok = load_tokenizer(args.model)
     ids = tok.encode(text, add_bos=False if args.no_bos else None, special=not args.no_special)
     pieces = [tok.id_to_piece(i) for i in ids]

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 
-from llamalab.cli.options import positive_int
+from llamalab.cli.options import positive_int, thread_count
 
 DESCRIPTION = __doc__
 
@@ -23,9 +23,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t = sub.add_parser("train", help="train a tokenizer on text files", description=__doc__)
     t.formatter_class = argparse.RawDescriptionHelpFormatter
     t.add_argument(
-        "--input", nargs="+", required=True, metavar="FILE_OR_DIR", help="text files or folders"
+        "--input",
+        nargs="+",
+        action="extend",  # --input a --input b trains on both
+        required=True,
+        metavar="FILE_OR_DIR",
+        help="text files or folders",
     )
-    t.add_argument("--vocab-size", type=positive_int, required=True, help="pieces, 259 or more")
+    t.add_argument("--vocab-size", type=positive_int, required=True, help="pieces, 260 or more")
     t.add_argument("--output", required=True, metavar="DIR", help="folder to write")
     t.add_argument(
         "--max-sentences",
@@ -33,8 +38,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=5_000_000,
         help="lines sampled for training at most (default: %(default)s)",
     )
-    t.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
-    t.add_argument("--threads", type=positive_int, default=None, help="default: every CPU")
+    t.add_argument(
+        "--seed",
+        type=int,  # its range is checked where it is used
+        default=0,
+        help="sampling seed, 0 to 2**32 - 1 (default: %(default)s)",
+    )
+    t.add_argument(
+        "--threads", type=thread_count, default=None, help="at most 4 per CPU (default: every CPU)"
+    )
     t.add_argument("--verbose", action="store_true", help="show SentencePiece's log")
 
 

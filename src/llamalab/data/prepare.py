@@ -19,7 +19,7 @@ a corpus can never inject control tokens.
 Files are tokenized in parallel worker processes, one file per task; each worker writes
 its file's tokens to a part file and the parts are joined in input order, so the
 result does not depend on the number of workers. Bytes that are not UTF-8 are read as
-U+FFFD.
+U+FFFD; a UTF-8 byte-order mark opening a file is dropped.
 """
 
 from __future__ import annotations
@@ -37,12 +37,14 @@ from typing import Any
 import numpy as np
 
 from llamalab.errors import LlamalabError
-from llamalab.files import file_sha256
+from llamalab.files import file_sha256, open_regular, refuse_special
 
 MANIFEST = "manifest.json"
 FORMAT = "llamalab-token-shards"
 VERSION = 1
 DEFAULT_DOC_CHARS = 1 << 20
+# Each worker process holds its own tokenizer: thousands would only exhaust memory.
+MAX_WORKERS = 1024
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -52,9 +54,10 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 def iter_documents(path: Path, doc_chars: int = DEFAULT_DOC_CHARS) -> Iterator[str]:
     """The documents of one file (see the module docstring), read as a stream."""
-    with open(path, "rb") as raw:
-        # newline="" keeps "\r\n" as it is: the tokenizer sees the file's own text.
-        f = io.TextIOWrapper(raw, encoding="utf-8", errors="replace", newline="")
+    with open_regular(path) as raw:
+        # newline="" keeps "\r\n" as it is: the tokenizer sees the file's own text;
+        # utf-8-sig drops a byte-order mark opening the file, which is no part of it.
+        f = io.TextIOWrapper(raw, encoding="utf-8-sig", errors="replace", newline="")
         parts: list[str] = []
         size = 0
         while line := f.readline(doc_chars):  # bounded: a file with no newline is cut
@@ -157,11 +160,14 @@ def prepare(
     _check_out(out)
     if doc_chars < 1:
         raise LlamalabError(f"doc_chars must be at least 1, got {doc_chars}")
+    refuse_special(tokenizer)  # a FIFO or a device: say so
     tok = load_tokenizer(tokenizer)
     if tok.bos_id is None or tok.eos_id is None:
         raise LlamalabError(f"{tok.source}: the tokenizer needs BOS and EOS tokens")
     dtype = token_dtype(tok.vocab_size)
-    workers = max(1, workers or os.cpu_count() or 1)
+    if workers is not None and not 1 <= workers <= MAX_WORKERS:
+        raise LlamalabError(f"--workers must be from 1 to {MAX_WORKERS}, got {workers}")
+    workers = min(workers or os.cpu_count() or 1, MAX_WORKERS)
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     umask = os.umask(0)

@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 from llamalab.errors import LlamalabError
+from llamalab.files import not_regular_message
 
 SOURCE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -29,6 +30,8 @@ def expand_source(path: str) -> list[Path]:
 
     A file is itself; a folder is every file under it, recursively, hidden ones
     (a name starting with ``.``) left out; anything else is a glob pattern (``**`` works).
+    Only regular files are taken: a FIFO or device named directly is refused, one met in
+    a folder or a pattern is passed over.
     """
     p = Path(path)
     if p.is_file():
@@ -39,6 +42,8 @@ def expand_source(path: str) -> list[Path]:
             for f in p.rglob("*")
             if f.is_file() and not any(part.startswith(".") for part in f.relative_to(p).parts)
         ]
+    elif p.exists():  # a FIFO or a device: reading it would wait forever or never end
+        raise LlamalabError(not_regular_message(p, p.stat().st_mode, "folder"))
     elif glob.has_magic(path):
         files = [Path(f) for f in glob.glob(path, recursive=True) if Path(f).is_file()]
     else:

@@ -17,8 +17,10 @@ traced back to its text).
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
@@ -26,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from llamalab.errors import LlamalabError
-from llamalab.files import file_sha256
+from llamalab.files import file_sha256, not_regular_message, open_regular
 
 # Meta's LLaMA trainer spec, the fields that shape the vocabulary. Everything else is
 # either a default or about speed (threads, sentence sampling).
@@ -56,13 +58,19 @@ MIN_VOCAB_SIZE = 256 + 3 + 1
 MAX_VOCAB_SIZE = 1 << 20
 # The trainer loads the sentences it samples into memory: cap how many it takes.
 DEFAULT_MAX_SENTENCES = 5_000_000
+MAX_SENTENCES = 1_000_000_000  # a billion lines would already take far more memory than most have
+MAX_SEED = 2**32 - 1  # SentencePiece's generator takes an unsigned 32-bit seed
+MAX_THREADS = 1024  # SentencePiece refuses more
 TRAINING_RECORD = "training.json"
 
 
 def expand_inputs(inputs: Iterable[str | os.PathLike[str]]) -> list[Path]:
     """Regular files named by ``inputs`` (files, or folders searched recursively), sorted.
 
-    Hidden files and folders (names starting with ``.``) inside a folder are skipped.
+    Hidden files and folders (names starting with ``.``) inside a folder are skipped, and
+    so is anything in a folder that is not a regular file (a FIFO, a socket). Named
+    directly, such a path is refused with what it is: reading a FIFO would wait forever,
+    and a device such as ``/dev/zero`` never ends.
     """
     files: list[Path] = []
     for ref in inputs:
@@ -79,6 +87,8 @@ def expand_inputs(inputs: Iterable[str | os.PathLike[str]]) -> list[Path]:
             if not found:
                 raise LlamalabError(f"{path}: folder holds no files")
             files.extend(found)
+        elif path.exists():
+            raise LlamalabError(not_regular_message(path, path.stat().st_mode, "folder"))
         else:
             raise LlamalabError(f"{path}: no such file or folder")
     if not files:
@@ -86,21 +96,80 @@ def expand_inputs(inputs: Iterable[str | os.PathLike[str]]) -> list[Path]:
     return files
 
 
+class _Sentences:
+    """The training sentences of ``files`` (see :func:`iter_sentences`), counted as they go.
+
+    The counts let a failed training say how much text there was, in llamalab's words
+    rather than in SentencePiece's internal checks.
+    """
+
+    def __init__(self, files: Sequence[Path], max_chars: int) -> None:
+        self.files = list(files)
+        self.max_chars = max_chars
+        self.lines = 0  # non-empty lines handed to the trainer
+        self.skipped = 0  # lines over max_chars
+
+    def __iter__(self) -> Iterator[str]:
+        for path in self.files:
+            with open_regular(path) as raw:
+                # utf-8-sig: a byte-order mark opening a file is no part of its first line.
+                f = io.TextIOWrapper(raw, encoding="utf-8-sig", errors="replace", newline="")
+                while line := f.readline(self.max_chars + 1):
+                    if len(line) > self.max_chars and not line.endswith("\n"):
+                        self.skipped += 1
+                        while (rest := f.readline(self.max_chars)) and not rest.endswith("\n"):
+                            pass  # the rest of an overlong line
+                        continue
+                    line = line.rstrip("\r\n")
+                    self.lines += bool(line)
+                    yield line
+
+
 def iter_sentences(files: Iterable[Path], max_chars: int) -> Iterator[str]:
     """Every line of ``files``, without its line break; overlong lines are skipped.
 
     Lines are read with a bound, so a file without line breaks never enters memory
     whole; the trainer skips lines over ``max_sentence_length`` bytes anyway. Bytes that
-    are not UTF-8 become U+FFFD.
+    are not UTF-8 become U+FFFD; a byte-order mark opening a file is dropped.
     """
-    for path in files:
-        with open(path, encoding="utf-8", errors="replace", newline="") as f:
-            while line := f.readline(max_chars + 1):
-                if len(line) > max_chars and not line.endswith("\n"):
-                    while (rest := f.readline(max_chars)) and not rest.endswith("\n"):
-                        pass  # the rest of an overlong line
-                    continue
-                yield line.rstrip("\r\n")
+    return iter(_Sentences(list(files), max_chars))
+
+
+# SentencePiece's words when the text yields fewer pieces than asked for:
+# "Vocabulary size too high (300). Please set it to a value <= 277."
+_TOO_FEW_PIECES = re.compile(
+    r"Vocabulary size too high \(\d+\)\. Please set it to a value <= (\d+)"
+)
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def _training_error(exc: Exception, sentences: _Sentences, vocab_size: int) -> LlamalabError:
+    """SentencePiece's failure in one line, about the input wherever the input is the cause."""
+    shown = ", ".join(str(f) for f in sentences.files[:3])
+    if len(sentences.files) > 3:
+        shown += f" and {len(sentences.files) - 3} more files"
+    if sentences.lines == 0:
+        skipped = (
+            f" ({_count(sentences.skipped, 'line')} longer than {sentences.max_chars} "
+            "characters skipped)"
+            if sentences.skipped
+            else ""
+        )
+        return LlamalabError(f"the training text in {shown} is empty{skipped}")
+    most = _TOO_FEW_PIECES.search(str(exc))
+    if most:
+        give = "gives" if sentences.lines == 1 else "give"
+        return LlamalabError(
+            f"too little text: {_count(sentences.lines, 'line')} in {shown} {give} at most "
+            f"{most.group(1)} pieces, "
+            f"fewer than --vocab-size {vocab_size}; give more text or a smaller --vocab-size"
+        )
+    text = str(exc).strip()
+    detail = text.splitlines()[0] if text else type(exc).__name__
+    return LlamalabError(f"SentencePiece could not train on {shown}: {detail}")
 
 
 def _check_output(output: Path) -> None:
@@ -142,9 +211,18 @@ def train_tokenizer(
         raise LlamalabError(
             f"--vocab-size must be from {MIN_VOCAB_SIZE} to {MAX_VOCAB_SIZE}, got {vocab_size}"
         )
+    if not isinstance(max_sentences, int) or not 1 <= max_sentences <= MAX_SENTENCES:
+        raise LlamalabError(
+            f"--max-sentences must be from 1 to {MAX_SENTENCES}, got {max_sentences}"
+        )
+    if not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise LlamalabError(f"--seed must be from 0 to {MAX_SEED} (2**32 - 1), got {seed}")
+    if threads is not None and not 1 <= threads <= MAX_THREADS:
+        raise LlamalabError(f"--threads must be from 1 to {MAX_THREADS}, got {threads}")
     output = Path(output)
     _check_output(output)
     files = expand_inputs(inputs)
+    sentences = _Sentences(files, LLAMA_SETTINGS["max_sentence_length"])
     output.mkdir(parents=True, exist_ok=True)
     settings = {
         **LLAMA_SETTINGS,
@@ -161,14 +239,14 @@ def train_tokenizer(
         spm.set_random_generator_seed(seed)
         try:
             spm.SentencePieceTrainer.train(
-                sentence_iterator=iter_sentences(files, LLAMA_SETTINGS["max_sentence_length"]),
+                sentence_iterator=iter(sentences),
                 model_prefix=str(prefix),
-                num_threads=threads or os.cpu_count() or 1,
+                num_threads=threads or min(os.cpu_count() or 1, MAX_THREADS),
                 minloglevel=0 if verbose else 2,
                 **settings,
             )
-        except (RuntimeError, OSError) as exc:
-            raise LlamalabError(f"SentencePiece could not train: {exc}") from None
+        except (RuntimeError, OSError, ValueError) as exc:
+            raise _training_error(exc, sentences, vocab_size) from None
         record = {
             "settings": settings,
             "seed": seed,
