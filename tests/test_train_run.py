@@ -282,16 +282,161 @@ def test_convert_takes_a_run_folder(debug_run, tmp_path):
     assert "no whole checkpoint" in refused.stderr and "Traceback" not in refused.stderr
 
 
-def test_a_corrupt_checkpoint_is_one_clear_error(data, tmp_path):
+def test_a_truncated_newest_checkpoint_falls_back_to_the_newest_whole_one(data, tmp_path):
+    # A 6-step schedule throughout (total_tokens), so the resumed run must equal this one.
+    sets = ["total_tokens=6144", "warmup_steps=1", "checkpoint_every=2", "eval_every=0"]
+    sets += ["threads=1", "export=false"]
+    whole = tmp_path / "whole"
+    run(data, whole, *sets, "max_steps=6")
     out = tmp_path / "run"
-    sets = ["max_steps=4", "checkpoint_every=2", "eval_every=0", "threads=1", "export=false"]
-    run(data, out, *sets)
-    for part in latest_checkpoint(out).glob("*.distcp"):
-        part.write_bytes(b"torn")
+    run(data, out, *sets, "max_steps=4")
+    assert [s for s, _ in list_checkpoints(out)] == [2, 4]
+    for part in latest_checkpoint(out).glob("*.distcp"):  # a disk that filled up mid-write
+        part.write_bytes(part.read_bytes()[:100])
     args = ["train", str(DEBUG), "--set", f"data={data}", "--set", f"out_dir={out}"]
-    for s in [*sets[1:], "max_steps=6"]:
+    for s in [*sets, "max_steps=6"]:
         args += ["--set", s]
     proc = cli(*args)
+    assert proc.returncode == 0, proc.stderr
+    said = [line for line in proc.stderr.splitlines() if "step-00000004" in line]
+    assert len(said) == 1 and "step-00000002" in said[0], proc.stderr
+    assert "cannot load" in said[0] and "Traceback" not in proc.stderr
+    assert losses(out) == losses(whole)  # steps 3-6 trained again from step 2, as before
+    assert [s for s, _ in list_checkpoints(out)] == [4, 6]
+
+    # With no checkpoint that loads, the run refuses to resume: one clear line.
+    for _, folder in list_checkpoints(out):
+        for part in folder.glob("*.distcp"):
+            part.write_bytes(b"torn")
+    proc = cli(*args[:-2], "--set", "max_steps=8")
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]  # one line
     assert "cannot load this checkpoint" in proc.stderr and "corrupt" in proc.stderr
+    assert "no checkpoint" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_sizes_that_cannot_work_are_refused_before_anything_starts(data, tmp_path, capsys):
+    from llamalab.cli import main
+
+    out = tmp_path / "run"
+    base = ["train", str(DEBUG), "--set", f"data={data}", "--set", f"out_dir={out}"]
+    cases = [
+        # A batch larger than all the training tokens: no step could ever finish.
+        (["batch_tokens=1_000_000_000_000"], "batch_tokens 1,000,000,000,000 is more than"),
+        # One micro-batch whose activations alone exceed any machine's memory.
+        (
+            ["micro_batch_size=1_000_000_000", "batch_tokens=128_000_000_000"],
+            "micro_batch_size 1000000000 (× seq_len 128) needs at least",
+        ),
+        (["micro_batch_size=1_000_000_000"], "micro_batch_size 1000000000 × seq_len 128"),
+        (["model.dim=65536"], "parameters need at least"),
+        (["warmup_steps=100"], "warmup_steps 100 is longer than the run's schedule of 20"),
+    ]
+    for sets, message in cases:
+        args = list(base)
+        for s in sets:
+            args += ["--set", s]
+        assert main(args) == 1, sets
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], (sets, err)
+        assert not out.exists()  # refused before the out_dir was made
+
+
+def test_the_activation_floor_is_below_what_backward_really_keeps():
+    """The memory check's activation figure never exceeds the tensors autograd saves."""
+    import torch
+
+    from llamalab.config import get_preset
+    from llamalab.model import Transformer
+    from llamalab.train.budget import activation_bytes
+
+    torch.manual_seed(0)
+    cfg = get_preset("debug")
+    model = Transformer(cfg)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    B, L = 2, 64
+    tokens = torch.randint(0, cfg.vocab_size, (B, L + 1))
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        st = t.untyped_storage()
+        if st.data_ptr() not in params:
+            storages[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(tokens[:, :-1], targets=tokens[:, 1:]).backward()
+    floor = activation_bytes(
+        dim=cfg.dim,
+        kv_dim=cfg.n_kv_heads * (cfg.dim // cfg.n_heads),
+        ffn_hidden_dim=cfg.ffn_hidden_dim,
+        n_layers=cfg.n_layers,
+        tokens=B * L,
+        element_bytes=4,
+        checkpointing=False,
+    )
+    saved = sum(storages.values())
+    assert 0.3 * saved <= floor <= saved, (floor, saved)
+
+
+def test_a_longer_max_steps_on_resume_is_said_and_follows_the_stated_rule(data, tmp_path, capsys):
+    import math
+
+    sets = ["warmup_steps=2", "eval_every=0", "checkpoint_every=100", "export=false"]
+    out = tmp_path / "run"
+    run(data, out, *sets, "max_steps=4")
+    kept = tmp_path / "kept"
+    shutil.copytree(out, kept)
+    capsys.readouterr()
+    run(data, out, *sets, "max_steps=8")
+    err = capsys.readouterr().err
+    # The paper's schedule over the new length (warmup 2, cosine to 10% at step 8),
+    # at the 5th step (index 4), written out here from §2.2's definition.
+    peak = 3.0e-3
+    expected = peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (4 - 2) / (8 - 2))))
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert records[4]["step"] == 5 and records[4]["lr"] == pytest.approx(expected)
+    assert "max_steps is 8, the checkpoint's run had 4" in err, err
+    assert "schedule now ends at step 8, not 4" in err
+    assert f"step 5 runs at {expected:.3g} instead of {peak * 0.1:.3g}" in err
+    assert "--set total_tokens=4096" in err
+
+    # The way out the message gives: keep the saved 4-step schedule, train on at its floor.
+    run(data, kept, *sets, "max_steps=8", "total_tokens=4096")
+    err = capsys.readouterr().err
+    assert "max_steps is 8, the checkpoint's run had 4" in err
+    assert "schedule now ends" not in err and "schedule is unchanged" in err
+    records = [json.loads(line) for line in (kept / "metrics.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in records[4:]] == pytest.approx([peak * 0.1] * 4)
+
+
+def test_a_finished_run_run_again_says_so(debug_run):
+    out, proc, _ = debug_run
+    assert proc.returncode == 0, proc.stderr
+    before = (out / "metrics.jsonl").read_bytes()
+    again = cli("train", str(DEBUG), "--set", f"data={_data_of(out)}", "--set", f"out_dir={out}")
+    assert again.returncode == 0, again.stderr
+    assert "already finished" in again.stderr and "--set max_steps=" in again.stderr
+    assert "nan" not in again.stderr and "tokens/s" not in again.stderr
+    assert (out / "metrics.jsonl").read_bytes() == before
+
+
+def _data_of(out: Path) -> str:
+    return json.loads((out / "run.json").read_text())["config"]["data"]
+
+
+def test_the_header_is_not_printed_on_the_progress_bar(data, tmp_path, capsys):
+    import torch
+
+    from llamalab.train.loop import train
+
+    sets = ["max_steps=2", "warmup_steps=1", "eval_every=0", "export=false", "threads=1"]
+    cfg = load_config(DEBUG, [f"data={data}", f"out_dir={tmp_path / 'run'}", *sets])
+    threads = torch.get_num_threads()
+    try:
+        train(cfg, progress=True)
+    finally:
+        torch.set_num_threads(threads)
+    err = capsys.readouterr().err
+    at = err.index("llamalab train: ")
+    assert at == 0 or err[at - 1] == "\n", repr(err[max(0, at - 80) : at + 20])

@@ -55,6 +55,15 @@ def run(args: argparse.Namespace) -> int:
     summary = train(cfg, progress=progress)
     if summary["rank"] != 0:  # under torchrun, rank 0 speaks for the job
         return 128 + int(getattr(signal, summary["stopped_by"])) if summary["stopped_by"] else 0
+    if summary["already_finished"]:
+        exported = f"; its model is in {summary['export']}" if summary["export"] else ""
+        print(
+            f"llamalab train: {cfg.out_dir} already finished: its newest checkpoint is step "
+            f"{summary['step']} and max_steps is {summary['stop_step']}{exported}. "
+            f"To train further, run again with --set max_steps=N (N > {summary['step']})",
+            file=sys.stderr,
+        )
+        return 0
     if summary["stopped_by"]:
         print(
             f"llamalab train: stopped by {summary['stopped_by']} at step {summary['step']}; "

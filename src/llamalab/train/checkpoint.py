@@ -162,3 +162,32 @@ def load_checkpoint(
         if "cuda" in saved and world.device.type == "cuda":
             torch.cuda.set_rng_state(saved["cuda"], world.device)
     return state
+
+
+def load_newest_checkpoint(
+    out_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, world: World
+) -> tuple[Path, dict[str, Any], list[tuple[Path, str]]] | None:
+    """Restore the newest checkpoint in ``out_dir`` that loads; ``None`` if there is none.
+
+    A checkpoint that fails to load (a file truncated by a full disk, say) is passed
+    over for the next older one, and left in place (it is replaced when the resumed run
+    saves that step again). Returns the folder loaded, its train state, and the
+    ``(folder, reason)`` of each newer checkpoint passed over. Raises when checkpoints
+    exist but none loads. A failed load may have written into the model and optimiser
+    before failing; the next load overwrites every tensor, so nothing of it remains.
+    """
+    found = list_checkpoints(out_dir)
+    skipped: list[tuple[Path, str]] = []
+    for _, folder in reversed(found):
+        try:
+            return folder, load_checkpoint(folder, model, optimizer, world), skipped
+        except LlamalabError as exc:
+            skipped.append((folder, str(exc).removeprefix(f"{folder}: ")))
+    if skipped:
+        folder, reason = skipped[0]
+        more = f" (nor do the {len(skipped) - 1} older ones)" if len(skipped) > 1 else ""
+        raise LlamalabError(
+            f"{folder}: {reason}{more}; no checkpoint in {Path(out_dir) / CHECKPOINTS} "
+            "loads, so the run cannot resume (move that folder away to start over)"
+        )
+    return None

@@ -102,6 +102,19 @@ class TrainConfig:
                 raise fail(f"{key} must be a whole number ≥ 1, got {v!r}")
         if self.max_steps is None and self.total_tokens is None:
             raise fail("set max_steps or total_tokens")
+        if self.micro_batch_size * self.seq_len > self.batch_tokens:
+            raise fail(
+                f"micro_batch_size {self.micro_batch_size} × seq_len {self.seq_len} is more "
+                f"tokens than batch_tokens {self.batch_tokens}, a whole step's; "
+                "lower micro_batch_size"
+            )
+        if self.warmup_steps > self.schedule_steps():
+            length = "total_tokens / batch_tokens" if self.total_tokens else "max_steps"
+            raise fail(
+                f"warmup_steps {self.warmup_steps} is longer than the run's schedule of "
+                f"{self.schedule_steps()} steps ({length}): the rate would never reach its "
+                "peak or decay; lower warmup_steps or lengthen the run"
+            )
         floats = {
             "lr": (0, 1),
             "min_lr_ratio": (0, 1),

@@ -6,6 +6,15 @@ checkpoint in ``out_dir`` if there is one, and runs optimiser steps until
 ``batch_tokens``, clips them to ``grad_clip``, and updates with AdamW at the schedule's
 learning rate. Every rank runs this same function; see `parallel.py`.
 
+Before anything is written, sizes that cannot work are refused with the key to change
+(`budget.py`): a micro-batch whose activations exceed the memory, a batch larger than
+the data. A newest checkpoint that does not load is passed over for the next older
+one, with one line saying so. A finished run run again trains nothing and says so.
+
+The learning rate is a function of the step and of this run's config alone
+(`schedule_change` states the rule): resuming with another ``max_steps`` (or
+``total_tokens``) continues on the new schedule from the saved step, and says so.
+
 Sequences are packed: training window ``w`` of a source is ``tokens[w·L : w·L+L+1]``
 (inputs and their next tokens), so a sequence may span documents, which EOS separates.
 The last ``eval_tokens`` tokens of each source (at most a tenth of it) are held out and
@@ -19,8 +28,8 @@ import math
 import signal
 import sys
 import time
-from collections.abc import Iterable
-from contextlib import nullcontext
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
@@ -30,8 +39,16 @@ import torch
 
 from llamalab.data import MixtureSampler, TokenShards
 from llamalab.errors import LlamalabError
-from llamalab.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from llamalab.train.budget import (
+    activation_bytes,
+    available_memory,
+    check_data,
+    check_memory,
+    ranks_on_this_host,
+)
+from llamalab.train.checkpoint import load_newest_checkpoint, save_checkpoint
 from llamalab.train.config import TrainConfig, model_config
+from llamalab.train.export import EXPORT, export_meta
 from llamalab.train.metrics import METRICS, PLOT, MetricsWriter, plot_metrics, truncate_metrics
 from llamalab.train.optim import build_optimizer
 from llamalab.train.parallel import (
@@ -273,6 +290,45 @@ def _train(cfg: TrainConfig, world: World, progress: bool | None) -> dict[str, A
     accum = cfg.batch_tokens // per_micro
     if mcfg.tie_embeddings and world.distributed:
         raise LlamalabError("config: tie_embeddings is not supported with more than one rank yet")
+
+    # ---- sizes, checked before anything is written or allocated: the model is built on
+    # `meta` (no memory) and would one micro-batch of it fit?
+    with torch.device("meta"):
+        model = Transformer(mcfg)
+    dtype = resolve_precision(cfg.precision, world.device)
+    n_params = sum(p.numel() for p in model.parameters())
+    check_memory(
+        n_params=n_params,
+        shards=world.world_size,
+        ranks_here=1 if world.device.type == "cuda" else ranks_on_this_host(),
+        activations=activation_bytes(
+            dim=mcfg.dim,
+            kv_dim=mcfg.n_kv_heads * (mcfg.dim // mcfg.n_heads),
+            ffn_hidden_dim=mcfg.ffn_hidden_dim,
+            n_layers=mcfg.n_layers,
+            tokens=cfg.micro_batch_size * L,
+            element_bytes=dtype.itemsize,
+            checkpointing=cfg.activation_checkpointing,
+        ),
+        available=available_memory(world.device),
+        micro_batch_size=cfg.micro_batch_size,
+        seq_len=L,
+    )
+
+    # ---- data: each source's training and held-out windows, and the mixture over them
+    splits = {
+        name: split_source(len(src), L, cfg.eval_tokens) for name, src in shards.sources.items()
+    }
+    sampler = MixtureSampler(
+        {n: s.train_windows for n, s in splits.items()},
+        cfg.weights,
+        seed=cfg.seed,
+        rank=world.rank,
+        world_size=world.world_size,
+    )
+    sampled = [n for n, w in zip(sampler.names, sampler.weights, strict=True) if w > 0]
+    check_data(cfg.batch_tokens, sum(splits[n].train_windows for n in sampled) * L, cfg.data)
+
     record = {
         "model": mcfg.to_dict(),
         "tokenizer_sha256": shards.tokenizer_sha256,
@@ -284,11 +340,8 @@ def _train(cfg: TrainConfig, world: World, progress: bool | None) -> dict[str, A
         out.mkdir(parents=True, exist_ok=True)
         (out / RUN_FILE).write_text(json.dumps(record, indent=2) + "\n")
 
-    # ---- the model: built on `meta` (no memory), transformed, then materialised on the
-    # device, each rank holding only its shard, and initialised the same for any world size.
-    with torch.device("meta"):
-        model = Transformer(mcfg)
-    dtype = resolve_precision(cfg.precision, world.device)
+    # ---- the model: transformed, then materialised on the device, each rank holding only
+    # its shard, and initialised the same for any world size.
     if cfg.activation_checkpointing:
         apply_ac(model)
     if cfg.compile:
@@ -307,25 +360,48 @@ def _train(cfg: TrainConfig, world: World, progress: bool | None) -> dict[str, A
     model.rope_table(L)  # every position a sequence uses, built once
     optimizer = build_optimizer(model, cfg)
 
-    # ---- data
-    splits = {
-        name: split_source(len(src), L, cfg.eval_tokens) for name, src in shards.sources.items()
-    }
-    sampler = MixtureSampler(
-        {n: s.train_windows for n, s in splits.items()},
-        cfg.weights,
-        seed=cfg.seed,
-        rank=world.rank,
-        world_size=world.world_size,
-    )
+    stop_step = cfg.stop_step()
+    total_steps = cfg.schedule_steps()
+
+    def say(line: str) -> None:  # before the progress bar exists, so never on its line
+        if world.is_main:
+            print(f"llamalab train: {line}", file=sys.stderr, flush=True)
 
     # ---- resume
     step, tokens = 0, 0
-    ckpt = latest_checkpoint(out) if resuming else None
-    if ckpt is not None:
-        state = load_checkpoint(ckpt, model, optimizer, world)
+    ckpt = None
+    loaded = load_newest_checkpoint(out, model, optimizer, world) if resuming else None
+    if loaded is not None:
+        ckpt, state, passed_over = loaded
         sampler.load_state_dict(state["sampler"])
         step, tokens = int(state["step"]), int(state["tokens"])
+        if passed_over:
+            names = ", ".join(f.name for f, _ in passed_over)
+            say(
+                f"cannot load {names} ({passed_over[0][1]}); resuming from {ckpt.name}, "
+                "the newest checkpoint that loads"
+            )
+        if step < stop_step:
+            for line in schedule_change(cfg, state, step):
+                say(line)
+    if step >= stop_step:
+        # A finished run run again: nothing to train. Export if a kill interrupted it.
+        export_dir = None
+        if cfg.export and not (out / EXPORT).is_dir():
+            export_dir = _export(model, mcfg, shards, out, world)
+        return {
+            "rank": world.rank,
+            "step": step,
+            "stop_step": stop_step,
+            "already_finished": True,
+            "loss": math.nan,
+            "steps_run": 0,
+            "elapsed_s": 0.0,
+            "tokens_per_s": 0.0,
+            "stopped_by": None,
+            "export": str(export_dir or out / EXPORT) if cfg.export else None,
+            "epochs": sampler.epochs(),
+        }
     metrics_path = out / METRICS
     if world.is_main:
         if metrics_path.exists():
@@ -333,19 +409,14 @@ def _train(cfg: TrainConfig, world: World, progress: bool | None) -> dict[str, A
         metrics = MetricsWriter(metrics_path)
     barrier(world)
 
-    stop_step = cfg.stop_step()
-    total_steps = cfg.schedule_steps()
+    say(
+        f"{n_params / 1e6:.2f}M parameters, {world.world_size} rank(s) on "
+        f"{world.device.type}, {str(dtype).removeprefix('torch.')}, {accum} micro-batch(es) "
+        f"of {cfg.micro_batch_size}×{L} per step" + (f", resuming from {ckpt.name}" if ckpt else "")
+    )
+    # The bar draws itself as soon as it exists: every line above is printed first.
     show_bar = world.is_main and (sys.stderr.isatty() if progress is None else progress)
     bar = tqdm(total=stop_step, initial=step, unit="step", disable=not show_bar, dynamic_ncols=True)
-    if world.is_main:
-        n_params = sum(p.numel() for p in model.parameters())
-        print(
-            f"llamalab train: {n_params / 1e6:.2f}M parameters, {world.world_size} rank(s) on "
-            f"{world.device.type}, {str(dtype).removeprefix('torch.')}, {accum} micro-batch(es) "
-            f"of {cfg.micro_batch_size}×{L} per step"
-            + (f", resuming from {ckpt.name}" if ckpt else ""),
-            file=sys.stderr,
-        )
     last_saved = step if ckpt else -1
     t_start = time.perf_counter()
     start_step = step
@@ -353,9 +424,15 @@ def _train(cfg: TrainConfig, world: World, progress: bool | None) -> dict[str, A
     loss_value = math.nan
 
     def train_state() -> dict[str, Any]:
-        return {"tokens": tokens, "sampler": sampler.state_dict()}
+        # The schedule's length and stop step are kept to tell a resume that changes them.
+        return {
+            "tokens": tokens,
+            "sampler": sampler.state_dict(),
+            "max_steps": stop_step,
+            "schedule_steps": total_steps,
+        }
 
-    with _StopSignal() as stop:
+    with _StopSignal() as stop, _closing(bar):
         while step < stop_step:
             t0 = time.perf_counter()
             lr = lr_at(
@@ -420,7 +497,6 @@ def _train(cfg: TrainConfig, world: World, progress: bool | None) -> dict[str, A
             if stopping:
                 stopped_by = stop.received or signal.SIGTERM
                 break
-    bar.close()
     elapsed = time.perf_counter() - t_start  # the loop: steps, evaluations, checkpoints
     if step > last_saved and step > 0:  # e.g. a run resumed at its last step
         save_checkpoint(
@@ -433,20 +509,13 @@ def _train(cfg: TrainConfig, world: World, progress: bool | None) -> dict[str, A
         plot_metrics(metrics_path, out / PLOT, title=mcfg.name or "llamalab")
     export_dir = None
     if cfg.export and stopped_by is None:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        full = get_model_state_dict(
-            model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
-        )
-        if world.is_main:
-            from llamalab.train.export import export_meta
-
-            export_dir = export_meta(full, mcfg, shards.tokenizer_folder, out)
-        barrier(world)
+        export_dir = _export(model, mcfg, shards, out, world)
     done = step - start_step
     return {
         "rank": world.rank,
         "step": step,
+        "stop_step": stop_step,
+        "already_finished": False,
         "loss": loss_value,
         "steps_run": done,
         "elapsed_s": elapsed,
@@ -455,3 +524,68 @@ def _train(cfg: TrainConfig, world: World, progress: bool | None) -> dict[str, A
         "export": str(export_dir) if export_dir else None,
         "epochs": sampler.epochs(),
     }
+
+
+@contextmanager
+def _closing(bar: Any) -> Iterator[None]:
+    """Close the progress bar however the loop ends, so an error starts a line of its own."""
+    try:
+        yield
+    finally:
+        bar.close()
+
+
+def _export(
+    model: torch.nn.Module, mcfg: Any, shards: TokenShards, out: Path, world: World
+) -> Path | None:
+    """Gather the full weights (a collective call) and write ``out/export`` on rank 0."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(
+        model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    )
+    export_dir = export_meta(full, mcfg, shards.tokenizer_folder, out) if world.is_main else None
+    barrier(world)
+    return export_dir
+
+
+def schedule_change(cfg: TrainConfig, state: dict[str, Any], step: int) -> list[str]:
+    """What a resume tells about a changed ``max_steps`` or schedule length (or nothing).
+
+    The rule: the learning rate is a function of the step and of *this* config only
+    (``lr_at(step, warmup_steps, schedule_steps())``), as in torchtitan and LitGPT, where
+    the schedule is rebuilt from the job's step count on every start. A resume with
+    another schedule length therefore continues on the new curve from the saved step:
+    a longer one lifts the rate back up the cosine. To train on past the end while the
+    rate stays where the saved schedule left it, keep the schedule's length with
+    ``total_tokens`` (the old steps × batch_tokens) and raise only ``max_steps``.
+    """
+    saved_stop, saved_len = state.get("max_steps"), state.get("schedule_steps")
+    if saved_stop is None or saved_len is None:  # a checkpoint from before they were kept
+        return []
+    stop, length = cfg.stop_step(), cfg.schedule_steps()
+    if saved_stop == stop and saved_len == length:
+        return []
+    lines = []
+    if saved_stop != stop:
+        lines.append(f"warning: max_steps is {stop}, the checkpoint's run had {saved_stop}")
+    if saved_len == length:
+        lines.append(f"the learning-rate schedule is unchanged ({length} steps, from total_tokens)")
+        return lines
+
+    def rate(total: int) -> float:
+        return lr_at(
+            step,
+            peak=cfg.lr,
+            warmup_steps=min(cfg.warmup_steps, total),
+            total_steps=total,
+            min_ratio=cfg.min_lr_ratio,
+        )
+
+    lines.append(
+        f"warning: the learning-rate schedule now ends at step {length}, not {saved_len}; "
+        "the rate follows this config's schedule from the saved step, so step "
+        f"{step + 1} runs at {rate(length):.3g} instead of {rate(saved_len):.3g}. "
+        f"To keep the saved schedule, add --set total_tokens={saved_len * cfg.batch_tokens}"
+    )
+    return lines

@@ -1,4 +1,10 @@
-"""The learning-rate schedule of the paper (§2.2): linear warmup, then cosine decay to 10%."""
+"""The learning-rate schedule of the paper (§2.2): linear warmup, then cosine decay to 10%.
+
+The rate depends on the step and the config only, never on a run's history: a run
+resumed with another schedule length (``max_steps``, or ``total_tokens``) follows the
+new curve from its saved step, as torchtitan and LitGPT do (see
+``llamalab.train.loop.schedule_change``).
+"""
 
 from __future__ import annotations
 
