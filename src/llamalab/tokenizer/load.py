@@ -145,12 +145,14 @@ def _config_template(config: dict[str, Any], path: Path) -> str | None:
 
 
 def _load_gguf(path: Path) -> tuple[Tokenizer, str | None]:
-    meta = read_gguf_metadata(path)
+    types: dict[str, tuple[int, int | None]] = {}
+    meta = read_gguf_metadata(path, types)
     model = meta.get("tokenizer.ggml.model")
     if model is None or "tokenizer.ggml.tokens" not in meta:
         raise LlamalabError(
             f"{path}: this GGUF file carries no tokenizer (no tokenizer.ggml.model/tokens)"
         )
+    check_gguf_vocabulary(meta, types, path)
     if model == "llama":
         from llamalab.tokenizer.spm import from_gguf_meta
 
@@ -165,6 +167,94 @@ def _load_gguf(path: Path) -> tuple[Tokenizer, str | None]:
         )
     template = meta.get("tokenizer.chat_template")
     return tok, template if isinstance(template, str) else None
+
+
+# The value types each tokenizer key may have (GGUF value type numbers, per the spec).
+_U8, _I8, _U16, _I16, _U32, _I32, _F32, _BOOL, _STRING, _ARRAY, _U64, _I64, _F64 = range(13)
+_INTEGERS = frozenset({_U8, _I8, _U16, _I16, _U32, _I32, _U64, _I64})
+_FLAGS = _INTEGERS | {_BOOL}
+_ARRAYS = {
+    "tokenizer.ggml.tokens": ("strings", frozenset({_STRING})),
+    "tokenizer.ggml.merges": ("strings", frozenset({_STRING})),
+    "tokenizer.ggml.token_type": ("integers", _INTEGERS),
+    "tokenizer.ggml.scores": ("numbers", _INTEGERS | {_F32, _F64}),
+}
+_SCALARS = {
+    **dict.fromkeys(
+        (f"tokenizer.ggml.{name}_token_id" for name in ("bos", "eos", "eot", "eom", "unknown")),
+        ("an integer", _INTEGERS),
+    ),
+    **dict.fromkeys(
+        (
+            f"tokenizer.ggml.{name}"
+            for name in (
+                "add_bos_token",
+                "add_eos_token",
+                "add_space_prefix",
+                "remove_extra_whitespaces",
+            )
+        ),
+        ("a boolean", _FLAGS),
+    ),
+}
+
+
+def check_gguf_vocabulary(
+    meta: dict[str, Any], types: dict[str, tuple[int, int | None]], path: Path
+) -> None:
+    """Refuse a GGUF vocabulary that no tokenizer can be built from, before one is built.
+
+    Checked: the value types of the keys the tokenizers read; a vocabulary that is not
+    empty and has no duplicate tokens (llama.cpp names each empty token ``[EMPTY_<id>]``
+    and then stops on any duplicate, an assertion that ends the process); and, for a
+    ``gpt2`` vocabulary, that each merge of two tokens makes a token (`tokenizers` refuses
+    such a merge in a tokenizer.json, and panics when handed one directly). ``types`` is
+    what ``read_gguf_metadata`` fills in.
+    """
+    for key, (what, allowed) in _ARRAYS.items():
+        if key in types and (types[key][0] != _ARRAY or types[key][1] not in allowed):
+            raise LlamalabError(f"{path}: {key} must be an array of {what}")
+    for key, (what, allowed) in _SCALARS.items():
+        if key in types and types[key][0] not in allowed:
+            raise LlamalabError(f"{path}: {key} must be {what}")
+    tokens: list[str] = meta["tokenizer.ggml.tokens"]
+    if not tokens:
+        raise LlamalabError(f"{path}: the vocabulary (tokenizer.ggml.tokens) is empty")
+    first_id: dict[str, int] = {}
+    for i, token in enumerate(tokens):
+        text = token or f"[EMPTY_{i}]"
+        first = first_id.setdefault(text, i)
+        if first != i:
+            duplicates = len(tokens) - len(
+                {token or f"[EMPTY_{i}]" for i, token in enumerate(tokens)}
+            )
+            more = f"; {duplicates} duplicates in all" if duplicates > 1 else ""
+            raise LlamalabError(
+                f"{path}: duplicate tokens in the vocabulary (tokenizer.ggml.tokens): "
+                f"{_shown(text)} is token {first} and token {i}{more}"
+            )
+    merges = meta.get("tokenizer.ggml.merges")
+    if meta.get("tokenizer.ggml.model") != "gpt2" or merges is None:
+        return
+    vocabulary = set(tokens)
+    for n, merge in enumerate(merges):
+        # Split at the first space after position 0, as llama.cpp (and bpe.py) do.
+        cut = merge.find(" ", 1)
+        if cut < 0:
+            continue
+        left, right = merge[:cut], merge[cut + 1 :]
+        # A merge of parts that are not tokens never fires, and is left out; one whose
+        # parts are tokens must make one.
+        if left in vocabulary and right in vocabulary and left + right not in vocabulary:
+            raise LlamalabError(
+                f"{path}: merge {n} of tokenizer.ggml.merges, {_shown(merge)}, makes "
+                f"{_shown(left + right)}, which is not in the vocabulary"
+            )
+
+
+def _shown(text: str) -> str:
+    """A token from a file we may not trust, quoted and cut short for an error message."""
+    return repr(text) if len(text) <= 40 else repr(text[:37]) + "..."
 
 
 def attach_chat_template(tok: Tokenizer, source: str | None, name: str) -> None:
