@@ -325,3 +325,29 @@ def test_without_namespaces_it_warns_once_and_keeps_the_old_guards(monkeypatch):
         assert "unshare: EPERM" in messages[0]
     finally:
         sandbox.isolation.cache_clear()
+
+
+def test_at_the_timeout_the_whole_namespace_is_gone(namespaces):
+    marker = f"llamalab-daemon-{secrets.token_hex(8)}"
+    limits = Limits(timeout_s=2.0, cpu_s=3, memory_bytes=512 << 20, file_bytes=1 << 20)
+    started = time.monotonic()
+    result = _run(
+        f"""
+        import os, time
+        execed_r, execed_w = os.pipe()
+        if os.fork() == 0:
+            os.setsid()
+            if os.fork() == 0:
+                os.execv("/bin/sleep", [{marker!r}, "60"])
+            os._exit(0)
+        os.close(execed_w)
+        os.read(execed_r, 1)
+        time.sleep(600)
+        """,
+        limits=limits,
+    )
+    leftovers = _host_pids_with(marker)
+    _kill_all(leftovers)
+    assert result.status == "timeout", result
+    assert not leftovers, "a daemon outlived its item's timeout"
+    assert time.monotonic() - started < limits.timeout_s + 5
