@@ -220,35 +220,46 @@ def check_gguf_vocabulary(
     tokens: list[str] = meta["tokenizer.ggml.tokens"]
     if not tokens:
         raise LlamalabError(f"{path}: the vocabulary (tokenizer.ggml.tokens) is empty")
+    vocabulary = set(tokens)
+    # Equal texts, or an empty token whose llama.cpp name may equal a token: look closer.
+    if len(vocabulary) != len(tokens) or "" in vocabulary:
+        _refuse_duplicates(tokens, path)
+    merges = meta.get("tokenizer.ggml.merges")
+    if meta.get("tokenizer.ggml.model") != "gpt2" or merges is None:
+        return
+    # Split at the first space after position 0, as llama.cpp (and bpe.py) do. A merge of
+    # parts that are not tokens never fires, and is left out; one of two tokens must make
+    # one. (Its result is looked up first: nearly every merge makes a token.)
+    broken = (
+        n
+        for n, merge in enumerate(merges)
+        if (cut := merge.find(" ", 1)) > 0
+        and merge[:cut] + merge[cut + 1 :] not in vocabulary
+        and merge[:cut] in vocabulary
+        and merge[cut + 1 :] in vocabulary
+    )
+    n = next(broken, None)
+    if n is not None:
+        merge = merges[n]
+        cut = merge.find(" ", 1)
+        raise LlamalabError(
+            f"{path}: merge {n} of tokenizer.ggml.merges, {_shown(merge)}, makes "
+            f"{_shown(merge[:cut] + merge[cut + 1 :])}, which is not in the vocabulary"
+        )
+
+
+def _refuse_duplicates(tokens: list[str], path: Path) -> None:
+    """llama.cpp's rule: each empty token becomes ``[EMPTY_<id>]``, then no two are equal."""
+    texts = [token or f"[EMPTY_{i}]" for i, token in enumerate(tokens)]
     first_id: dict[str, int] = {}
-    for i, token in enumerate(tokens):
-        text = token or f"[EMPTY_{i}]"
+    for i, text in enumerate(texts):
         first = first_id.setdefault(text, i)
         if first != i:
-            duplicates = len(tokens) - len(
-                {token or f"[EMPTY_{i}]" for i, token in enumerate(tokens)}
-            )
+            duplicates = len(texts) - len(set(texts))
             more = f"; {duplicates} duplicates in all" if duplicates > 1 else ""
             raise LlamalabError(
                 f"{path}: duplicate tokens in the vocabulary (tokenizer.ggml.tokens): "
                 f"{_shown(text)} is token {first} and token {i}{more}"
-            )
-    merges = meta.get("tokenizer.ggml.merges")
-    if meta.get("tokenizer.ggml.model") != "gpt2" or merges is None:
-        return
-    vocabulary = set(tokens)
-    for n, merge in enumerate(merges):
-        # Split at the first space after position 0, as llama.cpp (and bpe.py) do.
-        cut = merge.find(" ", 1)
-        if cut < 0:
-            continue
-        left, right = merge[:cut], merge[cut + 1 :]
-        # A merge of parts that are not tokens never fires, and is left out; one whose
-        # parts are tokens must make one.
-        if left in vocabulary and right in vocabulary and left + right not in vocabulary:
-            raise LlamalabError(
-                f"{path}: merge {n} of tokenizer.ggml.merges, {_shown(merge)}, makes "
-                f"{_shown(left + right)}, which is not in the vocabulary"
             )
 
 
