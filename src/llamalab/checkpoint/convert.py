@@ -103,7 +103,7 @@ def convert(
                 elif to == "meta":
                     write_meta(reader, tmp, TORCH_DTYPES[out_type], shards, progress)
                 else:
-                    from llamalab.checkpoint.gguf_format import write_gguf
+                    from llamalab.gguf.writer import write_gguf
 
                     write_gguf(reader, tmp, out_type, progress=progress)
                 if to == "gguf":
@@ -477,7 +477,11 @@ def write_hf(
     config = reader.config
     folder.mkdir(parents=True)
     tok = source_tokenizer(reader)
-    hf_config = config_to_hf(config, **generation_ids(tok))
+    ids = generation_ids(tok)
+    # config.json names the EOS token alone (as SmolLM2's own does); generation_config.json
+    # lists every token generate() stops on.
+    ids["eos_token_id"] = tok.eos_id if tok is not None else None
+    hf_config = config_to_hf(config, **ids)
     hf_config["torch_dtype"] = str(dtype).removeprefix("torch.")
     (folder / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
 
