@@ -112,6 +112,7 @@ def test_list_models_and_health(client, server, smollm2_path, model_id):
         "active_slots": 0,
         "queued": 0,
         "max_batch": MAX_BATCH,
+        "compiling": 0,
     }
 
 
