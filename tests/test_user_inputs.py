@@ -405,3 +405,27 @@ def test_an_empty_model_path_is_refused(capsys):
         code, _, err = run_main(capsys, *argv)
         assert code == 2, err
         assert "empty" in err.strip().splitlines()[-1]
+
+
+# --------------------------------------------------------------------------- chat on a pipe
+def chat_piped(model: Path, stdin: bytes) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "llamalab", "chat", "-m", str(model), "-n", "4", "-t", "1"],
+        input=stdin,
+        capture_output=True,
+        timeout=120,
+        env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "LLAMALAB_HISTORY": ""},
+        check=False,
+    )
+
+
+def test_piped_chat_reads_each_line_with_a_bound(smollm2_path):
+    # input() held a line without end whole (`llamalab chat < /dev/zero`), and tokenized it.
+    result = chat_piped(smollm2_path, b"x" * (3 << 20) + b"\n\xff\n/exit\n")
+    err = result.stderr.decode("utf-8", "replace")
+    assert result.returncode == 0, err
+    assert "Traceback" not in err
+    errors = [line for line in err.splitlines() if line.startswith("llamalab: error:")]
+    assert len(errors) == 2, err
+    assert "longer than 1048576 bytes" in errors[0]
+    assert "not valid UTF-8" in errors[1] and "0xff" in errors[1]

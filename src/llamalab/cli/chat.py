@@ -41,6 +41,9 @@ COMMANDS_HELP = """\
 # a long conversation would leave the model room for only a few words.
 REPLY_SHARE = 4
 HISTORY_FILE_ENV = "LLAMALAB_HISTORY"
+# One message must fit the context with room for a reply: a megabyte is about 250,000
+# tokens of English, more than any context llamalab runs.
+MAX_MESSAGE_BYTES = 1 << 20
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -150,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
     )
     while True:
         try:
-            line = input("> ")
+            line = _read_message("> ")
         except EOFError:
             print()
             return 0
@@ -158,6 +161,10 @@ def run(args: argparse.Namespace) -> int:
             print("\n(/exit or Ctrl-D to leave)", file=sys.stderr)
             continue
         try:
+            if line is None:
+                raise LlamalabError(
+                    f"the message is longer than {MAX_MESSAGE_BYTES} bytes; it was skipped"
+                )
             line = check_text_argument(line, "message")
             if line.strip().startswith("/"):
                 if not _command(line.strip(), chat):
@@ -184,6 +191,29 @@ def run(args: argparse.Namespace) -> int:
             chat.turns.append({"role": "assistant", "content": reply})
         except LlamalabError as exc:
             print(f"llamalab: error: {exc}", file=sys.stderr)
+
+
+def _read_message(prompt: str) -> str | None:
+    """One line of the user's; None for a line over MAX_MESSAGE_BYTES (its bytes are skipped).
+
+    A terminal gets input() and its line editing. Piped input is read with a bound:
+    input() would hold a line without end (``llamalab chat < /dev/zero``) whole.
+    """
+    if sys.stdin.isatty():
+        return input(prompt)
+    sys.stdout.write(prompt)
+    sys.stdout.flush()
+    data = sys.stdin.buffer.readline(MAX_MESSAGE_BYTES + 1)
+    if not data:
+        raise EOFError
+    if len(data) > MAX_MESSAGE_BYTES:
+        while data and not data.endswith(b"\n"):
+            data = sys.stdin.buffer.readline(
+                1 << 20
+            )  # the rest of the line, a bounded piece at a time
+        return None
+    # Bytes that are not UTF-8 stay as surrogate escapes for check_text_argument to name.
+    return data.decode("utf-8", errors="surrogateescape").rstrip("\r\n")
 
 
 def _command(line: str, chat: Conversation) -> bool:
