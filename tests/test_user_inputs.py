@@ -429,3 +429,12 @@ def test_piped_chat_reads_each_line_with_a_bound(smollm2_path):
     assert len(errors) == 2, err
     assert "longer than 1048576 bytes" in errors[0]
     assert "not valid UTF-8" in errors[1] and "0xff" in errors[1]
+
+
+@pytest.mark.parametrize("value", [str(10**30), str(2**63 - 1)])
+def test_data_prepare_doc_chars_past_the_bound_is_one_line(capsys, tmp_path, corpus, value):
+    code, _, err = run_main(
+        capsys, "data", "prepare", "--tokenizer", str(tmp_path), "--out", str(tmp_path / "d"),
+        "--doc-chars", value, f"a={corpus}",
+    )  # fmt: skip
+    one_error_line(code, err, "--doc-chars", value)

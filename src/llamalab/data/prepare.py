@@ -43,6 +43,8 @@ MANIFEST = "manifest.json"
 FORMAT = "llamalab-token-shards"
 VERSION = 1
 DEFAULT_DOC_CHARS = 1 << 20
+# A worker holds up to four times this of one document: a bound keeps that in memory.
+MAX_DOC_CHARS = 1 << 26
 # Each worker process holds its own tokenizer: thousands would only exhaust memory.
 MAX_WORKERS = 1024
 
@@ -158,8 +160,8 @@ def prepare(
 
     out = Path(out)
     _check_out(out)
-    if doc_chars < 1:
-        raise LlamalabError(f"doc_chars must be at least 1, got {doc_chars}")
+    if not 1 <= doc_chars <= MAX_DOC_CHARS:
+        raise LlamalabError(f"--doc-chars must be from 1 to {MAX_DOC_CHARS}, got {doc_chars}")
     refuse_special(tokenizer)  # a FIFO or a device: say so
     tok = load_tokenizer(tokenizer)
     if tok.bos_id is None or tok.eos_id is None:
