@@ -50,8 +50,9 @@ def test_mmlu_drops_the_header_rows_and_holds_out_five_exemplars_per_subject():
         "The following are multiple choice questions (with answers) about anatomy.\n\n"
     )
     assert first.context.count("\nAnswer:") == 6 and first.context.endswith("\nAnswer:")
+    # Zero-shot shows no exemplar, so none is held out: the subject's first rows are scored.
     zero = load_task("mmlu", subjects=["anatomy"], num_fewshot=0, limit=2)
-    assert [i.id for i in zero.items] == [i.id for i in task.items if i.group == "anatomy"][:2]
+    assert [i.id for i in zero.items] == [r[0] for r in rows["anatomy"][:2]]
     with pytest.raises(LlamalabError, match="unknown MMLU subject"):
         mmlu.parse_subjects("anatomy,astrology")
 

@@ -281,7 +281,9 @@ class TransformerBlock(nn.Module):
 def _token_slots(view: CacheView, B: int, T: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The cache row and position of each of a view's B·T new tokens, row by row: (B·T,) each."""
     rows = torch.arange(view.row, view.row + B).repeat_interleave(T)
-    return rows, view.input_pos.expand(B, T).reshape(-1).long()
+    # Rows that share one (1, T) run of positions expand it; for T == 1 the reshape of that
+    # expansion is a stride-0 view, and the native step reads plain contiguous int64 arrays.
+    return rows, view.input_pos.expand(B, T).reshape(-1).long().contiguous()
 
 
 def _run_block(

@@ -28,6 +28,7 @@ DESCRIPTION = (
     + (__doc__.split("\n\n", 1)[1])
 )
 NORM_CHOICES = ("raw", "char", "answer")
+DEFAULT_CTX = 2048  # the window when --ctx is not given, if the model's context is longer
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -38,6 +39,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="mmlu, siqa, gsm8k, humaneval, perplexity, or a .jsonl file of your own",
     )
     add_runtime_options(p)
+    # No fixed default: the window is the model's context, capped (see used_context).
+    p.set_defaults(ctx=None)
+    for action in p._actions:
+        if action.dest == "ctx":
+            action.help = (
+                f"context size in tokens (default: the model's context, at most {DEFAULT_CTX})"
+            )
     p.add_argument("--limit", type=positive_int, default=None, help="score the first N items "
                    "(per subject for mmlu)")  # fmt: skip
     p.add_argument(
@@ -66,7 +74,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", nargs="+", default=None, metavar="FILE_OR_DIR",
                    help="perplexity: text files, or folders of them")  # fmt: skip
     p.add_argument("--stride", type=positive_int, default=None,
-                   help="perplexity: tokens between windows (default: half of --ctx)")  # fmt: skip
+                   help="perplexity: tokens between windows (default: half of the window)")  # fmt: skip
     p.add_argument("--samples", type=positive_int, default=1,
                    help="humaneval: replies per problem, for pass@k up to k = samples")  # fmt: skip
     p.add_argument("--temperature", type=finite_float, default=0.1,
@@ -79,7 +87,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true",
                    help="print one JSON object: task, metric, value, stderr, n (and more)")  # fmt: skip
     p.add_argument("--output", default=None, metavar="FILE.jsonl",
-                   help="write one JSON line per item: id, prediction, label, correct ...")  # fmt: skip
+                   help="write one JSON line per item: id, prediction, label, correct ... "
+                   "(a new file: an existing one is never replaced)")  # fmt: skip
 
 
 def check_arguments(args: argparse.Namespace) -> None:
@@ -105,6 +114,30 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise LlamalabError("--samples applies to --task humaneval only")
     if not 0 <= args.temperature <= 2:
         raise LlamalabError(f"--temperature must be in [0, 2], got {args.temperature}")
+    if args.ctx is not None and args.ctx < 2:
+        raise LlamalabError(f"--ctx must be at least 2, got {args.ctx}")
+    if args.output is not None:
+        check_output(args.output)
+
+
+def check_output(name: str) -> None:
+    """Refuse an --output that exists (a user's data, perhaps the task file itself) or
+    whose folder does not, before any work starts."""
+    import os
+    from pathlib import Path
+
+    path = Path(name)
+    if os.path.lexists(path):  # a dangling link is in the way too
+        raise LlamalabError(
+            f"--output {path}: already exists; choose a new file (nothing was overwritten)"
+        )
+    if not path.parent.is_dir():
+        raise LlamalabError(f"--output {path}: the folder {path.parent} does not exist")
+
+
+def used_context(requested: int | None, model_context: int) -> int:
+    """The window in tokens: ``--ctx`` (default 2048), never more than the model's context."""
+    return min(requested or DEFAULT_CTX, model_context)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -117,17 +150,16 @@ def run(args: argparse.Namespace) -> int:
     check_arguments(args)
     progress = sys.stderr.isatty()
     output = Path(args.output) if args.output else None
-    if output is not None and output.is_dir():
-        raise LlamalabError(f"--output {output}: is a folder")
     task = files = None
     if args.task == "perplexity":
         from llamalab.eval.perplexity import document_files
 
         files = document_files(args.data)
-        window = args.ctx
-        stride = args.stride or max(1, window // 2)
-        if not 1 <= stride < window:
-            raise LlamalabError(f"--stride must be 1 to {window - 1} (less than --ctx {window})")
+        if args.ctx is not None and args.stride is not None and args.stride >= args.ctx:
+            # Refused before the model loads where the numbers alone decide it.
+            raise LlamalabError(
+                f"--stride must be 1 to {args.ctx - 1} (less than --ctx {args.ctx})"
+            )
     else:
         # Data and prompts are checked before the model loads: a bad file fails fast.
         task = load_task(
@@ -142,22 +174,36 @@ def run(args: argparse.Namespace) -> int:
         if not task.items:
             raise LlamalabError(f"task {task.name}: no items to score")
     model, tokenizer = load_runtime_from_args(args)
+    ctx = used_context(args.ctx, model.config.context_length)
     if task is None:
         from llamalab.eval.likelihood import LikelihoodScorer
 
-        scorer = LikelihoodScorer(model, max_seq_len=args.ctx, max_rows=1)
+        window = ctx
+        stride = args.stride or max(1, window // 2)
+        if not 1 <= stride < window:
+            raise LlamalabError(
+                f"--stride must be 1 to {window - 1} (less than the window of {window} tokens)"
+            )
+        scorer = LikelihoodScorer(model, max_seq_len=window, max_rows=1)
         result = runner.run_perplexity(
             files, scorer, tokenizer, window=window, stride=stride, progress=progress
         )
     elif task.kind == "choice":
         from llamalab.eval.likelihood import LikelihoodScorer
 
-        scorer = LikelihoodScorer(model, max_seq_len=args.ctx, max_rows=args.batch_size)
+        scorer = LikelihoodScorer(model, max_seq_len=ctx, max_rows=args.batch_size)
         result = runner.run_choice(task, scorer, tokenizer, progress=progress)
+        cut = sum(1 for r in result.records if r.get("context_tokens_dropped"))
+        if cut:  # lm-eval does this silently; a user should know the prompts were cut
+            print(
+                f"llamalab: note: {cut} of {result.n} prompts lost their oldest tokens to fit "
+                f"the window of {ctx} tokens (--ctx)",
+                file=sys.stderr,
+            )
     else:
         from llamalab.generation import Engine
 
-        engine = Engine(model, tokenizer, max_batch=args.batch_size, max_seq_len=args.ctx)
+        engine = Engine(model, tokenizer, max_batch=args.batch_size, max_seq_len=ctx)
         if task.kind == "code":
             result = runner.run_code(
                 task, engine, tokenizer, samples=args.samples, temperature=args.temperature,
@@ -181,12 +227,35 @@ def run(args: argparse.Namespace) -> int:
 
 
 def write_records(path, records) -> None:
-    """One JSON line per item, in file order."""
+    """One JSON line per item, in file order, written to a temporary file beside ``path``
+    and then renamed onto it only if nothing is there: an existing file is never replaced,
+    and an interrupted run leaves no half-written one."""
+    import os
+    import tempfile
+    from pathlib import Path
+
+    from llamalab.checkpoint.convert import rename_noreplace
+
+    path = Path(path)
     try:
-        with open(path, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+        fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as exc:
         raise LlamalabError(f"--output {path}: cannot write: {exc.strerror or exc}") from None
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+            f.flush()
+            os.fsync(f.fileno())
+        rename_noreplace(Path(temp), path)
+    except FileExistsError:
+        raise LlamalabError(
+            f"--output {path}: appeared while evaluating; nothing was overwritten"
+        ) from None
+    except OSError as exc:
+        raise LlamalabError(f"--output {path}: cannot write: {exc.strerror or exc}") from None
+    finally:
+        if os.path.lexists(temp):
+            os.unlink(temp)
 
 
 def _fmt(value, percent: bool) -> str:

@@ -150,18 +150,33 @@ def split_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], l
     encoding ends, so the continuation's tokens are those of the joined text. An empty
     context becomes the document-start token (BOS, else EOS).
     """
+    return split_pairs(tokenizer, context, [continuation])[0]
+
+
+def split_pairs(
+    tokenizer, context: str, continuations: Sequence[str]
+) -> list[tuple[list[int], list[int]]]:
+    """:func:`split_pair` for each continuation of one context, the context encoded once."""
     if not context:
-        ids = tokenizer.encode(continuation, add_bos=False, special=False)
-        start = document_start(tokenizer)
-        if ids and ids[0] == start:
-            return ids[:1], ids[1:]
-        return [start], ids
+        return [_split_empty(tokenizer, c) for c in continuations]
     trailing = len(context) - len(context.rstrip())
-    if trailing:
-        context, continuation = context[:-trailing], context[-trailing:] + continuation
-    whole = tokenizer.encode(context + continuation, special=False)
+    tail = context[len(context) - trailing :]
+    context = context[: len(context) - trailing]
     head = tokenizer.encode(context, special=False)
-    return head, whole[len(head) :]
+    out = []
+    for continuation in continuations:
+        whole = tokenizer.encode(context + tail + continuation, special=False)
+        out.append((head, whole[len(head) :]))
+    return out
+
+
+def _split_empty(tokenizer, continuation: str) -> tuple[list[int], list[int]]:
+    # No context: the continuation follows the document-start token.
+    ids = tokenizer.encode(continuation, add_bos=False, special=False)
+    start = document_start(tokenizer)
+    if ids and ids[0] == start:
+        return ids[:1], ids[1:]
+    return [start], ids
 
 
 def document_start(tokenizer) -> int:

@@ -64,22 +64,28 @@ def _progress(iterable: Iterable, total: int, desc: str, show: bool):
 
 # ---------------------------------------------------------------------------- choices
 def score_choice_item(scorer, tokenizer, item: ChoiceItem, answer_normalised: bool) -> dict:
-    """One item's log-likelihoods and the choice each normalisation picks."""
-    from llamalab.eval.likelihood import split_pair
+    """One item's log-likelihoods, the choice each normalisation picks, and how many of the
+    context's oldest tokens were left out to fit the scorer's window (``dropped``)."""
+    from llamalab.eval.likelihood import split_pairs
 
-    pairs = [split_pair(tokenizer, item.context, c) for c in item.continuations()]
+    pairs = split_pairs(tokenizer, item.context, item.continuations())
     context = pairs[0][0]
     if any(p[0] != context for p in pairs) or any(not p[1] for p in pairs):
         # Cannot happen for a non-empty context (its encoding does not depend on the
         # choice); an empty continuation means a choice merged into the context.
         raise LlamalabError(f"item {item.id}: a choice has no tokens of its own")
+    longest = max(len(p[1]) for p in pairs)
+    # The scorer keeps the newest tokens that fit (lm-eval's rule); say how many it drops.
+    dropped = max(0, len(context) + longest - 1 - scorer.max_seq_len)
     logprobs = [lp for lp, _ in scorer.score(context, [p[1] for p in pairs])]
     unconditional = None
     if answer_normalised:
-        upairs = [split_pair(tokenizer, ANSWER_CONTEXT, c) for c in item.continuations()]
+        upairs = split_pairs(tokenizer, ANSWER_CONTEXT, item.continuations())
         unconditional = [lp for lp, _ in scorer.score(upairs[0][0], [p[1] for p in upairs])]
     picks = pick_choices(logprobs, item.choices, unconditional)
-    return {"logprobs": logprobs, "unconditional": unconditional, "picks": picks}
+    return {
+        "logprobs": logprobs, "unconditional": unconditional, "picks": picks, "dropped": dropped,
+    }  # fmt: skip
 
 
 def run_choice(task: Task, scorer, tokenizer, *, progress: bool = False) -> EvalResult:
@@ -100,6 +106,7 @@ def run_choice(task: Task, scorer, tokenizer, *, progress: bool = False) -> Eval
             "logprobs": scored["logprobs"],
             **({"unconditional": scored["unconditional"]} if task.answer_normalised else {}),
             "predictions": {n: picks.get(n) for n in norms},
+            **({"context_tokens_dropped": scored["dropped"]} if scored["dropped"] else {}),
         }
         records.append(record)
     records.sort(key=lambda r: r["id"])
@@ -145,6 +152,18 @@ def generate_texts(
 
     from llamalab.generation import Request
 
+    # Every prompt is encoded and checked first: one that does not fit fails the run
+    # before any generating, not after hours. Repeated prompts (samples) are encoded once.
+    encoded: dict[str, list[int]] = {}
+    for text in prompts:
+        if text not in encoded:
+            ids = tokenizer.encode(text, special=False)
+            if engine.max_seq_len - len(ids) < 1:
+                raise LlamalabError(
+                    f"a prompt of {len(ids)} tokens does not fit the context of "
+                    f"{engine.max_seq_len} (--ctx)"
+                )
+            encoded[text] = ids
     out: list[str] = []
     batches = range(0, len(prompts), batch_size)
     bar = None
@@ -156,14 +175,9 @@ def generate_texts(
         for at in batches:
             requests = []
             for i in range(at, min(at + batch_size, len(prompts))):
-                ids = tokenizer.encode(prompts[i], special=False)
+                ids = encoded[prompts[i]]
                 params = sampling if seeds is None else replace(sampling, seed=seeds[i])
                 room = engine.max_seq_len - len(ids)
-                if room < 1:
-                    raise LlamalabError(
-                        f"a prompt of {len(ids)} tokens does not fit the context of "
-                        f"{engine.max_seq_len} (--ctx)"
-                    )
                 requests.append(
                     Request(ids, max_tokens=min(max_tokens, room), sampling=params, stop=stop)
                 )

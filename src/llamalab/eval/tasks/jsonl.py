@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,8 +21,11 @@ def read_file_bounded(path: Path, limit: int = MAX_FILE_BYTES) -> bytes:
 
 
 def iter_jsonl(data: bytes, source: str) -> Iterator[tuple[int, dict]]:
-    """(0-based line number, object) for each non-blank line; an error names the line."""
-    lines = data.split(b"\n")
+    """(0-based line number, object) for each non-blank line; an error names the line.
+
+    A UTF-8 byte-order mark opening the data is skipped (editors on Windows write one).
+    """
+    lines = files.strip_bom(data).split(b"\n")
     if len(lines) > MAX_LINES:
         raise LlamalabError(f"{source}: more than {MAX_LINES} lines")
     for number, raw in enumerate(lines):
@@ -36,6 +40,10 @@ def iter_jsonl(data: bytes, source: str) -> Iterator[tuple[int, dict]]:
             raise LlamalabError(f"{where}: not valid UTF-8") from None
         except (json.JSONDecodeError, RecursionError) as exc:
             raise LlamalabError(f"{where}: not valid JSON ({getattr(exc, 'msg', exc)})") from None
+        except ValueError:  # Python's limit on integer digits (sys.get_int_max_str_digits)
+            raise LlamalabError(
+                f"{where}: holds a number of more than {sys.get_int_max_str_digits()} digits"
+            ) from None
         if not isinstance(obj, dict):
             raise LlamalabError(f"{where}: expected a JSON object, got {type(obj).__name__}")
         yield number, obj

