@@ -218,8 +218,6 @@ class GrammarCompiler:
     def start(self) -> None:
         """Start the child processes now rather than on the first compile (a server's start)."""
         self._get_pool().warm_up()
-        # OpenAI's JSON mode is one grammar for everyone: have it ready.
-        self.submit(Grammar.any_json_object())
 
     def close(self) -> None:
         """End the child processes; a later compile starts new ones."""
