@@ -588,7 +588,8 @@ def affine_groups(
     n_blocks = rows * cols // block_size
     if data.numel() != n_blocks * type_size:
         raise LlamalabError(
-            f"{qtype.name} tensor of shape {tuple(shape)} needs {n_blocks * type_size} bytes, got {data.numel()}"
+            f"{qtype.name} tensor of shape {tuple(shape)} needs {n_blocks * type_size} bytes, "
+            f"got {data.numel()}"
         )
     unpack, group = _AFFINE[qtype]
     q, scale, zero = unpack(data.view(n_blocks, type_size))
