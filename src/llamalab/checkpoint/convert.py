@@ -103,7 +103,7 @@ def convert(
                 elif to == "meta":
                     write_meta(reader, tmp, TORCH_DTYPES[out_type], shards, progress)
                 else:
-                    from llamalab.gguf.writer import write_gguf
+                    from llamalab.checkpoint.gguf_format import write_gguf
 
                     write_gguf(reader, tmp, out_type, progress=progress)
                 if to == "gguf":
