@@ -21,15 +21,23 @@ from llamalab.tokenizer.chat import CHATML_TEMPLATE
 USER = [{"role": "user", "content": "Hi"}]
 TIMEOUT_S = 1.0
 
+# Templates that only take time: they print nothing, so the deadline is the one bound
+# they can reach, on a fast machine as on a slow one.
 SLOW = {
     "nested range": (
         "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
     ),
     "loop calling filters": (
-        "{% for i in range(100000) %}{% for j in range(100000) %}{{ j|string|length }}"
-        "{% endfor %}{% endfor %}"
+        "{% for i in range(100000) %}{% for j in range(100000) %}"
+        "{% if j|string|length > 5 %}x{% endif %}{% endfor %}{% endfor %}"
     ),
 }
+# A loop that prints a character per step reaches the time or the size bound first
+# depending on the machine's speed (about 4 M steps fill the default budget).
+PRINTING_LOOP = (
+    "{% for i in range(100000) %}{% for j in range(100000) %}{{ j|string|length }}"
+    "{% endfor %}{% endfor %}"
+)
 BIG = {
     "string repetition": "{{ 'A' * 1000000000 }}",
     "list repetition": "{{ ['A'] * 1000000000 }}",
@@ -65,8 +73,8 @@ BIG = {
 }
 
 
-def _render_fails(source: str, match: str) -> float:
-    template = ChatTemplate(source, name="gguf", timeout_s=TIMEOUT_S)
+def _render_fails(source: str, match: str, **limits: int) -> float:
+    template = ChatTemplate(source, name="gguf", timeout_s=TIMEOUT_S, **limits)
     start = time.monotonic()
     with pytest.raises(LlamalabError, match=rf"chat template \(gguf\) {match}"):
         template.render(USER)
@@ -75,8 +83,22 @@ def _render_fails(source: str, match: str) -> float:
 
 @pytest.mark.parametrize("source", SLOW.values(), ids=SLOW.keys())
 def test_slow_templates_stop_at_the_deadline(source: str) -> None:
-    elapsed = _render_fails(source, "took longer than 1 s to render")
+    # A small character budget stands in for a machine fast enough to print that much
+    # within the deadline: a slow template must still be stopped by the deadline alone.
+    elapsed = _render_fails(source, "took longer than 1 s to render", max_chars=1000)
     assert TIMEOUT_S <= elapsed < TIMEOUT_S + 1.0
+
+
+def test_a_printing_loop_stops_at_whichever_bound_comes_first() -> None:
+    # Each bound on its own, then both at their defaults: one clear error either way.
+    elapsed = _render_fails(PRINTING_LOOP, r"produced more than \d+ characters", max_chars=1000)
+    assert elapsed < TIMEOUT_S
+    elapsed = _render_fails(PRINTING_LOOP, "took longer than 1 s to render", max_chars=10**9)
+    assert TIMEOUT_S <= elapsed < TIMEOUT_S + 1.0
+    elapsed = _render_fails(
+        PRINTING_LOOP, r"(took longer than 1 s to render|produced more than \d+ characters)"
+    )
+    assert elapsed < TIMEOUT_S + 1.0
 
 
 def _peak_rss_mb() -> float:
