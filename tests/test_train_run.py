@@ -104,6 +104,19 @@ def test_debug_config_runs_end_to_end_through_the_cli(debug_run):
     assert gen.stdout  # eight tokens of whatever a 20-step model writes
 
 
+def test_the_export_carries_checksums_that_coreutils_accepts(debug_run):
+    export = debug_run[0] / "export"
+    for tool, listing in (("sha256sum", "SHA256SUMS"), ("md5sum", "checklist.chk")):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} is not installed")
+        checked = subprocess.run(
+            [tool, "-c", listing], cwd=export, capture_output=True, text=True, check=False
+        )
+        assert checked.returncode == 0, checked.stdout + checked.stderr
+        ok = {line.split(": ")[0] for line in checked.stdout.splitlines() if line.endswith("OK")}
+        assert {"consolidated.00.pth", "params.json", "tokenizer.model"} <= ok, checked.stdout
+
+
 def test_the_trained_model_runs_in_llama_cpp_after_convert(debug_run, tmp_path):
     import numpy as np
     import torch

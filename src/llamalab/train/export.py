@@ -1,7 +1,8 @@
 """Write the trained weights as a Meta checkpoint folder that every llamalab command loads.
 
-``out_dir/export/`` gets ``params.json``, ``consolidated.00.pth`` and the tokenizer files
-the data was made with, so ``llamalab generate --model out_dir/export`` runs it and
+``out_dir/export/`` gets ``params.json``, ``consolidated.00.pth``, the tokenizer files
+the data was made with, and ``SHA256SUMS`` and ``checklist.chk`` listing them
+(``cd out_dir/export && sha256sum -c SHA256SUMS``), so ``llamalab generate --model out_dir/export`` runs it and
 ``llamalab convert out_dir/export --to gguf`` carries model and vocabulary to llama.cpp.
 """
 
@@ -30,6 +31,7 @@ def export_meta(
 ) -> Path:
     """Write ``out_dir/export`` (replacing an earlier export whole); return its path."""
     from llamalab.checkpoint.meta_format import params_for
+    from llamalab.checkpoint.verify import write_checksums
 
     dst = out_dir / EXPORT
     stage = Path(tempfile.mkdtemp(dir=out_dir, prefix=f".{EXPORT}.tmp-"))
@@ -45,6 +47,9 @@ def export_meta(
         for f in sorted(tokenizer_dir.iterdir()):
             if f.is_file():
                 shutil.copy2(f, stage / f.name)
+        # SHA256SUMS (``sha256sum -c``) and Meta's md5 checklist.chk, as convert writes
+        # for a Meta folder: written in the stage, so the export appears with its lists.
+        write_checksums(stage, meta=True)
         if dst.exists():
             old = Path(tempfile.mkdtemp(dir=out_dir, prefix=f".{EXPORT}.old-"))
             os.rename(dst, old / EXPORT)
