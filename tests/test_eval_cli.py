@@ -1,5 +1,6 @@
-"""``llamalab eval`` on the command line: a user task end to end, generation tasks on the
-Engine, and bad input as one error line without a traceback."""
+"""``llamalab eval`` on the command line, on the default path (``--dtype auto``): a user
+task end to end, generation tasks on the Engine, and bad input as one error line without
+a traceback. Differences from float32 are bounded in test_eval_default_path.py."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ def test_user_multiple_choice_task_prints_the_json_object_and_writes_items(tmp_p
     out = tmp_path / "items.jsonl"
     result = run_cli(
         "eval", "--model", str(smollm2_path), "--task", str(FIXTURES / "mc.jsonl"), "--json",
-        "--output", str(out), "--dtype", "float32",
+        "--output", str(out),
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
@@ -54,7 +55,6 @@ def test_generation_tasks_run_on_the_engine(tmp_path, smollm2_path, cli_main, ca
     )
     out = tmp_path / "gen_items.jsonl"
     args = ["eval", "-m", str(smollm2_path), "--task", str(path), "--json", "--max-tokens", "8"]
-    args += ["--dtype", "float32"]  # loads faster than packed weights: a shorter test
     assert cli_main([*args, "--output", str(out), "--batch-size", "2"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["metric"] == "exact_match" and summary["n"] == 2
@@ -65,7 +65,7 @@ def test_generation_tasks_run_on_the_engine(tmp_path, smollm2_path, cli_main, ca
     from llamalab.generation import GREEDY, Engine, Request
     from llamalab.runtime import load_runtime
 
-    model, tokenizer = load_runtime(str(smollm2_path), "float32")
+    model, tokenizer = load_runtime(str(smollm2_path))  # the default path, as the CLI
     engine = Engine(model, tokenizer, max_seq_len=2048)
     request = Request(
         tokenizer.encode("Q: What is the capital of France?\nA:"), max_tokens=8, sampling=GREEDY,
@@ -82,7 +82,6 @@ def test_generation_tasks_run_on_the_engine(tmp_path, smollm2_path, cli_main, ca
 )
 def test_gsm8k_and_humaneval_smoke(tmp_path, smollm2_path, cli_main, capsys):
     base = ["eval", "-m", str(smollm2_path), "--json", "--limit", "1", "--max-tokens", "16"]
-    base += ["--dtype", "float32"]
     assert cli_main([*base, "--task", "gsm8k", "--num-fewshot", "2"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["metric"] == "exact_match" and summary["n"] == 1
@@ -104,7 +103,6 @@ def test_perplexity_of_a_folder(tmp_path, smollm2_path, cli_main, capsys):
     (folder / "b.txt").write_text("Pack my box with five dozen liquor jugs. " * 10)
     out = tmp_path / "docs.jsonl"
     args = ["eval", "-m", str(smollm2_path), "--task", "perplexity", "--data", str(folder)]
-    args += ["--dtype", "float32"]
     assert cli_main([*args, "--ctx", "64", "--stride", "32", "--json", "--output", str(out)]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["task"] == "perplexity" and summary["n"] == 2

@@ -55,7 +55,7 @@ def test_lm_eval_cli_runs_llamalab_on_every_request_type(tmp_path, smollm2_path)
     result = subprocess.run(
         [
             sys.executable, "-m", "llamalab.eval.lm_eval_cli", "run", "--model", "llamalab",
-            "--model_args", f"model={smollm2_path},dtype=float32", "--tasks",
+            "--model_args", f"model={smollm2_path}", "--tasks",
             "tiny_mc,tiny_gen,tiny_ppl", "--include_path", str(tasks), "--output_path", str(out),
             "--log_samples",
         ],
