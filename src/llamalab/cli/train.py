@@ -6,10 +6,15 @@
 The same command runs one CPU process or every rank of a torchrun job (FSDP2 when there
 is more than one). Running it again with the same out_dir resumes from the newest whole
 checkpoint there: model, optimiser, schedule, data position and random state. SIGINT or
-SIGTERM saves a checkpoint and stops. out_dir gets metrics.jsonl, loss.png,
-checkpoints/ and, at the end, export/: a Meta checkpoint with the tokenizer, which
-`llamalab generate --model OUT_DIR/export` runs. With several nodes, data and
-out_dir must be on a filesystem that every node sees.
+SIGTERM saves a checkpoint and stops. A newest checkpoint that does not load is passed
+over for the next older one, with a line naming both. A finished run run again trains
+nothing and says so; to train further, raise max_steps. The learning rate is a function
+of the step and the config: a resume with another max_steps follows the new schedule
+from the saved step, and says so (keep total_tokens as it was to keep the old one).
+out_dir gets metrics.jsonl, loss.png, checkpoints/ and, at the end, export/: a Meta
+checkpoint with the tokenizer and SHA256SUMS, which `llamalab generate --model
+OUT_DIR/export` runs. With several nodes, data and out_dir must be on a filesystem
+that every node sees.
 
 --set KEY=VALUE overrides a config key: data, out_dir, max_steps, seed,
 checkpoint_every, lr, batch_tokens, precision (auto|bf16|fp32), model.dim,
