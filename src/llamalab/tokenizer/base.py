@@ -63,6 +63,23 @@ class SpecialTokens:
     special: Mapping[str, int] = field(default_factory=dict)
 
 
+def backend_failure(exc: BaseException, what: str) -> BaseException:
+    """The exception to raise for one that came out of a backend library's call.
+
+    `tokenizers` reports a bad file with a plain ``Exception``; it and `tiktoken` (both
+    Rust, through pyo3) raise a Rust panic as ``pyo3_runtime.PanicException``, which
+    derives from ``BaseException`` so that ``except Exception`` misses it. Both become
+    one `LlamalabError` saying ``what`` failed; ours, and the interpreter's own
+    (``KeyboardInterrupt``, ``SystemExit``), pass through unchanged.
+    """
+    if isinstance(exc, LlamalabError):
+        return exc
+    if isinstance(exc, Exception) or type(exc).__name__ == "PanicException":
+        detail = str(exc).strip().splitlines()
+        return LlamalabError(f"{what}: {detail[0] if detail else type(exc).__name__}")
+    return exc
+
+
 def _partition_regex(tokens: Mapping[str, int]) -> re.Pattern[str] | None:
     texts = [t for t in tokens if t]
     if not texts:

@@ -16,14 +16,14 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 from tokenizers import Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
 from llamalab.errors import LlamalabError
-from llamalab.tokenizer.base import SpecialTokens, Tokenizer
+from llamalab.tokenizer.base import SpecialTokens, Tokenizer, backend_failure
 from llamalab.tokenizer.bytelevel import piece_to_bytes
 
 # GGUF token types (llama.cpp's llama_token_type).
@@ -126,7 +126,14 @@ class ByteLevelBPETokenizer(Tokenizer):
             # A merge whose parts are not tokens can never fire; tokenizers refuses them.
             if a in vocab and b in vocab:
                 merges.append((a, b))
-        self._bpe = HFTokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=ignore_merges))
+        try:
+            self._bpe = HFTokenizer(
+                models.BPE(vocab=vocab, merges=merges, ignore_merges=ignore_merges)
+            )
+        # load.check_gguf_vocabulary refuses what is known to panic before this runs; this
+        # keeps a vocabulary built some other way from ending in a Rust panic.
+        except BaseException as exc:  # noqa: BLE001
+            raise backend_failure(exc, f"{source}: tokenizers cannot build this BPE") from None
         self._bpe.pre_tokenizer = make_pre_tokenizer(family)
         self._bpe.decoder = decoders.ByteLevel()
 
@@ -162,7 +169,10 @@ class ByteLevelBPETokenizer(Tokenizer):
         return self._bpe
 
     def _encode_text(self, text: str) -> list[int]:
-        return self._bpe.encode(text, add_special_tokens=False).ids
+        try:
+            return self._bpe.encode(text, add_special_tokens=False).ids
+        except BaseException as exc:  # noqa: BLE001
+            raise backend_failure(exc, f"{self.source}: tokenizers failed to encode") from None
 
 
 def _gguf_id(meta: Mapping[str, Any], name: str, n: int) -> int | None:
@@ -190,21 +200,42 @@ class HFJsonTokenizer(Tokenizer):
         config: Mapping[str, Any] | None = None,
         generation_config: Mapping[str, Any] | None = None,
     ) -> None:
-        source = str(path)
-        try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-            self._hf = HFTokenizer.from_str(json.dumps(raw))
-        # tokenizers reports a bad file with a plain Exception, so nothing narrower works.
-        except Exception as exc:  # noqa: BLE001
-            raise LlamalabError(f"{path}: not a loadable tokenizer.json: {exc}") from None
+        raw = _read_tokenizer_json(path)
+        # Encoding never truncates or pads, as transformers' own encode does unless asked:
+        # a file's settings would silently cut every prompt (and a bad stride panics).
+        raw["truncation"] = None
+        raw["padding"] = None
+        _check_tokenizer_json(raw, path)
         config = dict(config or {})
-        # A second copy that treats special-token text as text, for special=False.
-        self._hf_plain = HFTokenizer.from_str(self._hf.to_str())
+        try:
+            self._hf = HFTokenizer.from_str(json.dumps(raw))
+            # A second copy that treats special-token text as text, for special=False.
+            self._hf_plain = HFTokenizer.from_str(self._hf.to_str())
+        except BaseException as exc:  # noqa: BLE001
+            raise backend_failure(exc, f"{path}: not a loadable tokenizer.json") from None
         self._hf_plain.encode_special_tokens = True
+        try:
+            self._init_tables(path, raw, config, generation_config or {})
+        except BaseException as exc:  # noqa: BLE001
+            raise backend_failure(
+                exc, f"{path}: tokenizers cannot use this tokenizer.json"
+            ) from None
 
-        n = self._hf.get_vocab_size(with_added_tokens=True)
+    def _init_tables(
+        self,
+        path: Path,
+        raw: Mapping[str, Any],
+        config: Mapping[str, Any],
+        generation_config: Mapping[str, Any],
+    ) -> None:
+        source = str(path)
         added = self._hf.get_added_tokens_decoder()
-        n = max([n, *(i + 1 for i in added)])
+        ids = [*self._hf.get_vocab(with_added_tokens=True).values(), *added]
+        # Ids with no token in between are allowed (the table gets empty entries), but
+        # not so many that one far-off id makes a table of billions.
+        n = max(ids, default=-1) + 1
+        if n > 2 * len(ids) + _MAX_ID_GAP:
+            _far_id(path, self._hf.id_to_token(n - 1) or "", n - 1, len(ids))
         pieces = [self._hf.id_to_token(i) or "" for i in range(n)]
         control = [i for i, t in added.items() if t.special]
         token_bytes = _hf_token_bytes(raw.get("decoder"), pieces, added, path)
@@ -234,7 +265,7 @@ class HFJsonTokenizer(Tokenizer):
         add_eos = config.get("add_eos_token")
         if add_eos is None:
             add_eos = bool(probe) and probe[-1] == eos and len(probe) > 1
-        gen_eos = (generation_config or {}).get("eos_token_id")
+        gen_eos = generation_config.get("eos_token_id")
         extra_stops = (
             gen_eos if isinstance(gen_eos, list) else [gen_eos] if isinstance(gen_eos, int) else []
         )
@@ -262,10 +293,183 @@ class HFJsonTokenizer(Tokenizer):
 
     def _encode_with_specials(self, text: str, special: bool) -> list[int]:
         tok = self._hf if special else self._hf_plain
-        return tok.encode(text, add_special_tokens=False).ids
+        try:
+            return tok.encode(text, add_special_tokens=False).ids
+        except BaseException as exc:  # noqa: BLE001
+            raise backend_failure(exc, f"{self.source}: tokenizers failed to encode") from None
 
     def _encode_text(self, text: str) -> list[int]:
-        return self._hf_plain.encode(text, add_special_tokens=False).ids
+        return self._encode_with_specials(text, False)
+
+
+# How many ids past twice the number of tokens a vocabulary may leave without a token.
+_MAX_ID_GAP = 1024
+
+
+def _shown(text: str) -> str:
+    """A token from a file we may not trust, quoted and cut short for an error message."""
+    return repr(text) if len(text) <= 40 else repr(text[:37]) + "..."
+
+
+def _far_id(path: Path, token: str, token_id: int, count: int) -> NoReturn:
+    raise LlamalabError(
+        f"{path}: token {_shown(token)} has id {token_id}, far outside the vocabulary of "
+        f"{count} tokens (the ids between would be tokens without text)"
+    )
+
+
+def _read_tokenizer_json(path: Path) -> dict[str, Any]:
+    """The JSON object of a tokenizer.json, refusing a key given twice in one object.
+
+    JSON parsers (Python's and `tokenizers`' alike) keep the last of two equal keys, so
+    a token listed twice in ``model.vocab`` would silently lose one of its ids.
+    """
+    duplicates: list[str] = []
+
+    def pairs_hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        value = dict(pairs)
+        if len(value) != len(pairs) and not duplicates:
+            seen: set[str] = set()
+            duplicates.append(next(k for k, _ in pairs if k in seen or seen.add(k)))
+        return value
+
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=pairs_hook)
+    except (OSError, ValueError) as exc:
+        raise LlamalabError(f"{path}: not a loadable tokenizer.json: {exc}") from None
+    if not isinstance(raw, dict):
+        raise LlamalabError(f"{path}: not a loadable tokenizer.json: not a JSON object")
+    if duplicates:
+        key = duplicates[0]
+        model = raw.get("model")
+        vocab = model.get("vocab") if isinstance(model, dict) else None
+        if isinstance(vocab, dict) and key in vocab:
+            raise LlamalabError(
+                f"{path}: duplicate tokens in model.vocab: {_shown(key)} is listed twice"
+            )
+        raise LlamalabError(f"{path}: the key {_shown(key)} appears twice in one JSON object")
+    return raw
+
+
+def _check_tokenizer_json(raw: Mapping[str, Any], path: Path) -> None:
+    """Refuse a tokenizer.json that `tokenizers` would panic on, or load ambiguously.
+
+    Checked: duplicate tokens and duplicate ids in ``model.vocab``; an ``unk_token`` that
+    is not a token (`tokenizers` fails on the first unknown character, not at load); each
+    BPE merge; the special tokens a ``TemplateProcessing`` post-processor uses. Whatever
+    else is wrong, `tokenizers` reports itself with an ordinary error.
+    """
+    model = raw.get("model")
+    if not isinstance(model, dict):
+        return
+    vocab = model.get("vocab")
+    if isinstance(vocab, dict):  # BPE, WordPiece, WordLevel: {token: id}
+        by_id: dict[int, str] = {}
+        added = raw.get("added_tokens")
+        limit = 2 * (len(vocab) + (len(added) if isinstance(added, list) else 0)) + _MAX_ID_GAP
+        for token, token_id in vocab.items():
+            if isinstance(token_id, int) and not isinstance(token_id, bool):
+                first = by_id.setdefault(token_id, token)
+                if first is not token:
+                    raise LlamalabError(
+                        f"{path}: duplicate ids in model.vocab: {_shown(first)} and "
+                        f"{_shown(token)} are both id {token_id}"
+                    )
+                if token_id >= limit:
+                    _far_id(path, token, token_id, len(vocab))
+        unk = model.get("unk_token")
+        if isinstance(unk, str) and unk not in vocab:
+            raise LlamalabError(f"{path}: model.unk_token {_shown(unk)} is not in model.vocab")
+        if model.get("type", "BPE") == "BPE" and isinstance(model.get("merges"), list):
+            _check_merges(model["merges"], vocab, model.get("continuing_subword_prefix"), path)
+    elif isinstance(vocab, list):  # Unigram: [[piece, score], ...]
+        # SentencePiece refuses a model that defines a piece twice.
+        first_entry: dict[str, int] = {}
+        for i, entry in enumerate(vocab):
+            if isinstance(entry, list) and entry and isinstance(entry[0], str):
+                first = first_entry.setdefault(entry[0], i)
+                if first != i:
+                    raise LlamalabError(
+                        f"{path}: duplicate tokens in model.vocab: {_shown(entry[0])} is "
+                        f"entry {first} and entry {i}"
+                    )
+    _check_template_processing(raw.get("post_processor"), path)
+
+
+def _check_merges(merges: list[Any], vocab: Mapping[str, Any], prefix: Any, path: Path) -> None:
+    """Each merge is two tokens whose joined text is a token, as `tokenizers` builds it.
+
+    `tokenizers` joins the first part with the second minus the bytes of
+    ``continuing_subword_prefix``; a result that is no token panics (or, cut inside a
+    UTF-8 character, aborts the process), so it is refused here first.
+    """
+    cut = len(prefix.encode("utf-8")) if isinstance(prefix, str) else 0
+    rank = 0
+    for merge in merges:
+        if isinstance(merge, str):
+            if merge.startswith("#version"):  # a merges.txt header, skipped by tokenizers
+                continue
+            parts = merge.split(" ")
+        elif isinstance(merge, list) and all(isinstance(p, str) for p in merge):
+            parts = merge
+        else:
+            parts = []
+        if len(parts) != 2:
+            _bad_merge(merge, rank, path, 'is not two tokens (\'a b\' or ["a", "b"])')
+        a, b = parts
+        for part in (a, b):
+            if part not in vocab:
+                _bad_merge(
+                    merge, rank, path, f"uses {_shown(part)}, which is not in the vocabulary"
+                )
+        if cut:
+            tail = b.encode("utf-8")[cut:]
+            try:
+                made = a + tail.decode("utf-8")
+            except UnicodeDecodeError:
+                made = ""
+            if not tail or made == "":
+                _bad_merge(
+                    merge,
+                    rank,
+                    path,
+                    f"has a second part that cannot lose the {cut} bytes of "
+                    f"continuing_subword_prefix {_shown(prefix)}",
+                )
+        else:
+            made = a + b
+        if made not in vocab:
+            _bad_merge(merge, rank, path, f"makes {_shown(made)}, which is not in the vocabulary")
+        rank += 1
+
+
+def _bad_merge(merge: Any, rank: int, path: Path, problem: str) -> NoReturn:
+    text = merge if isinstance(merge, str) else " ".join(map(str, merge))
+    raise LlamalabError(f"{path}: merge {rank} of model.merges, {_shown(text)}, {problem}")
+
+
+def _check_template_processing(processor: Any, path: Path) -> None:
+    """A ``TemplateProcessing`` post-processor defines each special token it inserts
+    (`tokenizers` panics at the first encode otherwise)."""
+    if not isinstance(processor, dict):
+        return
+    if processor.get("type") == "Sequence":
+        for step in processor.get("processors") or []:
+            _check_template_processing(step, path)
+        return
+    if processor.get("type") != "TemplateProcessing":
+        return
+    defined = processor.get("special_tokens")
+    defined = defined if isinstance(defined, dict) else {}
+    for name in ("single", "pair"):
+        for piece in processor.get(name) or []:
+            special = piece.get("SpecialToken") if isinstance(piece, dict) else None
+            token = special.get("id") if isinstance(special, dict) else None
+            if isinstance(token, str) and token not in defined:
+                raise LlamalabError(
+                    f"{path}: post_processor.{name} inserts {_shown(token)}, which "
+                    "post_processor.special_tokens does not define"
+                )
 
 
 def _decoder_steps(decoder: Any) -> list[Mapping[str, Any]]:

@@ -14,7 +14,7 @@ from pathlib import Path
 import tiktoken
 
 from llamalab.errors import LlamalabError
-from llamalab.tokenizer.base import SpecialTokens, Tokenizer
+from llamalab.tokenizer.base import SpecialTokens, Tokenizer, backend_failure
 from llamalab.tokenizer.bpe import LLAMA3_PATTERN
 from llamalab.tokenizer.bytelevel import bytes_to_piece
 
@@ -65,8 +65,14 @@ def looks_like_tiktoken(head: bytes) -> bool:
 
 
 def read_ranks(path: Path) -> dict[bytes, int]:
-    """Parse a tiktoken BPE file into ``{token bytes: rank}``."""
+    """Parse a tiktoken BPE file into ``{token bytes: rank}``.
+
+    Refused: a token listed twice, two tokens of one rank, ranks with gaps, and a
+    vocabulary without all 256 single bytes (byte-level BPE starts every word from its
+    bytes; `tiktoken` panics on a byte it has no rank for).
+    """
     ranks: dict[bytes, int] = {}
+    line_of: dict[bytes, int] = {}
     try:
         text = path.read_text(encoding="ascii")
     except (OSError, UnicodeDecodeError) as exc:
@@ -75,13 +81,45 @@ def read_ranks(path: Path) -> dict[bytes, int]:
         if not line.strip():
             continue
         try:
-            token, rank = line.split()
-            ranks[base64.b64decode(token, validate=True)] = int(rank)
+            encoded, rank_text = line.split()
+            token, rank = base64.b64decode(encoded, validate=True), int(rank_text)
         except (ValueError, binascii.Error):
             raise LlamalabError(f"{path}:{lineno}: not a '<base64> <rank>' line") from None
+        first = line_of.setdefault(token, lineno)
+        if first != lineno:
+            raise LlamalabError(
+                f"{path}:{lineno}: duplicate token {_shown(token)} ({encoded}), "
+                f"already on line {first} with rank {ranks[token]}"
+            )
+        ranks[token] = rank
+    if not ranks:
+        raise LlamalabError(f"{path}: the tiktoken file holds no tokens")
+    if len(set(ranks.values())) != len(ranks):
+        holders: dict[int, bytes] = {}
+        for token, rank in ranks.items():
+            other = holders.setdefault(rank, token)
+            if other is not token:
+                raise LlamalabError(
+                    f"{path}: duplicate rank {rank}: tokens {_shown(other)} (line "
+                    f"{line_of[other]}) and {_shown(token)} (line {line_of[token]})"
+                )
+    missing = [b for b in range(256) if bytes([b]) not in ranks]
+    if missing:
+        listed = ", ".join(f"0x{b:02x}" for b in missing[:8]) + (
+            ", ..." if len(missing) > 8 else ""
+        )
+        raise LlamalabError(
+            f"{path}: {len(missing)} of the 256 single bytes are not tokens ({listed}); "
+            "a byte-level BPE needs every byte as a token"
+        )
     if sorted(ranks.values()) != list(range(len(ranks))):
         raise LlamalabError(f"{path}: tiktoken ranks are not 0..{len(ranks) - 1} without gaps")
     return ranks
+
+
+def _shown(token: bytes) -> str:
+    """A token from a file we may not trust, cut short for an error message."""
+    return repr(token) if len(token) <= 40 else repr(token[:37]) + "..."
 
 
 class TiktokenTokenizer(Tokenizer):
@@ -99,8 +137,8 @@ class TiktokenTokenizer(Tokenizer):
                 mergeable_ranks=ranks,
                 special_tokens=specials,
             )
-        except ValueError as exc:
-            raise LlamalabError(f"{path}: tiktoken rejected the vocabulary: {exc}") from None
+        except BaseException as exc:  # noqa: BLE001
+            raise backend_failure(exc, f"{path}: tiktoken rejected the vocabulary") from None
         by_rank = sorted(ranks, key=ranks.__getitem__)
         n = len(ranks) + len(specials)
         token_bytes = by_rank + [name.encode("utf-8") for name in specials]
@@ -130,4 +168,7 @@ class TiktokenTokenizer(Tokenizer):
         # characters to dodge an old tiktoken stack overflow; current tiktoken needs no
         # such cut (10 MB encodes in one call), and cutting changes the ids at each cut,
         # so llamalab tokenizes the text whole, as llama.cpp and Hugging Face do.
-        return self._enc.encode_ordinary(text)
+        try:
+            return self._enc.encode_ordinary(text)
+        except BaseException as exc:  # noqa: BLE001
+            raise backend_failure(exc, f"{self.source}: tiktoken failed to encode") from None
