@@ -103,6 +103,8 @@ def read_ranks(path: Path) -> dict[bytes, int]:
                     f"{path}: duplicate rank {rank}: tokens {_shown(other)} (line "
                     f"{line_of[other]}) and {_shown(token)} (line {line_of[token]})"
                 )
+    if sorted(ranks.values()) != list(range(len(ranks))):
+        raise LlamalabError(f"{path}: tiktoken ranks are not 0..{len(ranks) - 1} without gaps")
     missing = [b for b in range(256) if bytes([b]) not in ranks]
     if missing:
         listed = ", ".join(f"0x{b:02x}" for b in missing[:8]) + (
@@ -112,8 +114,6 @@ def read_ranks(path: Path) -> dict[bytes, int]:
             f"{path}: {len(missing)} of the 256 single bytes are not tokens ({listed}); "
             "a byte-level BPE needs every byte as a token"
         )
-    if sorted(ranks.values()) != list(range(len(ranks))):
-        raise LlamalabError(f"{path}: tiktoken ranks are not 0..{len(ranks) - 1} without gaps")
     return ranks
 
 
