@@ -53,7 +53,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         metavar="K",
-        help="exemplars in each prompt (default: the paper's: mmlu 5, gsm8k 8, others 0)",
+        help="exemplars in each prompt (default: the paper's: mmlu 5, gsm8k 8, others 0); "
+        "mmlu with 0 scores every item, with 1 to 5 all but the five exemplars",
     )
     p.add_argument(
         "--batch-size",
