@@ -76,7 +76,8 @@ def score_choice_item(scorer, tokenizer, item: ChoiceItem, answer_normalised: bo
         raise LlamalabError(f"item {item.id}: a choice has no tokens of its own")
     longest = max(len(p[1]) for p in pairs)
     # The scorer keeps the newest tokens that fit (lm-eval's rule); say how many it drops.
-    dropped = max(0, len(context) + longest - 1 - scorer.max_seq_len)
+    window = getattr(scorer, "max_seq_len", None)  # a stand-in scorer may have no window
+    dropped = 0 if window is None else max(0, len(context) + longest - 1 - window)
     logprobs = [lp for lp, _ in scorer.score(context, [p[1] for p in pairs])]
     unconditional = None
     if answer_normalised:
