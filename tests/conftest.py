@@ -16,6 +16,9 @@ import torch
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # Compiling the decode step costs seconds per process; tests that need it ask for it.
 os.environ.setdefault("LLAMALAB_COMPILE", "0")
+# A `llamalab serve` running on this machine must not answer the tests' commands: only
+# tests that start their own server (on a free port) use one, and say so.
+os.environ["LLAMALAB_NO_SERVER"] = "1"
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 REPO = Path(__file__).resolve().parent.parent

@@ -23,6 +23,7 @@ from llamalab.cli.options import (
     load_runtime_from_args,
     sampling_from_args,
 )
+from llamalab.cli.resident import add_server_options
 from llamalab.errors import LlamalabError
 
 DESCRIPTION = (
@@ -50,6 +51,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_runtime_options(p)
     add_sampling_options(p)
     p.add_argument("--system", default=None, help="system message")
+    add_server_options(p)
 
 
 def _history_file() -> Path | None:
@@ -130,12 +132,17 @@ class Conversation:
 
 
 def run(args: argparse.Namespace) -> int:
-    from llamalab.generation import Engine, Request
+    from llamalab.cli.resident import find_server
 
     # Ctrl-C stops a reply: take SIGINT even when started from a shell that ignores it
     # (a background job inherits SIG_IGN, and Python then leaves it ignored).
     signal.signal(signal.SIGINT, signal.default_int_handler)
     sampling = sampling_from_args(args)
+    server = find_server(args)
+    if server is not None:
+        return _run_on_server(server, args, sampling)
+    from llamalab.generation import Engine, Request
+
     grammar = grammar_from_args(args)
     system = check_text_argument(args.system, "system message") if args.system else None
     model, tokenizer = load_runtime_from_args(args)
@@ -144,10 +151,53 @@ def run(args: argparse.Namespace) -> int:
     # One cache row, kept between turns: each turn prefills only the new messages.
     engine = Engine(model, tokenizer, max_seq_len=args.ctx, progress=sys.stderr.isatty())
     chat = Conversation(tokenizer, engine.max_seq_len, args.max_tokens, system)
+
+    def reply(prompt_ids: list[int]) -> str:
+        request = Request(
+            prompt_ids, max_tokens=args.max_tokens, sampling=sampling, grammar=grammar
+        )
+        return _stream_reply(engine, request)
+
+    return _talk(args, chat, reply, "")
+
+
+def _run_on_server(server, args: argparse.Namespace, sampling) -> int:
+    """``run`` with a resident server's model: the same conversation, nothing loaded here."""
+    from llamalab.cli.resident import grammar_error, read_grammar, request_body
+
+    grammar = read_grammar(args)
+    system = check_text_argument(args.system, "system message") if args.system else None
+    if not server.info.get("chat_template"):
+        raise LlamalabError("this model has no chat template; use `llamalab generate` instead")
+    context = min(args.ctx, int(server.info.get("model_context") or args.ctx))
+    chat = Conversation(_ServerTokenizer(server), context, args.max_tokens, system)
+    body = request_body(args, sampling, grammar)
+
+    def reply(prompt_ids: list[int]) -> str:
+        try:
+            return _stream_server_reply(server, {**body, "prompt_ids": prompt_ids})
+        except LlamalabError as exc:
+            raise grammar_error(exc, args) from None
+
+    return _talk(args, chat, reply, f", served by {server.url}")
+
+
+class _ServerTokenizer:
+    """What `Conversation` needs of a tokenizer, asked of the server that holds the model."""
+
+    def __init__(self, server) -> None:
+        self.server = server
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        return self.server.tokenize_chat(messages)
+
+
+def _talk(args: argparse.Namespace, chat: Conversation, reply, where: str) -> int:
+    """The conversation loop: read a line, run a command or get a reply, until EOF."""
     _setup_line_editing()
     name = Path(args.model).name if args.model else "the default model"
     print(
-        f"llamalab chat with {name} (context {engine.max_seq_len} tokens). "
+        f"llamalab chat with {name} (context {chat.context} tokens{where}). "
         "/help lists the commands.",
         file=sys.stderr,
     )
@@ -184,11 +234,7 @@ def run(args: argparse.Namespace) -> int:
                     f"{'s' if dropped > 1 else ''}; the system message stays)",
                     file=sys.stderr,
                 )
-            request = Request(
-                prompt_ids, max_tokens=args.max_tokens, sampling=sampling, grammar=grammar
-            )
-            reply = _stream_reply(engine, request)
-            chat.turns.append({"role": "assistant", "content": reply})
+            chat.turns.append({"role": "assistant", "content": reply(prompt_ids)})
         except LlamalabError as exc:
             print(f"llamalab: error: {exc}", file=sys.stderr)
 
@@ -280,3 +326,45 @@ def _stream_reply(engine, request) -> str:
         file=sys.stderr,
     )
     return seq.text
+
+
+def _stream_server_reply(server, body: dict) -> str:
+    """`_stream_reply` for a server's reply: the same marks and statistics."""
+    from llamalab.cli.resident import Stream
+
+    stream = None
+    interrupted = False
+    texts: list[str] = []
+    try:
+        stream = Stream(server, body)
+        for text in stream:
+            texts.append(text)
+            sys.stdout.write(text)
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        interrupted = True
+        sys.stdout.write(" [interrupted]")
+    finally:
+        if stream is not None:
+            stream.close()  # the server cancels the generation
+        final = stream.final if stream is not None else None
+        if final is not None and final["finish_reason"] == "length" and not interrupted:
+            sys.stdout.write(
+                f" [cut off at {len(final['ids'])} tokens: --max-tokens or the context]"
+            )
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+    if stream is None:
+        return ""
+    timing = stream.timing()
+    rate = timing.get("decode_tokens_per_s")
+    if rate is None and stream.first_token_s is not None and stream.tokens > 1:
+        # Interrupted: no summary came; the rate as seen here.
+        elapsed = stream.last_token_at - stream.started - stream.first_token_s
+        rate = (stream.tokens - 1) / elapsed if elapsed > 0 else 0.0
+    print(
+        f"[{len(final['ids']) if final else stream.tokens} tokens, {rate or 0.0:.1f} tok/s, "
+        f"first token after {stream.first_token_s or 0.0:.2f} s]",
+        file=sys.stderr,
+    )
+    return final["text"] if final else "".join(texts)

@@ -16,6 +16,7 @@ from llamalab.cli.options import (
     read_text_stdin,
     sampling_from_args,
 )
+from llamalab.cli.resident import add_server_options
 from llamalab.errors import LlamalabError
 
 DESCRIPTION = (
@@ -59,6 +60,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--json", action="store_true", help="print one JSON object instead of streaming text"
     )
+    add_server_options(p)
 
 
 def check_arguments(args: argparse.Namespace) -> None:
@@ -88,14 +90,24 @@ def _read_prompt(args: argparse.Namespace) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from llamalab.generation import Engine, Request
-    from llamalab.generation.chat import build_messages
+    from llamalab.cli.resident import find_server
 
     # Everything about the command line is checked before the slow load.
     check_arguments(args)
     sampling = sampling_from_args(args)
-    grammar = grammar_from_args(args)
     stops = [check_text_argument(stop, "--stop text") for stop in args.stop]
+    server = find_server(args)
+    if server is not None:
+        # A resident model answers: nothing here loads it, nor imports torch.
+        return _run_on_server(server, args, sampling, stops)
+    return _run_here(args, sampling, stops)
+
+
+def _run_here(args: argparse.Namespace, sampling, stops: list[str]) -> int:
+    from llamalab.generation import Engine, Request
+    from llamalab.generation.chat import build_messages
+
+    grammar = grammar_from_args(args)
     prompt = _read_prompt(args)
     model, tokenizer = load_runtime_from_args(args)
     if args.chat:
@@ -162,6 +174,60 @@ def run(args: argparse.Namespace) -> int:
                 f"[{timing['prompt_tokens']} prompt tokens, "
                 f"{timing['prefill_tokens_per_s']:.1f} tok/s prefill, "
                 f"{timing['decode_tokens_per_s']:.1f} tok/s decode, finish: {seq.finish_reason}]",
+                file=sys.stderr,
+            )
+    return 0
+
+
+def _run_on_server(server, args: argparse.Namespace, sampling, stops: list[str]) -> int:
+    """``run`` through a resident server: the same reply, output and errors."""
+    from llamalab.cli.resident import Stream, grammar_error, read_grammar, request_body
+    from llamalab.generation.chat import build_messages
+
+    grammar = read_grammar(args)
+    prompt = _read_prompt(args)
+    body = request_body(args, sampling, grammar, stops)
+    if args.chat:
+        body["messages"] = build_messages(prompt, args.system)
+    else:
+        body["prompt"] = prompt
+    if args.logprobs is not None:
+        body["logprobs"] = args.logprobs
+    try:
+        stream = Stream(server, body)
+    except LlamalabError as exc:
+        raise grammar_error(exc, args) from None
+    try:
+        for text in stream:
+            if not args.json:
+                sys.stdout.write(text)
+                sys.stdout.flush()
+    finally:
+        stream.close()
+    final = stream.final
+    if final is None:
+        raise LlamalabError(f"the server at {server.url} ended the reply without its summary")
+    timing = stream.timing()
+    if args.json:
+        out = {
+            "prompt_ids": stream.prompt_ids,
+            "ids": final["ids"],
+            "text": final["text"],
+            "finish_reason": final["finish_reason"],
+            "timing": timing,
+        }
+        if args.logprobs is not None:
+            out["logprobs"] = stream.logprobs()
+        out["server"] = server.url
+        print(json.dumps(out, ensure_ascii=False))
+    else:
+        sys.stdout.write("\n")
+        if sys.stderr.isatty():
+            print(
+                f"[{timing['prompt_tokens']} prompt tokens, "
+                f"{timing['prefill_tokens_per_s']:.1f} tok/s prefill, "
+                f"{timing['decode_tokens_per_s']:.1f} tok/s decode, "
+                f"finish: {final['finish_reason']}, served by {server.url}]",
                 file=sys.stderr,
             )
     return 0

@@ -177,6 +177,18 @@ def run(args: argparse.Namespace) -> int:
             engine.warm_up()
         return engine
 
+    from llamalab.client import model_identity
+
+    model_path = resolve_model_ref(args.model)
+    model_id = alias or model_id_for(model_path)
+    # Taken before the load, so that a file changed meanwhile cannot pass for the loaded one.
+    # Reported in /health: `llamalab generate` uses this server only for the same model,
+    # run the same way.
+    try:
+        identity = {**model_identity(model_path), "dtype": args.dtype, "device": args.device}
+    except LlamalabError:
+        identity = None  # the load below names what is wrong with the model
+
     # Loading, warming up and every step run on one thread (see EngineThread).
     engine_thread = EngineThread()
     engine = engine_thread.call(build)
@@ -186,7 +198,6 @@ def run(args: argparse.Namespace) -> int:
         # Each worker has a few compiles waiting for it; more get 503.
         max_pending=4 * args.grammar_workers,
     )
-    model_id = alias or model_id_for(resolve_model_ref(args.model))
     # Without a key, the Host check keeps web pages that rebind their name to this
     # address out; the address the server listens on is one more name for it.
     allowed_hosts = None if args.api_key else [_bracketed(args.host), *args.allow_host]
@@ -196,6 +207,7 @@ def run(args: argparse.Namespace) -> int:
         api_key=args.api_key,
         limits=Limits(max_body_bytes=args.max_body_bytes, max_queue=args.max_queue),
         allowed_hosts=allowed_hosts,
+        identity=identity,
     )
     where = f"http://{_bracketed(args.host)}:{args.port}"
     print(

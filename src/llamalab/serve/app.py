@@ -94,6 +94,8 @@ class ServerState:
     # max_prompt_chars), so no request waits on this lock for long.
     encode_lock: threading.Lock = field(default_factory=threading.Lock)
     max_token_chars: int = 1
+    # /health's `llamalab` field: the model's identity for `llamalab generate` (see client).
+    identity: dict[str, Any] = field(default_factory=dict)
     page: str = ""
     # The page's own scripts, styles and the libraries it uses, by file name.
     assets: dict[str, tuple[bytes, str]] = field(default_factory=dict)
@@ -607,6 +609,7 @@ async def health(request: HTTPRequest) -> JSONResponse:
         queued=scheduler.queued,
         max_batch=scheduler.max_batch,
         compiling=compiling,
+        llamalab=state.identity or None,
     )
     return JSONResponse(report.model_dump(), status_code=200 if status == "ok" else 503)
 
@@ -823,6 +826,7 @@ def create_app(
     api_key: str | None = None,
     limits: Limits | None = None,
     allowed_hosts: Collection[str] | None = None,
+    identity: dict[str, Any] | None = None,
 ) -> FastAPI:
     """The app for one model. The scheduler is started and stopped with the app.
 
@@ -834,6 +838,9 @@ def create_app(
         limits: body size and queue length (defaults: `Limits()`).
         allowed_hosts: if set, a request whose Host header names none of these (or a
             loopback name) gets 403; ``None`` turns the check off.
+        identity: the model file's identity and the reply-shaping settings, reported
+            in ``/health`` so that ``llamalab generate`` can use this server for the
+            same model (see ``llamalab.client``); None leaves the report out.
     """
     tokenizer = scheduler.engine.tokenizer
     state = ServerState(
@@ -850,6 +857,14 @@ def create_app(
         .read_text(encoding="utf-8"),
         assets=_read_assets(),
     )
+    if identity is not None:
+        state.identity = {
+            **identity,
+            "context": state.context,
+            "model_context": scheduler.engine.model.config.context_length,
+            "chat_template": tokenizer.chat_template is not None,
+            "api_key": bool(api_key),
+        }
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -872,6 +887,9 @@ def create_app(
     )
     app.state.llamalab = state
     app.include_router(router)
+    from llamalab.serve.native import router as native_router
+
+    app.include_router(native_router)  # /llamalab/*: the commands' own routes
     app.add_exception_handler(APIError, _api_error)
     app.add_exception_handler(RequestValidationError, _invalid)
     app.add_exception_handler(StarletteHTTPException, _http_error)

@@ -68,7 +68,7 @@ def _host_name(header: str) -> str | None:
 
 
 # Besides /v1/*: the tokenizer routes use the model, so they need the key as generation does.
-KEYED_PATHS = frozenset({"/tokenize", "/detokenize"})
+KEYED_PATHS = frozenset({"/tokenize", "/detokenize", "/llamalab/generate", "/llamalab/tokenize"})
 
 
 class BearerAuth:

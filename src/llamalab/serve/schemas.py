@@ -518,6 +518,10 @@ class Health(BaseModel):
     queued: int  # requests waiting for a free row
     max_batch: int
     compiling: int = 0  # grammars being compiled or waiting for the compiler
+    # What `llamalab generate` needs to tell whether this server holds its model: the
+    # model file's identity (path, size, mtime, content fingerprint) and the settings
+    # that shape replies (dtype, device, context). None for an app built without them.
+    llamalab: dict[str, Any] | None = None
 
 
 class TokenPiece(BaseModel):
