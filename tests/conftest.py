@@ -85,7 +85,7 @@ def without_vnni():
     """Models loaded inside take torch's kernels instead of llamalab's VNNI kernel (which
     ``quant/linear.py`` imports by name, so both names are switched)."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("llamalab.quant.native.vnni_available", lambda: False)
+        patch.setattr("llamalab.kernels.native.vnni_available", lambda: False)
         patch.setattr("llamalab.quant.linear.vnni_available", lambda: False)
         yield
 

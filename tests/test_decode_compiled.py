@@ -25,7 +25,7 @@ pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="inductor ne
 
 @pytest.fixture(scope="module", params=["int4", "vnni"])
 def runtime(request, smollm2_path):
-    from llamalab.quant.native import vnni_available
+    from llamalab.kernels.native import vnni_available
 
     if request.param == "vnni" and not vnni_available():
         pytest.skip("no AVX-512 VNNI or no C++ compiler for llamalab's kernels")

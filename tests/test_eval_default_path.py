@@ -42,7 +42,7 @@ def needs(*names):
 @pytest.fixture(scope="module")
 def packed(smollm2_path):
     """The default model as ``llamalab eval`` loads it by default (``--dtype auto``)."""
-    from llamalab.quant.native import vnni_available
+    from llamalab.kernels.native import vnni_available
     from llamalab.runtime import load_runtime
 
     model, tokenizer = load_runtime(str(smollm2_path), "auto", device="cpu", threads=2)

@@ -1,10 +1,10 @@
-"""llamalab's decode attention kernel (quant/csrc/vnni.cpp) against torch's SDPA."""
+"""llamalab's decode attention kernel (kernels/csrc/kernels.cpp) against torch's SDPA."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from llamalab.quant.native import vnni_available
+from llamalab.kernels.native import vnni_available
 
 pytestmark = pytest.mark.skipif(
     not vnni_available(), reason="no AVX-512 VNNI or no C++ compiler for llamalab's kernels"

@@ -1,4 +1,4 @@
-"""The whole decode step in one native call (``quant/native.py``'s ``NativeStep``).
+"""The whole decode step in one native call (``kernels/native.py``'s ``NativeStep``).
 
 It runs the same maths as the model's blocks on the same vnni matrices; only the order of
 float rounding differs, and with int8 activations a last-bit difference can move an
@@ -17,7 +17,7 @@ from llamalab.kv_cache import cache_view
 
 @pytest.fixture(scope="module")
 def packed(smollm2_path):
-    from llamalab.quant.native import vnni_available
+    from llamalab.kernels.native import vnni_available
 
     if not vnni_available():
         pytest.skip("no AVX-512 VNNI or no C++ compiler for llamalab's kernels")

@@ -36,7 +36,7 @@ from llamalab.quant.linear import (
     quantizable_linears,
     quantize_model,
 )
-from llamalab.quant.native import vnni_available
+from llamalab.kernels.native import vnni_available
 
 needs_fp16 = pytest.mark.skipif(
     not fp16_kernel_available(), reason="no fbgemm fp16 kernel in this torch build"

@@ -135,7 +135,7 @@ def cached_attention(
     """Attention of new queries q (B, H, T, D) over cached k, v (B, KVH, S, D).
 
     Without a mask (one query that sees every slot) the fused kernel, or with ``native``
-    llamalab's own (``quant/csrc/vnni.cpp``), which reads each cached key and value once
+    llamalab's own (``kernels/csrc/kernels.cpp``), which reads each cached key and value once
     for all the query heads that share it instead of once per query head (3-4x faster
     at 600 positions); with a mask, grouped matmuls, which never copy K/V per query head.
     """
@@ -331,7 +331,7 @@ class Transformer(nn.Module):
         self._step_block = None  # set by compile_decode()
         # Set by the loader where every block runs on llamalab's kernels: a callable
         # (h, rows, positions) -> h that runs every block of a pass of few tokens in one
-        # call (quant/native.py's NativeStep).
+        # call (kernels/native.py's NativeStep).
         self.native_step = None
 
     @property

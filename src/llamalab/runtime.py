@@ -57,25 +57,9 @@ def physical_cores() -> int:
     """
     allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
     logical = len(allowed) if allowed else (os.cpu_count() or 1)
-    cores: set[tuple[str, str]] = set()
-    try:
-        cpu = physical = core = None
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            for line in [*f, ""]:
-                key, _, value = line.partition(":")
-                key, value = key.strip(), value.strip()
-                if key == "processor":
-                    cpu = int(value)
-                elif key == "physical id":
-                    physical = value
-                elif key == "core id":
-                    core = value
-                elif not key and cpu is not None:  # a blank line ends one processor's block
-                    if core is not None and (allowed is None or cpu in allowed):
-                        cores.add((physical or "0", core))
-                    cpu = physical = core = None
-    except (OSError, ValueError):
-        return logical
+    from llamalab.kernels.cpu import cpu_info
+
+    cores = {core for cpu, core in cpu_info().cores.items() if allowed is None or cpu in allowed}
     return min(len(cores), logical) if cores else logical
 
 
@@ -164,7 +148,7 @@ def load_runtime(
         path, dtype=model_dtype, device=torch_device, progress=progress, packed=packed
     )
     # A model whose blocks all run on llamalab's kernels steps in one native call
-    # (quant/native.py's NativeStep), which leaves a compiled block nothing to do.
+    # (kernels/native.py's NativeStep), which leaves a compiled block nothing to do.
     if compile and torch_device.type == "cpu" and model.native_step is None:
         model.compile_decode()
     return model, tokenizer

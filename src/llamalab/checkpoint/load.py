@@ -160,12 +160,29 @@ def build_model(
         )
 
         present = set(reader.names())
-        source = lambda name: reader.raw(name) if name in present else None
-        replaced = {f"{name}.weight" for name in quantize_model(model, source, progress=progress)}
-        embedding = reader.raw("tok_embeddings.weight")
-        if isinstance(embedding, GGUFWeight) and embedding.qtype != GGMLQuantizationType.F32:
-            model.tok_embeddings = PackedEmbedding(embedding, dtype)
+        look = _packed_lookup(reader)
+        hit = look.file if look is not None else None
+        from_file = lambda name: reader.raw(name) if name in present else None
+        source = from_file if hit is None else _cached_linears(hit, from_file)
+        replaced = {
+            f"{name}.weight"
+            for name in quantize_model(model, source, progress=progress and hit is None)
+        }
+        if hit is not None and _EMBEDDING in hit.entries:
+            entry = hit.entries[_EMBEDDING]
+            weight = GGUFWeight(
+                hit.tensor(_EMBEDDING), GGMLQuantizationType[entry.stored_type], entry.shape
+            )
+            model.tok_embeddings = PackedEmbedding(weight, dtype, copy=False)
+            hit.release(_EMBEDDING)  # a lookup touches a few rows; the check read them all
             replaced.add("tok_embeddings.weight")
+        else:
+            embedding = reader.raw("tok_embeddings.weight")
+            if isinstance(embedding, GGUFWeight) and embedding.qtype != GGMLQuantizationType.F32:
+                model.tok_embeddings = PackedEmbedding(embedding, dtype)
+                replaced.add("tok_embeddings.weight")
+        if look is not None and hit is None and look.target is not None:
+            _write_packed_cache(model, look)
         names = [n for n in names if n not in replaced]
     if progress:
         from tqdm import tqdm
@@ -180,7 +197,7 @@ def build_model(
         state["output.weight"] = state["tok_embeddings.weight"]
     model.load_state_dict(state, strict=True, assign=True)
     if packed:
-        from llamalab.quant.native import NativeStep, vnni_available
+        from llamalab.kernels.native import NativeStep, vnni_available
 
         fuse_projections(model)
         native = vnni_available()
@@ -191,6 +208,108 @@ def build_model(
     model.tie_weights()
     model.init_buffers(device)
     return model.eval()
+
+
+_EMBEDDING = "tok_embeddings"
+# The order a cache file holds a block's weights in: the parts that fuse_projections joins
+# (q, k, v; w1, w3) lie back to back, so the joined weight is a view of the file too.
+_CACHE_ORDER = {
+    "attention.wq": 0, "attention.wk": 1, "attention.wv": 2, "attention.wo": 3,
+    "feed_forward.w1": 4, "feed_forward.w3": 5, "feed_forward.w2": 6,
+}  # fmt: skip
+
+
+def _packed_lookup(reader: CheckpointReader):
+    """The packed-weight cache's lookup for a GGUF file whose weights go to llamalab's
+    kernels (the only layout the cache holds), else None."""
+    from llamalab.kernels.native import vnni_available
+
+    if reader.format != "gguf" or not vnni_available():
+        return None
+    from llamalab.quant import packed_cache
+
+    return packed_cache.lookup(reader.path, reader.data_start)
+
+
+def _cached_linears(hit, fallback):
+    """A weight source for ``quantize_model``: a cache file's packed layers, else ``fallback``."""
+    from llamalab.quant.linear import QuantizedLinear
+    from llamalab.quant.plan import VnniLayout
+
+    def source(name: str):
+        module = name.removesuffix(".weight")
+        entry = hit.entries.get(module)
+        if entry is None or entry.kind != "vnni":
+            return fallback(name)
+        out_features, in_features = entry.shape
+        vnni = (hit.tensor(module), VnniLayout(*entry.layout))
+        return QuantizedLinear(in_features, out_features, None, None, entry.stored_type, vnni=vnni)
+
+    return source
+
+
+def _cache_rank(name: str) -> tuple[int, int, str]:
+    parts = name.split(".", 2)
+    if parts[0] == "layers" and len(parts) == 3 and parts[1].isdigit():
+        return int(parts[1]), _CACHE_ORDER.get(parts[2], len(_CACHE_ORDER)), name
+    return 1 << 62, 0, name  # the output layer after the blocks
+
+
+def _write_packed_cache(model: torch.nn.Module, look) -> None:
+    """Write the model's packed layers (and its packed embedding's rows) to the cache file,
+    then let the model use the file's pages instead of its own copies.
+
+    A folder that cannot be written (read-only, full) leaves the model as packed in
+    memory, with a note: the next load packs again.
+    """
+    from llamalab.quant import packed_cache
+    from llamalab.quant.linear import PackedEmbedding, QuantizedLinear
+    from llamalab.quant.plan import VnniLayout
+
+    layers = sorted(
+        (
+            (name, module)
+            for name, module in model.named_modules()
+            if isinstance(module, QuantizedLinear) and module.kernel == "vnni"
+        ),
+        key=lambda item: _cache_rank(item[0]),
+    )
+    items = [
+        (
+            packed_cache.Entry(
+                name, "vnni", 0, 0, (m.out_features, m.in_features), m.source_type,
+                tuple(m._vnni[1]),
+            ),
+            m._vnni[0],
+        )  # fmt: skip
+        for name, m in layers
+    ]
+    embedding = model.tok_embeddings
+    if isinstance(embedding, PackedEmbedding):
+        shape = (embedding.num_embeddings, embedding.embedding_dim)
+        entry = packed_cache.Entry(_EMBEDDING, "rows", 0, 0, shape, embedding.qtype.name)
+        items.append((entry, embedding._rows))
+    if not items:
+        return
+    try:
+        packed_cache.write_packed(look.target, look.identity, items)
+    except OSError as exc:
+        packed_cache.note(
+            f"cannot write the packed weights to {look.target.parent} "
+            f"({exc.strerror or exc}); they are packed again at every load"
+        )
+        return
+    packed_cache.forget(look)
+    try:
+        written = packed_cache.PackedFile.open(look.target, look.identity)
+    except packed_cache.CacheMismatch as why:  # replaced meanwhile by another process
+        packed_cache.note(f"the packed weights just written cannot be read back ({why})")
+        return
+    for name, module in layers:
+        module._vnni = (written.tensor(name), VnniLayout(*module._vnni[1]))
+    if isinstance(embedding, PackedEmbedding):
+        embedding._rows = written.tensor(_EMBEDDING).view(embedding.num_embeddings, -1)
+        written.release(_EMBEDDING)
 
 
 def _release_freed_memory() -> None:

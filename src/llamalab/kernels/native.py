@@ -1,35 +1,41 @@
-"""llamalab's own CPU kernel (``csrc/vnni.cpp``), compiled on first use and cached.
+"""llamalab's own CPU kernels (``csrc/kernels.cpp``), compiled on first use and cached.
 
-The kernel needs AVX-512 with VNNI and a C++ compiler (the one ``torch.compile`` uses).
-It is built once per source, torch version and compiler into
-``$LLAMALAB_CACHE`` (default ``~/.cache/llamalab``)``/kernels/``, which takes about 10 s;
-later processes load the cached library. Where the CPU lacks the instructions, no
-compiler is found, the build fails or ``$LLAMALAB_VNNI=0``, :func:`vnni_available`
-says no and the packed layers use torch's kernels instead.
+One source, built once per instruction set (:data:`llamalab.kernels.cpu.ISAS`: AVX-512
+VNNI, AVX-VNNI, AVX2) with a C++ compiler (the one ``torch.compile`` uses), into
+``$LLAMALAB_CACHE`` (default ``~/.cache/llamalab``)``/kernels/``; a build takes about
+10 s, later processes load the cached library. Each build registers its operators under
+its own namespace (``torch.ops.llamalab_avx2`` ...), so several can be loaded and
+compared in one process; the one the process runs on (:func:`~llamalab.kernels.cpu.chosen_isa`)
+also claims ``torch.ops.llamalab``, which the model's layers call. The packed weights
+are the same bytes for every build. Where no build runs, no compiler is found, the build
+fails, ``$LLAMALAB_ISA=torch`` or ``$LLAMALAB_VNNI=0``, :func:`vnni_available` says no
+and the packed layers use torch's kernels instead.
 """
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import hashlib
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import warnings
 from pathlib import Path
 
 import torch
 
-from llamalab.quant.plan import UNPACK_ROWS, cpu_runs_vnni
+from llamalab.errors import LlamalabError
+from llamalab.kernels import UNPACK_ROWS, compiler
+from llamalab.kernels.cpu import ISAS, chosen_isa, compile_flags, isa_runs
 
-_SOURCE = Path(__file__).parent / "csrc" / "vnni.cpp"
-_FLAGS = [
-    "-O3", "-std=c++20", "-shared", "-fPIC", "-fopenmp",
-    "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mf16c", "-mfma",
-]  # fmt: skip
+_SOURCE = Path(__file__).parent / "csrc" / "kernels.cpp"
+_FLAGS = ["-O3", "-std=c++20", "-shared", "-fPIC", "-fopenmp", "-fvisibility=hidden"]
 _BUILD_TIMEOUT_S = 300
+_lock = threading.Lock()
+_default: list[str] = []  # the build that claimed torch.ops.llamalab in this process
 
 
 def _cache_dir() -> Path:
@@ -37,28 +43,24 @@ def _cache_dir() -> Path:
     return Path(root) / "kernels"
 
 
-def _compiler() -> str | None:
-    return shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
-
-
-def _build(compiler: str) -> Path:
+def _build(compiler: str, isa: str) -> Path:
     torch_dir = Path(torch.__file__).parent
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     includes = [torch_dir / "include", torch_dir / "include" / "torch" / "csrc" / "api" / "include"]
     command = [
-        compiler, *_FLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
-        *(f"-I{p}" for p in includes), str(_SOURCE),
+        compiler, *_FLAGS, *compile_flags(isa), f"-DLLAMALAB_NS=llamalab_{isa}",
+        f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *(f"-I{p}" for p in includes), str(_SOURCE),
         f"-L{torch_dir / 'lib'}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{torch_dir / 'lib'}",
     ]  # fmt: skip
     key = hashlib.sha256(
         _SOURCE.read_bytes() + " ".join(command).encode() + torch.__version__.encode()
     ).hexdigest()[:16]
-    target = _cache_dir() / f"vnni-{key}.so"
+    target = _cache_dir() / f"kernels-{isa}-{key}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     if sys.stderr.isatty():
-        print("llamalab: building the VNNI kernel (once, about 10 s)", file=sys.stderr)
+        print(f"llamalab: building the {isa} kernels (once, about 10 s)", file=sys.stderr)
     # Built under a temporary name and renamed: a concurrent process never loads half a file.
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
@@ -74,25 +76,71 @@ def _build(compiler: str) -> Path:
 
 
 @functools.cache
-def vnni_available() -> bool:
-    """Whether ``torch.ops.llamalab.vnni_linear`` runs here (built and loaded on first call)."""
-    if not cpu_runs_vnni():
-        return False
-    compiler = _compiler()
-    if compiler is None:
-        return False
+def _library(isa: str) -> Path | None:
+    """The loaded library of ``isa``'s build (built first where not cached), or None with
+    a warning where it cannot be built or loaded."""
+    found = compiler()
+    if found is None:
+        return None
     try:
-        torch.ops.load_library(str(_build(compiler)))
-        _register_fake()
+        path = _build(found, isa)
+        torch.ops.load_library(str(path))
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
         detail = getattr(exc, "stderr", b"") or b""
         warnings.warn(
-            f"llamalab's VNNI kernel could not be built ({exc}); using torch's kernels. "
+            f"llamalab's {isa} kernels could not be built ({exc}); using torch's kernels. "
             f"{detail.decode(errors='replace')[-500:]}",
-            stacklevel=2,
+            stacklevel=3,
         )
+        return None
+    return path
+
+
+def load(isa: str) -> bool:
+    """Build (once) and load ``isa``'s kernels, whose operators are then
+    ``torch.ops.llamalab_<isa>``; False where they cannot be built. Refuses a build this
+    CPU cannot run: its first instruction would kill the process."""
+    if isa not in ISAS:
+        raise LlamalabError(f"no native kernels for {isa!r}: give one of {', '.join(ISAS)}")
+    if not isa_runs(isa):
+        raise LlamalabError(f"this CPU cannot run llamalab's {isa} kernels")
+    with _lock:
+        return _library(isa) is not None
+
+
+def ops(isa: str | None = None):
+    """The operators of ``isa``'s build (loaded first), or of the process's own path
+    (``torch.ops.llamalab``) where ``isa`` is None."""
+    if isa is None:
+        if not vnni_available():
+            raise LlamalabError("llamalab's kernels do not run here (see llamalab.kernels)")
+        return torch.ops.llamalab
+    if not load(isa):
+        raise LlamalabError(f"llamalab's {isa} kernels could not be built here")
+    return getattr(torch.ops, f"llamalab_{isa}")
+
+
+@functools.cache
+def vnni_available() -> bool:
+    """Whether ``torch.ops.llamalab`` (the packed matrix products, decode attention and
+    the decode step) runs here, on the path :func:`~llamalab.kernels.cpu.chosen_isa`
+    picks; built and loaded on the first call. Raises where ``$LLAMALAB_ISA`` forces a
+    path this CPU cannot run."""
+    isa = chosen_isa()
+    if isa == "torch" or not load(isa):
         return False
-    return True
+    with _lock:
+        if not _default:
+            # The build's exported hook registers its operators under "llamalab" too.
+            ctypes.CDLL(str(_library(isa))).llamalab_claim_default()
+            _register_fake()
+            _default.append(isa)
+    return _default[0] == isa
+
+
+def loaded_isa() -> str:
+    """The build behind ``torch.ops.llamalab`` in this process, or ``torch`` if none."""
+    return _default[0] if _default else "torch"
 
 
 def _register_fake() -> None:
@@ -116,7 +164,7 @@ class NativeStep:
     """A packed model's decode steps and short prompt chunks through
     ``torch.ops.llamalab.decode_step``.
 
-    That op runs every transformer block of a pass in one call (``csrc/vnni.cpp``), so
+    That op runs every transformer block of a pass in one call (``csrc/kernels.cpp``), so
     the few thousand floats of norms, rotations and residual adds between the matrix
     products cost no per-operation dispatch. It takes fewer than ``MAX_TOKENS`` tokens a
     pass: its attention handles one query token at a time, where a long prompt chunk
@@ -133,18 +181,24 @@ class NativeStep:
         layout: list[int],
         weights: list[torch.Tensor],
         norms: list[torch.Tensor],
+        isa: str | None = None,
     ):
         self._model = model
+        self._op = ops(isa).decode_step
         self._layout = layout
         self._weights = weights
         self._norms = norms  # each block's attention and FFN norm weights
 
     @classmethod
-    def for_model(cls, model: torch.nn.Module) -> NativeStep | None:
-        """The step for ``model``, or None where some part of it is not on the vnni kernel."""
+    def for_model(cls, model: torch.nn.Module, isa: str | None = None) -> NativeStep | None:
+        """The step for ``model``, or None where some part of it is not on the vnni kernel.
+
+        ``isa`` runs it on that build's kernels (:func:`load`) instead of the process's
+        own: the packed weights are the same bytes for every build."""
         config = model.config
         if (
             not vnni_available()
+            or (isa is not None and not load(isa))
             or model.dtype != torch.float32
             or config.head_dim not in (64, 128)
             or config.n_heads * config.head_dim != config.dim
@@ -171,7 +225,7 @@ class NativeStep:
             for part, (buffer, kind) in zip(parts, vnni, strict=True):
                 layout += [part.out_features, *kind]
                 weights.append(buffer)
-        return cls(model, layout, weights, norms)
+        return cls(model, layout, weights, norms, isa)
 
     def __call__(
         self, h: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor
@@ -181,7 +235,7 @@ class NativeStep:
         model = self._model
         config = model.config
         k_caches, v_caches = self._cache_tensors()
-        return torch.ops.llamalab.decode_step(
+        return self._op(
             h.contiguous(), rows, positions, model.rope, self._norms, self._weights,
             self._layout, k_caches, v_caches, config.n_heads, config.n_kv_heads,
             config.norm_eps,

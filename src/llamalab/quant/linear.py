@@ -5,7 +5,7 @@ bytes over the memory bandwidth (plus a fixed cost per operation). float32 weigh
 4 bytes each; GGUF's Q4_0 / Q4_1 / Q4_K about 0.56-0.63 and Q8_0 1.06. Which kernel can
 read a small form decides the speed. Four kernels, chosen per weight at load time:
 
-* ``vnni``: llamalab's own (``csrc/vnni.cpp``, built on first use by ``quant/native.py``)
+* ``vnni``: llamalab's own (``kernels/csrc/kernels.cpp``, built by ``kernels/native.py``)
   on CPUs with AVX-512 VNNI. Every type that is exactly ``q * scale + zero`` per group
   (``llamalab.gguf.dequant.affine_groups``: Q4_0, Q4_1, Q4_K in 4 bits, groups of 32;
   Q5_0, Q5_1, Q5_K in 6 bits, groups of 32; Q6_K in 6 bits, groups of 16; Q8_0 in 8
@@ -67,7 +67,7 @@ from llamalab.gguf.dequant import (
     dequantize,
     int4_groups,
 )
-from llamalab.quant.native import vnni_available
+from llamalab.kernels.native import vnni_available
 from llamalab.quant.plan import (
     INT4_GROUP,
     UNPACK_ROWS,
@@ -180,7 +180,7 @@ class QuantizedLinear(nn.Module):
         # never make the model's state_dict alias or re-tie them.
         self._weight = weight
         self._int4 = int4  # (packed nibbles, (groups, out, 2) bfloat16 scales and zeros)
-        self._vnni = vnni  # (the tiled buffer of csrc/vnni.cpp, its layout)
+        self._vnni = vnni  # (the tiled buffer of kernels/csrc/kernels.cpp, its layout)
 
     @property
     def kernel(self) -> Kernel:
@@ -287,7 +287,7 @@ class QuantizedLinear(nn.Module):
                 f"a multiple of 16, not a {qtype.name} weight of shape {shape}"
             )
         if not vnni_available():
-            raise LlamalabError("the vnni kernel does not run here (see llamalab.quant.native)")
+            raise LlamalabError("the vnni kernel does not run here (see llamalab.kernels.native)")
         layout = VNNI_LAYOUTS[qtype.name]
         parts = []
         for _, rows in _row_bands(out_features, raw, row_bytes):
@@ -406,8 +406,8 @@ class PackedEmbedding(nn.Module):
 def pack_vnni(
     q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, layout: VnniLayout
 ) -> torch.Tensor | None:
-    """The buffer ``csrc/vnni.cpp`` reads, from (out, in) quants and (out, in / group)
-    scales and zeros; None where a scale or zero is beyond float16's range.
+    """The buffer ``kernels/csrc/kernels.cpp`` reads, from (out, in) quants and (out, in /
+    group) scales and zeros; None where a scale or zero is beyond float16's range.
 
     Output rows are tiled by 16; per tile and group, the quants (their order is in the
     C++ file's header), then 16 float16 scales and, unless the layout is symmetric (its

@@ -6,16 +6,20 @@ memory by them without loading torch.
 
 from __future__ import annotations
 
-import functools
 import os
 from typing import NamedTuple
+
+from llamalab.kernels import UNPACK_ROWS, planned_isa
+from llamalab.kernels.cpu import has_native_bf16
 
 INT4_TYPES = frozenset({"Q4_0", "Q4_1", "Q4_K"})  # exactly groups of 32 with a scale and a zero
 INT4_GROUP = 32
 
 
 class VnniLayout(NamedTuple):
-    """How llamalab's VNNI kernel holds a weight type (``csrc/vnni.cpp``'s header)."""
+    """How llamalab's kernels hold a weight type (``kernels/csrc/kernels.cpp``'s header).
+
+    One layout for every instruction set: the packed bytes do not depend on the CPU."""
 
     bits: int  # per quant: 4, 6 or 8
     group: int  # weights per scale
@@ -37,25 +41,10 @@ VNNI_LAYOUTS = {
     "Q5_0": VnniLayout(6, 32, 16), "Q5_1": VnniLayout(6, 32, 0), "Q5_K": VnniLayout(6, 32, 0),
     "Q6_K": VnniLayout(6, 16, 32), "Q8_0": VnniLayout(8, 32, 128),
 }  # fmt: skip
-# From this many rows per call an int4 layer unpacks to bfloat16 for one GEMM instead
-# (measured break-even on a 576 x 3072 weight: about 55 rows), and a pass leaves the
-# native step (quant/native.py) for the model's blocks, whose attention is torch's
-# blocked kernel.
-UNPACK_ROWS = 64
-_VNNI_FLAGS = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "f16c", "fma"})
-
-
-@functools.cache
-def cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags from ``/proc/cpuinfo`` (empty where there is none)."""
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return frozenset(line.partition(":")[2].split())
-    except OSError:
-        pass
-    return frozenset()
+__all__ = [
+    "INT4_GROUP", "INT4_TYPES", "UNPACK_ROWS", "VNNI_LAYOUTS", "VnniLayout",
+    "cpu_runs_int4_fast", "cpu_runs_vnni", "int4_takes", "packed_linear_bytes", "vnni_takes",
+]  # fmt: skip
 
 
 def cpu_runs_int4_fast() -> bool:
@@ -63,15 +52,14 @@ def cpu_runs_int4_fast() -> bool:
     or AMX), and ``$LLAMALAB_INT4`` does not turn it off."""
     if os.environ.get("LLAMALAB_INT4", "1") == "0":
         return False
-    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+    return has_native_bf16()
 
 
 def cpu_runs_vnni() -> bool:
-    """Whether this CPU has what llamalab's VNNI kernel needs (AVX-512 F/BW/VL with VNNI,
-    F16C, FMA) and ``$LLAMALAB_VNNI`` does not turn it off."""
-    if os.environ.get("LLAMALAB_VNNI", "1") == "0":
-        return False
-    return _VNNI_FLAGS <= cpu_flags()
+    """Whether packed weights go to llamalab's own kernels here: one of their builds
+    (AVX-512 VNNI, AVX-VNNI or AVX2) runs on this CPU, a compiler can build it, and
+    neither ``$LLAMALAB_ISA=torch`` nor ``$LLAMALAB_VNNI=0`` turns them off."""
+    return planned_isa() != "torch"
 
 
 def vnni_takes(stored_type: str, shape: tuple[int, ...]) -> bool:

@@ -89,15 +89,9 @@ def split_source(n_tokens: int, seq_len: int, eval_tokens: int) -> Split:
 
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU has bf16 arithmetic instructions (AVX-512 BF16 or AMX)."""
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool(flags & {"avx512_bf16", "amx_bf16"})
-    except OSError:
-        pass
-    return False
+    from llamalab.kernels.cpu import has_native_bf16
+
+    return has_native_bf16()
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype:

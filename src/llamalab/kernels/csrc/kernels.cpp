@@ -1,7 +1,14 @@
-// Matrix-vector products on weights kept at 4, 6 or 8 bits, with AVX-512 VNNI.
+// Matrix-vector products on weights kept at 4, 6 or 8 bits, decode attention and the
+// whole decode step, for one of three instruction sets chosen when it is compiled:
 //
-// Built and loaded by llamalab/quant/native.py the first time a model needs it; registers
-// torch.ops.llamalab.vnni_linear.
+//   LLAMALAB_ISA_AVX512   512-bit vectors, vpdpbusd (AVX-512 F/BW/VL with VNNI);
+//   LLAMALAB_ISA_AVXVNNI  256-bit vectors, vpdpbusd (AVX-VNNI's VEX form with -mavxvnni,
+//                         else the EVEX form of AVX-512 VL + VNNI: the same operation);
+//   LLAMALAB_ISA_AVX2     256-bit vectors, vpmaddubsw + vpmaddwd in place of vpdpbusd.
+//
+// Built and loaded by llamalab/kernels/native.py the first time a model needs it (one
+// library per instruction set); registers its operators under LLAMALAB_NS
+// (llamalab_avx512 ...), and under "llamalab" when llamalab_claim_default() is called.
 //
 // Weights: every GGUF type llamalab packs this way is, per group of G weights of one
 // output row, value = q * scale + zero with q unsigned (4, 6 or 8 bits). Where the type
@@ -18,8 +25,18 @@
 //   8 bits (G = 16 or 32): G / 4 chunks of 64 bytes; in chunk c, bytes 4j..4j+3 are
 //       row j's weights 4c..4c+3.
 //
-// So one vpdpbusd multiplies four weights of each of 16 rows by the same four
-// activations and adds them into that row's 32-bit lane: no horizontal sums.
+// So one 512-bit vpdpbusd multiplies four weights of each of 16 rows by the same four
+// activations and adds them into that row's 32-bit lane: no horizontal sums. The
+// 256-bit builds read each 64-byte chunk as two halves of 8 rows (bytes 0..31: rows
+// 0..7), so the layout, and any packed weight, is the same for every build.
+//
+// Without VNNI, vpmaddubsw multiplies unsigned weight bytes by signed activation bytes
+// and adds adjacent pairs into int16, saturating: safe while 2 * qmax * 127 < 32768.
+// 4-bit (15) and 6-bit (63) quants fit, even two chunks' pairs added (4 * 63 * 127 =
+// 32004); 8-bit ones (255) do not, so they are taken back to signed (q - 128, within
+// -128..127) and multiplied as |q - 128| times the activation with q - 128's sign
+// (vpsignb), at most 2 * 128 * 127 = 32512 a pair. vpmaddwd then adds pairs of pairs
+// into the int32 lanes vpdpbusd would have filled.
 //
 // Activations are quantized to int8 per block of 16 (x ~= d * xq), half llama.cpp's 32,
 // which keeps an outlier from coarsening twice as many neighbours:
@@ -38,9 +55,170 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <utility>
 #include <vector>
 
+#if !defined(LLAMALAB_ISA_AVX512) && !defined(LLAMALAB_ISA_AVXVNNI) && !defined(LLAMALAB_ISA_AVX2)
+#error "define one of LLAMALAB_ISA_AVX512, LLAMALAB_ISA_AVXVNNI, LLAMALAB_ISA_AVX2"
+#endif
+#ifndef LLAMALAB_NS
+#error "define LLAMALAB_NS, the operators' namespace"
+#endif
+
 namespace {
+
+// ---------------------------------------------------------------------------------------
+// The vector operations the kernels use, for the build's width. kLanes float32 (or
+// int32) lanes a vector.
+
+#if defined(LLAMALAB_ISA_AVX512)
+constexpr int kLanes = 16;
+constexpr bool kVnni = true;
+using VF = __m512;
+using VI = __m512i;
+inline VF f_zero() { return _mm512_setzero_ps(); }
+inline VF f_load(const float* p) { return _mm512_loadu_ps(p); }
+inline void f_store(float* p, VF v) { _mm512_storeu_ps(p, v); }
+inline VF f_set1(float x) { return _mm512_set1_ps(x); }
+inline VF f_add(VF a, VF b) { return _mm512_add_ps(a, b); }
+inline VF f_sub(VF a, VF b) { return _mm512_sub_ps(a, b); }
+inline VF f_mul(VF a, VF b) { return _mm512_mul_ps(a, b); }
+inline VF f_div(VF a, VF b) { return _mm512_div_ps(a, b); }
+inline VF f_fmadd(VF a, VF b, VF c) { return _mm512_fmadd_ps(a, b, c); }
+inline VF f_min(VF a, VF b) { return _mm512_min_ps(a, b); }
+inline VF f_max(VF a, VF b) { return _mm512_max_ps(a, b); }
+inline float f_sum(VF v) { return _mm512_reduce_add_ps(v); }
+inline float f_absmax(VF v) { return _mm512_reduce_max_ps(_mm512_abs_ps(v)); }
+inline VF f_round(VF v) { return _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+inline VF f_scale2(VF p, VF n) { return _mm512_scalef_ps(p, n); }  // p * 2^n
+inline VF f_from_i(VI v) { return _mm512_cvtepi32_ps(v); }
+inline VF f_half(const uint8_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p)); }
+inline VI i_load(const void* p) { return _mm512_loadu_si512(p); }
+inline VI i_zero() { return _mm512_setzero_si512(); }
+inline VI i_set1_8(char x) { return _mm512_set1_epi8(x); }
+inline VI i_and(VI a, VI b) { return _mm512_and_si512(a, b); }
+inline VI i_or(VI a, VI b) { return _mm512_or_si512(a, b); }
+inline VI i_srl16(VI v, int n) { return _mm512_srl_epi16(v, _mm_cvtsi32_si128(n)); }
+inline VI i_sll16(VI v, int n) { return _mm512_sll_epi16(v, _mm_cvtsi32_si128(n)); }
+// Four activations in every lane, loaded straight into the vector unit (a broadcast
+// from memory, which can fold into vpdpbusd, not a move through a general register).
+inline VI i_bcast4(const int8_t* p) { return _mm512_broadcastd_epi32(_mm_loadu_si32(p)); }
+inline VI i_dot(VI acc, VI u, VI s) { return _mm512_dpbusd_epi32(acc, u, s); }
+// 16 activations as int8 (saturating) and their sum.
+inline int quantize16(const float* x, float inv, int8_t* q) {
+  const __m512i xq = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x), _mm512_set1_ps(inv)));
+  _mm_storeu_si128((__m128i*)q, _mm512_cvtsepi32_epi8(xq));
+  return _mm512_reduce_add_epi32(xq);
+}
+inline float absmax16(const float* x) { return f_absmax(f_load(x)); }
+#else
+constexpr int kLanes = 8;
+using VF = __m256;
+using VI = __m256i;
+inline VF f_zero() { return _mm256_setzero_ps(); }
+inline VF f_load(const float* p) { return _mm256_loadu_ps(p); }
+inline void f_store(float* p, VF v) { _mm256_storeu_ps(p, v); }
+inline VF f_set1(float x) { return _mm256_set1_ps(x); }
+inline VF f_add(VF a, VF b) { return _mm256_add_ps(a, b); }
+inline VF f_sub(VF a, VF b) { return _mm256_sub_ps(a, b); }
+inline VF f_mul(VF a, VF b) { return _mm256_mul_ps(a, b); }
+inline VF f_div(VF a, VF b) { return _mm256_div_ps(a, b); }
+inline VF f_fmadd(VF a, VF b, VF c) { return _mm256_fmadd_ps(a, b, c); }
+inline VF f_min(VF a, VF b) { return _mm256_min_ps(a, b); }
+inline VF f_max(VF a, VF b) { return _mm256_max_ps(a, b); }
+inline float f_sum(VF v) {
+  __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+  x = _mm_add_ss(x, _mm_movehdup_ps(x));
+  return _mm_cvtss_f32(x);
+}
+inline VF f_abs(VF v) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), v); }
+inline float f_hmax(VF v) {
+  __m128 x = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  x = _mm_max_ps(x, _mm_movehl_ps(x, x));
+  x = _mm_max_ss(x, _mm_movehdup_ps(x));
+  return _mm_cvtss_f32(x);
+}
+inline float f_absmax(VF v) { return f_hmax(f_abs(v)); }
+inline VF f_round(VF v) { return _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+// p * 2^n for integral n in [-126, 127]: n put straight into the exponent field.
+inline VF f_scale2(VF p, VF n) {
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+inline VF f_from_i(VI v) { return _mm256_cvtepi32_ps(v); }
+inline VF f_half(const uint8_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)); }
+inline VI i_load(const void* p) { return _mm256_loadu_si256((const __m256i*)p); }
+inline VI i_zero() { return _mm256_setzero_si256(); }
+inline VI i_set1_8(char x) { return _mm256_set1_epi8(x); }
+inline VI i_and(VI a, VI b) { return _mm256_and_si256(a, b); }
+inline VI i_or(VI a, VI b) { return _mm256_or_si256(a, b); }
+inline VI i_srl16(VI v, int n) { return _mm256_srl_epi16(v, _mm_cvtsi32_si128(n)); }
+inline VI i_sll16(VI v, int n) { return _mm256_sll_epi16(v, _mm_cvtsi32_si128(n)); }
+inline VI i_bcast4(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return _mm256_set1_epi32(v);
+}
+#if defined(LLAMALAB_ISA_AVXVNNI)
+constexpr bool kVnni = true;
+#if defined(__AVXVNNI__)
+inline VI i_dot(VI acc, VI u, VI s) { return _mm256_dpbusd_avx_epi32(acc, u, s); }
+#else  // the EVEX encoding (AVX-512 VL + VNNI) of the same operation
+inline VI i_dot(VI acc, VI u, VI s) { return _mm256_dpbusd_epi32(acc, u, s); }
+#endif
+#else
+constexpr bool kVnni = false;
+// vpdpbusd's sums of four u8 * s8 products into int32 lanes, for |u| <= 63 (see the
+// header: vpmaddubsw saturates beyond).
+inline VI i_dot(VI acc, VI u, VI s) {
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+}
+// Two such products into one accumulator, their int16 pairs added first: for |u| <= 63
+// the sum of four pairs stays within int16 (4 * 63 * 127 = 32004).
+inline VI i_dot2(VI acc, VI u1, VI s1, VI u2, VI s2) {
+  const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(u1, s1), _mm256_maddubs_epi16(u2, s2));
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+}
+// An 8-bit chunk's products, as (q - 128) * x: signed weights as |w| times x with w's
+// sign, within int16 (see the header); the caller's offset is 128 less.
+inline VI i_dot8(VI acc, VI u, VI s) {
+  const __m256i w = _mm256_xor_si256(u, _mm256_set1_epi8(static_cast<char>(0x80)));
+  const __m256i pairs = _mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(s, w));
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+}
+#endif
+inline int i_sum(VI v) {
+  __m128i x = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  x = _mm_add_epi32(x, _mm_shuffle_epi32(x, 0x4E));
+  x = _mm_add_epi32(x, _mm_shuffle_epi32(x, 0xB1));
+  return _mm_cvtsi128_si32(x);
+}
+inline int quantize16(const float* x, float inv, int8_t* q) {
+  const __m256 vinv = _mm256_set1_ps(inv);
+  const __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x), vinv));
+  const __m256i b = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + 8), vinv));
+  // packs works within 128-bit halves: a0-3 b0-3 | a4-7 b4-7, put back in order.
+  const __m256i w = _mm256_permute4x64_epi64(_mm256_packs_epi32(a, b), 0xD8);
+  _mm_storeu_si128((__m128i*)q, _mm_packs_epi16(_mm256_castsi256_si128(w), _mm256_extracti128_si256(w, 1)));
+  return i_sum(_mm256_add_epi32(a, b));
+}
+inline float absmax16(const float* x) { return f_hmax(f_max(f_abs(f_load(x)), f_abs(f_load(x + 8)))); }
+#endif
+#if defined(LLAMALAB_ISA_AVX512) || defined(LLAMALAB_ISA_AVXVNNI)
+// Two chunks' products into one accumulator (sums of four u8 * s8 products a lane).
+inline VI i_dot2(VI acc, VI u1, VI s1, VI u2, VI s2) { return i_dot(i_dot(acc, u1, s1), u2, s2); }
+// An 8-bit chunk's products: q * x.
+inline VI i_dot8(VI acc, VI u, VI s) { return i_dot(acc, u, s); }
+#endif
+constexpr int kParts = 16 / kLanes;  // vectors a tile of 16 rows takes
+
+// Compile-time loop: f(std::integral_constant<int, 0>{}) ... f(<N - 1>).
+template <int N, typename F>
+inline void unroll(F&& f) {
+  [&]<int... I>(std::integer_sequence<int, I...>) { (f(std::integral_constant<int, I>{}), ...); }(
+      std::make_integer_sequence<int, N>{});
+}
 
 constexpr int kXBlock = 16;  // activations per int8 scale
 constexpr int kPrefetch = 4;  // groups ahead
@@ -59,46 +237,46 @@ void quantize(const float* x, int64_t M, int64_t K, int64_t G, int8_t* q, float*
     float* block_sums = s + m * ng;  // each group's sum of d * xq, built block by block
     for (int64_t g = 0; g < ng; ++g) block_sums[g] = 0.0f;
     for (int64_t b = 0; b < nb; ++b) {
-      const __m512 v = _mm512_loadu_ps(x + m * K + b * kXBlock);
-      const float amax = _mm512_reduce_max_ps(_mm512_abs_ps(v));
-      const __m512 inv = _mm512_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
-      const __m512i xq = _mm512_cvtps_epi32(_mm512_mul_ps(v, inv));
-      _mm_storeu_si128((__m128i*)(q + m * K + b * kXBlock), _mm512_cvtsepi32_epi8(xq));
+      const float* xb = x + m * K + b * kXBlock;
+      const float amax = absmax16(xb);
+      const int total = quantize16(xb, amax > 0.0f ? 127.0f / amax : 0.0f, q + m * K + b * kXBlock);
       d[m * nb + b] = amax / 127.0f;
-      block_sums[b * kXBlock / G] += d[m * nb + b] * static_cast<float>(_mm512_reduce_add_epi32(xq));
+      block_sums[b * kXBlock / G] += d[m * nb + b] * static_cast<float>(total);
     }
   }
 }
 
-// Four activations in every lane, loaded straight into the vector unit (a broadcast
-// from memory, which can fold into vpdpbusd, not a move through a general register).
-inline __m512i broadcast4(const int8_t* p) { return _mm512_broadcastd_epi32(_mm_loadu_si32(p)); }
-
-// RB consecutive row tiles against MC activation rows starting at m0.
 // Bytes of one tile's group: quants, then float16 scales and (unless symmetric) zeros.
 template <int BITS, int G, bool SYM>
 constexpr int group_bytes() {
   return 16 * G * BITS / 8 + (SYM ? 32 : 64);
 }
 
+// RB consecutive row tiles against MC activation rows starting at m0.
 template <int BITS, int G, bool SYM, int MC, int RB>
 void tiles(const uint8_t* w, const Activations& a, int64_t K, int64_t ldy, int64_t t0, int64_t m0,
            float* y, int64_t next, int64_t next_count) {
   constexpr int kQuantBytes = 16 * G * BITS / 8;
   constexpr int kGroupBytes = group_bytes<BITS, G, SYM>();
+  constexpr int kBlocks = G / kXBlock;  // activation scales per group
+  constexpr int kChunks = BITS == 8 ? G / 4 : G / 8;  // 64-byte chunks of (low) quants
+  constexpr int kPerBlock = kChunks / kBlocks;
+  constexpr int kPartBytes = 64 / kParts;  // of a chunk, per vector
+  // An 8-bit dot without VNNI sums (q - 128) * x: its offset is then 128 less.
+  const float offset = BITS == 8 && !kVnni ? a.offset - 128.0f : a.offset;
   const int64_t ng = K / G;
   const int64_t tile_bytes = ng * kGroupBytes;
-  const __m512i nibble = _mm512_set1_epi8(0x0F);
-  __m512 acc[RB][MC];
+  const VI nibble = i_set1_8(0x0F);
+  const VI three = i_set1_8(0x03);
+  VF acc[RB][kParts][MC];
   for (int r = 0; r < RB; ++r)
-    for (int m = 0; m < MC; ++m) acc[r][m] = _mm512_setzero_ps();
+    for (int p = 0; p < kParts; ++p)
+      for (int m = 0; m < MC; ++m) acc[r][p][m] = f_zero();
 
-  constexpr int kBlocks = G / kXBlock;  // activation scales per group
   for (int64_t g = 0; g < ng; ++g) {
-    __m512i dot[RB][MC][kBlocks];
+    const uint8_t* base[RB];
     for (int r = 0; r < RB; ++r) {
-      for (int m = 0; m < MC; ++m)
-        for (int h = 0; h < kBlocks; ++h) dot[r][m][h] = _mm512_setzero_si512();
+      base[r] = w + (t0 + r) * tile_bytes + g * kGroupBytes;
       // kPrefetch groups ahead: in these tiles, or near the end in the tiles this
       // thread takes next, so that a short row of groups never starts cold.
       const char* ahead = nullptr;
@@ -109,76 +287,80 @@ void tiles(const uint8_t* w, const Activations& a, int64_t K, int64_t ldy, int64
       if (ahead != nullptr)
         for (int p = 0; p < kGroupBytes; p += 64) _mm_prefetch(ahead + p, _MM_HINT_T0);
     }
-    if constexpr (BITS == 4 || BITS == 6) {
-      const __m512i three = _mm512_set1_epi8(0x03);
-      for (int c = 0; c < G / 8; ++c) {
-        __m512i lo_x[MC], hi_x[MC];
-        for (int m = 0; m < MC; ++m) {
-          const int8_t* xp = a.q + (m0 + m) * K + g * G + c * 8;
-          lo_x[m] = broadcast4(xp);
-          hi_x[m] = broadcast4(xp + 4);
-        }
-        for (int r = 0; r < RB; ++r) {
-          const uint8_t* quants = w + (t0 + r) * tile_bytes + g * kGroupBytes;
-          const __m512i v = _mm512_loadu_si512(quants + c * 64);
-          __m512i lo = _mm512_and_si512(v, nibble);
-          __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
-          if constexpr (BITS == 6) {  // bits 4 and 5 from the high chunk
-            const __m512i high = _mm512_loadu_si512(quants + G / 8 * 64 + c / 2 * 64);
-            const int f = 2 * (c % 2);  // the fields of this chunk's low and high halves
-            const __m512i top_lo = _mm512_and_si512(_mm512_srl_epi16(high, _mm_cvtsi32_si128(2 * f)), three);
-            const __m512i top_hi = _mm512_and_si512(_mm512_srl_epi16(high, _mm_cvtsi32_si128(2 * f + 2)), three);
-            lo = _mm512_or_si512(lo, _mm512_slli_epi16(top_lo, 4));
-            hi = _mm512_or_si512(hi, _mm512_slli_epi16(top_hi, 4));
+    float sum[MC];
+    for (int m = 0; m < MC; ++m) sum[m] = a.s[(m0 + m) * ng + g];
+    VF group[RB][kParts][MC];
+    for (int r = 0; r < RB; ++r)
+      for (int p = 0; p < kParts; ++p)
+        for (int m = 0; m < MC; ++m) group[r][p][m] = SYM ? f_set1(-offset * sum[m]) : f_zero();
+    // One block of 16 activations at a time: its int32 sums, then weighted by its scale.
+    unroll<kBlocks>([&](auto H) {
+      constexpr int h = H;
+      VI dot[RB][kParts][MC];
+      for (int r = 0; r < RB; ++r)
+        for (int p = 0; p < kParts; ++p)
+          for (int m = 0; m < MC; ++m) dot[r][p][m] = i_zero();
+      unroll<kPerBlock>([&](auto I) {
+        constexpr int c = h * kPerBlock + I;
+        if constexpr (BITS == 8) {  // chunk c holds weights 4c..4c+3
+          VI xs[MC];
+          for (int m = 0; m < MC; ++m) xs[m] = i_bcast4(a.q + (m0 + m) * K + g * G + c * 4);
+          for (int r = 0; r < RB; ++r)
+            for (int p = 0; p < kParts; ++p) {
+              const VI v = i_load(base[r] + c * 64 + p * kPartBytes);
+              for (int m = 0; m < MC; ++m) dot[r][p][m] = i_dot8(dot[r][p][m], v, xs[m]);
+            }
+        } else {  // chunk c holds weights 8c..8c+7
+          VI lo_x[MC], hi_x[MC];
+          for (int m = 0; m < MC; ++m) {
+            const int8_t* xp = a.q + (m0 + m) * K + g * G + c * 8;
+            lo_x[m] = i_bcast4(xp);
+            hi_x[m] = i_bcast4(xp + 4);
           }
-          for (int m = 0; m < MC; ++m) {  // chunk c holds weights 8c..8c+7: block c / 2
-            dot[r][m][c / 2] = _mm512_dpbusd_epi32(dot[r][m][c / 2], lo, lo_x[m]);
-            dot[r][m][c / 2] = _mm512_dpbusd_epi32(dot[r][m][c / 2], hi, hi_x[m]);
-          }
+          for (int r = 0; r < RB; ++r)
+            for (int p = 0; p < kParts; ++p) {
+              const VI v = i_load(base[r] + c * 64 + p * kPartBytes);
+              VI lo = i_and(v, nibble);
+              VI hi = i_and(i_srl16(v, 4), nibble);
+              if constexpr (BITS == 6) {  // bits 4 and 5 from the high chunk
+                const VI high = i_load(base[r] + G / 8 * 64 + c / 2 * 64 + p * kPartBytes);
+                constexpr int f = 2 * (c % 2);  // the fields of this chunk's low and high halves
+                lo = i_or(lo, i_sll16(i_and(i_srl16(high, 2 * f), three), 4));
+                hi = i_or(hi, i_sll16(i_and(i_srl16(high, 2 * f + 2), three), 4));
+              }
+              for (int m = 0; m < MC; ++m) dot[r][p][m] = i_dot2(dot[r][p][m], lo, lo_x[m], hi, hi_x[m]);
+            }
         }
-      }
-    } else {
-      for (int c = 0; c < G / 4; ++c) {
-        __m512i xs[MC];
-        for (int m = 0; m < MC; ++m) xs[m] = broadcast4(a.q + (m0 + m) * K + g * G + c * 4);
-        for (int r = 0; r < RB; ++r) {
-          const __m512i v = _mm512_loadu_si512(w + (t0 + r) * tile_bytes + g * kGroupBytes + c * 64);
-          for (int m = 0; m < MC; ++m)  // chunk c holds weights 4c..4c+3: block c / 4
-            dot[r][m][c / 4] = _mm512_dpbusd_epi32(dot[r][m][c / 4], v, xs[m]);
-        }
-      }
-    }
-    float d[MC][kBlocks], sum[MC];
-    for (int m = 0; m < MC; ++m) {
-      for (int h = 0; h < kBlocks; ++h) d[m][h] = a.d[(m0 + m) * (K / kXBlock) + g * kBlocks + h];
-      sum[m] = a.s[(m0 + m) * ng + g];
-    }
-    for (int r = 0; r < RB; ++r) {
-      const uint8_t* sz = w + (t0 + r) * tile_bytes + g * kGroupBytes + kQuantBytes;
-      const __m512 scale = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)sz));
+      });
       for (int m = 0; m < MC; ++m) {
-        // The group's blocks weighted by their activation scales, then by the weights'.
-        __m512 group = SYM ? _mm512_set1_ps(-a.offset * sum[m]) : _mm512_setzero_ps();
-        for (int h = 0; h < kBlocks; ++h)
-          group = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[r][m][h]), _mm512_set1_ps(d[m][h]), group);
-        acc[r][m] = _mm512_fmadd_ps(group, scale, acc[r][m]);
-        if constexpr (!SYM) {
-          const __m512 zero = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(sz + 32)));
-          acc[r][m] = _mm512_fmadd_ps(zero, _mm512_set1_ps(sum[m]), acc[r][m]);
+        const VF dm = f_set1(a.d[(m0 + m) * (K / kXBlock) + g * kBlocks + h]);
+        for (int r = 0; r < RB; ++r)
+          for (int p = 0; p < kParts; ++p) group[r][p][m] = f_fmadd(f_from_i(dot[r][p][m]), dm, group[r][p][m]);
+      }
+    });
+    // The group's blocks weighted by the weights' scales, plus their zeros.
+    for (int r = 0; r < RB; ++r)
+      for (int p = 0; p < kParts; ++p) {
+        const uint8_t* sz = base[r] + kQuantBytes + p * 2 * kLanes;
+        const VF scale = f_half(sz);
+        for (int m = 0; m < MC; ++m) {
+          acc[r][p][m] = f_fmadd(group[r][p][m], scale, acc[r][p][m]);
+          if constexpr (!SYM) acc[r][p][m] = f_fmadd(f_half(sz + 32), f_set1(sum[m]), acc[r][p][m]);
         }
       }
-    }
   }
   for (int r = 0; r < RB; ++r)
-    for (int m = 0; m < MC; ++m) _mm512_storeu_ps(y + (m0 + m) * ldy + (t0 + r) * 16, acc[r][m]);
+    for (int p = 0; p < kParts; ++p)
+      for (int m = 0; m < MC; ++m) f_store(y + (m0 + m) * ldy + (t0 + r) * 16 + p * kLanes, acc[r][p][m]);
 }
 
 // Tiles [begin, end) against activation rows m0..m0+MC. One row reads four tiles at a
-// time (four independent chains of vpdpbusd), more rows fewer.
+// time (four independent chains of vpdpbusd; two on 256-bit vectors), more rows fewer.
 template <int BITS, int G, bool SYM, int MC>
 void tile_range(const uint8_t* w, const Activations& a, int64_t K, int64_t ldy, int64_t begin,
                 int64_t end, int64_t m0, float* y) {
-  constexpr int RB = MC == 1 ? 4 : (MC == 2 ? 2 : 1);
+  // 512-bit: 32 vector registers; 256-bit: 16, and a tile takes two of each.
+  constexpr int RB = kParts == 1 ? (MC == 1 ? 4 : (MC == 2 ? 2 : 1)) : (MC == 1 ? 2 : 1);
   constexpr int kGroupBytes = group_bytes<BITS, G, SYM>();
   const int64_t tile_bytes = K / G * kGroupBytes;
   // The first groups of the first tiles: nothing before them prefetched them.
@@ -275,37 +457,37 @@ at::Tensor vnni_linear(const at::Tensor& x, const at::Tensor& w, int64_t out_fea
 
 // e^x, for x clamped to [-87, 88]: 2^(x log2 e) split into an integer power (scalef)
 // and a degree-6 polynomial on [-0.5, 0.5] (times ln 2); relative error < 2e-7.
-inline __m512 exp_ps(__m512 x) {
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
-  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
-  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_mul_ps(_mm512_sub_ps(t, n), _mm512_set1_ps(0.69314718055994531f));
-  __m512 p = _mm512_set1_ps(1.0f / 720);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 120));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 24));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 6));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(p, n);
+inline VF exp_ps(VF x) {
+  x = f_min(f_max(x, f_set1(-87.0f)), f_set1(88.0f));
+  const VF t = f_mul(x, f_set1(1.44269504088896341f));
+  const VF n = f_round(t);
+  const VF f = f_mul(f_sub(t, n), f_set1(0.69314718055994531f));
+  VF p = f_set1(1.0f / 720);
+  p = f_fmadd(p, f, f_set1(1.0f / 120));
+  p = f_fmadd(p, f, f_set1(1.0f / 24));
+  p = f_fmadd(p, f, f_set1(1.0f / 6));
+  p = f_fmadd(p, f, f_set1(0.5f));
+  p = f_fmadd(p, f, f_set1(1.0f));
+  p = f_fmadd(p, f, f_set1(1.0f));
+  return f_scale2(p, n);
 }
 
 template <int D>
 void attend(const float* const* qs, int nq, const float* k, const float* v, int64_t S,
             int64_t kv_stride, float scale, float* scores, float* const* outs) {
-  constexpr int V = D / 16;
+  constexpr int V = D / kLanes;
   // Scores, one key at a time for every query of the group.
-  __m512 qv[4][V];
+  VF qv[4][V];
   for (int j = 0; j < nq; ++j)
-    for (int c = 0; c < V; ++c) qv[j][c] = _mm512_mul_ps(_mm512_loadu_ps(qs[j] + 16 * c), _mm512_set1_ps(scale));
+    for (int c = 0; c < V; ++c) qv[j][c] = f_mul(f_load(qs[j] + kLanes * c), f_set1(scale));
   for (int64_t s = 0; s < S; ++s) {
     const float* ks = k + s * kv_stride;
-    __m512 kc[V];
-    for (int c = 0; c < V; ++c) kc[c] = _mm512_loadu_ps(ks + 16 * c);
+    VF kc[V];
+    for (int c = 0; c < V; ++c) kc[c] = f_load(ks + kLanes * c);
     for (int j = 0; j < nq; ++j) {
-      __m512 acc = _mm512_mul_ps(qv[j][0], kc[0]);
-      for (int c = 1; c < V; ++c) acc = _mm512_fmadd_ps(qv[j][c], kc[c], acc);
-      scores[j * S + s] = _mm512_reduce_add_ps(acc);
+      VF acc = f_mul(qv[j][0], kc[0]);
+      for (int c = 1; c < V; ++c) acc = f_fmadd(qv[j][c], kc[c], acc);
+      scores[j * S + s] = f_sum(acc);
     }
   }
   // Softmax per query.
@@ -314,37 +496,41 @@ void attend(const float* const* qs, int nq, const float* k, const float* v, int6
     float* row = scores + j * S;
     float top = -INFINITY;
     for (int64_t s = 0; s < S; ++s) top = row[s] > top ? row[s] : top;
-    const __m512 vtop = _mm512_set1_ps(top);
-    __m512 total = _mm512_setzero_ps();
+    const VF vtop = f_set1(top);
+    VF total = f_zero();
     int64_t s = 0;
-    for (; s + 16 <= S; s += 16) {
-      const __m512 e = exp_ps(_mm512_sub_ps(_mm512_loadu_ps(row + s), vtop));
-      _mm512_storeu_ps(row + s, e);
-      total = _mm512_add_ps(total, e);
+    for (; s + kLanes <= S; s += kLanes) {
+      const VF e = exp_ps(f_sub(f_load(row + s), vtop));
+      f_store(row + s, e);
+      total = f_add(total, e);
     }
-    if (s < S) {
-      const __mmask16 m = (__mmask16)((1u << (S - s)) - 1);
-      const __m512 e = exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, row + s), vtop));
-      _mm512_mask_storeu_ps(row + s, m, e);
-      total = _mm512_add_ps(total, _mm512_maskz_mov_ps(m, e));
+    float rest = 0.0f;
+    if (s < S) {  // the last few through a padded copy, only they counted
+      alignas(64) float tail[kLanes] = {};
+      std::memcpy(tail, row + s, (S - s) * sizeof(float));
+      f_store(tail, exp_ps(f_sub(f_load(tail), vtop)));
+      for (int64_t i = 0; i < S - s; ++i) {
+        row[s + i] = tail[i];
+        rest += tail[i];
+      }
     }
-    inv[j] = 1.0f / _mm512_reduce_add_ps(total);
+    inv[j] = 1.0f / (f_sum(total) + rest);
   }
   // Weighted sum of the values, one value row at a time for every query.
-  __m512 acc[4][V];
+  VF acc[4][V];
   for (int j = 0; j < nq; ++j)
-    for (int c = 0; c < V; ++c) acc[j][c] = _mm512_setzero_ps();
+    for (int c = 0; c < V; ++c) acc[j][c] = f_zero();
   for (int64_t s = 0; s < S; ++s) {
     const float* vs = v + s * kv_stride;
-    __m512 vc[V];
-    for (int c = 0; c < V; ++c) vc[c] = _mm512_loadu_ps(vs + 16 * c);
+    VF vc[V];
+    for (int c = 0; c < V; ++c) vc[c] = f_load(vs + kLanes * c);
     for (int j = 0; j < nq; ++j) {
-      const __m512 p = _mm512_set1_ps(scores[j * S + s]);
-      for (int c = 0; c < V; ++c) acc[j][c] = _mm512_fmadd_ps(p, vc[c], acc[j][c]);
+      const VF p = f_set1(scores[j * S + s]);
+      for (int c = 0; c < V; ++c) acc[j][c] = f_fmadd(p, vc[c], acc[j][c]);
     }
   }
   for (int j = 0; j < nq; ++j)
-    for (int c = 0; c < V; ++c) _mm512_storeu_ps(outs[j] + 16 * c, _mm512_mul_ps(acc[j][c], _mm512_set1_ps(inv[j])));
+    for (int c = 0; c < V; ++c) f_store(outs[j] + kLanes * c, f_mul(acc[j][c], f_set1(inv[j])));
 }
 
 // Attention of B queries of one token each: q (B, H, D) contiguous, out likewise. Query b
@@ -417,13 +603,13 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
 void rms_norm(const float* x, const float* weight, int64_t M, int64_t dim, float eps, float* out) {
   for (int64_t m = 0; m < M; ++m) {
     const float* row = x + m * dim;
-    __m512 squares = _mm512_setzero_ps();
+    VF squares = f_zero();
     int64_t i = 0;
-    for (; i + 16 <= dim; i += 16) {
-      const __m512 v = _mm512_loadu_ps(row + i);
-      squares = _mm512_fmadd_ps(v, v, squares);
+    for (; i + kLanes <= dim; i += kLanes) {
+      const VF v = f_load(row + i);
+      squares = f_fmadd(v, v, squares);
     }
-    float total = _mm512_reduce_add_ps(squares);
+    float total = f_sum(squares);
     for (; i < dim; ++i) total += row[i] * row[i];
     const float inv = 1.0f / std::sqrt(total / static_cast<float>(dim) + eps);
     for (i = 0; i < dim; ++i) out[m * dim + i] = row[i] * inv * weight[i];
@@ -433,11 +619,11 @@ void rms_norm(const float* x, const float* weight, int64_t M, int64_t dim, float
 // silu(gate) * up over n values: gate / (1 + e^-gate) * up.
 void swiglu(const float* gate, const float* up, int64_t n, float* out) {
   int64_t i = 0;
-  const __m512 one = _mm512_set1_ps(1.0f);
-  for (; i + 16 <= n; i += 16) {
-    const __m512 g = _mm512_loadu_ps(gate + i);
-    const __m512 e = exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), g));
-    _mm512_storeu_ps(out + i, _mm512_mul_ps(_mm512_div_ps(g, _mm512_add_ps(one, e)), _mm512_loadu_ps(up + i)));
+  const VF one = f_set1(1.0f);
+  for (; i + kLanes <= n; i += kLanes) {
+    const VF g = f_load(gate + i);
+    const VF e = exp_ps(f_sub(f_zero(), g));
+    f_store(out + i, f_mul(f_div(g, f_add(one, e)), f_load(up + i)));
   }
   for (; i < n; ++i) out[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
 }
@@ -594,17 +780,43 @@ at::Tensor decode_step(const at::Tensor& x, const at::Tensor& rows, const at::Te
   return h;
 }
 
-}  // namespace
-
-TORCH_LIBRARY(llamalab, m) {
+void define_ops(torch::Library& m) {
   m.def("vnni_linear(Tensor x, Tensor w, int out_features, int bits, int group, int offset) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor k, Tensor v) -> Tensor");
   m.def("decode_step(Tensor x, Tensor rows, Tensor positions, Tensor rope, Tensor[] norms, Tensor[] weights, "
         "int[] layout, Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, int n_heads, int n_kv_heads, float eps) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(llamalab, CPU, m) {
+void impl_ops(torch::Library& m) {
   m.impl("vnni_linear", vnni_linear);
   m.impl("decode_attention", decode_attention);
   m.impl("decode_step", decode_step);
+}
+
+}  // namespace
+
+// The macros paste their namespace argument: expand LLAMALAB_NS before they see it.
+#define LLAMALAB_LIBRARY(ns, m) TORCH_LIBRARY(ns, m)
+#define LLAMALAB_LIBRARY_IMPL(ns, k, m) TORCH_LIBRARY_IMPL(ns, k, m)
+
+LLAMALAB_LIBRARY(LLAMALAB_NS, m) { define_ops(m); }
+
+LLAMALAB_LIBRARY_IMPL(LLAMALAB_NS, CPU, m) { impl_ops(m); }
+
+// The same operators under "llamalab" too, which the model's layers call: done by the one
+// build a process runs on (kernels/native.py calls it once, and a second namespace
+// "llamalab" from another build would be refused by torch's registry).
+extern "C" __attribute__((visibility("default"))) void llamalab_claim_default() {
+  static torch::Library* defs = [] {
+    auto* lib = new torch::Library(torch::Library::DEF, "llamalab", std::nullopt, __FILE__, __LINE__);
+    define_ops(*lib);
+    return lib;
+  }();
+  static torch::Library* impls = [] {
+    auto* lib = new torch::Library(torch::Library::IMPL, "llamalab", c10::DispatchKey::CPU, __FILE__, __LINE__);
+    impl_ops(*lib);
+    return lib;
+  }();
+  (void)defs;
+  (void)impls;
 }
