@@ -106,6 +106,7 @@ def run(args: argparse.Namespace) -> int:
 def _run_here(args: argparse.Namespace, sampling, stops: list[str]) -> int:
     from llamalab.generation import Engine, Request
     from llamalab.generation.chat import build_messages
+    from llamalab.kernels import isa_in_use
 
     grammar = grammar_from_args(args)
     prompt = _read_prompt(args)
@@ -149,7 +150,7 @@ def _run_here(args: argparse.Namespace, sampling, stops: list[str]) -> int:
             "ids": seq.ids,
             "text": seq.text,
             "finish_reason": seq.finish_reason,
-            "timing": seq.timing.as_dict(),
+            "timing": {**seq.timing.as_dict(), "isa": isa_in_use(model)},
         }
         if args.logprobs is not None:
             out["logprobs"] = [

@@ -53,11 +53,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from llamalab.errors import LlamalabError
+    from llamalab.kernels import planned_isa
 
     if args.ref is not None and args.model is not None and args.ref != args.model:
         raise LlamalabError("give the model once: as an argument or with -m, not both")
     ref = args.model if args.model is not None else args.ref
     report = describe(ref, ctx=args.ctx, dtype=args.dtype)
+    # The kernel path a load would take: avx512, avxvnni, avx2 or torch (llamalab.kernels).
+    report["isa"] = planned_isa() if args.dtype == "auto" else "torch"
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0
 
