@@ -210,6 +210,8 @@ class Stream:
         timing = dict(self.final["timing"]) if self.final else {}
         if self.first_token_s is not None:
             timing["time_to_first_token_s"] = self.first_token_s
+        if "isa" in self.server.info:
+            timing["isa"] = self.server.info["isa"]  # the server's kernels ran the reply
         return timing
 
     def logprobs(self) -> list[dict[str, Any]]:

@@ -858,8 +858,12 @@ def create_app(
         assets=_read_assets(),
     )
     if identity is not None:
+        from llamalab.kernels import isa_in_use
+
         state.identity = {
             **identity,
+            # The kernels' instruction set, which `generate --json` names in its timing.
+            "isa": isa_in_use(scheduler.engine.model),
             "context": state.context,
             "model_context": scheduler.engine.model.config.context_length,
             "chat_template": tokenizer.chat_template is not None,
