@@ -5,6 +5,8 @@ float rounding differs, and with int8 activations a last-bit difference can move
 activation to the next int8 step. So against the blocks it is held to the float32
 model: its KL from float32 must be as small as the blocks' own. Rows of a batch are
 computed independently of each other, so a batch equals single steps bit for bit.
+
+Every test runs on each instruction-set build this CPU runs (``LLAMALAB_ISA``'s choices).
 """
 
 import pytest
@@ -12,18 +14,32 @@ import torch
 import torch.nn.functional as F
 
 from llamalab import load_model
+from llamalab.kernels.cpu import ISAS, isa_runs
 from llamalab.kv_cache import cache_view
 
 
 @pytest.fixture(scope="module")
-def packed(smollm2_path):
+def loaded(smollm2_path):
     from llamalab.kernels.native import vnni_available
 
     if not vnni_available():
-        pytest.skip("no AVX-512 VNNI or no C++ compiler for llamalab's kernels")
+        pytest.skip("no kernel build runs here, or no C++ compiler for llamalab's kernels")
     model = load_model(smollm2_path, packed=True)
     assert model.native_step is not None, "every block of SmolLM2 is on the vnni kernel"
     return model
+
+
+@pytest.fixture(scope="module", params=[isa for isa in ISAS if isa_runs(isa)])
+def packed(loaded, request):
+    """The model with its step on each build that runs here: the packed weights are the
+    same bytes for all of them, so one load serves every build."""
+    from llamalab.kernels.native import NativeStep
+
+    step = loaded.native_step
+    loaded.native_step = NativeStep.for_model(loaded, isa=request.param)
+    assert loaded.native_step is not None
+    yield loaded
+    loaded.native_step = step
 
 
 @pytest.fixture(scope="module")
