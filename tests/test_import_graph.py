@@ -19,7 +19,10 @@ SRC = Path(__file__).resolve().parent.parent / "src"
 ROOT = "llamalab"
 
 # The core: what running a model needs. It never reaches the applications built on it.
-CORE = {"model", "config", "kv_cache", "checkpoint", "tokenizer", "gguf", "quant", "generation"}
+CORE = {
+    "model", "config", "kv_cache", "checkpoint", "tokenizer", "gguf", "quant", "kernels",
+    "generation",
+}  # fmt: skip
 APPLICATIONS = {"serve", "train", "eval", "cli"}
 
 # What gguf/ may use of llamalab: it is the file format alone, like gguf-py.

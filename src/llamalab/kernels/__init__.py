@@ -16,7 +16,7 @@ from typing import Any
 
 from llamalab.kernels.cpu import chosen_isa
 
-__all__ = ["UNPACK_ROWS", "compiler", "isa_in_use", "planned_isa"]
+__all__ = ["UNPACK_ROWS", "compiler", "isa_in_use", "loaded_isa", "planned_isa"]
 
 # From this many rows per call a pass leaves the native step for the model's blocks,
 # whose attention is torch's blocked kernel, and an int4 layer unpacks to bfloat16 for
@@ -46,6 +46,13 @@ def isa_in_use(model: Any = None) -> str:
         getattr(module, "kernel", None) == "vnni" for module in model.modules()
     ):
         return "torch"
-    from llamalab.kernels.native import loaded_isa
-
     return loaded_isa()
+
+
+# The build that claimed torch.ops.llamalab in this process (set by kernels/native.py).
+_loaded: list[str] = []
+
+
+def loaded_isa() -> str:
+    """The build behind ``torch.ops.llamalab`` in this process, or ``torch`` if none."""
+    return _loaded[0] if _loaded else "torch"

@@ -29,13 +29,13 @@ import torch
 
 from llamalab.errors import LlamalabError
 from llamalab.kernels import UNPACK_ROWS, compiler
+from llamalab.kernels import _loaded as _default
 from llamalab.kernels.cpu import ISAS, chosen_isa, compile_flags, isa_runs
 
 _SOURCE = Path(__file__).parent / "csrc" / "kernels.cpp"
 _FLAGS = ["-O3", "-std=c++20", "-shared", "-fPIC", "-fopenmp", "-fvisibility=hidden"]
 _BUILD_TIMEOUT_S = 300
 _lock = threading.Lock()
-_default: list[str] = []  # the build that claimed torch.ops.llamalab in this process
 
 
 def _cache_dir() -> Path:
@@ -136,11 +136,6 @@ def vnni_available() -> bool:
             _register_fake()
             _default.append(isa)
     return _default[0] == isa
-
-
-def loaded_isa() -> str:
-    """The build behind ``torch.ops.llamalab`` in this process, or ``torch`` if none."""
-    return _default[0] if _default else "torch"
 
 
 def _register_fake() -> None:
