@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Packed-weight cache files go to a folder of this run, never the user's cache (the kernel
+# cache, $LLAMALAB_CACHE/kernels, stays shared: building the kernels takes seconds).
+os.environ["LLAMALAB_PACKED_CACHE"] = tempfile.mkdtemp(prefix="llamalab-packed-tests-")
+atexit.register(shutil.rmtree, os.environ["LLAMALAB_PACKED_CACHE"], True)
 # Compiling the decode step costs seconds per process; tests that need it ask for it.
 os.environ.setdefault("LLAMALAB_COMPILE", "0")
 # A `llamalab serve` running on this machine must not answer the tests' commands: only

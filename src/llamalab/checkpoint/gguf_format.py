@@ -227,6 +227,12 @@ class GGUFReader(CheckpointReader):
     def names(self) -> list[str]:
         return list(self._tensors)
 
+    @property
+    def data_start(self) -> int:
+        """Where the tensor data starts: every byte before it is metadata and tensor table."""
+        offsets = [r.offset for r in (*self._tensors.values(), *self._extra.values())]
+        return min(offsets) if offsets else self.path.stat().st_size
+
     def info(self, name: str) -> TensorInfo:
         tensor = self._tensors[name]
         return TensorInfo(tensor.shape, tensor.qtype.name, tensor.n_bytes)

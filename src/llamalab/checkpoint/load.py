@@ -163,12 +163,12 @@ def build_model(
         look = _packed_lookup(reader)
         hit = look.file if look is not None else None
         from_file = lambda name: reader.raw(name) if name in present else None
-        source = from_file if hit is None else _cached_linears(hit, from_file)
+        source = from_file if hit is None else _cached_linears(hit, reader, from_file)
         replaced = {
             f"{name}.weight"
             for name in quantize_model(model, source, progress=progress and hit is None)
         }
-        if hit is not None and _EMBEDDING in hit.entries:
+        if hit is not None and _matches(hit, _EMBEDDING, reader, "tok_embeddings.weight"):
             entry = hit.entries[_EMBEDDING]
             weight = GGUFWeight(
                 hit.tensor(_EMBEDDING), GGMLQuantizationType[entry.stored_type], entry.shape
@@ -231,16 +231,35 @@ def _packed_lookup(reader: CheckpointReader):
     return packed_cache.lookup(reader.path, reader.data_start)
 
 
-def _cached_linears(hit, fallback):
+def _matches(hit, entry_name: str, reader: CheckpointReader, tensor: str) -> bool:
+    """Whether the cache file holds ``entry_name`` as the shape and type the model file
+    stores ``tensor`` in (a forged header that hashes right still does not pass)."""
+    entry = hit.entries.get(entry_name)
+    if entry is None or tensor not in reader.names():
+        return False
+    info = reader.info(tensor)
+    expected_kind = "rows" if entry_name == _EMBEDDING else "vnni"
+    return (
+        entry.kind == expected_kind
+        and entry.shape == tuple(info.shape)
+        and entry.stored_type == info.stored_type
+    )
+
+
+def _cached_linears(hit, reader: CheckpointReader, fallback):
     """A weight source for ``quantize_model``: a cache file's packed layers, else ``fallback``."""
     from llamalab.quant.linear import QuantizedLinear
     from llamalab.quant.plan import VnniLayout
 
+    present = set(reader.names())
+
     def source(name: str):
         module = name.removesuffix(".weight")
-        entry = hit.entries.get(module)
-        if entry is None or entry.kind != "vnni":
+        # A tied output layer is packed from the embedding's bytes.
+        tensor = name if name in present or module != "output" else "tok_embeddings.weight"
+        if not _matches(hit, module, reader, tensor):
             return fallback(name)
+        entry = hit.entries[module]
         out_features, in_features = entry.shape
         vnni = (hit.tensor(module), VnniLayout(*entry.layout))
         return QuantizedLinear(in_features, out_features, None, None, entry.stored_type, vnni=vnni)
@@ -277,11 +296,16 @@ def _write_packed_cache(model: torch.nn.Module, look) -> None:
     items = [
         (
             packed_cache.Entry(
-                name, "vnni", 0, 0, (m.out_features, m.in_features), m.source_type,
+                name,
+                "vnni",
+                0,
+                0,
+                (m.out_features, m.in_features),
+                m.source_type,
                 tuple(m._vnni[1]),
             ),
             m._vnni[0],
-        )  # fmt: skip
+        )
         for name, m in layers
     ]
     embedding = model.tok_embeddings
@@ -299,7 +323,6 @@ def _write_packed_cache(model: torch.nn.Module, look) -> None:
             f"({exc.strerror or exc}); they are packed again at every load"
         )
         return
-    packed_cache.forget(look)
     try:
         written = packed_cache.PackedFile.open(look.target, look.identity)
     except packed_cache.CacheMismatch as why:  # replaced meanwhile by another process

@@ -380,7 +380,11 @@ class PackedEmbedding(nn.Module):
     rows of; the stored Q4/Q8 bytes are a quarter to an eighth of that.
     """
 
-    def __init__(self, weight: GGUFWeight, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self, weight: GGUFWeight, dtype: torch.dtype = torch.float32, *, copy: bool = True
+    ) -> None:
+        """``copy=False`` keeps ``weight.data`` itself (a memory map that stays valid, such as
+        a packed-weight cache file's): only the rows looked up then become resident."""
         super().__init__()
         qtype = GGMLQuantizationType(weight.qtype)
         if qtype not in SUPPORTED_TYPES or len(weight.shape) != 2:
@@ -392,7 +396,10 @@ class PackedEmbedding(nn.Module):
         raw, row_bytes = _stored_rows(weight.data, qtype, shape, "embedding")
         self.qtype = qtype
         self.dtype = dtype
-        self._rows = raw.view(self.num_embeddings, row_bytes).clone()  # owned, not the file's map
+        rows = raw.view(self.num_embeddings, row_bytes)
+        # A copy by default: GGUF bytes come in a buffer read for the load, or a map of a
+        # model file that may change under us.
+        self._rows = rows.clone() if copy else rows
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         flat = tokens.reshape(-1)
@@ -565,9 +572,8 @@ def quantizable_linears(model: nn.Module) -> list[str]:
     return names
 
 
-WeightSource = (
-    Mapping[str, GGUFWeight | torch.Tensor] | Callable[[str], GGUFWeight | torch.Tensor | None]
-)
+Source = GGUFWeight | torch.Tensor | QuantizedLinear
+WeightSource = Mapping[str, Source] | Callable[[str], Source | None]
 
 
 def quantize_model(
@@ -585,7 +591,8 @@ def quantize_model(
         weights: where each weight comes from, looked up by canonical parameter
             name (``"layers.0.attention.wq.weight"``): a mapping or a function
             returning a :class:`GGUFWeight` (raw bytes, built without a float32
-            copy) or a float tensor; ``None`` or a missing entry means the module's
+            copy), a float tensor, or a :class:`QuantizedLinear` built already (taken as
+            it is); ``None`` or a missing entry means the module's
             current float weight.  For a model with tied embeddings and no
             ``output.weight`` entry, ``output`` is built from
             ``tok_embeddings.weight``'s entry; the embedding itself is untouched
@@ -615,7 +622,9 @@ def quantize_model(
                     f"no weight for {name}: the module is on the meta device and none was given"
                 )
             source = weight
-        if isinstance(source, GGUFWeight):
+        if isinstance(source, QuantizedLinear):  # built already (a packed-weight cache's)
+            layer = source
+        elif isinstance(source, GGUFWeight):
             layer = QuantizedLinear.from_gguf(
                 source.data, source.qtype, source.shape, kernel=kernel
             )
@@ -633,7 +642,7 @@ def quantize_model(
     return replaced
 
 
-def _as_lookup(weights: WeightSource | None) -> Callable[[str], GGUFWeight | torch.Tensor | None]:
+def _as_lookup(weights: WeightSource | None) -> Callable[[str], Source | None]:
     if weights is None:
         return lambda name: None
     if isinstance(weights, Mapping):
@@ -678,7 +687,9 @@ def _concat(layers: list[nn.Module]) -> QuantizedLinear | None:
     source = layers[0].source_type
     # A vnni buffer is whole tiles of 16 rows one after another: parts of one layout join.
     if kernels == {"vnni"} and len({p._vnni[1] for p in layers}) == 1:
-        vnni = (torch.cat([p._vnni[0] for p in layers]), layers[0]._vnni[1])
+        buffers = [p._vnni[0] for p in layers]
+        joined = _adjacent_view(buffers)
+        vnni = (torch.cat(buffers) if joined is None else joined, layers[0]._vnni[1])
         return QuantizedLinear(in_features, out_features, None, None, source, vnni=vnni)
     if kernels == {"fp16"}:
         weight = torch.cat([p.dequantized_weight() for p in layers])  # exact: float16 → float32
@@ -689,3 +700,22 @@ def _concat(layers: list[nn.Module]) -> QuantizedLinear | None:
         scales = torch.cat([p._int4[1] for p in layers], dim=1).contiguous()
         return QuantizedLinear(in_features, out_features, None, None, source, int4=(packed, scales))
     return None
+
+
+def _adjacent_view(parts: list[torch.Tensor]) -> torch.Tensor | None:
+    """One flat view over 1-D uint8 tensors that lie one after another in one storage (a
+    packed-weight cache file writes fused parts so), or None where they do not."""
+    storage = parts[0].untyped_storage()
+    at = parts[0].storage_offset()
+    for part in parts:
+        if (
+            part.dim() != 1
+            or part.dtype != torch.uint8
+            or not part.is_contiguous()
+            or part.untyped_storage().data_ptr() != storage.data_ptr()
+            or part.storage_offset() != at
+        ):
+            return None
+        at += part.numel()
+    start = parts[0].storage_offset()
+    return torch.empty(0, dtype=torch.uint8).set_(storage, start, (at - start,))
