@@ -209,6 +209,9 @@ def run(args: argparse.Namespace) -> int:
         allowed_hosts=allowed_hosts,
         identity=identity,
     )
+    from llamalab.serve.native import router as native_router
+
+    app.include_router(native_router)  # /llamalab/*: what `generate` and `chat` ask a server
     where = f"http://{_bracketed(args.host)}:{args.port}"
     print(
         f"llamalab serve: {model_id} at {where}/v1 "

@@ -891,9 +891,6 @@ def create_app(
     )
     app.state.llamalab = state
     app.include_router(router)
-    from llamalab.serve.native import router as native_router
-
-    app.include_router(native_router)  # /llamalab/*: the commands' own routes
     app.add_exception_handler(APIError, _api_error)
     app.add_exception_handler(RequestValidationError, _invalid)
     app.add_exception_handler(StarletteHTTPException, _http_error)

@@ -13,7 +13,8 @@ would print running the model itself:
 * ``POST /llamalab/tokenize`` renders and tokenizes a conversation (``llamalab chat``
   fits its history to the context with it).
 
-Both reuse the OpenAI routes' checks, queueing and limits. ``ctx`` is the context the
+Both reuse the OpenAI routes' checks, queueing and limits (this module imports
+``app``, not the other way round: ``llamalab serve`` adds the router to the app). ``ctx`` is the context the
 command would have run with: the reply ends where it would have ended there, and a
 server whose own context is smaller refuses it rather than answer differently.
 """
@@ -32,6 +33,15 @@ from pydantic import Field, model_validator
 from llamalab.errors import LlamalabError
 from llamalab.generation.grammar import Grammar
 from llamalab.serve import schemas as s
+from llamalab.serve.app import (
+    _check_model,
+    _encode_chat,
+    _encode_text,
+    _engine_requests,
+    _state,
+    _submit,
+    _warn_unknown,
+)
 from llamalab.serve.errors import APIError
 from llamalab.serve.scheduler import Unavailable
 
@@ -84,8 +94,6 @@ def _event(payload: dict[str, Any] | str) -> bytes:
 @router.post("/llamalab/tokenize", include_in_schema=False)
 async def native_tokenize(body: NativeTokenizeRequest, request: HTTPRequest) -> dict[str, Any]:
     """The ids of a conversation in the chat template, with the generation prompt."""
-    from llamalab.serve.app import _encode_chat, _state
-
     state = _state(request)
     if state.tokenizer.chat_template is None:
         raise APIError(400, "this model has no chat template", code="no_chat_template")
@@ -96,16 +104,6 @@ async def native_tokenize(body: NativeTokenizeRequest, request: HTTPRequest) -> 
 @router.post("/llamalab/generate", include_in_schema=False)
 async def native_generate(body: NativeGenerateRequest, request: HTTPRequest) -> StreamingResponse:
     """Generate as ``llamalab generate`` would, streaming the engine's own events."""
-    from llamalab.serve.app import (
-        _check_model,
-        _encode_chat,
-        _encode_text,
-        _engine_requests,
-        _state,
-        _submit,
-        _warn_unknown,
-    )
-
     state = _state(request)
     _warn_unknown(body, request)
     _check_model(state, body.model)
