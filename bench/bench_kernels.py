@@ -1,6 +1,13 @@
 """Linear kernels on this CPU: per SmolLM2 shape, and a whole SmolLM2 decode / prefill step.
 
     .venv/bin/python bench/bench_kernels.py [--rounds 7] [--skip-model] [--skip-shapes]
+    .venv/bin/python bench/bench_kernels.py --isa all [--rounds 7]
+
+``--isa`` (a comma list of avx512, avxvnni, avx2, or ``all`` that this CPU runs) measures
+llamalab's own kernels instead, build against build on the same packed bytes, rounds
+interleaved: per layer (SmolLM2's shapes, each GGUF type) the microseconds of one call
+and, for one row, the packed bytes read per second; then SmolLM2's whole decode step
+(``NativeStep``, the embedding and output layer included) in tokens per second.
 
 Variants (all with float32 activations unless named otherwise):
 
@@ -272,15 +279,127 @@ def bench_model(rounds: int, steps: int) -> None:
         print(f"    {name:14s} {fmt(t, 1.0)} s    {512 / statistics.median(t):6.1f} tok/s")
 
 
+# ---------------------------------------------------------------------------
+# llamalab's own kernels, one build against another.
+# ---------------------------------------------------------------------------
+
+ISA_TYPES = ["Q4_0", "Q4_1", "Q4_K", "Q6_K", "Q8_0"]
+ISA_SHAPES = [(576, 1536), (1536, 576), (576, 49152)]  # (in, out): gate/up, down, output
+
+
+def _packed_layer(qtype_name: str, k: int, n: int):
+    """A QuantizedLinear on llamalab's kernels holding a random weight of the type."""
+    import gguf
+    import numpy as np
+    from gguf.constants import GGML_QUANT_SIZES
+    from gguf.constants import GGMLQuantizationType as T
+
+    from llamalab.quant.linear import QuantizedLinear
+
+    qtype = T[qtype_name]
+    rng = np.random.default_rng(k + n)
+    if qtype_name.endswith("_K"):
+        block, size = GGML_QUANT_SIZES[qtype]
+        raw = rng.integers(0, 256, (n * k // block, size), dtype=np.uint8)
+        for at in (size - 2,) if qtype == T.Q6_K else (0, 2):  # small float16 d (and dmin)
+            raw[:, at : at + 2] = (rng.random(len(raw)) * 0.002).astype(np.float16).view(np.uint8).reshape(-1, 2)
+    else:
+        raw = gguf.quants.quantize((rng.standard_normal((n, k)) * 0.05).astype(np.float32), qtype)
+    return QuantizedLinear.from_gguf(raw, qtype, (n, k), kernel="vnni")
+
+
+def bench_isa_layers(isas: list[str], rounds: int) -> None:
+    from llamalab.kernels import native
+
+    ops = {isa: native.ops(isa).vnni_linear for isa in isas}
+    print("\n== llamalab's kernels per layer: microseconds per call, median [min-max]; "
+          "GB/s of packed weight read at M=1 ==")
+    for qtype in ISA_TYPES:
+        for k, n in ISA_SHAPES:
+            if qtype.endswith("_K") and k % 256:
+                k = 768  # K-quant blocks span 256 columns: SmolLM2's 576 cannot hold them
+            layer = _packed_layer(qtype, k, n)
+            buffer, layout = layer._vnni
+            # Distinct copies of the bytes, so each call reads them from memory, not cache.
+            copies = [buffer] + [buffer.clone() for _ in range(max(0, min(31, COLD_BYTES // buffer.numel()) - 1))]
+            for m in (1, 64):
+                x = torch.randn(m, k)
+                results: dict[str, list[float]] = {isa: [] for isa in isas}
+                fns = {
+                    isa: [lambda x, b=b, op=op, n=n, lay=layout: op(x, b, n, *lay) for b in copies]
+                    for isa, op in ops.items()
+                }
+                for fn in fns.values():
+                    fn[0](x)  # warm up
+                calls = max(len(copies), int(0.05 / max(time_calls(fns[isas[0]], x, 1), 1e-6)))
+                for _ in range(rounds):
+                    for isa in isas:  # interleaved: a burst of load hits every build alike
+                        results[isa].append(time_calls(fns[isa], x, calls))
+                print(f"{qtype} M={m:<3d} {k:>5d} -> {n:<6d} ({buffer.numel() / 1e6:.2f} MB)")
+                for isa, times in results.items():
+                    rate = f"   {buffer.numel() / statistics.median(times) / 1e9:6.1f} GB/s" if m == 1 else ""
+                    print(f"    {isa:8s} {fmt(times)} us{rate}")
+                sys.stdout.flush()
+
+
+@torch.inference_mode()
+def bench_isa_model(isas: list[str], rounds: int, steps: int) -> None:
+    from llamalab import load_model
+    from llamalab.default_model import default_model_path
+    from llamalab.kernels.native import NativeStep
+    from llamalab.kv_cache import cache_view
+
+    model = load_model(default_model_path(), packed=True)
+    stepper = {isa: NativeStep.for_model(model, isa=isa) for isa in isas}
+    model.setup_cache(1, 1024)
+    prompt = torch.randint(0, model.config.vocab_size, (1, 512))
+    pos0 = 64
+    model(prompt[:, :pos0], cache=cache_view(torch.arange(pos0), last_only=True))
+    tok = prompt[:, pos0 : pos0 + 1]
+    decode: dict[str, list[float]] = {isa: [] for isa in isas}
+    prefill: dict[str, list[float]] = {isa: [] for isa in isas}
+    for r in range(rounds + 1):
+        for isa in isas:
+            model.native_step = stepper[isa]
+            start = time.perf_counter()
+            for s in range(steps):
+                model(tok, cache=cache_view(torch.tensor([pos0 + s])))
+            if r:  # the first round warms up
+                decode[isa].append((time.perf_counter() - start) / steps)
+            start = time.perf_counter()
+            model(prompt[:, :60], cache=cache_view(torch.arange(60), last_only=True))  # one native chunk
+            if r:
+                prefill[isa].append(time.perf_counter() - start)
+    print("\n== whole SmolLM2-135M Q4_1 step on each build, batch 1 ==")
+    print(f"decode (1 token, KV cache at {pos0}): ms per token, median [min-max]; tokens/s from the median")
+    for isa, t in decode.items():
+        print(f"    {isa:8s} {fmt(t, 1e3)} ms   {1 / statistics.median(t):6.1f} tok/s")
+    print("prompt chunk (60 tokens, one native call): ms, median [min-max]; tokens/s from the median")
+    for isa, t in prefill.items():
+        print(f"    {isa:8s} {fmt(t, 1e3)} ms   {60 / statistics.median(t):6.1f} tok/s")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--steps", type=int, default=8, help="decode steps per round")
     parser.add_argument("--skip-shapes", action="store_true")
     parser.add_argument("--skip-model", action="store_true")
+    parser.add_argument("--isa", help="llamalab's kernel builds to compare: a comma list, or all")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"ATen CPU capability {torch.backends.cpu.get_cpu_capability()}")
+    if args.isa:
+        from llamalab.kernels.cpu import ISAS, isa_runs
+
+        isas = [i for i in ISAS if isa_runs(i)] if args.isa == "all" else args.isa.split(",")
+        print(f"builds: {', '.join(isas)}; load: {os.getloadavg()}")
+        if not args.skip_shapes:
+            bench_isa_layers(isas, args.rounds)
+        if not args.skip_model:
+            bench_isa_model(isas, args.rounds, args.steps)
+        print(f"load after: {os.getloadavg()}")
+        return
     if not args.skip_shapes:
         bench_shapes(args.rounds)
     if not args.skip_model:
