@@ -244,7 +244,7 @@ def test_cli_json_schema_and_grammar(smollm2_path, tmp_path):
         ('{"type": 3}', "--json-schema", "invalid JSON schema"),
         ("{", "--json-schema", "not valid JSON"),
         ("root ::= (", "--grammar", "invalid grammar"),
-        (b"\xff\xfe", "--grammar", "not UTF-8"),
+        (b"\xff\xfe", "--grammar", "not valid UTF-8"),
     ],
 )
 def test_cli_bad_grammar_files_fail_before_loading(tmp_path, content, flag, message):
@@ -255,6 +255,12 @@ def test_cli_bad_grammar_files_fail_before_loading(tmp_path, content, flag, mess
     assert out.returncode == 1
     assert message in out.stderr and "Traceback" not in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_a_byte_order_mark_opening_a_schema_file_is_dropped(tmp_path):
+    path = tmp_path / "schema.json"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(SCHEMAS["enums"]).encode())
+    assert Grammar.from_file(path, "json_schema") == Grammar.json_schema(SCHEMAS["enums"])
 
 
 def chained_rules(n: int) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -145,3 +146,15 @@ def test_the_out_dir_of_something_else_is_refused(tmp_path):
     world = World(0, 1, 0, torch.device("cpu"))
     with pytest.raises(LlamalabError, match="not a previous `llamalab train` run"):
         _check_out_dir(tmp_path, {"model": {}, "tokenizer_sha256": "x"}, world)
+
+
+def test_a_fifo_or_device_as_config_is_named_for_what_it_is(tmp_path):
+    fifo = tmp_path / "config.toml"
+    os.mkfifo(fifo)
+    with pytest.raises(LlamalabError, match="is a FIFO"):
+        load_config(fifo)  # never opened: reading a FIFO with no writer would block
+    with pytest.raises(LlamalabError, match="character device"):
+        load_config("/dev/zero")
+    bom = tmp_path / "bom.toml"
+    bom.write_bytes(b"\xef\xbb\xbf" + (CONFIGS / "debug.toml").read_bytes())
+    assert load_config(bom, ["data=d", "out_dir=o"]).data == "d"

@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llamalab.errors import LlamalabError
-from llamalab.files import read_file_bounded
+from llamalab.files import read_text_bounded
 
 if TYPE_CHECKING:
     import torch
@@ -129,11 +129,8 @@ class Grammar:
     def from_file(cls, path: str | Path, kind: str) -> Grammar:
         """Read a grammar (``kind="grammar"``) or a JSON Schema (``"json_schema"``) file."""
         path = Path(path)
-        data = read_file_bounded(path, MAX_GRAMMAR_BYTES)
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError:
-            raise LlamalabError(f"{path} is not UTF-8 text") from None
+        # A leading byte-order mark (Windows editors write one) is dropped, not refused.
+        text = read_text_bounded(path, MAX_GRAMMAR_BYTES, _noun(kind))
         try:
             return cls.json_schema(text) if kind == "json_schema" else cls(kind, text)
         except LlamalabError as exc:

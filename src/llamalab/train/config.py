@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from llamalab.errors import LlamalabError
+from llamalab.files import read_text_bounded
 
 PRECISIONS = ("auto", "bf16", "fp32")
 DEVICES = ("auto", "cpu", "cuda")
@@ -207,13 +209,13 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
     """Read a TOML training config, apply ``--set`` overrides, validate."""
     path = Path(path)
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise LlamalabError(f"{path}: no such config file")
-    if path.stat().st_size > MAX_CONFIG_BYTES:
-        raise LlamalabError(f"{path}: larger than {MAX_CONFIG_BYTES} bytes; not a config")
+    # Bounded, and a FIFO or a device is named for what it is rather than read.
+    text = read_text_bounded(path, MAX_CONFIG_BYTES, "config")
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
         raise LlamalabError(f"{path}: not valid TOML: {exc}") from None
     unknown = sorted(set(data) - FIELDS)
     if unknown:
