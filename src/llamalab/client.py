@@ -14,17 +14,20 @@ The server computes the same fingerprint of the file it loaded and reports it in
 
 from __future__ import annotations
 
-import hashlib
-import http.client
 import json
 import os
 import socket
 import stat
-import urllib.parse
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import http.client
+
+# http.client (with the email and ssl packages it pulls in) and hashlib are imported
+# only once a server answers: a command that runs the model itself pays for a socket.
 
 from llamalab.errors import LlamalabError
 
@@ -80,6 +83,8 @@ def model_fingerprint(path: str | os.PathLike[str]) -> str:
     file has the fingerprint of the original. Raises :class:`LlamalabError` when the
     model cannot be read.
     """
+    import hashlib
+
     path = Path(path)
     digest = hashlib.sha256(FINGERPRINT_VERSION.encode())
     try:
@@ -150,6 +155,8 @@ class Address:
     @classmethod
     def parse(cls, url: str) -> Address:
         """``http://HOST:PORT[/prefix]``; anything else is one clear error."""
+        import urllib.parse
+
         text = url.strip()
         if "://" not in text:
             text = "http://" + text
@@ -181,13 +188,16 @@ def _headers() -> dict[str, str]:
 
 
 def _connect(address: Address, connect_timeout: float) -> http.client.HTTPConnection:
-    conn = http.client.HTTPConnection(address.host, address.port, timeout=connect_timeout)
     try:
-        conn.connect()
+        sock = socket.create_connection((address.host, address.port), timeout=connect_timeout)
     except OSError as exc:
-        conn.close()
         reason = "timed out" if isinstance(exc, TimeoutError | socket.timeout) else exc.strerror
         raise ServerUnreachable(f"no server answers at {address.url} ({reason or exc})") from None
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    import http.client
+
+    conn = http.client.HTTPConnection(address.host, address.port, timeout=connect_timeout)
+    conn.sock = sock  # connected already: http.client uses it as it is
     return conn
 
 
@@ -211,6 +221,8 @@ def probe(url: str, *, connect_timeout: float = PROBE_CONNECT_S) -> dict[str, An
     """
     address = Address.parse(url)
     conn = _connect(address, connect_timeout)
+    import http.client
+
     try:
         conn.sock.settimeout(PROBE_READ_S)
         conn.request("GET", address.base + "/health", headers=_headers())
@@ -250,6 +262,8 @@ class Server:
 
     def _post(self, path: str, body: Mapping[str, Any]) -> http.client.HTTPConnection:
         """Send a JSON body; return the open connection with its response read up to the body."""
+        import http.client
+
         address = self.address
         conn = _connect(address, 1.0)
         conn.sock.settimeout(STREAM_READ_S)
@@ -292,6 +306,8 @@ class Server:
         return self._events(self._post("/llamalab/generate", body))
 
     def _events(self, conn: http.client.HTTPConnection) -> Iterator[dict[str, Any]]:
+        import http.client
+
         response = conn._llamalab_response  # type: ignore[attr-defined]
         try:
             while True:
