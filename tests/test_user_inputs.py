@@ -438,3 +438,15 @@ def test_data_prepare_doc_chars_past_the_bound_is_one_line(capsys, tmp_path, cor
         "--doc-chars", value, f"a={corpus}",
     )  # fmt: skip
     one_error_line(code, err, "--doc-chars", value)
+
+
+def test_library_loaders_name_special_files(tmp_path):
+    import llamalab
+
+    fifo = tmp_path / "model.gguf"
+    os.mkfifo(fifo)
+    for load in (llamalab.load_model, llamalab.load_tokenizer):
+        with pytest.raises(LlamalabError, match="is a FIFO"):
+            load(str(fifo))
+        with pytest.raises(LlamalabError, match="character device"):
+            load("/dev/zero")

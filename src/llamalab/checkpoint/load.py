@@ -28,14 +28,14 @@ def open_checkpoint(ref: str | Path) -> CheckpointReader:
     Hugging Face readers need it.
     """
     from llamalab.default_model import resolve_model_path
+    from llamalab.files import refuse_special
     from llamalab.gguf.header import has_gguf_magic, read_file_head
 
     path = resolve_model_path(ref)
     if not path.exists():
         hint = f" (known presets: {', '.join(PRESETS)})" if "/" not in str(ref) else ""
         raise LlamalabError(f"{path}: no such file or folder{hint}")
-    if not path.is_file() and not path.is_dir():
-        raise LlamalabError(f"{path}: not a regular file or folder")
+    refuse_special(path)  # a FIFO or a device: say which, never open it
     if path.is_file():
         magic = read_file_head(path, 4)
         if has_gguf_magic(magic):

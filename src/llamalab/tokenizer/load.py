@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from llamalab.errors import LlamalabError
+from llamalab.files import refuse_special
 from llamalab.gguf.header import has_gguf_magic, is_gguf, read_file_head, read_gguf_metadata
 from llamalab.tokenizer.base import Tokenizer
 from llamalab.tokenizer.chat import BUILTIN_TEMPLATES, ChatTemplate, builtin_template_name
@@ -63,8 +64,8 @@ def load_tokenizer(ref: TokenizerRef = None) -> Tokenizer:
     if path.is_dir():
         return _load_folder(path)
     if not path.is_file():
-        what = "not a regular file or folder" if path.exists() else "no such file or folder"
-        raise LlamalabError(f"{path}: {what}")
+        refuse_special(path)  # a FIFO or a device: say which, never open it
+        raise LlamalabError(f"{path}: no such file or folder")
     return _load_file(path, config={}, generation_config={})
 
 
