@@ -18,9 +18,6 @@ README = REPO / "README.md"
 DOCS = sorted((REPO / "docs").glob("*.md"))
 PAGES = [README, *DOCS]
 
-# Subcommands documented while they are being added: absent, their lines are an expected
-# failure; present, they are checked like every other command.
-PENDING = {"verify"}
 
 
 def python_blocks(section: str) -> list[str]:
@@ -117,8 +114,6 @@ def test_documented_command_exists_with_its_options(page, line):
     commands = subparsers(parser)
     words = line.split()
     name = words[1]
-    if name in PENDING and name not in commands:
-        pytest.xfail(f"`llamalab {name}` is documented ahead of its implementation")
     assert name in commands, f"{page}: `{line}`: llamalab has no subcommand {name!r}"
     sub = commands[name]
     nested = subparsers(sub)
