@@ -69,8 +69,9 @@ def _fsync_tree(folder: Path) -> None:
 
 
 @contextmanager
-def _quiet_single_process() -> Iterator[None]:
-    """DCP warns on every single-process save and load, which is this code's intent."""
+def quiet_single_process() -> Iterator[None]:
+    """DCP warns on every single-process save and load (even with ``no_dist=True``), which
+    is this code's intent, not news."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is .*single process")
         yield
@@ -105,7 +106,7 @@ def save_checkpoint(
         tmp.mkdir(parents=True)
     barrier(world)
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    with _quiet_single_process():
+    with quiet_single_process():
         dcp.save(
             {"model": model_sd, "optim": optim_sd},
             checkpoint_id=str(tmp),
@@ -150,7 +151,7 @@ def load_checkpoint(
     model_sd, optim_sd = get_state_dict(model, optimizer)
     sd = {"model": model_sd, "optim": optim_sd}
     try:
-        with _quiet_single_process():
+        with quiet_single_process():
             dcp.load(sd, checkpoint_id=str(folder), no_dist=not world.distributed)
     except (CheckpointException, RuntimeError, ValueError, KeyError, OSError, EOFError) as exc:
         raise LlamalabError(f"{folder}: cannot load this checkpoint: {load_failure(exc)}") from None

@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import tempfile
-import warnings
 from pathlib import Path
 
 import torch
@@ -74,7 +73,7 @@ def export_run(run_dir: Path, into: Path) -> Path:
 
     from llamalab.config import ModelConfig
     from llamalab.model import Transformer
-    from llamalab.train.checkpoint import latest_checkpoint, load_failure
+    from llamalab.train.checkpoint import latest_checkpoint, load_failure, quiet_single_process
 
     run_dir = Path(run_dir)
     try:
@@ -101,12 +100,7 @@ def export_run(run_dir: Path, into: Path) -> Path:
     model.to_empty(device="cpu")
     state = {"model": model.state_dict()}
     try:
-        with warnings.catch_warnings():
-            # DCP warns that it loads in one process whenever no process group is set up,
-            # even when told so with no_dist=True: that is the intent here, not news.
-            warnings.filterwarnings(
-                "ignore", "torch.distributed is disabled", UserWarning, "torch.distributed"
-            )
+        with quiet_single_process():
             dcp.load(state, checkpoint_id=str(checkpoint), no_dist=True)
     except Exception as exc:  # noqa: BLE001  (DCP raises many kinds; all mean one thing here)
         raise LlamalabError(
