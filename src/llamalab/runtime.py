@@ -5,8 +5,10 @@ Nothing here imports torch at module level: the CLI builds its parser from these
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+import threading
 from pathlib import Path
 
 from llamalab.errors import LlamalabError
@@ -116,8 +118,6 @@ def load_runtime(
     ``announce`` prints one line on stderr, before the slow part,
     naming what is loaded (``ctx`` is only reported there).
     """
-    import torch
-
     from llamalab.checkpoint.load import load_model
     from llamalab.tokenizer import load_tokenizer
 
@@ -126,18 +126,30 @@ def load_runtime(
             f"unknown --dtype {dtype!r}; expected one of {', '.join(DTYPE_CHOICES)}"
         )
     check_threads(threads)
+    # torch takes 1.5 s to import on its own: it imports in the background while this
+    # thread does what needs no torch (the tokenizer, the model file's header, the check
+    # of its packed-weight cache file).
+    importing = import_torch_in_background()
+    try:
+        path = resolve_model_ref(ref)
+        tokenizer = load_tokenizer(path)
+        if dtype == "auto" and device in (None, "auto", "cpu"):
+            _prefetch_packed_weights(path)
+    finally:
+        if importing is not None:
+            importing.join()
+    import torch
+
     torch_device = resolve_device(device)
     n_threads = threads or physical_cores()
     if torch.get_num_threads() != n_threads:
         torch.set_num_threads(n_threads)
-    path = resolve_model_ref(ref)
     if progress is None:
         progress = sys.stderr.isatty()
     if announce:
         where = "cuda" if torch_device.type == "cuda" else f"cpu, {n_threads} threads"
         context = f", context {ctx}" if ctx else ""
         print(f"loading {describe_checkpoint(path)} on {where}{context}", file=sys.stderr)
-    tokenizer = load_tokenizer(path)
     if torch_device.type == "cuda":
         model_dtype = torch.float32 if dtype == "float32" else torch.bfloat16
         packed = False
@@ -152,6 +164,46 @@ def load_runtime(
     if compile and torch_device.type == "cpu" and model.native_step is None:
         model.compile_decode()
     return model, tokenizer
+
+
+def import_torch_in_background() -> threading.Thread | None:
+    """Start ``import torch`` in a thread, unless it is imported already; join it before use.
+
+    The import runs its own code under the GIL, so a thread only gains the parts that let
+    go of it (reading and mapping the libraries, the other thread's file reads and zlib):
+    about 0.1-0.2 s of a command's start here. A failed import is left for the main
+    thread's own ``import torch`` to report.
+    """
+    if "torch" in sys.modules:
+        return None
+
+    def run() -> None:
+        with contextlib.suppress(BaseException):  # reported by the main thread's import
+            import torch  # noqa: F401
+
+    thread = threading.Thread(target=run, name="llamalab-import-torch", daemon=True)
+    thread.start()
+    return thread
+
+
+def _prefetch_packed_weights(path: Path) -> None:
+    """Check a GGUF file's packed-weight cache file now (no torch needed), for the load."""
+    from llamalab.kernels import planned_isa
+
+    if planned_isa() == "torch" or not path.is_file():
+        return
+    from llamalab.checkpoint.load import open_checkpoint
+    from llamalab.quant import packed_cache
+
+    try:
+        reader = open_checkpoint(path)
+        try:
+            if reader.format == "gguf":
+                packed_cache.prefetch(path, reader.data_start)
+        finally:
+            reader.close()
+    except (LlamalabError, OSError):
+        pass  # the load reports what is wrong with the file
 
 
 def packed_kernels_available() -> bool:

@@ -10,6 +10,7 @@ from llamalab.cli.options import (
     add_runtime_options,
     add_sampling_options,
     check_text_argument,
+    context_in_use,
     grammar_from_args,
     load_runtime_from_args,
     read_text_file,
@@ -104,18 +105,25 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_here(args: argparse.Namespace, sampling, stops: list[str]) -> int:
-    from llamalab.generation import Engine, Request
     from llamalab.generation.chat import build_messages
     from llamalab.kernels import isa_in_use
 
     grammar = grammar_from_args(args)
     prompt = _read_prompt(args)
+    # Imports torch in the background meanwhile: nothing before it may import torch.
     model, tokenizer = load_runtime_from_args(args)
+    from llamalab.generation import Engine, Request
+
     if args.chat:
         prompt_ids = tokenizer.encode_chat(build_messages(prompt, args.system))
     else:
         prompt_ids = tokenizer.encode(prompt, special=True)
-    engine = Engine(model, tokenizer, max_seq_len=args.ctx, progress=sys.stderr.isatty())
+    engine = Engine(
+        model,
+        tokenizer,
+        max_seq_len=context_in_use(len(prompt_ids), args.max_tokens, args.ctx),
+        progress=sys.stderr.isatty(),
+    )
     request = Request(
         prompt_ids,
         max_tokens=args.max_tokens,

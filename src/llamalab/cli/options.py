@@ -96,6 +96,19 @@ def load_runtime_from_args(args: argparse.Namespace, *, compile_by_default: bool
     )
 
 
+# The KV cache of a one-off command is sized to its prompt and reply, in steps of this
+# many tokens: SmolLM2's full 2,048-slot cache is 94 MB of zeros to write before the
+# first token, where "Hello" and 16 tokens need 64 slots.
+CONTEXT_STEP = 256
+
+
+def context_in_use(prompt_tokens: int, max_tokens: int, ctx: int) -> int:
+    """Slots a single request can fill: its prompt and ``max_tokens`` more, rounded up to
+    :data:`CONTEXT_STEP`, at most ``ctx`` (``--ctx`` stays the bound and the error's number)."""
+    needed = prompt_tokens + max_tokens
+    return min(ctx, -(-needed // CONTEXT_STEP) * CONTEXT_STEP)
+
+
 def add_sampling_options(p: argparse.ArgumentParser) -> None:
     """How to sample and how much to generate (``generate`` and ``chat``)."""
     from llamalab.generation.params import SamplingParams

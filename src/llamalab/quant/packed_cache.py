@@ -84,15 +84,13 @@ def cache_file_for(model: Path, folder: Path) -> Path:
 
 @functools.cache
 def code_version() -> str:
-    """A hash of the packing code and the file format: a new llamalab rebuilds the files."""
-    from llamalab import __version__
-
-    h = hashlib.sha256(f"{__version__}/{FORMAT_VERSION}".encode())
+    """A hash of the packing code's sources and the file format: any change rebuilds the files."""
+    h = hashlib.sha256(f"format {FORMAT_VERSION}".encode())
     package = Path(__file__).resolve().parent.parent
     for name in _PACKING_CODE:
         try:
             h.update((package / name).read_bytes())
-        except OSError:  # a build without sources: the version alone decides
+        except OSError:  # an install without sources: the format alone decides
             h.update(name.encode())
     return h.hexdigest()
 
