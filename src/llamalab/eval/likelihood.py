@@ -1,22 +1,61 @@
 """Log-likelihoods of continuations, computed on the same model code as generation.
 
-A multiple-choice item is one context and a few continuations. The context runs once, in
-cache row 0 (in chunks, the way the engine prefills a prompt); its keys and values are then
-copied into one cache row per choice, and every choice's remaining tokens run as one
-batch continuing from there. A 5-shot MMLU prompt of ~600 tokens with four one-token
-answers thus costs one forward pass over the context, not four.
+A multiple-choice item is one context and a few continuations. :meth:`LikelihoodScorer.score_many`
+scores many items at once, spending the model's time only where items differ:
+
+* **a shared prefix runs once**: consecutive items whose contexts open with the same
+  tokens (MMLU's description and five exemplars, the same for every item of a subject)
+  share those tokens' keys and values: they run once, in cache row 0, and are copied into
+  every row; each item then runs only its own tokens, starting from there;
+* **single-token choices cost no pass of their own**: every choice's first token is read
+  from the logits at the context's last position (MMLU's letters: one row per item);
+* **items run together**: several items' new tokens are packed into one forward pass,
+  each item in its own cache row (:class:`~llamalab.kv_cache.Segments`), and logits are
+  computed only at the positions that are scored;
+* a choice of several tokens continues in a row of its own, holding a copy of its item's
+  context, in a second pass shared by every such choice of the batch.
+
+The result equals scoring each item from scratch, one forward pass per sequence, up to
+floating-point rounding (``tests/test_eval_batching.py``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
 from llamalab.errors import LlamalabError
-from llamalab.kv_cache import cache_view
+from llamalab.kv_cache import Segments, cache_view
 
-CONTEXT_CHUNK = 512  # context tokens per forward pass (bounds the attention mask's size)
+CONTEXT_CHUNK = 512  # most new tokens of one item in one pass (bounds its attention scores)
+TOKENS_PER_PASS = 1024  # most new tokens packed into one pass (several items' together)
+MIN_SHARED = 8  # a common prefix shorter than this is not worth a pass of its own
+CACHE_STEP = 256  # the cache's length is rounded up to this (fewer reallocations)
+
+
+@dataclass
+class _Request:
+    """One item (or part of an item's choices) to score: ``context`` already cut to fit."""
+
+    index: int  # the caller's request
+    first: int  # the index of continuations[0] among the request's continuations
+    context: list[int]
+    continuations: list[list[int]]
+    shared: int = 0  # context tokens shared with its group, in every row before it runs
+    start: int = 0  # the first context position not yet in its cache row
+    row: int = 0  # its first cache row within a batch
+
+    @property
+    def rows(self) -> int:
+        # Each choice of several tokens continues in a row of its own (the first in the
+        # context's row); single-token choices are read from the context's last logits.
+        return max(1, sum(len(c) > 1 for c in self.continuations))
+
+    @property
+    def new_tokens(self) -> int:
+        return len(self.context) - self.start + sum(len(c) - 1 for c in self.continuations)
 
 
 class LikelihoodScorer:
@@ -29,7 +68,9 @@ class LikelihoodScorer:
         max_seq_len: the longest context plus continuation, in tokens (default: the
             model's context length); longer contexts lose their oldest tokens, as
             lm-eval's models do.
-        max_rows: the most continuations scored together (more run in several batches).
+        max_rows: cache rows used together: items of single-token choices scored in one
+            pass, or choices of several tokens (more run in several passes). The cache
+            holds ``max_rows`` rows as long as the longest item (see :attr:`cache_bytes`).
     """
 
     def __init__(
@@ -46,86 +87,207 @@ class LikelihoodScorer:
         self.device = model.device
         self.dtype = model.dtype
         self._cache = None  # the layer-0 cache object this scorer allocated
+        self._cache_len = 0
 
-    def _ensure_cache(self) -> None:
-        # Someone else (an Engine) may have replaced the cache since: check identity.
+    @property
+    def cache_bytes(self) -> int:
+        """The bytes of the KV cache this scorer holds now (0 before the first call)."""
+        if self._cache is None:
+            return 0
+        return sum(
+            layer.attention.kv_cache.k.nbytes + layer.attention.kv_cache.v.nbytes
+            for layer in self.model.layers
+            if layer.attention.kv_cache is not None
+        )
+
+    def _ensure_cache(self, length: int) -> None:
+        """A cache of ``max_rows`` rows of at least ``length`` slots, allocated here.
+
+        Someone else (an Engine) may have replaced the cache since: check identity."""
         current = self.model.layers[0].attention.kv_cache
-        if current is None or current is not self._cache:
-            self.model.setup_cache(self.max_rows, self.max_seq_len)
+        if current is None or current is not self._cache or self._cache_len < length:
+            size = min(self.max_seq_len, -(-length // CACHE_STEP) * CACHE_STEP)
+            self.model.clear_cache()  # the old cache's memory goes before the new one comes
+            self._cache = None
+            self.model.setup_cache(self.max_rows, size)
             self._cache = self.model.layers[0].attention.kv_cache
+            self._cache_len = size
 
     def score(
         self, context: Sequence[int], continuations: Sequence[Sequence[int]]
     ) -> list[tuple[float, bool]]:
         """For each continuation: (sum of its tokens' log-probabilities given ``context``,
         whether greedy decoding would produce exactly it)."""
-        if not context:
-            raise LlamalabError("a scored context needs at least one token")
-        if not continuations or any(len(c) == 0 for c in continuations):
-            raise LlamalabError("every continuation needs at least one token")
-        out: list[tuple[float, bool]] = []
-        for at in range(0, len(continuations), self.max_rows):
-            out.extend(self._score_rows(context, continuations[at : at + self.max_rows]))
-        return out
+        return self.score_many([(context, continuations)])[0]
 
-    def _score_rows(
-        self, context: Sequence[int], continuations: Sequence[Sequence[int]]
-    ) -> list[tuple[float, bool]]:
-        longest = max(len(c) for c in continuations)
-        room = self.max_seq_len - (longest - 1)  # the context's share of the window
-        if room < 1:
-            raise LlamalabError(
-                f"a continuation of {longest} tokens does not fit the context of "
-                f"{self.max_seq_len} tokens"
-            )
-        context = list(context)[-room:]
-        n, length = len(continuations), len(context)
-        self._ensure_cache()
+    def score_many(
+        self,
+        requests: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]],
+        on_done: Callable[[int], None] | None = None,
+    ) -> list[list[tuple[float, bool]]]:
+        """:meth:`score` for each (context, continuations) request, computed together.
+
+        Consecutive requests whose contexts open with the same tokens share them: put the
+        requests of one few-shot prompt next to each other. ``on_done(k)`` is told each
+        time ``k`` more requests are finished (a progress bar)."""
+        parts: list[_Request] = []
+        for index, (context, continuations) in enumerate(requests):
+            if not context:
+                raise LlamalabError("a scored context needs at least one token")
+            if not continuations or any(len(c) == 0 for c in continuations):
+                raise LlamalabError("every continuation needs at least one token")
+            longest = max(len(c) for c in continuations)
+            if longest > self.max_seq_len - 1:
+                raise LlamalabError(
+                    f"a continuation of {longest} tokens does not fit the context of "
+                    f"{self.max_seq_len} tokens"
+                )
+            if len(context) + longest - 1 > self.max_seq_len:
+                # Too long for the window: each choice keeps the newest context tokens
+                # that fit beside it (lm-eval's rule, per request), so each runs alone.
+                for j, c in enumerate(continuations):
+                    room = self.max_seq_len - (len(c) - 1)
+                    parts.append(_Request(index, j, list(context)[-room:], [list(c)]))
+                continue
+            # More multi-token choices than rows: their own parts, each with the context.
+            for at in range(0, len(continuations), self.max_rows):
+                chunk = [list(c) for c in continuations[at : at + self.max_rows]]
+                parts.append(_Request(index, at, list(context), chunk))
+        results: list[list[tuple[float, bool] | None]] = [
+            [None] * len(continuations) for _, continuations in requests
+        ]
+        if not parts:
+            return []  # type: ignore[return-value]
+        self._ensure_cache(
+            max(len(p.context) + max(len(c) for c in p.continuations) - 1 for p in parts)
+        )
+        remaining = [len(continuations) for _, continuations in requests]
         with torch.inference_mode():
-            logits = None
-            for start in range(0, length, CONTEXT_CHUNK):
-                end = min(start + CONTEXT_CHUNK, length)
-                tokens = torch.tensor([context[start:end]], dtype=torch.long, device=self.device)
-                view = cache_view(
-                    torch.arange(start, end).unsqueeze(0), row=0, kv_len=end, last_only=True,
-                    dtype=self.dtype, device=self.device,
-                )  # fmt: skip
-                logits = self.model(tokens, cache=view)
-            first = torch.log_softmax(logits[0, -1].float(), dim=-1).cpu()  # (vocab,)
-            rest = None
-            if longest > 1:
-                self._share_context(n, length)
-                width = longest - 1
-                # Every row but the longest is padded at its end: causal attention keeps
-                # the padding out of the positions that are read.
-                rows = [list(c[:-1]) + [0] * (width - len(c) + 1) for c in continuations]
-                tokens = torch.tensor(rows, dtype=torch.long, device=self.device)
-                view = cache_view(
-                    torch.arange(length, length + width).unsqueeze(0), row=0,
-                    kv_len=length + width, dtype=self.dtype, device=self.device,
-                )  # fmt: skip
-                rest = torch.log_softmax(self.model(tokens, cache=view).float(), dim=-1).cpu()
-        results = []
-        first_best = int(first.argmax())
-        for i, cont in enumerate(continuations):
-            logprob = float(first[cont[0]])
-            greedy = first_best == cont[0]
-            if len(cont) > 1:
-                steps = rest[i, : len(cont) - 1]  # (len - 1, vocab)
-                targets = torch.tensor(cont[1:], dtype=torch.long)
-                logprob += float(steps.gather(1, targets.unsqueeze(1)).sum())
-                greedy = greedy and bool((steps.argmax(dim=-1) == targets).all())
-            results.append((logprob, greedy))
-        return results
+            for prefix, members in _groups(parts):
+                self._prefill_shared(prefix, members)
+                # Similar lengths together: less waiting on the longest member of a pass.
+                members.sort(key=lambda m: m.new_tokens, reverse=True)
+                for batch in self._batches(members):
+                    for m, scored in zip(batch, self._run_batch(batch), strict=True):
+                        results[m.index][m.first : m.first + len(scored)] = scored
+                        remaining[m.index] -= len(scored)
+                        if remaining[m.index] == 0 and on_done is not None:
+                            on_done(1)
+        return results  # type: ignore[return-value]
 
-    def _share_context(self, rows: int, length: int) -> None:
-        """Copy row 0's cached context (slots 0..length) into rows 1..rows-1."""
-        if rows < 2:
+    # ------------------------------------------------------------------ passes
+    def _view(self, row: int, start: int, end: int, last_only: bool):
+        return cache_view(
+            torch.arange(start, end).unsqueeze(0), row=row, kv_len=end, last_only=last_only,
+            dtype=self.dtype, device=self.device,
+        )  # fmt: skip
+
+    def _prefill(self, tokens: Sequence[int], row: int, start: int, end: int) -> None:
+        """Run ``tokens[start:end]`` at positions start..end in cache ``row`` (no logits used)."""
+        for a in range(start, end, CONTEXT_CHUNK):
+            b = min(a + CONTEXT_CHUNK, end)
+            ids = torch.tensor([tokens[a:b]], dtype=torch.long, device=self.device)
+            self.model(ids, cache=self._view(row, a, b, last_only=True))
+
+    def _copy_slots(self, source: int, rows: range, start: int, end: int) -> None:
+        """Copy cache row ``source``'s slots start..end into ``rows``."""
+        if not rows or end <= start:
             return
         for layer in self.model.layers:
             cache = layer.attention.kv_cache
-            cache.k[1:rows, :, :length] = cache.k[0:1, :, :length]
-            cache.v[1:rows, :, :length] = cache.v[0:1, :, :length]
+            cache.k[rows.start : rows.stop, :, start:end] = cache.k[
+                source : source + 1, :, start:end
+            ]
+            cache.v[rows.start : rows.stop, :, start:end] = cache.v[
+                source : source + 1, :, start:end
+            ]
+
+    def _prefill_shared(self, prefix: int, members: list[_Request]) -> None:
+        """The group's common first ``prefix`` tokens: run once in row 0, copied to the
+        rows its members will use; each member then starts at ``prefix``."""
+        for m in members:
+            m.shared = m.start = prefix
+        if prefix == 0:
+            return
+        self._prefill(members[0].context, 0, 0, prefix)
+        rows = min(self.max_rows, sum(m.rows for m in members))
+        self._copy_slots(0, range(1, rows), 0, prefix)
+
+    def _batches(self, members: list[_Request]):
+        """Members packed into passes of at most ``max_rows`` rows and (but for a single
+        long member) ``TOKENS_PER_PASS`` new tokens."""
+        batch: list[_Request] = []
+        rows = tokens = 0
+        for m in members:
+            # Its first pass takes at most one chunk of its context (see _run_batch).
+            later = sum(len(c) - 1 for c in m.continuations)
+            n = min(len(m.context) - m.start, CONTEXT_CHUNK) + later
+            if batch and (rows + m.rows > self.max_rows or tokens + n > TOKENS_PER_PASS):
+                yield batch
+                batch, rows, tokens = [], 0, 0
+            m.row = rows
+            batch.append(m)
+            rows += m.rows
+            tokens += n
+        if batch:
+            yield batch
+
+    def _run_batch(self, batch: list[_Request]) -> list[list[tuple[float, bool]]]:
+        # A member's context beyond one chunk runs first in its own row, in chunks.
+        for m in batch:
+            if len(m.context) - m.start > CONTEXT_CHUNK:
+                cut = len(m.context) - CONTEXT_CHUNK
+                self._prefill(m.context, m.row, m.start, cut)
+                m.start = cut
+        # Pass 1: every member's remaining context in its first row; logits at its last
+        # position only.
+        views, shapes, ids = [], [], []
+        for m in batch:
+            end = len(m.context)
+            views.append(self._view(m.row, m.start, end, last_only=True))
+            shapes.append((1, end - m.start))
+            ids.extend(m.context[m.start :])
+        tokens = torch.tensor([ids], dtype=torch.long, device=self.device)
+        logits = self.model(tokens, cache=Segments(tuple(views), tuple(shapes)))
+        firsts = [torch.log_softmax(x[0, -1].float(), dim=-1).cpu() for x in logits]
+        # Pass 2: the later tokens of every multi-token choice, each in a row of its own
+        # holding a copy of its item's context.
+        views, shapes, ids, owners = [], [], [], []
+        for i, m in enumerate(batch):
+            length = len(m.context)
+            row = m.row
+            for j, c in enumerate(m.continuations):
+                if len(c) == 1:
+                    continue
+                views.append(self._view(row, length, length + len(c) - 1, last_only=False))
+                shapes.append((1, len(c) - 1))
+                ids.extend(c[:-1])
+                owners.append((i, j))
+                row += 1
+            # The context's slots: the shared prefix is in every row already.
+            self._copy_slots(m.row, range(m.row + 1, row), m.shared, length)
+        rest: dict[tuple[int, int], torch.Tensor] = {}
+        if views:
+            tokens = torch.tensor([ids], dtype=torch.long, device=self.device)
+            out = self.model(tokens, cache=Segments(tuple(views), tuple(shapes)))
+            for owner, x in zip(owners, out, strict=True):
+                rest[owner] = torch.log_softmax(x[0].float(), dim=-1).cpu()
+        results = []
+        for i, m in enumerate(batch):
+            first = firsts[i]
+            best = int(first.argmax())
+            scored = []
+            for j, c in enumerate(m.continuations):
+                logprob = float(first[c[0]])
+                greedy = best == c[0]
+                if len(c) > 1:
+                    steps = rest[i, j]  # (len - 1, vocab)
+                    targets = torch.tensor(c[1:], dtype=torch.long)
+                    logprob += float(steps.gather(1, targets.unsqueeze(1)).sum())
+                    greedy = greedy and bool((steps.argmax(dim=-1) == targets).all())
+                scored.append((logprob, greedy))
+            results.append(scored)
+        return results
 
     def token_logprobs(self, tokens: Sequence[int]) -> torch.Tensor:
         """Log-probabilities (float64, CPU) of ``tokens[1:]``, each given the ones before it,
@@ -140,6 +302,44 @@ class LikelihoodScorer:
             logprobs = torch.log_softmax(logits[0].float(), dim=-1)
             picked = logprobs.gather(1, ids[0, 1:].unsqueeze(1)).squeeze(1)
         return picked.double().cpu()
+
+
+def _common_length(a: Sequence[int], b: Sequence[int], limit: int) -> int:
+    """How many first tokens ``a`` and ``b`` share, at most ``limit``."""
+    n = min(len(a), len(b), limit)
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def _groups(parts: list[_Request]) -> list[tuple[int, list[_Request]]]:
+    """Consecutive requests grouped by the context tokens they share: [(prefix, members)].
+
+    A request joins the group before it while they still share at least ``MIN_SHARED``
+    tokens and half the group's prefix so far (a few-shot prompt's exemplars, not a
+    question's first words). Every member keeps at least its last context token to run
+    itself (its logits score the choices). Groups that share nothing worth a pass are
+    merged, so that their members still run together."""
+    raw: list[tuple[int, list[_Request]]] = []
+    for part in parts:
+        own = len(part.context) - 1
+        if raw:
+            prefix, members = raw[-1]
+            shared = _common_length(members[0].context, part.context, min(prefix, own))
+            if shared >= MIN_SHARED and 2 * shared >= prefix:
+                raw[-1] = (shared, members + [part])
+                continue
+        raw.append((own, [part]))
+    out: list[tuple[int, list[_Request]]] = []
+    for prefix, members in raw:
+        if len(members) < 2 or prefix < MIN_SHARED:
+            prefix = 0  # nothing shared: a pass of its own would only add work
+        if out and prefix == 0 and out[-1][0] == 0:
+            out[-1][1].extend(members)
+        else:
+            out.append((prefix, members))
+    return out
 
 
 def split_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:

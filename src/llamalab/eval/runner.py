@@ -63,9 +63,8 @@ def _progress(iterable: Iterable, total: int, desc: str, show: bool):
 
 
 # ---------------------------------------------------------------------------- choices
-def score_choice_item(scorer, tokenizer, item: ChoiceItem, answer_normalised: bool) -> dict:
-    """One item's log-likelihoods, the choice each normalisation picks, and how many of the
-    context's oldest tokens were left out to fit the scorer's window (``dropped``)."""
+def choice_pairs(tokenizer, item: ChoiceItem) -> tuple[list[int], list[list[int]]]:
+    """An item's context tokens and each choice's own tokens (lm-eval's split)."""
     from llamalab.eval.likelihood import split_pairs
 
     pairs = split_pairs(tokenizer, item.context, item.continuations())
@@ -74,19 +73,60 @@ def score_choice_item(scorer, tokenizer, item: ChoiceItem, answer_normalised: bo
         # Cannot happen for a non-empty context (its encoding does not depend on the
         # choice); an empty continuation means a choice merged into the context.
         raise LlamalabError(f"item {item.id}: a choice has no tokens of its own")
-    longest = max(len(p[1]) for p in pairs)
+    return context, [p[1] for p in pairs]
+
+
+def _dropped(scorer, context: list[int], continuations: list[list[int]]) -> int:
     # The scorer keeps the newest tokens that fit (lm-eval's rule); say how many it drops.
     window = getattr(scorer, "max_seq_len", None)  # a stand-in scorer may have no window
-    dropped = 0 if window is None else max(0, len(context) + longest - 1 - window)
-    logprobs = [lp for lp, _ in scorer.score(context, [p[1] for p in pairs])]
-    unconditional = None
+    longest = max(len(c) for c in continuations)
+    return 0 if window is None else max(0, len(context) + longest - 1 - window)
+
+
+def score_choice_item(scorer, tokenizer, item: ChoiceItem, answer_normalised: bool) -> dict:
+    """One item's log-likelihoods, the choice each normalisation picks, and how many of the
+    context's oldest tokens were left out to fit the scorer's window (``dropped``)."""
+    return score_choice_items(scorer, tokenizer, [item], answer_normalised)[0]
+
+
+def score_choice_items(
+    scorer, tokenizer, items: list[ChoiceItem], answer_normalised: bool,
+    on_done: Callable[[int], None] | None = None,
+) -> list[dict]:  # fmt: skip
+    """:func:`score_choice_item` for every item, scored together where the scorer can
+    (``score_many``: items of one few-shot prompt share its prefix and run in batches)."""
+    from llamalab.eval.likelihood import split_pairs
+
+    requests = [choice_pairs(tokenizer, item) for item in items]
+    unconditional_requests = []
     if answer_normalised:
-        upairs = split_pairs(tokenizer, ANSWER_CONTEXT, item.continuations())
-        unconditional = [lp for lp, _ in scorer.score(upairs[0][0], [p[1] for p in upairs])]
-    picks = pick_choices(logprobs, item.choices, unconditional)
-    return {
-        "logprobs": logprobs, "unconditional": unconditional, "picks": picks, "dropped": dropped,
-    }  # fmt: skip
+        for item in items:
+            upairs = split_pairs(tokenizer, ANSWER_CONTEXT, item.continuations())
+            unconditional_requests.append((upairs[0][0], [p[1] for p in upairs]))
+    everything = requests + unconditional_requests
+    if hasattr(scorer, "score_many"):
+        scored = scorer.score_many(everything, on_done=on_done)
+    else:  # a stand-in with score() only
+        scored = []
+        for context, continuations in everything:
+            scored.append(scorer.score(context, continuations))
+            if on_done is not None:
+                on_done(1)
+    out = []
+    for k, (item, (context, continuations)) in enumerate(zip(items, requests, strict=True)):
+        logprobs = [lp for lp, _ in scored[k]]
+        unconditional = None
+        if answer_normalised:
+            unconditional = [lp for lp, _ in scored[len(items) + k]]
+        out.append(
+            {
+                "logprobs": logprobs,
+                "unconditional": unconditional,
+                "picks": pick_choices(logprobs, item.choices, unconditional),
+                "dropped": _dropped(scorer, context, continuations),
+            }
+        )
+    return out
 
 
 def run_choice(task: Task, scorer, tokenizer, *, progress: bool = False) -> EvalResult:
@@ -94,9 +134,23 @@ def run_choice(task: Task, scorer, tokenizer, *, progress: bool = False) -> Eval
     norms = ["raw", "char"] + (["answer"] if task.answer_normalised else [])
     if task.norm not in norms:
         raise LlamalabError(f"task {task.name} is not scored with the {task.norm!r} normalisation")
+    items = list(task.items)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        total = len(items) * (2 if task.answer_normalised else 1)
+        bar = tqdm(total=total, desc=task.name, unit="item", leave=False)
+    try:
+        scores = score_choice_items(
+            scorer, tokenizer, items, task.answer_normalised,
+            on_done=bar.update if bar is not None else None,
+        )  # fmt: skip
+    finally:
+        if bar is not None:
+            bar.close()
     records = []
-    for item in _progress(task.items, len(task.items), task.name, progress):
-        scored = score_choice_item(scorer, tokenizer, item, task.answer_normalised)
+    for item, scored in zip(items, scores, strict=True):
         picks = scored["picks"]
         record = {
             "id": item.id,
