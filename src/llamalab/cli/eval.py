@@ -29,6 +29,10 @@ DESCRIPTION = (
 )
 NORM_CHOICES = ("raw", "char", "answer")
 DEFAULT_CTX = 2048  # the window when --ctx is not given, if the model's context is longer
+GENERATE_BATCH = 4  # --batch-size for generation tasks
+# Cache rows for multiple choice: 8 items of a 5-shot MMLU subject per pass. The cache is
+# as long as the longest item: 8 rows of 1,024 slots hold 377 MB of SmolLM2's float32 KV.
+CHOICE_ROWS = 8
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -59,9 +63,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--batch-size",
         type=positive_int,
-        default=4,
-        help="sequences generated together (gsm8k, humaneval, generation files), or "
-        "choices scored together (default: %(default)s)",
+        default=None,
+        help="sequences generated together (gsm8k, humaneval, generation files; default "
+        f"{GENERATE_BATCH}), or cache rows scored together: one per item of one-token "
+        f"choices, one per choice of several tokens (multiple choice; default {CHOICE_ROWS})",
     )
     p.add_argument(
         "--subjects", default=None, help="mmlu: comma-separated subjects (default: all 57)"
@@ -192,7 +197,7 @@ def run(args: argparse.Namespace) -> int:
     elif task.kind == "choice":
         from llamalab.eval.likelihood import LikelihoodScorer
 
-        scorer = LikelihoodScorer(model, max_seq_len=ctx, max_rows=args.batch_size)
+        scorer = LikelihoodScorer(model, max_seq_len=ctx, max_rows=args.batch_size or CHOICE_ROWS)
         result = runner.run_choice(task, scorer, tokenizer, progress=progress)
         cut = sum(1 for r in result.records if r.get("context_tokens_dropped"))
         if cut:  # lm-eval does this silently; a user should know the prompts were cut
@@ -204,6 +209,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         from llamalab.generation import Engine
 
+        args.batch_size = args.batch_size or GENERATE_BATCH
         engine = Engine(model, tokenizer, max_batch=args.batch_size, max_seq_len=ctx)
         if task.kind == "code":
             result = runner.run_code(
