@@ -178,6 +178,19 @@ def test_a_prompt_longer_than_the_window_loses_its_oldest_tokens(tmp_path, smoll
 
 
 # ----------------------------------------------------------------------------- perplexity
+def test_perplexity_data_that_is_a_fifo_is_named_as_one(tmp_path):
+    """A FIFO exists: "no such file" sent its user looking for a typo. Nobody writes to it,
+    so the run must refuse it without opening it (which would wait forever)."""
+    import os
+
+    fifo = tmp_path / "corpus.txt"
+    os.mkfifo(fifo)
+    result = run_cli("eval", "--task", "perplexity", "--data", str(fifo), timeout=60)
+    line = _one_error_line(result, str(fifo), "FIFO")
+    assert "no such file" not in line
+    assert line.endswith("not a regular file or folder")
+
+
 def _short_context_model(path: Path, vocab_source: Path, context_length: int) -> Path:
     """A 1-layer random model with ``vocab_source``'s tokenizer and a short context."""
     from llamalab.checkpoint import names as tensor_names

@@ -10,12 +10,14 @@ them as context (Hugging Face's sliding-window recipe).
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from llamalab.errors import LlamalabError
 from llamalab.eval.tasks.jsonl import read_file_bounded
+from llamalab.files import not_regular_message
 
 MAX_DOCUMENTS = 10_000
 
@@ -78,7 +80,14 @@ def document_files(paths: Iterable[str | Path]) -> list[Path]:
         elif p.is_file():
             files.append(p)
         else:
-            raise LlamalabError(f"{p}: no such file or folder")
+            # Say what is there: a FIFO, a device or a socket exists but holds no document.
+            try:
+                mode = os.stat(p).st_mode
+            except FileNotFoundError:
+                raise LlamalabError(f"{p}: no such file or folder") from None
+            except OSError as exc:
+                raise LlamalabError(f"{p}: cannot read: {exc.strerror or exc}") from None
+            raise LlamalabError(not_regular_message(p, mode, "folder"))
         if len(files) > MAX_DOCUMENTS:
             raise LlamalabError(f"more than {MAX_DOCUMENTS} documents")
     if not files:
