@@ -36,8 +36,9 @@ import torch
 
 from llamalab.errors import LlamalabError
 from llamalab.generation.grammar import Constraint, Grammar, GrammarCompiler
-from llamalab.generation.params import GREEDY
+from llamalab.generation.params import GREEDY, LookupParams
 from llamalab.generation.sampling import SamplingParams, sample, top_logprobs
+from llamalab.generation.speculative import PassCost, Speculation, timed_scores, verifies_exactly
 from llamalab.generation.stopping import StopStringMatcher
 from llamalab.kv_cache import CacheView, Segments, cache_view
 
@@ -75,6 +76,9 @@ class Request:
     logprobs: int | None = None  # None: no logprobs; k ≥ 0: the chosen token's and k alternatives
     ignore_eos: bool = False
     grammar: Grammar | None = None  # the text must match it (JSON Schema, GBNF/Lark, regex)
+    # Prompt lookup decoding (generation/speculative.py): the same tokens, sooner where the
+    # reply repeats its prompt. Used while the sequence is the only one decoding.
+    lookup: LookupParams | None = None
 
 
 @dataclass(frozen=True)
@@ -99,6 +103,8 @@ class Timing:
     first_token_s: float = 0.0
     decode_tokens: int = 0
     decode_s: float = 0.0
+    draft_tokens: int = 0  # tokens drafted by prompt lookup and verified by the model
+    accepted_tokens: int = 0  # of those, the ones the model chose too
 
     def as_dict(self) -> dict[str, float]:
         """Token counts, tokens per second, and the time to the first token."""
@@ -108,6 +114,8 @@ class Timing:
             "prefill_tokens_per_s": self.prefill_tokens / self.prefill_s if self.prefill_s else 0.0,
             "decode_tokens_per_s": self.decode_tokens / self.decode_s if self.decode_s else 0.0,
             "time_to_first_token_s": self.first_token_s,
+            "draft_tokens": self.draft_tokens,
+            "accepted_draft_tokens": self.accepted_tokens,
         }
 
 
@@ -154,6 +162,9 @@ class Generation:
         # How often each token was generated so far, for the presence and frequency
         # penalties: kept as tokens come, so a step costs O(distinct tokens), not a recount.
         self._counts: dict[int, int] = {}
+        self.speculation = (
+            Speculation(request.lookup, self.prompt) if request.lookup is not None else None
+        )
 
     @property
     def finished(self) -> bool:
@@ -186,6 +197,8 @@ class Generation:
         if self.constraint is not None:
             self.constraint.advance(token)
         self.ids.append(token)
+        if self.speculation is not None:
+            self.speculation.push(token)
         self._recent.append(token)
         self._counts[token] = self._counts.get(token, 0) + 1
         self._starts.append(self._decoded)
@@ -278,6 +291,7 @@ class Engine:
         self.prefill_share = prefill_share
         self.progress = progress
         self._decode_step_s: float | None = None  # running average of a decode step
+        self._pass_cost = PassCost()  # what speculation's extra tokens cost a pass
         self._prefill_token_s: float | None = None  # per token, in the last interleaved chunk
         # Logits past the tokenizer's last id belong to padding rows of the embedding:
         # cutting them off is the same as masking them to -inf, for sampling and logprobs.
@@ -444,6 +458,10 @@ class Engine:
         stays usable either way.
         """
         running = [s for s in self._rows if s is not None and not s.prefilling]
+        if len(running) == 1 and not self._prefilling and running[0].speculation is not None:
+            events = self._speculate(running[0])
+            if events is not None:
+                return events
         # The first time both kinds of work meet, they run apart: that times a decode
         # step on its own, which the chunk budget is measured against from then on.
         if running and self._prefilling and self._decode_step_s is not None:
@@ -564,6 +582,8 @@ class Engine:
         self, running: list[Generation], lo: int, logits: torch.Tensor, elapsed: float
     ) -> list[tuple[Generation, GenerationEvent]]:
         """Each running row takes its token from ``logits`` (rows from ``lo``, vocab)."""
+        if len(running) == 1:  # a one-token pass: what speculation's passes are weighed against
+            self._pass_cost.observe(1, elapsed)
         events = []
         for seq in running:
             self._cached[seq.row].append(seq.last_token)  # type: ignore[arg-type]  # running: set
@@ -577,6 +597,54 @@ class Engine:
             events.append((seq, event))
             if seq.finished:
                 self._release(seq)
+        return events
+
+    def _speculate(self, seq: Generation) -> list[tuple[Generation, GenerationEvent]] | None:
+        """One decode step of ``seq`` that also verifies the tokens prompt lookup drafts
+        (``generation/speculative.py``); None, having run nothing, where it drafts none.
+
+        Row i of the pass is read only while the tokens chosen from rows 0 .. i-1 were the
+        drafts, each through ``Generation.accept`` exactly as a plain step would; the
+        cache row keeps the accepted tokens' slots and later passes overwrite the rest.
+        """
+        spec = seq.speculation
+        assert spec is not None and seq.last_token is not None
+        # Every fed position must fit the row, and drafts past max_tokens are wasted.
+        limit = min(
+            self.max_seq_len - 1 - seq.pos,
+            seq.request.max_tokens - len(seq.ids) - 1,
+        )
+        drafts = spec.draft(limit, self._pass_cost)
+        if not drafts or not verifies_exactly(self.model, len(drafts) + 1):
+            return None
+        fed = [seq.last_token, *drafts]
+        _use_threads(self.threads)
+        try:
+            logits, elapsed = timed_scores(self.model, seq.row, seq.pos, fed, self.vocab_size)
+        except Exception as exc:  # noqa: BLE001 (the sequence fails; the engine carries on)
+            return [(seq, self._fail(seq, exc, "decode"))]
+        self._pass_cost.observe(len(fed), elapsed)
+        seq.timing.decode_s += elapsed
+        events = []
+        accepted = 0
+        for i, token in enumerate(fed):
+            self._cached[seq.row].append(token)
+            seq.pos += 1
+            seq.timing.decode_tokens += 1
+            try:
+                event = seq.accept(logits[i], self.max_seq_len)
+            except Exception as exc:  # noqa: BLE001 (isolation: only this row fails)
+                event = self._fail(seq, exc, "sampling")
+            events.append((seq, event))
+            hit = i < len(drafts) and event.token_id == drafts[i]
+            accepted += hit
+            if seq.finished or not hit:
+                break
+        spec.verified(len(drafts), accepted)
+        seq.timing.draft_tokens += len(drafts)
+        seq.timing.accepted_tokens += accepted
+        if seq.finished:
+            self._release(seq)
         return events
 
     def _fail(self, seq: Generation, exc: Exception, stage: str) -> GenerationEvent:

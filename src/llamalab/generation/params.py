@@ -153,3 +153,36 @@ def _integer(name: str, value: object) -> int:
 
 
 GREEDY = SamplingParams(temperature=0.0)
+
+
+# Prompt lookup's defaults. transformers and llama-cpp-python match 2-grams and draft 10
+# tokens; a 3-gram is tried first here because a longer match predicts better (its
+# acceptance is tracked apart), and the controller picks the draft length itself, so
+# draft_max only bounds it.
+DEFAULT_LOOKUP_NGRAM = 3
+DEFAULT_DRAFT_MAX = 10
+MAX_LOOKUP_NGRAM = 16  # a longer match adds nothing a 16-gram does not already say
+MAX_DRAFT = 62  # one verification pass stays under the native step's 64 tokens
+
+
+@dataclass(frozen=True)
+class LookupParams:
+    """Prompt lookup decoding: draft the tokens that followed the last ``ngram`` (or fewer)
+    tokens where they occurred before, in the prompt or the reply, and verify them in
+    one pass of the model. At most ``draft_max`` tokens are drafted at once; the engine
+    chooses how many (none at all where drafts keep missing) from the acceptance it
+    measures. The output is the same as without it."""
+
+    ngram: int = DEFAULT_LOOKUP_NGRAM
+    draft_max: int = DEFAULT_DRAFT_MAX
+
+    def __post_init__(self) -> None:
+        if not 1 <= _integer("lookup ngram", self.ngram) <= MAX_LOOKUP_NGRAM:
+            raise LlamalabError(
+                f"the lookup n-gram size must be between 1 and {MAX_LOOKUP_NGRAM}, got {self.ngram}"
+            )
+        if not 1 <= _integer("draft_max", self.draft_max) <= MAX_DRAFT:
+            raise LlamalabError(
+                f"the most tokens drafted at once must be between 1 and {MAX_DRAFT}, "
+                f"got {self.draft_max}"
+            )

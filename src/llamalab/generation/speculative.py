@@ -1,0 +1,243 @@
+"""Speculative decoding with prompt lookup: draft tokens cheaply, verify them in one pass.
+
+A decode step reads every weight once to produce one token; a pass over a few tokens
+reads them once for all of them. Prompt lookup drafts the tokens that followed the last
+few tokens where those occurred before (in the prompt or in the reply so far: text that
+quotes its input repeats long runs of it); the model then scores the last token and the
+K drafted ones in one cached pass of K + 1 tokens, at positions ``pos .. pos + K`` of
+the sequence's cache row.
+
+Verification keeps the output exactly what decoding without speculation gives:
+
+* Row ``i`` of the pass holds the logits after the last token and drafts ``0 .. i-1``.
+  The engine feeds the rows one by one to the same choice it makes without speculation
+  (``Generation.accept``: logit bias, penalties, grammar, temperature, filters, the
+  sequence's own random generator, logprobs, stop strings, ``max_tokens``), and goes on
+  to row ``i + 1`` only while the chosen token equals draft ``i``. Every row it reads is
+  therefore conditioned on exactly the tokens chosen so far.
+* A drafted token is a point mass q = δ_d. Speculative rejection sampling (Leviathan et
+  al. 2023; Chen et al. 2023) accepts d with probability min(1, p(d)/q(d)) = p(d) and on
+  rejection draws from norm(max(0, p − q)), which is p with d removed and renormalised.
+  Drawing x ~ p and accepting iff x = d has that same law (P(x = d) = p(d); given
+  x ≠ d, x ~ p(·)/(1 − p(d))), so the sampler draws exactly as it would without
+  speculation, one draw per emitted token in the same order: with a seed, the text is
+  the same as without speculation, not only its distribution (:func:`accept_point_draft`
+  states the rule on its own).
+* The rejected tail's keys and values stay in the cache beyond the row's length, which
+  is simply not advanced past the accepted tokens: later passes overwrite those slots
+  before anything attends to them.
+* The logits must be the same bits as one-token steps give. llamalab's native step
+  computes every token of a pass independently of the others' rounding (its tests hold a
+  chunk to its tokens one at a time, bit for bit), so the engine speculates only where
+  the pass runs on it (``model.native_step``, fewer than its ``MAX_TOKENS`` tokens).
+
+Whether to draft at all, and how much, is decided per step from measurements: the
+acceptance rate of drafts (tracked for every step, also those that verify nothing, by
+comparing what lookup would have drafted with what was chosen) and what an extra token
+costs a pass on this machine. Where drafts keep missing, nothing is verified and the
+only cost left is the lookup itself.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import torch
+
+from llamalab.generation.params import LookupParams
+from llamalab.kv_cache import cache_view
+
+# What one more token adds to a pass, as a share of a one-token pass: the prior until the
+# engine measured it. Measured on SmolLM2-135M Q4_1, 2 shared cores: 9.0 ms for 1 token,
+# 11.7 ms for 4, 16.6 ms for 8 (the output layer runs on every token of a verification).
+PRIOR_EXTRA_TOKEN_COST = 0.15
+MIN_EXTRA_TOKEN_COST = 0.02  # a measurement below this is noise, not a free token
+COST_SMOOTHING = 0.2  # weight of the newest pass time in its running average
+# Drafts' acceptance: a prior worth PRIOR_WEIGHT observations at PRIOR_ACCEPTANCE, and
+# older outcomes fade by ACCEPTANCE_DECAY per new one (about the last 20 count).
+PRIOR_ACCEPTANCE = 0.5
+PRIOR_WEIGHT = 2.0
+ACCEPTANCE_DECAY = 0.95
+# Verify a draft only where its expected speed-up beats plain decoding by this much: a
+# draft that only breaks even costs the estimate's noise.
+MIN_GAIN = 1.05
+
+
+def accept_point_draft(
+    probs: torch.Tensor, draft: int, generator: torch.Generator | None = None
+) -> tuple[int, bool]:
+    """Speculative rejection sampling of one drafted token ``draft`` (a point-mass draft).
+
+    Returns the emitted token and whether the draft was accepted: the token is drawn from
+    ``probs`` (the target's sampling distribution), and the draft is accepted iff it was
+    drawn. That accepts ``draft`` with probability p(draft) and, on rejection, gives a
+    token distributed as p with ``draft`` removed and renormalised: Leviathan et al.'s
+    rule for q = δ_draft. The engine applies the same rule through the sampler it uses
+    without speculation.
+    """
+    token = int(torch.multinomial(probs, 1, generator=generator))
+    return token, token == draft
+
+
+def score_drafts(
+    model: torch.nn.Module, row: int, pos: int, tokens: Sequence[int], vocab_size: int
+) -> torch.Tensor:
+    """Logits (len(tokens), vocab_size) of ``tokens`` fed at positions ``pos ..`` of cache
+    row ``row``, in one pass: row i is the distribution after ``tokens[: i + 1]``.
+
+    The pass writes the tokens' keys and values into slots ``pos .. pos + len(tokens)``;
+    the caller decides how many of them the row keeps (the others are overwritten later).
+    """
+    n = len(tokens)
+    view = cache_view(
+        torch.arange(pos, pos + n).unsqueeze(0), row=row, kv_len=pos + n,
+        dtype=model.dtype, device=model.device,
+    )  # fmt: skip
+    with torch.inference_mode():
+        logits = model(torch.tensor([list(tokens)], dtype=torch.long).to(model.device), cache=view)
+    return logits[0, :, :vocab_size].float().cpu()
+
+
+def verifies_exactly(model: torch.nn.Module, n_tokens: int) -> bool:
+    """Whether a pass of ``n_tokens`` gives each token the same logits, bit for bit, as
+    one-token steps would: only llamalab's native step promises that (see the module)."""
+    step = getattr(model, "native_step", None)
+    return step is not None and n_tokens < step.MAX_TOKENS
+
+
+class PromptLookup:
+    """The tokens so far (prompt and reply) and an index of where each n-gram occurred.
+
+    For every n ≤ ``ngram`` the index maps an n-gram to the position just after its most
+    recent occurrence that something already followed; :meth:`predict` looks up the
+    last n tokens, longest first, and returns what followed them there.
+    """
+
+    def __init__(self, tokens: Sequence[int], ngram: int) -> None:
+        self.ngram = ngram
+        self.tokens: list[int] = []
+        self._index: list[dict[tuple[int, ...], int]] = [{} for _ in range(ngram + 1)]
+        for t in tokens:
+            self.push(t)
+
+    def push(self, token: int) -> None:
+        """Append ``token``: the n-grams that end just before it now have a follower."""
+        toks = self.tokens
+        end = len(toks)  # the new token's position
+        for n in range(1, min(self.ngram, end) + 1):
+            self._index[n][tuple(toks[end - n : end])] = end
+        toks.append(token)
+
+    def predict(self, limit: int) -> tuple[list[int], int]:
+        """``limit`` tokens that followed the longest earlier occurrence of the last
+        n-gram, and that n (0 and no tokens when even the last token never occurred).
+
+        Where what followed runs into the end of the text, the text since that
+        occurrence repeats: if it is followed the same way again, it comes round again
+        (a loop, a list of like lines).
+        """
+        toks = self.tokens
+        for n in range(min(self.ngram, len(toks)), 0, -1):
+            follow = self._index[n].get(tuple(toks[len(toks) - n :]))
+            if follow is not None:
+                period = len(toks) - follow
+                return [toks[follow + i % period] for i in range(limit)], n
+        return [], 0
+
+
+class PassCost:
+    """What a pass of the model costs per token beyond the first, measured as it runs.
+
+    One per engine: it is a property of the model and the machine (and its load), not of
+    a request. ``extra`` is an extra token's time as a share of a one-token pass.
+    """
+
+    def __init__(self) -> None:
+        self.single_s: float | None = None  # running average of a one-token pass
+        self.extra = PRIOR_EXTRA_TOKEN_COST
+
+    def observe(self, n_tokens: int, seconds: float) -> None:
+        """Record that a pass of ``n_tokens`` took ``seconds``."""
+        if n_tokens == 1:
+            self.single_s = _smooth(self.single_s, seconds)
+        elif self.single_s:
+            share = (seconds - self.single_s) / (self.single_s * (n_tokens - 1))
+            self.extra = max(MIN_EXTRA_TOKEN_COST, _smooth(self.extra, share))
+
+
+class Speculation:
+    """One sequence's prompt lookup: the drafter and the acceptance it has measured.
+
+    The engine calls :meth:`draft` before a step and :meth:`push` with every token the
+    sequence emits. Each draft's prediction (its verified part and the rest) is compared
+    with the tokens pushed after it, so acceptance is measured on every step, also on
+    steps that verified nothing: lookup turns itself back on where text starts to repeat.
+    Acceptance is tracked apart per length of the matched n-gram (a longer match predicts
+    better).
+    """
+
+    def __init__(self, params: LookupParams, tokens: Sequence[int]) -> None:
+        self.params = params
+        self.lookup = PromptLookup(tokens, params.ngram)
+        self._hits = [0.0] * (params.ngram + 1)
+        self._misses = [0.0] * (params.ngram + 1)
+        self._pending: list[int] = []  # the last prediction's tokens not yet compared
+        self._match = 0  # its n-gram length
+        self.drafted = 0  # tokens verified as drafts
+        self.accepted = 0  # of those, the ones the model chose too
+
+    def acceptance(self, n: int) -> float:
+        """The estimated chance that a token drafted from an n-gram match is chosen."""
+        hits, misses = self._hits[n], self._misses[n]
+        return (hits + PRIOR_ACCEPTANCE * PRIOR_WEIGHT) / (hits + misses + PRIOR_WEIGHT)
+
+    def push(self, token: int) -> None:
+        """Record an emitted token: score the pending prediction with it, then index it."""
+        if self._pending:
+            hit = self._pending[0] == token
+            n = self._match
+            self._hits[n] = self._hits[n] * ACCEPTANCE_DECAY + hit
+            self._misses[n] = self._misses[n] * ACCEPTANCE_DECAY + (not hit)
+            self._pending = self._pending[1:] if hit else []
+        self.lookup.push(token)
+
+    def draft(self, limit: int, cost: PassCost) -> list[int]:
+        """The tokens to verify in the next pass (at most ``limit``; none: a plain step).
+
+        The length maximises the expected tokens per unit of time, (1 + a + … + a^k) /
+        (1 + extra·k), with a this match length's acceptance; nothing is drafted unless
+        that beats a plain step by ``MIN_GAIN``.
+        """
+        prediction, n = self.lookup.predict(self.params.draft_max)
+        self._pending, self._match = prediction, n
+        if not prediction or limit < 1:
+            return []
+        a = self.acceptance(n)
+        best_k, best_rate = 0, MIN_GAIN
+        expected, power = 1.0, 1.0
+        for k in range(1, min(len(prediction), limit) + 1):
+            power *= a
+            expected += power
+            rate = expected / (1.0 + cost.extra * k)
+            if rate > best_rate:
+                best_k, best_rate = k, rate
+        return prediction[:best_k]
+
+    def verified(self, drafted: int, accepted: int) -> None:
+        """Count a verification pass's drafted and accepted tokens (for reports)."""
+        self.drafted += drafted
+        self.accepted += accepted
+
+
+def _smooth(average: float | None, value: float) -> float:
+    return value if average is None else average + COST_SMOOTHING * (value - average)
+
+
+def timed_scores(
+    model: torch.nn.Module, row: int, pos: int, tokens: Sequence[int], vocab_size: int
+) -> tuple[torch.Tensor, float]:
+    """:func:`score_drafts` and the seconds it took."""
+    t0 = time.perf_counter()
+    logits = score_drafts(model, row, pos, tokens, vocab_size)
+    return logits, time.perf_counter() - t0

@@ -1,0 +1,202 @@
+"""Prompt lookup decoding (``generation/speculative.py``): the same output, sooner.
+
+The drafts are verified in one pass of the model on SmolLM2's native step, which gives
+each token of a pass the same logits, bit for bit, as a one-token step; the expected
+outputs are the engine's own without speculation, run from a fresh engine (a cache row
+that reused a prefix computed its first token in another pass shape).
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from scipy import stats
+
+from llamalab import load_model
+from llamalab.errors import LlamalabError
+from llamalab.generation import GREEDY, Engine, Grammar, Request, SamplingParams
+from llamalab.generation.params import LookupParams
+from llamalab.generation.speculative import (
+    PassCost,
+    PromptLookup,
+    Speculation,
+    accept_point_draft,
+)
+
+SOURCE = '''def window_sum(values, width):
+    """Sum of every run of `width` consecutive values."""
+    total = sum(values[:width])
+    sums = [total]
+    for i in range(width, len(values)):
+        total += values[i] - values[i - width]
+        sums.append(total)
+    return sums
+'''
+REPEAT = "Rewrite this Python code with the parameter `width` renamed to `span`:\n\n" + SOURCE
+FREE = "Write a short poem about the sea at night."
+
+
+# ------------------------------------------------------------------ the drafter
+def test_lookup_drafts_what_followed_the_longest_match() -> None:
+    lookup = PromptLookup([1, 2, 3, 4, 5, 9, 3, 4, 7, 2, 3], ngram=3)
+    # The 2-gram (2, 3) occurred at 1..2, followed by 4, 5, 9.
+    assert lookup.predict(3) == ([4, 5, 9], 2)
+    lookup.push(4)  # (2, 3, 4) now matches as a 3-gram
+    assert lookup.predict(4) == ([5, 9, 3, 4], 3)
+
+
+def test_lookup_uses_the_latest_occurrence_and_never_the_suffix_itself() -> None:
+    lookup = PromptLookup([5, 1, 6, 5, 1, 8, 5], ngram=2)
+    assert lookup.predict(2) == ([1, 8], 1)  # the later 5 was followed by 1, 8
+    assert PromptLookup([1, 2, 3], ngram=2).predict(4) == ([], 0)  # nothing repeats
+
+
+def test_a_prediction_that_reaches_the_end_goes_round_again() -> None:
+    assert PromptLookup([7, 1, 2, 3, 1, 2, 3], ngram=2).predict(7) == ([1, 2, 3, 1, 2, 3, 1], 2)
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"ngram": 0}, {"ngram": -1}, {"draft_max": 0}, {"draft_max": -3}, {"ngram": 1.5}]
+)
+def test_bad_lookup_sizes_are_refused(kwargs) -> None:
+    with pytest.raises(LlamalabError, match="lookup n-gram|drafted at once|must be an integer"):
+        LookupParams(**kwargs)
+
+
+def test_drafting_stops_where_drafts_miss_and_resumes_where_they_hit() -> None:
+    spec = Speculation(LookupParams(ngram=1, draft_max=8), [1, 2, 3, 1])
+    cost = PassCost()
+    assert spec.draft(8, cost) == [2, 3]  # the prior's acceptance (0.5): two tokens pay
+    rng = random.Random(0)
+    for _ in range(80):  # text that barely repeats: about one prediction in ten hits
+        spec.draft(8, cost)
+        spec.push(rng.randrange(10, 20))
+    assert spec.acceptance(1) < 0.2
+    assert spec.draft(8, cost) == []  # plain steps
+    for _ in range(20):  # "1 2 3" repeats: the predictions made for plain steps hit
+        for t in (1, 2, 3):
+            spec.draft(8, cost)
+            spec.push(t)
+    assert spec.acceptance(1) > 0.9
+    assert spec.draft(8, cost) == [1, 2, 3, 1, 2, 3, 1, 2]
+    assert spec.draft(2, cost) == [1, 2]  # never past the limit
+
+
+# ------------------------------------------------------------------ rejection sampling
+def test_a_point_draft_is_accepted_with_its_target_probability() -> None:
+    """Leviathan et al.'s rule for q = δ_d: accept with p(d), else draw from p without d."""
+    probs = torch.tensor([0.05, 0.30, 0.10, 0.25, 0.20, 0.10])
+    draft, n = 3, 20000
+    g = torch.Generator().manual_seed(0)
+    draws = [accept_point_draft(probs, draft, g) for _ in range(n)]
+    accepted = sum(ok for _, ok in draws)
+    assert stats.binomtest(accepted, n, float(probs[draft])).pvalue > 1e-3
+    rejected = [t for t, ok in draws if not ok]
+    assert draft not in rejected
+    keep = [i for i in range(len(probs)) if i != draft]
+    residual = probs[keep].double()
+    expected = (residual / residual.sum() * len(rejected)).tolist()
+    chi2 = stats.chisquare([rejected.count(t) for t in keep], expected)
+    assert chi2.pvalue > 1e-3
+
+
+# ------------------------------------------------------------------ the engine
+@pytest.fixture(scope="module")
+def smollm2(smollm2_path, smollm2_tokenizer):
+    model = load_model(smollm2_path, packed=True)
+    if model.native_step is None:
+        pytest.skip("speculation verifies on llamalab's native step, which does not run here")
+    return model, smollm2_tokenizer
+
+
+def _run(smollm2, prompt: str, lookup: LookupParams | None, **request) -> tuple[list, object]:
+    """Events and the finished timing of one request on a fresh engine."""
+    model, tok = smollm2
+    ids = tok.encode_chat([{"role": "user", "content": prompt}])
+    engine = Engine(model, tok, max_seq_len=512)
+    events = list(engine.generate(Request(ids, lookup=lookup, **request)))
+    return events, engine
+
+
+def _same(smollm2, prompt: str, **request) -> tuple[list, list]:
+    plain, _ = _run(smollm2, prompt, None, **request)
+    fast, _ = _run(smollm2, prompt, LookupParams(), **request)
+    assert [(e.token_id, e.text, e.finish_reason) for e in fast] == [
+        (e.token_id, e.text, e.finish_reason) for e in plain
+    ]
+    return plain, fast
+
+
+def _finished(smollm2, prompt: str, **request):
+    model, tok = smollm2
+    ids = tok.encode_chat([{"role": "user", "content": prompt}])
+    engine = Engine(model, tok, max_seq_len=512)
+    seq, _ = engine.submit(Request(ids, lookup=LookupParams(), **request))
+    while not seq.finished:
+        engine.step()
+    return seq
+
+
+@pytest.mark.parametrize("prompt", [REPEAT, FREE])
+def test_greedy_output_is_token_for_token_the_same(smollm2, prompt) -> None:
+    _same(smollm2, prompt, max_tokens=90, sampling=GREEDY)
+
+
+def test_a_reply_that_repeats_its_prompt_accepts_drafts(smollm2) -> None:
+    seq = _finished(smollm2, REPEAT, max_tokens=90, sampling=GREEDY)
+    # SmolLM2 copies the function's first two lines, then shortens its body.
+    assert seq.timing.accepted_tokens >= len(seq.ids) / 2
+    # The first token comes from the prefill, the stop token from a decode step.
+    assert seq.timing.decode_tokens == len(seq.ids)
+
+
+SAMPLERS = {
+    "default": SamplingParams(seed=7),
+    "hot": SamplingParams(temperature=1.3, top_k=0, top_p=1.0, min_p=0.0, seed=3),
+    "filters": SamplingParams(temperature=0.7, top_k=5, top_p=0.8, min_p=0.1, seed=5),
+    "penalties": SamplingParams(
+        repeat_penalty=1.2, presence_penalty=0.5, frequency_penalty=0.4, seed=11
+    ),
+    "bias": SamplingParams(temperature=0.5, logit_bias={28: -100.0, 253: 5.0}, seed=13),
+}
+
+
+@pytest.mark.parametrize("name", SAMPLERS)
+def test_sampled_output_with_a_seed_is_the_same(smollm2, name) -> None:
+    """The sampler draws once per emitted token in the same order, and a draft is accepted
+    iff the draw equals it: the same draws give the same text, not only the same law."""
+    _same(smollm2, REPEAT, max_tokens=60, sampling=SAMPLERS[name])
+
+
+def test_stop_strings_max_tokens_and_logprobs_behave_the_same(smollm2) -> None:
+    plain, fast = _same(smollm2, REPEAT, max_tokens=20, sampling=GREEDY, logprobs=3)
+    assert [(e.logprob, e.top_logprobs) for e in fast] == [
+        (e.logprob, e.top_logprobs) for e in plain
+    ]
+    assert plain[-1].finish_reason == "length" and len(plain) == 20
+    text = "".join(e.text for e in plain)
+    stop = text[len(text) // 2 : len(text) // 2 + 4]
+    plain, _ = _same(smollm2, REPEAT, max_tokens=40, sampling=GREEDY, stop=[stop])
+    assert plain[-1].finish_reason == "stop"
+
+
+def test_a_grammar_that_rejects_every_draft_gives_the_same_text(smollm2) -> None:
+    digits = Grammar("regex", "[0-9]{1,30}")
+    plain, _ = _same(smollm2, REPEAT, max_tokens=30, sampling=GREEDY, grammar=digits)
+    assert "".join(e.text for e in plain).isdigit()
+
+
+def test_a_model_off_the_native_step_decodes_without_speculating(smollm2_path) -> None:
+    """Its passes may round a token differently from a one-token step: no drafts there."""
+    from llamalab import load_tokenizer
+
+    model, tok = load_model(smollm2_path), load_tokenizer(smollm2_path)
+    assert model.native_step is None
+    ids = tok.encode_chat([{"role": "user", "content": REPEAT}])
+    engine = Engine(model, tok, max_seq_len=512)
+    seq, _ = engine.submit(Request(ids, max_tokens=12, sampling=GREEDY, lookup=LookupParams()))
+    while not seq.finished:
+        engine.step()
+    assert len(seq.ids) == 12 and seq.timing.draft_tokens == 0
