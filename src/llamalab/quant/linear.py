@@ -42,8 +42,9 @@ Also measured (``bench/bench_kernels.py``) and not used: fbgemm's dynamic int8 l
 dequantize-and-reduce over packed nibbles (compute bound, no faster than float32).
 
 :class:`PackedEmbedding` keeps the token embedding in its stored type and dequantizes
-only the rows a lookup needs. The layers are for inference: they hold no parameters
-and have no backward pass.
+only the rows a lookup needs. The layers hold no parameters; an input that requires a
+gradient (training adapters over a frozen packed base) gets one, from the layer's weight
+dequantized in backward for that layer alone.
 """
 
 from __future__ import annotations
@@ -322,6 +323,9 @@ class QuantizedLinear(nn.Module):
     # -- use --------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.requires_grad and torch.is_grad_enabled():
+            # Training through a frozen packed layer (LoRA): only the input needs a gradient.
+            return _PackedInputGrad.apply(x, self)
         dtype = x.dtype
         if self._vnni is not None:
             # Every row count: at 512 rows the kernel took 43 ms on a 11264 x 2048 weight,
@@ -371,6 +375,26 @@ class QuantizedLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"kernel={self.kernel}, source={self.source_type}"
         )
+
+
+class _PackedInputGrad(torch.autograd.Function):
+    """A packed layer's forward on its own kernels; backward gives the input's gradient only.
+
+    The weight is frozen, so backward needs ``grad_out @ W`` alone: ``W`` is dequantized
+    for this one layer, used and freed, so a backward pass over the model never holds
+    more than one layer's float32 weight.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: QuantizedLinear) -> torch.Tensor:
+        ctx.layer = layer
+        return layer(x)  # grad mode is off inside: the packed kernels run
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        weight = ctx.layer.dequantized_weight()  # (out, in) float32
+        grad_x = torch.matmul(grad_out.to(weight.dtype), weight)
+        return grad_x.to(grad_out.dtype), None
 
 
 class PackedEmbedding(nn.Module):

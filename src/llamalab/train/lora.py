@@ -1,0 +1,297 @@
+"""Low-rank adapters (LoRA) on a llamalab Transformer, float or packed.
+
+Each targeted linear ``y = W x`` becomes ``y = W x + (B A dropout(x)) * alpha / rank`` with
+``A`` (rank, in) and ``B`` (out, rank), PEFT's convention: ``A`` starts kaiming-uniform
+(``a = sqrt(5)``, as ``nn.Linear`` and PEFT initialise it, here from a seeded generator) and
+``B`` at zero, so the adapted model starts equal to the base. The base stays frozen.
+
+Targets are Meta's module names (``wq wk wv wo w1 w2 w3 output``). A packed base may have
+fused q/k/v into one ``wqkv`` and w1/w3 into ``w13`` (``quant.linear.fuse_projections``);
+the adapter of each part is then kept beside the fused layer and added to its slice of
+the output, so the adapters and their names are the same whatever the base's layout.
+A packed base layer gives its input a gradient by dequantizing its own weight in
+backward, one layer at a time (``quant/linear.py``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator
+
+import torch
+from torch import nn
+
+from llamalab.errors import LlamalabError
+
+TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3", "output")
+# Where each target lives in a block, and which fused layer may hold it.
+_OWNER = {
+    "wq": "attention",
+    "wk": "attention",
+    "wv": "attention",
+    "wo": "attention",
+    "w1": "feed_forward",
+    "w2": "feed_forward",
+    "w3": "feed_forward",
+}
+_FUSED = {"wqkv": ("wq", "wk", "wv"), "w13": ("w1", "w3")}
+
+
+class LoRAAdapter(nn.Module):
+    """The low-rank update alone: ``x -> (dropout(x) @ A.T @ B.T) * alpha / rank``."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        alpha: float,
+        dropout: float = 0.0,
+        *,
+        generator: torch.Generator | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__()
+        self.rank = rank
+        self.alpha = float(alpha)
+        self.scaling = self.alpha / rank
+        self.lora_A = nn.Parameter(torch.empty(rank, in_features, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, rank, dtype=dtype))
+        # PEFT's init (its reset_lora_parameters): A as nn.Linear's default, B zero.
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5), generator=generator)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.dropout(x.to(self.lora_A.dtype))
+        return (h @ self.lora_A.T @ self.lora_B.T) * self.scaling
+
+    def delta_weight(self) -> torch.Tensor:
+        """``B @ A * scaling``, the (out, in) change the adapter makes to the weight."""
+        return (self.lora_B @ self.lora_A) * self.scaling
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, alpha={self.alpha}"
+
+
+class LoRALinear(nn.Module):
+    """A frozen base linear (float or packed) plus one adapter."""
+
+    def __init__(self, base: nn.Module, adapter: LoRAAdapter) -> None:
+        super().__init__()
+        self.base = base
+        self.adapter = adapter
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        return y + self.adapter(x).to(y.dtype)
+
+
+class LoRAFused(nn.Module):
+    """A frozen fused base (``wqkv`` or ``w13``) with an adapter on some of its parts."""
+
+    def __init__(self, base: nn.Module, parts: dict[str, int], adapters: dict[str, LoRAAdapter]):
+        super().__init__()
+        self.base = base
+        self.parts = dict(parts)  # part name -> its output rows, in the fused order
+        self.adapters = nn.ModuleDict(adapters)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        pieces = list(y.split(list(self.parts.values()), dim=-1))
+        for i, name in enumerate(self.parts):
+            if name in self.adapters:
+                pieces[i] = pieces[i] + self.adapters[name](x).to(y.dtype)
+        return torch.cat(pieces, dim=-1)
+
+
+def _dims(module: nn.Module) -> tuple[int, int]:
+    return int(module.in_features), int(module.out_features)
+
+
+def _check_targets(targets: Iterable[str]) -> list[str]:
+    targets = list(dict.fromkeys(targets))
+    if not targets:
+        raise LlamalabError(
+            "LoRA needs at least one target module (among " + " ".join(TARGETS) + ")"
+        )
+    unknown = [t for t in targets if t not in TARGETS]
+    if unknown:
+        raise LlamalabError(
+            f"unknown LoRA target module {unknown[0]!r}; choose among {' '.join(TARGETS)}"
+        )
+    return targets
+
+
+def _fused_parts(owner: nn.Module, fused: str) -> dict[str, int]:
+    """Output rows of each part of a fused layer (from the block's own sizes)."""
+    if fused == "wqkv":
+        q = owner.n_heads * owner.head_dim
+        kv = owner.n_kv_heads * owner.head_dim
+        return {"wq": q, "wk": kv, "wv": kv}
+    half = owner.w13.out_features // 2
+    return {"w1": half, "w3": half}
+
+
+def apply_lora(
+    model: nn.Module,
+    rank: int,
+    alpha: float,
+    dropout: float = 0.0,
+    targets: Iterable[str] = ("wq", "wv"),
+    *,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> list[str]:
+    """Freeze ``model`` and wrap its ``targets`` with fresh adapters; returns their names.
+
+    The names are canonical module names (``layers.0.attention.wq``, ``output``), in the
+    order the adapters were created: layer by layer, then within a layer in the order of
+    :data:`TARGETS`. Every ``A`` is drawn from one generator seeded with ``seed`` in
+    that order, so a seed gives the same adapters on a float and a packed base.
+    """
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
+        raise LlamalabError(f"LoRA rank must be a positive integer, got {rank!r}")
+    if not (isinstance(alpha, int | float) and math.isfinite(alpha) and alpha > 0):
+        raise LlamalabError(f"LoRA alpha must be a positive number, got {alpha!r}")
+    if not 0.0 <= float(dropout) < 1.0:
+        raise LlamalabError(f"LoRA dropout must be in [0, 1), got {dropout!r}")
+    wanted = set(_check_targets(targets))
+    if any(isinstance(m, LoRAAdapter) for m in model.modules()):
+        raise LlamalabError("this model already has LoRA adapters")
+    model.requires_grad_(False)
+    generator = torch.Generator().manual_seed(seed)
+
+    def make(module: nn.Module, out_features: int | None = None) -> LoRAAdapter:
+        in_features, out = _dims(module)
+        return LoRAAdapter(
+            in_features,
+            out if out_features is None else out_features,
+            rank,
+            alpha,
+            dropout,
+            generator=generator,
+            dtype=dtype,
+        )
+
+    names: list[str] = []
+    for i, layer in enumerate(model.layers):
+        adapters: dict[str, tuple[nn.Module, str, LoRAAdapter | None]] = {}
+        for target in TARGETS[:-1]:
+            if target not in wanted:
+                continue
+            owner = getattr(layer, _OWNER[target])
+            fused = next((f for f, ps in _FUSED.items() if target in ps), None)
+            fused_module = getattr(owner, fused, None) if fused else None
+            if fused_module is not None:
+                rows = _fused_parts(owner, fused)[target]
+                adapters[target] = (owner, fused, make(fused_module, rows))
+            else:
+                adapters[target] = (owner, target, make(getattr(owner, target)))
+            names.append(f"layers.{i}.{_OWNER[target]}.{target}")
+        for target, (owner, attr, adapter) in adapters.items():
+            if attr == target:
+                setattr(owner, attr, LoRALinear(getattr(owner, attr), adapter))
+        for fused in _FUSED:
+            parts = {t: a for t, (_, attr, a) in adapters.items() if attr == fused}
+            if parts:
+                owner = next(o for _, (o, attr, _) in adapters.items() if attr == fused)
+                wrapper = LoRAFused(getattr(owner, fused), _fused_parts(owner, fused), parts)
+                setattr(owner, fused, wrapper)
+    if "output" in wanted:
+        model.output = LoRALinear(model.output, make(model.output))
+        names.append("output")
+    return names
+
+
+def _adapters(model: nn.Module) -> Iterator[tuple[str, LoRAAdapter]]:
+    """Every adapter of the model under its canonical module name."""
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALinear):
+            yield name.removesuffix(".base"), module.adapter
+        elif isinstance(module, LoRAFused):
+            prefix = name.rpartition(".")[0]
+            for part, adapter in module.adapters.items():
+                yield f"{prefix}.{part}", adapter
+
+
+def lora_adapters(model: nn.Module) -> dict[str, LoRAAdapter]:
+    """The model's adapters by canonical module name (``layers.0.attention.wq``)."""
+    return dict(_adapters(model))
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapters' weights: ``<module>.lora_A.weight`` (rank, in) and ``.lora_B.weight``
+    (out, rank) under canonical module names, detached."""
+    state = {}
+    for name, adapter in _adapters(model):
+        state[f"{name}.lora_A.weight"] = adapter.lora_A.detach()
+        state[f"{name}.lora_B.weight"] = adapter.lora_B.detach()
+    return state
+
+
+def load_lora_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy adapter weights (as :func:`lora_state_dict` names them) into the model's adapters.
+
+    Every adapter must get both matrices, of its own shape; nothing is copied otherwise.
+    """
+    adapters = lora_adapters(model)
+    expected = {f"{n}.lora_{m}.weight" for n in adapters for m in "AB"}
+    missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or extra:
+        which = f"missing {missing[0]}" if missing else f"unexpected {extra[0]}"
+        raise LlamalabError(f"adapter weights do not match the model's adapters: {which}")
+    for name, adapter in adapters.items():
+        for part, param in (("A", adapter.lora_A), ("B", adapter.lora_B)):
+            tensor = state[f"{name}.lora_{part}.weight"]
+            if tuple(tensor.shape) != tuple(param.shape):
+                raise LlamalabError(
+                    f"adapter {name}.lora_{part} has shape {list(tensor.shape)}, "
+                    f"the model needs {list(param.shape)}"
+                )
+    with torch.no_grad():
+        for name, adapter in adapters.items():
+            adapter.lora_A.copy_(state[f"{name}.lora_A.weight"])
+            adapter.lora_B.copy_(state[f"{name}.lora_B.weight"])
+
+
+def _merged(base: nn.Module, delta: torch.Tensor) -> nn.Module:
+    """A base linear with ``delta`` added to its weight: float stays float (in its own
+    dtype), a packed layer becomes a float32 one (its dequantized weight plus delta)."""
+    if isinstance(base, nn.Linear):
+        with torch.no_grad():
+            merged = nn.Linear(base.in_features, base.out_features, bias=False)
+            merged.weight = nn.Parameter(
+                (base.weight.float() + delta.float()).to(base.weight.dtype),
+                requires_grad=False,
+            )
+        return merged
+    from llamalab.quant.linear import QuantizedLinear
+
+    weight = base.dequantized_weight() + delta.float()
+    return QuantizedLinear.from_float(weight, kernel="float32", source_type=base.source_type)
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its base weight and remove the wrappers (in place).
+
+    A float base keeps its dtype. A packed base layer becomes a float32 layer holding
+    its dequantized weight plus the update (requantizing is a separate, lossy step).
+    A tied output projection gets a weight of its own, since the embedding is unchanged.
+    """
+    with torch.no_grad():
+        for name, module in list(model.named_modules()):
+            if isinstance(module, LoRALinear):
+                new = _merged(module.base, module.adapter.delta_weight().detach())
+            elif isinstance(module, LoRAFused):
+                deltas = []
+                for part, rows in module.parts.items():
+                    if part in module.adapters:
+                        deltas.append(module.adapters[part].delta_weight().detach())
+                    else:
+                        deltas.append(torch.zeros(rows, module.base.in_features))
+                new = _merged(module.base, torch.cat([d.float() for d in deltas]))
+            else:
+                continue
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, new)
+    return model
