@@ -312,3 +312,51 @@ def test_generate_refuses_a_path_that_is_not_one(smollm2_path) -> None:
         "avx512, avxvnni, avx2, torch"
     )
     assert done.stderr.strip().splitlines() == [expected]
+
+
+_EVEX_CHECK = """
+import torch
+from llamalab.kernels import cpu, native
+evex = cpu.cpu_flags() - {"avx_vnni"}
+flags = cpu.compile_flags("avxvnni", evex)
+assert "-mavxvnni" not in flags, flags
+native.compile_flags = lambda isa: cpu.compile_flags(isa, evex)
+assert native.load("avxvnni") and native.load("avx512")
+import test_kernels_isa as t
+for args in [(4, 32, 8), (6, 16, 32), (8, 32, 128)]:
+    t.test_extreme_quants_and_activations_do_not_saturate("avxvnni", *args)
+from llamalab.quant.linear import pack_vnni
+from llamalab.quant.plan import VnniLayout
+q = torch.randint(0, 64, (48, 256))
+buffer = pack_vnni(q.to(torch.uint8), torch.rand(48, 8), torch.rand(48, 8), VnniLayout(6, 32, 0))
+x = torch.randn(5, 256)
+a = torch.ops.llamalab_avxvnni.vnni_linear(x, buffer, 48, 6, 32, 0)
+b = torch.ops.llamalab_avx512.vnni_linear(x, buffer, 48, 6, 32, 0)
+assert torch.equal(a, b)
+print("ok")
+"""
+
+
+@needs_kernels
+@pytest.mark.skipif(not isa_runs("avx512"), reason="the EVEX form needs AVX-512 VL and VNNI")
+def test_the_evex_form_of_the_256_bit_vnni_build() -> None:
+    """Where the CPU has both encodings, the other one (AVX-512 VL + VNNI's EVEX form of
+    256-bit vpdpbusd, which the build takes where AVX-VNNI is missing) is built and run
+    too, in a process of its own (each build's namespace is registered once)."""
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "LLAMALAB_ISA": "torch"}
+    tests = os.path.dirname(__file__)
+    done = subprocess.run(
+        [sys.executable, "-c", _EVEX_CHECK],
+        check=False, capture_output=True, text=True, timeout=600, env=env, cwd=tests,
+    )  # fmt: skip
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
+
+
+def test_info_names_the_path(smollm2_path) -> None:
+    for isa in ["torch", *RUNNABLE[-1:]]:
+        env = {**os.environ, "LLAMALAB_ISA": isa}
+        argv = [sys.executable, "-m", "llamalab", "info", "--json", str(smollm2_path)]
+        done = subprocess.run(argv, check=False, capture_output=True, text=True, env=env)
+        assert done.returncode == 0, done.stderr
+        expected = isa if isa == "torch" or compiler() is not None else "torch"
+        assert json.loads(done.stdout)["isa"] == expected
