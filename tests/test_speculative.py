@@ -200,3 +200,46 @@ def test_a_model_off_the_native_step_decodes_without_speculating(smollm2_path) -
     while not seq.finished:
         engine.step()
     assert len(seq.ids) == 12 and seq.timing.draft_tokens == 0
+
+
+# ------------------------------------------------------------------ the command line
+def test_generate_json_reports_drafts_and_the_same_ids(smollm2) -> None:
+    import json
+
+    from conftest import run_cli
+
+    common = ["generate", "--chat", "--temperature", "0", "-n", "40", "--json", REPEAT]
+    plain = run_cli(*common, "--no-lookup")
+    fast = run_cli(*common, "--lookup", "--draft-max", "6", "--lookup-ngram", "2")
+    assert plain.returncode == 0 and fast.returncode == 0, plain.stderr + fast.stderr
+    plain_out, fast_out = json.loads(plain.stdout), json.loads(fast.stdout)
+    assert fast_out["ids"] == plain_out["ids"]
+    assert plain_out["timing"]["draft_tokens"] == 0
+    assert fast_out["timing"]["accepted_draft_tokens"] > 0
+    assert fast_out["timing"]["draft_tokens"] >= fast_out["timing"]["accepted_draft_tokens"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--lookup-ngram", "0"], "--lookup-ngram: the lookup n-gram size must be between"),
+        (["--draft-max", "-2"], "--draft-max: the most tokens drafted at once must be between"),
+        (["--no-lookup", "--draft-max", "4"], "need prompt lookup"),
+    ],
+)
+def test_bad_lookup_options_get_one_clear_error(args, message) -> None:
+    from conftest import run_cli
+
+    result = run_cli("generate", "hello", *args)
+    assert result.returncode == 1
+    assert result.stderr.startswith("llamalab: error: ") and message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_lookup_options_are_not_handed_to_a_server() -> None:
+    """A resident server's requests carry no lookup settings: asking for them means "here"."""
+    from conftest import run_cli
+
+    result = run_cli("generate", "--server", "http://127.0.0.1:1", "--draft-max", "4", "Hi")
+    assert result.returncode == 1
+    assert "--draft-max is not sent to a server" in result.stderr

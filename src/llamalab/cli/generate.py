@@ -7,12 +7,14 @@ import json
 import sys
 
 from llamalab.cli.options import (
+    add_lookup_options,
     add_runtime_options,
     add_sampling_options,
     check_text_argument,
     context_in_use,
     grammar_from_args,
     load_runtime_from_args,
+    lookup_from_args,
     read_text_file,
     read_text_stdin,
     sampling_from_args,
@@ -40,6 +42,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     add_runtime_options(p)
     add_sampling_options(p)
+    add_lookup_options(p)
     p.add_argument(
         "--stop",
         action="append",
@@ -96,15 +99,16 @@ def run(args: argparse.Namespace) -> int:
     # Everything about the command line is checked before the slow load.
     check_arguments(args)
     sampling = sampling_from_args(args)
+    lookup = lookup_from_args(args)
     stops = [check_text_argument(stop, "--stop text") for stop in args.stop]
     server = find_server(args)
     if server is not None:
         # A resident model answers: nothing here loads it, nor imports torch.
         return _run_on_server(server, args, sampling, stops)
-    return _run_here(args, sampling, stops)
+    return _run_here(args, sampling, stops, lookup)
 
 
-def _run_here(args: argparse.Namespace, sampling, stops: list[str]) -> int:
+def _run_here(args: argparse.Namespace, sampling, stops: list[str], lookup=None) -> int:
     from llamalab.generation.chat import build_messages
     from llamalab.kernels import isa_in_use
 
@@ -131,6 +135,7 @@ def _run_here(args: argparse.Namespace, sampling, stops: list[str]) -> int:
         stop=stops,
         logprobs=args.logprobs,
         grammar=grammar,
+        lookup=lookup,
     )
 
     seq, first = engine.submit(request)

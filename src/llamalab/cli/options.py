@@ -230,6 +230,58 @@ def sampling_from_args(args: argparse.Namespace):
     )
 
 
+def add_lookup_options(p: argparse.ArgumentParser) -> None:
+    """Prompt lookup decoding: ``--lookup`` / ``--no-lookup``, ``--lookup-ngram``, ``--draft-max``."""
+    from llamalab.generation.params import DEFAULT_DRAFT_MAX, DEFAULT_LOOKUP_NGRAM
+
+    group = p.add_mutually_exclusive_group()
+    group.add_argument(
+        "--lookup",
+        dest="lookup",
+        action="store_true",
+        default=None,
+        help="draft tokens from the prompt and the reply and verify several in one pass: "
+        "the same text, sooner where the reply repeats its input (on by default)",
+    )
+    group.add_argument("--no-lookup", dest="lookup", action="store_false", help="never draft")
+    p.add_argument(
+        "--lookup-ngram",
+        type=int,
+        default=None,
+        metavar="N",
+        help=f"match the last N (or fewer) tokens (default: {DEFAULT_LOOKUP_NGRAM})",
+    )
+    p.add_argument(
+        "--draft-max",
+        type=int,
+        default=None,
+        metavar="K",
+        help=f"most tokens drafted at once (default: {DEFAULT_DRAFT_MAX})",
+    )
+
+
+def lookup_from_args(args: argparse.Namespace):
+    """The engine's LookupParams from the options above, or None for ``--no-lookup``."""
+    from llamalab.generation.params import LookupParams
+
+    sizes = {}
+    for flag, name in (("--lookup-ngram", "ngram"), ("--draft-max", "draft_max")):
+        value = getattr(args, name if name == "draft_max" else "lookup_ngram")
+        if value is not None:
+            try:
+                LookupParams(**{name: value})
+            except LlamalabError as exc:
+                raise LlamalabError(f"{flag}: {exc}") from None
+            sizes[name] = value
+    if args.lookup is False:
+        if sizes:
+            raise LlamalabError(
+                "--lookup-ngram and --draft-max need prompt lookup: drop --no-lookup"
+            )
+        return None
+    return LookupParams(**sizes)
+
+
 def positive_int(text: str) -> int:
     """An argparse type: an integer ≥ 1."""
     try:

@@ -88,6 +88,22 @@ def find_server(args: argparse.Namespace) -> Server | None:
             f"{' and '.join(local)} {'is' if len(local) == 1 else 'are'} set when the server "
             "starts; leave it out, or use --no-server to run the model here"
         )
+    lookup = getattr(args, "lookup", None)
+    drafting = [
+        flag
+        for flag, value in (
+            ("--lookup" if lookup else "--no-lookup", lookup),
+            ("--lookup-ngram", getattr(args, "lookup_ngram", None)),
+            ("--draft-max", getattr(args, "draft_max", None)),
+        )
+        if value is not None
+    ]
+    if drafting:
+        # Prompt lookup runs in the engine that decodes; a server's requests do not carry it.
+        return refuse(
+            f"{' and '.join(drafting)} {'is' if len(drafting) == 1 else 'are'} not sent to a "
+            "server; leave it out, or use --no-server to run the model here"
+        )
     try:
         report = probe(address.url)
     except ServerUnreachable as exc:
