@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -295,3 +296,97 @@ def merge_lora(model: nn.Module) -> nn.Module:
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child, new)
     return model
+
+
+# -- export ---------------------------------------------------------------------------
+
+# Meta target name -> the Hugging Face module name PEFT targets.
+HF_MODULES = {
+    "wq": "q_proj",
+    "wk": "k_proj",
+    "wv": "v_proj",
+    "wo": "o_proj",
+    "w1": "gate_proj",
+    "w2": "down_proj",
+    "w3": "up_proj",
+    "output": "lm_head",
+}
+
+
+def peft_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapters under the names PEFT saves (``base_model.model.<HF module>.lora_A.weight``).
+
+    Hugging Face checkpoints store q and k rows permuted for their rotate-half RoPE, so
+    the B matrices of wq and wk (their output rows) get the same permutation; A acts on
+    the input and is unchanged.
+    """
+    from llamalab.checkpoint.names import meta_to_hf_qk, to_format
+
+    config = model.config
+    heads = {"wq": config.n_heads, "wk": config.n_kv_heads}
+    state = {}
+    for name, adapter in _adapters(model):
+        hf_module = to_format(f"{name}.weight", "hf").removesuffix(".weight")
+        kind = name.rpartition(".")[2]
+        b = adapter.lora_B.detach()
+        if kind in heads:
+            b = meta_to_hf_qk(b, heads[kind])
+        prefix = f"base_model.model.{hf_module}"
+        state[f"{prefix}.lora_A.weight"] = adapter.lora_A.detach().contiguous().cpu()
+        state[f"{prefix}.lora_B.weight"] = b.contiguous().cpu()
+    return state
+
+
+def save_peft_adapter(model: nn.Module, out_dir: str | Path, base_model: str = "") -> Path:
+    """Write the adapters as a PEFT folder: ``adapter_config.json`` and
+    ``adapter_model.safetensors``, which ``peft.PeftModel.from_pretrained`` loads onto the
+    Hugging Face copy of the base. Each file is written whole, then moved into place."""
+    import json
+    import os
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    adapters = lora_adapters(model)
+    if not adapters:
+        raise LlamalabError("the model has no LoRA adapters to save")
+    first = next(iter(adapters.values()))
+    if any((a.rank, a.alpha) != (first.rank, first.alpha) for a in adapters.values()):
+        raise LlamalabError("adapters of different ranks or alphas cannot share one PEFT config")
+    kinds = sorted({n.rpartition(".")[2] for n in adapters}, key=TARGETS.index)
+    dropout = first.dropout.p if isinstance(first.dropout, nn.Dropout) else 0.0
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "r": first.rank,
+        "lora_alpha": first.alpha,
+        "lora_dropout": dropout,
+        "target_modules": [HF_MODULES[k] for k in kinds],
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
+    }
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def place(name: str, write) -> None:
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=out)
+        os.close(fd)
+        try:
+            write(tmp)
+            os.replace(tmp, out / name)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    place("adapter_model.safetensors", lambda p: save_file(peft_state_dict(model), p))
+    place(
+        "adapter_config.json",
+        lambda p: Path(p).write_text(json.dumps(config, indent=2) + "\n"),
+    )
+    return out
