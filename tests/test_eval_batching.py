@@ -140,7 +140,7 @@ def test_mmlu_items_from_the_shared_prefix_equal_items_from_scratch(smollm2_path
     scorer = LikelihoodScorer(model, max_seq_len=2048, max_rows=4)
     together = scorer.score_many(requests)
     groups = _groups([_Request(0, 0, c, k) for c, k in requests])
-    assert len(groups) == 2 and all(prefix > 300 for prefix, _ in groups)  # the 5-shot heads
+    assert len(groups) == 2 and all(prefix > 250 for prefix, _ in groups)  # the 5-shot heads
     for k, ((context, conts), scored) in enumerate(zip(requests, together, strict=True)):
         alone = LikelihoodScorer(model, max_seq_len=2048, max_rows=4).score(context, conts)
         for (x, _), (y, _) in zip(scored, alone, strict=True):

@@ -9,9 +9,10 @@ scores many items at once, spending the model's time only where items differ:
   every row; each item then runs only its own tokens, starting from there;
 * **single-token choices cost no pass of their own**: every choice's first token is read
   from the logits at the context's last position (MMLU's letters: one row per item);
-* **items run together**: several items' new tokens are packed into one forward pass,
-  each item in its own cache row (:class:`~llamalab.kv_cache.Segments`), and logits are
-  computed only at the positions that are scored;
+* **items run together**: several items' new tokens run as one batch, each item in its
+  own cache row (shorter ones padded: the items of a group are sorted by length first),
+  and logits are computed only at the positions that are scored: a pass's cost is its
+  number of operations as much as its arithmetic, and a batch shares them;
 * a choice of several tokens continues in a row of its own, holding a copy of its item's
   context, in a second pass shared by every such choice of the batch.
 
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from llamalab.errors import LlamalabError
-from llamalab.kv_cache import Segments, cache_view
+from llamalab.kv_cache import cache_view
 
 CONTEXT_CHUNK = 512  # most new tokens of one item in one pass (bounds its attention scores)
 TOKENS_PER_PASS = 1024  # most new tokens packed into one pass (several items' together)
@@ -49,9 +50,10 @@ class _Request:
 
     @property
     def rows(self) -> int:
-        # Each choice of several tokens continues in a row of its own (the first in the
-        # context's row); single-token choices are read from the context's last logits.
-        return max(1, sum(len(c) > 1 for c in self.continuations))
+        # Its context's row, and a row of its own for each choice of several tokens
+        # (single-token choices are read from the context's last logits).
+        multi = sum(len(c) > 1 for c in self.continuations)
+        return 1 + multi if multi else 1
 
     @property
     def new_tokens(self) -> int:
@@ -84,6 +86,8 @@ class LikelihoodScorer:
         if max_rows < 1:
             raise LlamalabError(f"max_rows must be at least 1, got {max_rows}")
         self.max_rows = max_rows
+        # A choice of several tokens needs a row beside its context's: two at the least.
+        self._rows = max(2, max_rows)
         self.device = model.device
         self.dtype = model.dtype
         self._cache = None  # the layer-0 cache object this scorer allocated
@@ -109,7 +113,7 @@ class LikelihoodScorer:
             size = min(self.max_seq_len, -(-length // CACHE_STEP) * CACHE_STEP)
             self.model.clear_cache()  # the old cache's memory goes before the new one comes
             self._cache = None
-            self.model.setup_cache(self.max_rows, size)
+            self.model.setup_cache(self._rows, size)
             self._cache = self.model.layers[0].attention.kv_cache
             self._cache_len = size
 
@@ -150,8 +154,9 @@ class LikelihoodScorer:
                     parts.append(_Request(index, j, list(context)[-room:], [list(c)]))
                 continue
             # More multi-token choices than rows: their own parts, each with the context.
-            for at in range(0, len(continuations), self.max_rows):
-                chunk = [list(c) for c in continuations[at : at + self.max_rows]]
+            per_part = self._rows - 1
+            for at in range(0, len(continuations), per_part):
+                chunk = [list(c) for c in continuations[at : at + per_part]]
                 parts.append(_Request(index, at, list(context), chunk))
         results: list[list[tuple[float, bool] | None]] = [
             [None] * len(continuations) for _, continuations in requests
@@ -210,68 +215,86 @@ class LikelihoodScorer:
         if prefix == 0:
             return
         self._prefill(members[0].context, 0, 0, prefix)
-        rows = min(self.max_rows, sum(m.rows for m in members))
+        rows = min(self._rows, sum(m.rows for m in members))
         self._copy_slots(0, range(1, rows), 0, prefix)
 
     def _batches(self, members: list[_Request]):
-        """Members packed into passes of at most ``max_rows`` rows and (but for a single
-        long member) ``TOKENS_PER_PASS`` new tokens."""
+        """Members (longest first) packed into passes of at most ``max_rows`` rows and
+        (but for a single long member) ``TOKENS_PER_PASS`` tokens, padding included."""
         batch: list[_Request] = []
-        rows = tokens = 0
+        rows = width = 0
         for m in members:
             # Its first pass takes at most one chunk of its context (see _run_batch).
-            later = sum(len(c) - 1 for c in m.continuations)
-            n = min(len(m.context) - m.start, CONTEXT_CHUNK) + later
-            if batch and (rows + m.rows > self.max_rows or tokens + n > TOKENS_PER_PASS):
+            n = min(len(m.context) - m.start, CONTEXT_CHUNK)
+            wider = max(width, n)
+            if batch and (rows + m.rows > self._rows or wider * (len(batch) + 1) > TOKENS_PER_PASS):
                 yield batch
-                batch, rows, tokens = [], 0, 0
-            m.row = rows
+                batch, rows, wider = [], 0, n
             batch.append(m)
             rows += m.rows
-            tokens += n
+            width = wider
         if batch:
             yield batch
 
+    def _padded_pass(
+        self, first_row: int, rows: list[tuple[int, list[int]]], last_only: bool
+    ) -> torch.Tensor:
+        """One pass over several cache rows' new tokens: ``rows[i]`` = (position of its
+        first token, tokens) for cache row ``first_row + i``. Logits (B, T or 1, vocab).
+
+        Shorter rows are padded on the left, so that every row's last token is the
+        batch's last column (``last_only`` reads it). The padding takes the slot just
+        after its row's last token: no real token of that row looks at it (attention is
+        causal by position), and a later pass writes its own there."""
+        width = max(len(t) for _, t in rows)
+        ids = torch.zeros(len(rows), width, dtype=torch.long)
+        positions = torch.empty(len(rows), width, dtype=torch.long)
+        for i, (start, tokens) in enumerate(rows):
+            pad = width - len(tokens)
+            ids[i, pad:] = torch.tensor(tokens, dtype=torch.long)
+            positions[i, pad:] = torch.arange(start, start + len(tokens))
+            positions[i, :pad] = start + len(tokens)
+        if len(rows) == 1 or bool((positions == positions[:1]).all()):
+            positions = positions[:1]  # one run for every row: a slice write, one mask
+        view = cache_view(
+            positions, row=first_row, last_only=last_only, dtype=self.dtype, device=self.device
+        )
+        return self.model(ids.to(self.device), cache=view)
+
     def _run_batch(self, batch: list[_Request]) -> list[list[tuple[float, bool]]]:
+        # Layout: the members' contexts in rows 0..M-1, then a row per multi-token choice.
         # A member's context beyond one chunk runs first in its own row, in chunks.
-        for m in batch:
+        for i, m in enumerate(batch):
+            m.row = i
             if len(m.context) - m.start > CONTEXT_CHUNK:
                 cut = len(m.context) - CONTEXT_CHUNK
-                self._prefill(m.context, m.row, m.start, cut)
+                self._prefill(m.context, i, m.start, cut)
                 m.start = cut
-        # Pass 1: every member's remaining context in its first row; logits at its last
-        # position only.
-        views, shapes, ids = [], [], []
-        for m in batch:
-            end = len(m.context)
-            views.append(self._view(m.row, m.start, end, last_only=True))
-            shapes.append((1, end - m.start))
-            ids.extend(m.context[m.start :])
-        tokens = torch.tensor([ids], dtype=torch.long, device=self.device)
-        logits = self.model(tokens, cache=Segments(tuple(views), tuple(shapes)))
-        firsts = [torch.log_softmax(x[0, -1].float(), dim=-1).cpu() for x in logits]
-        # Pass 2: the later tokens of every multi-token choice, each in a row of its own
-        # holding a copy of its item's context.
-        views, shapes, ids, owners = [], [], [], []
+        # Pass 1: every member's remaining context; logits at its last position only.
+        logits = self._padded_pass(
+            0, [(m.start, m.context[m.start :]) for m in batch], last_only=True
+        )
+        firsts = torch.log_softmax(logits[:, -1].float(), dim=-1).cpu()  # (M, vocab)
+        # Pass 2: the later tokens of every multi-token choice, each in a row holding a
+        # copy of its item's context (the shared prefix is in every row already).
+        rows, owners = [], []
+        row = len(batch)
         for i, m in enumerate(batch):
             length = len(m.context)
-            row = m.row
+            first_choice_row = row
             for j, c in enumerate(m.continuations):
-                if len(c) == 1:
-                    continue
-                views.append(self._view(row, length, length + len(c) - 1, last_only=False))
-                shapes.append((1, len(c) - 1))
-                ids.extend(c[:-1])
-                owners.append((i, j))
-                row += 1
-            # The context's slots: the shared prefix is in every row already.
-            self._copy_slots(m.row, range(m.row + 1, row), m.shared, length)
+                if len(c) > 1:
+                    rows.append((length, c[:-1]))
+                    owners.append((i, j))
+                    row += 1
+            self._copy_slots(i, range(first_choice_row, row), m.shared, length)
         rest: dict[tuple[int, int], torch.Tensor] = {}
-        if views:
-            tokens = torch.tensor([ids], dtype=torch.long, device=self.device)
-            out = self.model(tokens, cache=Segments(tuple(views), tuple(shapes)))
-            for owner, x in zip(owners, out, strict=True):
-                rest[owner] = torch.log_softmax(x[0].float(), dim=-1).cpu()
+        if rows:
+            out = torch.log_softmax(self._padded_pass(len(batch), rows, False).float(), dim=-1)
+            out = out.cpu()
+            width = out.shape[1]
+            for k, (owner, (_, tokens)) in enumerate(zip(owners, rows, strict=True)):
+                rest[owner] = out[k, width - len(tokens) :]  # its own tokens, not the padding
         results = []
         for i, m in enumerate(batch):
             first = firsts[i]

@@ -103,15 +103,17 @@ class LlamalabLM(TemplateLM):
     # ------------------------------------------------------------------ scoring
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
         """(log P(continuation | context), greedy?) per request; requests that share a
-        context are scored together, the context run once."""
+        context are scored together, the context run once, and contexts that open alike
+        (a few-shot prompt's exemplars) share those tokens' pass too."""
         groups: dict[tuple[int, ...], list[int]] = {}
         for i, (_, context, _) in enumerate(requests):
             groups.setdefault(tuple(context), []).append(i)
         results: list[tuple[float, bool] | None] = [None] * len(requests)
-        for context, members in tqdm(
-            groups.items(), disable=disable_tqdm, desc="llamalab loglikelihood"
-        ):
-            scored = self.scorer.score(list(context), [requests[i][2] for i in members])
+        batch = [(list(context), [requests[i][2] for i in members])
+                 for context, members in groups.items()]  # fmt: skip
+        with tqdm(total=len(batch), disable=disable_tqdm, desc="llamalab loglikelihood") as bar:
+            scored_groups = self.scorer.score_many(batch, on_done=bar.update)
+        for members, scored in zip(groups.values(), scored_groups, strict=True):
             for i, result in zip(members, scored, strict=True):
                 results[i] = result
                 if requests[i][0] is not None:
