@@ -360,3 +360,30 @@ def test_info_names_the_path(smollm2_path) -> None:
         assert done.returncode == 0, done.stderr
         expected = isa if isa == "torch" or compiler() is not None else "torch"
         assert json.loads(done.stdout)["isa"] == expected
+
+
+_TAKEN_CHECK = """
+import warnings
+import torch
+lib = torch.library.Library("llamalab", "DEF")  # another library got there first
+lib.define("vnni_linear(Tensor x) -> Tensor")
+from llamalab.kernels import isa_in_use, loaded_isa, native
+with warnings.catch_warnings(record=True) as seen:
+    warnings.simplefilter("always")
+    assert native.vnni_available() is False
+assert any("taken" in str(w.message) for w in seen), [str(w.message) for w in seen]
+assert loaded_isa() == "torch"
+print("ok")
+"""
+
+
+@needs_kernels
+def test_a_taken_namespace_falls_back_to_torch_without_a_crash() -> None:
+    """torch refuses a namespace defined twice; that must not escape the C++ hook as an
+    exception (ctypes would abort the process)."""
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "LLAMALAB_ISA": RUNNABLE[-1]}
+    done = subprocess.run(
+        [sys.executable, "-c", _TAKEN_CHECK],
+        check=False, capture_output=True, text=True, timeout=600, env=env,
+    )  # fmt: skip
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]

@@ -132,7 +132,12 @@ def vnni_available() -> bool:
     with _lock:
         if not _default:
             # The build's exported hook registers its operators under "llamalab" too.
-            ctypes.CDLL(str(_library(isa))).llamalab_claim_default()
+            if ctypes.CDLL(str(_library(isa))).llamalab_claim_default() != 0:
+                warnings.warn(
+                    "torch.ops.llamalab is taken by another library; using torch's kernels",
+                    stacklevel=2,
+                )
+                return False
             _register_fake()
             _default.append(isa)
     return _default[0] == isa

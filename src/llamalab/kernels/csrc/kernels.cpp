@@ -806,17 +806,24 @@ LLAMALAB_LIBRARY_IMPL(LLAMALAB_NS, CPU, m) { impl_ops(m); }
 // The same operators under "llamalab" too, which the model's layers call: done by the one
 // build a process runs on (kernels/native.py calls it once, and a second namespace
 // "llamalab" from another build would be refused by torch's registry).
-extern "C" __attribute__((visibility("default"))) void llamalab_claim_default() {
-  static torch::Library* defs = [] {
-    auto* lib = new torch::Library(torch::Library::DEF, "llamalab", std::nullopt, __FILE__, __LINE__);
-    define_ops(*lib);
-    return lib;
-  }();
-  static torch::Library* impls = [] {
-    auto* lib = new torch::Library(torch::Library::IMPL, "llamalab", c10::DispatchKey::CPU, __FILE__, __LINE__);
-    impl_ops(*lib);
-    return lib;
-  }();
-  (void)defs;
-  (void)impls;
+extern "C" __attribute__((visibility("default"))) int llamalab_claim_default() {
+  // No C++ exception may cross into ctypes: torch refuses a namespace defined twice (say,
+  // by another library), which is then a status, not a crash.
+  try {
+    static torch::Library* defs = [] {
+      auto* lib = new torch::Library(torch::Library::DEF, "llamalab", std::nullopt, __FILE__, __LINE__);
+      define_ops(*lib);
+      return lib;
+    }();
+    static torch::Library* impls = [] {
+      auto* lib = new torch::Library(torch::Library::IMPL, "llamalab", c10::DispatchKey::CPU, __FILE__, __LINE__);
+      impl_ops(*lib);
+      return lib;
+    }();
+    (void)defs;
+    (void)impls;
+    return 0;
+  } catch (const std::exception&) {
+    return 1;
+  }
 }
