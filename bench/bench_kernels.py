@@ -84,7 +84,9 @@ def shape_variants(k: int, n: int, m: int) -> dict[str, Callable[[torch.Tensor],
             sz = (torch.rand(k // 32, n, 2) * 1e-2).to(dtype)
             if dtype == torch.float32:
                 return lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, 32, sz)
-            return lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(dtype), packed, 32, sz).float()
+            return lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(
+                x.to(dtype), packed, 32, sz
+            ).float()
 
         return make
 
@@ -98,7 +100,12 @@ def shape_variants(k: int, n: int, m: int) -> dict[str, Callable[[torch.Tensor],
 
         return run
 
-    variants = {"f32": f32, "fp16-fbgemm": fp16, "int8dyn": int8dyn, "int4pack-bf16": int4pack(torch.bfloat16)}
+    variants = {
+        "f32": f32,
+        "fp16-fbgemm": fp16,
+        "int8dyn": int8dyn,
+        "int4pack-bf16": int4pack(torch.bfloat16),
+    }
     slow = {"int8pack": int8pack, "int4pack": int4pack(torch.float32), "dequant+f32": dequant}
     # The scalar kernels take seconds per call at M=512 or on the 49152-row matrix.
     if m == 1 or n * k <= 576 * 1536:
@@ -126,7 +133,9 @@ def bench_shapes(rounds: int) -> None:
                 first(x)  # warm up (allocations, first-call dispatch)
                 single = time_calls([first], x, 1)
                 # Scalar kernels get one copy and one call: enough to see they lose.
-                pools[name] = [first] if single > 0.2 else [first] + [make() for _ in range(copies - 1)]
+                pools[name] = (
+                    [first] if single > 0.2 else [first] + [make() for _ in range(copies - 1)]
+                )
             calls = {
                 name: max(1, min(len(fns) * 2, int(0.05 / max(time_calls(fns, x, 1), 1e-6))))
                 for name, fns in pools.items()
@@ -140,7 +149,9 @@ def bench_shapes(rounds: int) -> None:
             base = statistics.median(results["f32"])
             print(f"M={m:<4d} {k:>5d} -> {n:<6d}")
             for name, times in results.items():
-                print(f"    {name:14s} {fmt(times)} us   x{base / statistics.median(times):5.2f} vs f32")
+                print(
+                    f"    {name:14s} {fmt(times)} us   x{base / statistics.median(times):5.2f} vs f32"
+                )
             sys.stdout.flush()
 
 
@@ -174,14 +185,22 @@ class Int4Bf16Linear(torch.nn.Module):
 
         n, k = w.shape
         d, mn, q = _unpack_q4_1(_as_bytes(w.data).view(-1, 20))
-        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.view(n, k).to(torch.int32), 2)
+        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+            q.view(n, k).to(torch.int32), 2
+        )
         zero = mn + 8 * d  # d * (q - 8) + zero == d * q + m
-        self.sz = torch.stack([d.view(n, k // 32), zero.view(n, k // 32)], -1).transpose(0, 1).contiguous()
+        self.sz = (
+            torch.stack([d.view(n, k // 32), zero.view(n, k // 32)], -1)
+            .transpose(0, 1)
+            .contiguous()
+        )
         self.sz = self.sz.to(torch.bfloat16)
 
     def forward(self, x):
         shape = x.shape
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, shape[-1]).bfloat16(), self.packed, 32, self.sz)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x.reshape(-1, shape[-1]).bfloat16(), self.packed, 32, self.sz
+        )
         return y.float().view(*shape[:-1], -1)
 
 
@@ -190,7 +209,9 @@ class Int8DynLinear(torch.nn.Module):
         super().__init__()
         n = w.shape[0]
         scales = (w.abs().amax(1) / 127).clamp_min(1e-12)
-        wq = torch.quantize_per_channel(w, scales.double(), torch.zeros(n, dtype=torch.long), 0, torch.qint8)
+        wq = torch.quantize_per_channel(
+            w, scales.double(), torch.zeros(n, dtype=torch.long), 0, torch.qint8
+        )
         self.packed = torch.ops.quantized.linear_prepack(wq, None)
 
     def forward(self, x):
@@ -271,7 +292,9 @@ def bench_model(rounds: int, steps: int) -> None:
             model(prompt, cache=cache_view(torch.arange(512), kv_len=512, last_only=True))
             prefill[name].append(time.perf_counter() - start)
     print("\n== whole SmolLM2-135M step, batch 1 ==")
-    print(f"decode (1 token, KV cache at {pos0}): ms per token, median [min-max]; tokens/s from the median")
+    print(
+        f"decode (1 token, KV cache at {pos0}): ms per token, median [min-max]; tokens/s from the median"
+    )
     for name, t in decode.items():
         print(f"    {name:14s} {fmt(t, 1e3)} ms   {1 / statistics.median(t):6.1f} tok/s")
     print("prefill (512 tokens): s per prompt, median [min-max]; tokens/s from the median")
@@ -302,7 +325,9 @@ def _packed_layer(qtype_name: str, k: int, n: int):
         block, size = GGML_QUANT_SIZES[qtype]
         raw = rng.integers(0, 256, (n * k // block, size), dtype=np.uint8)
         for at in (size - 2,) if qtype == T.Q6_K else (0, 2):  # small float16 d (and dmin)
-            raw[:, at : at + 2] = (rng.random(len(raw)) * 0.002).astype(np.float16).view(np.uint8).reshape(-1, 2)
+            raw[:, at : at + 2] = (
+                (rng.random(len(raw)) * 0.002).astype(np.float16).view(np.uint8).reshape(-1, 2)
+            )
     else:
         raw = gguf.quants.quantize((rng.standard_normal((n, k)) * 0.05).astype(np.float32), qtype)
     return QuantizedLinear.from_gguf(raw, qtype, (n, k), kernel="vnni")
@@ -312,8 +337,10 @@ def bench_isa_layers(isas: list[str], rounds: int) -> None:
     from llamalab.kernels import native
 
     ops = {isa: native.ops(isa).vnni_linear for isa in isas}
-    print("\n== llamalab's kernels per layer: microseconds per call, median [min-max]; "
-          "GB/s of packed weight read at M=1 ==")
+    print(
+        "\n== llamalab's kernels per layer: microseconds per call, median [min-max]; "
+        "GB/s of packed weight read at M=1 =="
+    )
     for qtype in ISA_TYPES:
         for k, n in ISA_SHAPES:
             if qtype.endswith("_K") and k % 256:
@@ -321,7 +348,9 @@ def bench_isa_layers(isas: list[str], rounds: int) -> None:
             layer = _packed_layer(qtype, k, n)
             buffer, layout = layer._vnni
             # Distinct copies of the bytes, so each call reads them from memory, not cache.
-            copies = [buffer] + [buffer.clone() for _ in range(max(0, min(31, COLD_BYTES // buffer.numel()) - 1))]
+            copies = [buffer] + [
+                buffer.clone() for _ in range(max(0, min(31, COLD_BYTES // buffer.numel()) - 1))
+            ]
             for m in (1, 64):
                 x = torch.randn(m, k)
                 results: dict[str, list[float]] = {isa: [] for isa in isas}
@@ -337,7 +366,11 @@ def bench_isa_layers(isas: list[str], rounds: int) -> None:
                         results[isa].append(time_calls(fns[isa], x, calls))
                 print(f"{qtype} M={m:<3d} {k:>5d} -> {n:<6d} ({buffer.numel() / 1e6:.2f} MB)")
                 for isa, times in results.items():
-                    rate = f"   {buffer.numel() / statistics.median(times) / 1e9:6.1f} GB/s" if m == 1 else ""
+                    rate = (
+                        f"   {buffer.numel() / statistics.median(times) / 1e9:6.1f} GB/s"
+                        if m == 1
+                        else ""
+                    )
                     print(f"    {isa:8s} {fmt(times)} us{rate}")
                 sys.stdout.flush()
 
@@ -367,14 +400,20 @@ def bench_isa_model(isas: list[str], rounds: int, steps: int) -> None:
             if r:  # the first round warms up
                 decode[isa].append((time.perf_counter() - start) / steps)
             start = time.perf_counter()
-            model(prompt[:, :60], cache=cache_view(torch.arange(60), last_only=True))  # one native chunk
+            model(
+                prompt[:, :60], cache=cache_view(torch.arange(60), last_only=True)
+            )  # one native chunk
             if r:
                 prefill[isa].append(time.perf_counter() - start)
     print("\n== whole SmolLM2-135M Q4_1 step on each build, batch 1 ==")
-    print(f"decode (1 token, KV cache at {pos0}): ms per token, median [min-max]; tokens/s from the median")
+    print(
+        f"decode (1 token, KV cache at {pos0}): ms per token, median [min-max]; tokens/s from the median"
+    )
     for isa, t in decode.items():
         print(f"    {isa:8s} {fmt(t, 1e3)} ms   {1 / statistics.median(t):6.1f} tok/s")
-    print("prompt chunk (60 tokens, one native call): ms, median [min-max]; tokens/s from the median")
+    print(
+        "prompt chunk (60 tokens, one native call): ms, median [min-max]; tokens/s from the median"
+    )
     for isa, t in prefill.items():
         print(f"    {isa:8s} {fmt(t, 1e3)} ms   {60 / statistics.median(t):6.1f} tok/s")
 
@@ -387,8 +426,10 @@ def main() -> None:
     parser.add_argument("--skip-model", action="store_true")
     parser.add_argument("--isa", help="llamalab's kernel builds to compare: a comma list, or all")
     args = parser.parse_args()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"ATen CPU capability {torch.backends.cpu.get_cpu_capability()}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"ATen CPU capability {torch.backends.cpu.get_cpu_capability()}"
+    )
     if args.isa:
         from llamalab.kernels.cpu import ISAS, isa_runs
 
