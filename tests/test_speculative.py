@@ -243,3 +243,13 @@ def test_lookup_options_are_not_handed_to_a_server() -> None:
     result = run_cli("generate", "--server", "http://127.0.0.1:1", "--draft-max", "4", "Hi")
     assert result.returncode == 1
     assert "--draft-max is not sent to a server" in result.stderr
+
+
+def test_lookup_is_on_by_default(smollm2) -> None:
+    model, tok = smollm2
+    ids = tok.encode_chat([{"role": "user", "content": REPEAT}])
+    engine = Engine(model, tok, max_seq_len=512)
+    seq, _ = engine.submit(Request(ids, max_tokens=30, sampling=GREEDY))
+    while not seq.finished:
+        engine.step()
+    assert seq.timing.accepted_tokens > 0

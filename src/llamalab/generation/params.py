@@ -186,3 +186,6 @@ class LookupParams:
                 f"the most tokens drafted at once must be between 1 and {MAX_DRAFT}, "
                 f"got {self.draft_max}"
             )
+
+
+DEFAULT_LOOKUP = LookupParams()

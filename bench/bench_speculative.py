@@ -1,0 +1,322 @@
+"""Prompt lookup decoding on SmolLM2-135M: llamalab with and without it, beside llama.cpp.
+
+Workloads of real text found on this machine (the same prompts for every engine):
+
+- grounded: replies that quote their input. Rewrite a Python standard-library function
+  with an identifier renamed; extract the fields and the changes of the first entry of a
+  Debian changelog (``/usr/share/doc/*/changelog.Debian.gz``); answer by quoting the
+  sentence of a licence paragraph (``/usr/share/common-licenses``) that holds a word.
+- chat: free-form requests (stories, explanations, advice) that quote nothing.
+
+Engines, each in a fresh process per workload and round, at their own defaults apart
+from greedy decoding and a context that holds the prompts (llama-cpp-python's default
+is 512 tokens; its default thread count, half the cores, is kept):
+
+- llamalab: ``--no-lookup``; llamalab-lookup: prompt lookup (the engine's defaults);
+- llama.cpp: llama-cpp-python's plain decoding; llama.cpp-lookup: its
+  ``LlamaPromptLookupDecoding`` draft model at its defaults.
+
+Decode tokens/s is wall-clock: the tokens after the first over the time from the first
+to the last, summed over the workload's prompts, so every engine is timed the same way.
+Rounds interleave the engines (their order rotates), and the table gives the median with
+min/max over rounds, with the load average (``/proc/loadavg``) read beside every run:
+the machine is shared. llamalab's greedy text with lookup is checked token for token
+against its text without.
+
+    python bench/bench_speculative.py --rounds 3 --prompts 20 [--max-tokens 128] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import gzip
+import json
+import os
+import random
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+ENGINES = ("llamalab", "llamalab-lookup", "llama.cpp", "llama.cpp-lookup")
+CHAT = [
+    "Write a short story about a lighthouse keeper who finds a message in a bottle.",
+    "Explain why the sky is blue to a ten-year-old.",
+    "Give me three tips for sleeping better.",
+    "Write a poem about autumn leaves.",
+    "What are the benefits of learning a second language?",
+    "Describe a perfect day at the beach.",
+    "How do I make a good cup of tea?",
+    "Write a letter to a friend you have not seen in years.",
+    "What should I pack for a weekend hiking trip?",
+    "Tell me about the history of bicycles.",
+    "Why do cats purr?",
+    "Suggest a plan for learning to play the guitar.",
+    "Write a short speech for a friend's wedding.",
+    "What makes a good team leader?",
+    "Describe how bread is made.",
+    "Invent a new board game and explain its rules.",
+    "What are some ways to reduce stress at work?",
+    "Write a dialogue between a robot and a gardener.",
+    "Explain how rainbows form.",
+    "Give me ideas for a birthday party for a seven-year-old.",
+    "Describe the life cycle of a butterfly.",
+    "Write a haiku sequence about winter mornings.",
+]
+KEYWORDS = {
+    "self", "return", "None", "True", "False", "with", "from", "import", "else", "elif",
+    "while", "raise", "except", "class", "lambda", "yield", "assert", "pass", "break",
+    "continue", "global", "nonlocal", "finally", "isinstance", "len", "str", "int",
+}  # fmt: skip
+MAX_SNIPPET_CHARS = 1400
+
+
+def rename_prompts(rng: random.Random, n: int) -> list[str]:
+    """Functions of the standard library with their most used identifier renamed."""
+    files = sorted(glob.glob(f"{os.path.dirname(os.__file__)}/*.py"))
+    out: list[str] = []
+    for path in rng.sample(files, len(files)):
+        text = Path(path).read_text(errors="replace")
+        for m in re.finditer(r"^def \w+\(.*?(?=^\S)", text, re.DOTALL | re.MULTILINE):
+            body = m.group(0).rstrip()
+            if not 300 <= len(body) <= MAX_SNIPPET_CHARS:
+                continue
+            names = Counter(w for w in re.findall(r"\b[a-z_][a-z0-9_]{3,}\b", body))
+            names = Counter({k: v for k, v in names.items() if k not in KEYWORDS})
+            if not names or names.most_common(1)[0][1] < 3:
+                continue
+            old = names.most_common(1)[0][0]
+            out.append(
+                f"Rewrite this Python function with `{old}` renamed to `{old}_value`. "
+                f"Reply with the code only.\n\n```python\n{body}\n```"
+            )
+            break
+        if len(out) == n:
+            break
+    return out
+
+
+def changelog_prompts(rng: random.Random, n: int) -> list[str]:
+    """The first entry of Debian changelogs: its fields and its changes."""
+    files = sorted(glob.glob("/usr/share/doc/*/changelog.Debian.gz"))
+    out: list[str] = []
+    for path in rng.sample(files, len(files)):
+        try:
+            text = gzip.decompress(Path(path).read_bytes()).decode("utf-8", "replace")
+        except (OSError, EOFError):
+            continue
+        entry = text.split("\n\n -- ", 1)
+        if len(entry) < 2:
+            continue
+        signature = entry[1].split("\n", 1)[0]
+        entry = f"{entry[0]}\n\n -- {signature}"
+        if not 200 <= len(entry) <= MAX_SNIPPET_CHARS:
+            continue
+        out.append(
+            "From this Debian changelog entry, give the package, the version, the "
+            "distribution, the maintainer and the date, then copy the list of changes "
+            f"exactly.\n\n{entry}"
+        )
+        if len(out) == n:
+            break
+    return out
+
+
+def quote_prompts(rng: random.Random, n: int) -> list[str]:
+    """A licence paragraph and a word of it: quote the sentence that holds the word."""
+    paragraphs = []
+    for path in sorted(glob.glob("/usr/share/common-licenses/*")):
+        if os.path.isfile(path):
+            text = Path(path).read_text(errors="replace")
+            paragraphs += [" ".join(p.split()) for p in text.split("\n\n")]
+    paragraphs = [p for p in paragraphs if 400 <= len(p) <= MAX_SNIPPET_CHARS]
+    out = []
+    for p in rng.sample(paragraphs, min(n, len(paragraphs))):
+        words = [w for w in re.findall(r"\b[a-z]{7,}\b", p)]
+        word = rng.choice(words) if words else "the"
+        out.append(
+            f'Quote, word for word, the sentence of this paragraph that contains "{word}".\n\n{p}'
+        )
+    return out
+
+
+def workloads(n: int) -> dict[str, list[str]]:
+    """``n`` prompts per workload; the grounded one mixes its three kinds in turn."""
+    rng = random.Random(0)
+    kinds = [rename_prompts(rng, n), changelog_prompts(rng, n), quote_prompts(rng, n)]
+    grounded = [p for group in zip(*kinds, strict=False) for p in group][:n]
+    chat = (CHAT * (n // len(CHAT) + 1))[:n]
+    return {"grounded": grounded, "chat": chat}
+
+
+# ------------------------------------------------------------------ workers
+def _timed(stream) -> tuple[list[int], float]:
+    """Tokens of a stream and the seconds from its first to its last token."""
+    ids, first, last = [], None, None
+    for token in stream:
+        last = time.perf_counter()
+        first = first or last
+        ids.append(token)
+    return ids, (last - first) if ids else 0.0
+
+
+def worker_llamalab(prompts: list[str], max_tokens: int, lookup: bool) -> list[dict]:
+    from llamalab.generation import GREEDY, Engine, Request
+    from llamalab.generation.params import LookupParams
+    from llamalab.runtime import load_runtime
+
+    model, tok = load_runtime(None)
+    out = []
+    for text in prompts:
+        ids = tok.encode_chat([{"role": "user", "content": text}])
+        engine = Engine(model, tok, max_seq_len=min(2048, len(ids) + max_tokens + 64))
+        request = Request(
+            ids, max_tokens=max_tokens, sampling=GREEDY, lookup=LookupParams() if lookup else None
+        )
+        seq, first = engine.submit(request)
+
+        def tokens(seq=seq, first=first, engine=engine):
+            yield first.token_id
+            while not seq.finished:
+                for _, event in engine.step():
+                    if event.token_id is not None:
+                        yield event.token_id
+
+        got, seconds = _timed(tokens())
+        out.append(
+            {
+                "ids": seq.ids,
+                "tokens": len(got),
+                "seconds": seconds,
+                "drafted": seq.timing.draft_tokens,
+                "accepted": seq.timing.accepted_tokens,
+            }
+        )
+    return out
+
+
+def worker_llamacpp(prompts: list[str], max_tokens: int, lookup: bool) -> list[dict]:
+    from llama_cpp import Llama
+    from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+
+    from llamalab.default_model import default_model_path
+
+    llm = Llama(
+        str(default_model_path()),
+        n_ctx=2048,
+        verbose=False,
+        draft_model=LlamaPromptLookupDecoding() if lookup else None,
+    )
+    out = []
+    for text in prompts:
+        stream = llm.create_chat_completion(
+            [{"role": "user", "content": text}],
+            temperature=0.0,
+            max_tokens=max_tokens,
+            stream=True,
+        )
+        pieces = (
+            c["choices"][0]["delta"].get("content")
+            for c in stream
+            if c["choices"][0]["delta"].get("content")
+        )
+        got, seconds = _timed(pieces)
+        out.append({"tokens": len(got), "seconds": seconds})
+    return out
+
+
+def run_worker(engine: str, prompts: list[str], max_tokens: int) -> dict:
+    """Run ``engine`` on ``prompts`` in a fresh process; its results and the load beside."""
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(prompts, f)
+    try:
+        load = Path("/proc/loadavg").read_text().split()[0]
+        done = subprocess.run(
+            [sys.executable, __file__, "--worker", engine, "--prompts-file", f.name,
+             "--max-tokens", str(max_tokens)],
+            capture_output=True, text=True, check=False,
+        )  # fmt: skip
+    finally:
+        os.unlink(f.name)
+    if done.returncode != 0:
+        raise SystemExit(f"{engine} failed:\n{done.stderr[-2000:]}")
+    return {"load": float(load), "prompts": json.loads(done.stdout.splitlines()[-1])}
+
+
+def rate(prompts: list[dict]) -> float:
+    """Decode tokens/s over a run: tokens after each first one over the time they took.
+
+    llama-cpp-python's stream joins pieces: its count is of text pieces, one per token
+    for this tokenizer's plain text."""
+    tokens = sum(max(p["tokens"] - 1, 0) for p in prompts)
+    seconds = sum(p["seconds"] for p in prompts)
+    return tokens / seconds if seconds else 0.0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--prompts", type=int, default=20)
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--engines", default=",".join(ENGINES))
+    ap.add_argument("--json", default=None, help="write every run's figures here")
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--prompts-file", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        prompts = json.loads(Path(args.prompts_file).read_text())
+        lookup = args.worker.endswith("-lookup")
+        work = worker_llamalab if args.worker.startswith("llamalab") else worker_llamacpp
+        print(json.dumps(work(prompts, args.max_tokens, lookup)))
+        return
+    engines = args.engines.split(",")
+    sets = workloads(args.prompts)
+    runs: dict[str, dict[str, list[dict]]] = {w: {e: [] for e in engines} for w in sets}
+    for r in range(args.rounds):
+        order = engines[r % len(engines) :] + engines[: r % len(engines)]
+        for workload, prompts in sets.items():
+            for engine in order:
+                result = run_worker(engine, prompts, args.max_tokens)
+                runs[workload][engine].append(result)
+                print(
+                    f"round {r + 1} {workload:8} {engine:16} {rate(result['prompts']):6.1f} tok/s"
+                    f"  load {result['load']:.2f}",
+                    file=sys.stderr,
+                )
+    print(f"SmolLM2-135M-Instruct Q4_1, {os.cpu_count()} cores, {args.rounds} rounds, "
+          f"{args.prompts} prompts per workload, at most {args.max_tokens} tokens each")  # fmt: skip
+    print(
+        f"{'workload':9} {'engine':17} {'decode tok/s median [min-max]':31} {'accepted/drafted':17} load"
+    )
+    for workload in sets:
+        base = None
+        for engine in engines:
+            results = runs[workload][engine]
+            rates = [rate(x["prompts"]) for x in results]
+            med = statistics.median(rates)
+            base = med if engine == "llamalab" else base
+            drafted = sum(p.get("drafted", 0) for x in results for p in x["prompts"])
+            accepted = sum(p.get("accepted", 0) for x in results for p in x["prompts"])
+            ratio = f"{accepted}/{drafted}" if drafted else "-"
+            loads = [x["load"] for x in results]
+            speedup = f" ({med / base:.2f}x)" if base else ""
+            print(
+                f"{workload:9} {engine:17} {med:6.1f} [{min(rates):6.1f}-{max(rates):6.1f}]{speedup:9}"
+                f" {ratio:17} {statistics.median(loads):.2f} [{min(loads):.2f}-{max(loads):.2f}]"
+            )
+        if "llamalab" in engines and "llamalab-lookup" in engines:
+            plain = [p["ids"] for x in runs[workload]["llamalab"] for p in x["prompts"]]
+            fast = [p["ids"] for x in runs[workload]["llamalab-lookup"] for p in x["prompts"]]
+            same = sum(a == b for a, b in zip(plain, fast, strict=True))
+            print(f"{workload:9} llamalab-lookup's text equals llamalab's: {same}/{len(plain)}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(runs))
+
+
+if __name__ == "__main__":
+    main()
