@@ -21,7 +21,7 @@ ROOT = "llamalab"
 # The core: what running a model needs. It never reaches the applications built on it.
 CORE = {
     "model", "config", "kv_cache", "checkpoint", "tokenizer", "gguf", "quant", "kernels",
-    "generation",
+    "generation", "parallel",
 }  # fmt: skip
 APPLICATIONS = {"serve", "train", "eval", "cli"}
 

@@ -409,7 +409,7 @@ class Transformer(nn.Module):
         for layer in self.layers:
             layer.attention.kv_cache = KVCache(
                 max_batch_size,
-                self.config.n_kv_heads,
+                layer.attention.n_kv_heads,  # this rank's heads under tensor parallelism
                 max_seq_len,
                 self.config.head_dim,
                 dtype,

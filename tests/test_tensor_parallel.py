@@ -1,0 +1,214 @@
+"""Tensor parallelism (parallel/tensor.py): N ranks on gloo give the logits of one process.
+
+The distributed tests launch ``torchrun`` on this very file (its ``__main__`` is the
+worker): every rank writes its logits to a folder, and the test compares them with the
+logits of the untouched model computed here, in the test's own process. Results are
+checked, not exit codes: gloo sometimes aborts at exit after every rank has finished.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from llamalab.config import ModelConfig
+from llamalab.errors import LlamalabError
+from llamalab.kv_cache import cache_view
+from llamalab.model import Transformer
+from llamalab.parallel.tensor import check_degree, local_heads, shard_spec
+
+LAUNCH_TIMEOUT = 150  # seconds for one torchrun launch (four ranks import torch on 2 cores)
+PROMPT = 7  # prompt tokens per row
+DECODE = 3  # decode steps after the prefill
+ROWS = 2
+
+
+def _config(**kw) -> ModelConfig:
+    base = {"dim": 64, "n_layers": 2, "n_heads": 4, "vocab_size": 320, "ffn_hidden_dim": 160}
+    base.update(kw)
+    base.setdefault("context_length", 64)
+    return ModelConfig(**base)
+
+
+def _random_model(config: ModelConfig, seed: int) -> Transformer:
+    torch.manual_seed(seed)
+    model = Transformer(config).eval()
+    model.reset_parameters(0.15)  # large weights: varied logits that a mix-up cannot hide
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    return model
+
+
+def _tokens(config: ModelConfig, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, config.vocab_size, (ROWS, PROMPT + DECODE), generator=g)
+
+
+def run_model(model: Transformer, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Full-sequence logits, then the logits of a cached prefill and of each decode step."""
+    out = {}
+    with torch.no_grad():
+        out["full"] = model(tokens)
+        model.setup_cache(ROWS, PROMPT + DECODE + 1)
+        out["prefill"] = model(tokens[:, :PROMPT], cache_view(torch.arange(PROMPT)))
+        for step in range(DECODE):
+            pos = PROMPT + step
+            view = cache_view(torch.tensor([pos]))
+            out[f"decode{step}"] = model(tokens[:, pos : pos + 1], view)
+        model.clear_cache()
+    return out
+
+
+def launch(tmp_path: Path, nproc: int, job: dict) -> Path:
+    """Run this file's worker on ``nproc`` gloo ranks; return the folder of their results."""
+    out = tmp_path / f"out{nproc}"
+    out.mkdir()
+    job_file = tmp_path / f"job{nproc}.json"
+    job_file.write_text(json.dumps({**job, "out": str(out)}))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone",
+        f"--nproc_per_node={nproc}", __file__, str(job_file),
+    ]  # fmt: skip
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT, env=env, check=False
+    )
+    done = sorted(p.name for p in out.glob("done*"))
+    if len(done) != nproc:
+        pytest.fail(
+            f"{len(done)} of {nproc} ranks finished (rc {proc.returncode}):\n{proc.stderr[-4000:]}"
+        )
+    return out
+
+
+# ---------------------------------------------------------------- without processes
+
+
+@pytest.mark.parametrize(
+    ("kw", "world", "named"),
+    [
+        ({"n_heads": 4, "n_kv_heads": 2}, 3, "4 attention heads"),
+        ({"n_heads": 8, "n_kv_heads": 8, "ffn_hidden_dim": 162}, 4, "feed-forward hidden size 162"),
+        ({"n_heads": 12, "n_kv_heads": 3, "dim": 96}, 4, "3 key/value heads"),
+    ],
+)
+def test_a_degree_that_does_not_divide_the_model_is_refused(kw, world, named) -> None:
+    with pytest.raises(LlamalabError, match=f"degree {world} does not divide.*{named}"):
+        check_degree(_config(**kw), world)
+
+
+def test_smollm2_shape_splits_on_3_ranks_and_refuses_2() -> None:
+    smol = _config(dim=576, n_heads=9, n_kv_heads=3, ffn_hidden_dim=1536, vocab_size=49152)
+    check_degree(smol, 3)
+    with pytest.raises(LlamalabError, match="degree 2 does not divide its 9 attention heads"):
+        check_degree(smol, 2)
+
+
+@pytest.mark.parametrize(("n_kv", "world"), [(1, 2), (2, 2), (4, 2), (1, 4), (2, 4), (8, 4)])
+def test_the_ranks_slices_tile_every_tensor(n_kv: int, world: int) -> None:
+    """Each sharded tensor is cut into disjoint, ordered pieces that cover it; replicated
+    KV heads give every rank the head its queries read (query head h reads KV head
+    h // (n_heads / n_kv_heads), Meta's grouping)."""
+    config = _config(n_heads=8, n_kv_heads=n_kv, dim=64)
+    specs = [shard_spec(config, world, r) for r in range(world)]
+    D = config.head_dim
+    for name in (
+        "layers.0.attention.wq.weight",
+        "layers.1.feed_forward.w2.weight",
+        "output.weight",
+    ):
+        cuts = [s[name] for s in specs]
+        assert cuts[0].start == 0 and all(a.stop == b.start for a, b in itertools.pairwise(cuts))
+    assert specs[-1]["output.weight"].stop == config.vocab_size
+    for rank, spec in enumerate(specs):
+        heads, kv, first = local_heads(config, world, rank)
+        wk = spec["layers.0.attention.wk.weight"]
+        assert (wk.stop - wk.start) // D == kv == max(1, n_kv // world)
+        group = config.n_heads // n_kv
+        queries = range(rank * heads, (rank + 1) * heads)
+        assert {q // group for q in queries} == set(range(first, first + kv))
+        assert wk.dtensor == (n_kv >= world)
+
+
+# ---------------------------------------------------------------- on gloo ranks
+
+# KV heads fewer than, equal to and more than the ranks, for 2 and 4 ranks; tied outputs
+# and a vocabulary that does not split evenly among them.
+CASES = {
+    2: [
+        {"n_kv_heads": 1},
+        {"n_kv_heads": 2, "tie_embeddings": True},
+        {"n_kv_heads": 4, "vocab_size": 321},
+    ],
+    4: [
+        {"n_kv_heads": 2},
+        {"n_kv_heads": 4, "vocab_size": 322, "tie_embeddings": True},
+        {"n_heads": 8, "n_kv_heads": 8},
+    ],
+}
+
+
+@pytest.mark.parametrize("nproc", [2, 4])
+def test_ranks_give_the_logits_of_one_process(tmp_path: Path, nproc: int) -> None:
+    cases, expected = [], []
+    for i, kw in enumerate(CASES[nproc]):
+        config = _config(**kw)
+        model = _random_model(config, seed=100 * nproc + i)
+        weights = tmp_path / f"model{i}.pt"
+        torch.save(model.state_dict(), weights)
+        tokens = _tokens(config, seed=i)
+        cases.append({"config": kw, "weights": str(weights), "seed": i})
+        expected.append(run_model(model, tokens))
+    out = launch(tmp_path, nproc, {"kind": "forward", "cases": cases})
+    for rank in range(nproc):
+        got = torch.load(out / f"rank{rank}.pt")
+        for i, want in enumerate(expected):
+            for key, logits in want.items():
+                have = got[i][key]
+                assert have.shape == logits.shape, (rank, i, key)
+                err = (have - logits).abs().max().item()
+                assert err <= 1e-5, f"rank {rank}, case {CASES[nproc][i]}, {key}: {err}"
+            # Each rank's cache holds only its own KV heads.
+            assert got[i]["cache_heads"] == max(1, _config(**CASES[nproc][i]).n_kv_heads // nproc)
+
+
+# ---------------------------------------------------------------- the worker
+
+
+def _worker(job: dict) -> None:
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from llamalab.parallel.tensor import apply_tp
+
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mesh = init_device_mesh("cpu", (world,))
+    results = []
+    for case in job["cases"]:
+        config = _config(**case["config"])
+        model = Transformer(config).eval()
+        model.load_state_dict(torch.load(case["weights"]))
+        apply_tp(model, mesh)
+        result = run_model(model, _tokens(config, case["seed"]))
+        model.setup_cache(1, 4)
+        result["cache_heads"] = model.layers[0].attention.kv_cache.k.shape[1]
+        results.append(result)
+    out = Path(job["out"])
+    torch.save(results, out / f"rank{rank}.pt")
+    dist.barrier()
+    (out / f"done{rank}").touch()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    _worker(json.loads(Path(sys.argv[1]).read_text()))
