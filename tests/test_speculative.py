@@ -253,3 +253,29 @@ def test_lookup_is_on_by_default(smollm2) -> None:
     while not seq.finished:
         engine.step()
     assert seq.timing.accepted_tokens > 0
+
+
+def test_a_chat_turn_that_quotes_the_conversation_is_the_same(smollm2) -> None:
+    """The second turn reuses the cache row the first left (its accepted drafts' slots
+    included) and looks up the whole conversation."""
+    model, tok = smollm2
+
+    def conversation(lookup: LookupParams | None) -> tuple[list[int], list[int], int]:
+        engine = Engine(model, tok, max_seq_len=768)
+        messages = [{"role": "user", "content": REPEAT}]
+        first = engine.generate_batch(
+            [Request(tok.encode_chat(messages), max_tokens=60, sampling=GREEDY, lookup=lookup)]
+        )[0]
+        messages += [
+            {"role": "assistant", "content": first.text},
+            {"role": "user", "content": "Now write it again with `span` renamed to `size`."},
+        ]
+        second = engine.generate_batch(
+            [Request(tok.encode_chat(messages), max_tokens=60, sampling=GREEDY, lookup=lookup)]
+        )[0]
+        assert second.timing.prefill_tokens < second.timing.prompt_tokens  # the row was reused
+        return first.ids, second.ids, second.timing.accepted_tokens
+
+    plain, fast = conversation(None), conversation(LookupParams())
+    assert fast[:2] == plain[:2]
+    assert fast[2] > 0
