@@ -181,6 +181,74 @@ def test_ranks_give_the_logits_of_one_process(tmp_path: Path, nproc: int) -> Non
             assert got[i]["cache_heads"] == max(1, _config(**CASES[nproc][i]).n_kv_heads // nproc)
 
 
+@pytest.mark.parametrize("world", [2, 4])
+def test_hf_slices_are_read_without_the_whole_tensor(
+    tmp_path: Path, world: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each rank's part of a Hugging Face tensor comes from safetensors' slice reads, in
+    Meta's q/k layout: it equals the same rows or columns of the whole loaded tensor."""
+    from conftest import make_hf_model
+
+    from llamalab.checkpoint.load import open_checkpoint
+    from llamalab.parallel.loading import read_slice
+
+    make_hf_model("grouped-query").save_pretrained(tmp_path)
+    reader = open_checkpoint(tmp_path)
+    whole = {name: reader.load(name) for name in reader.names()}
+    monkeypatch.setattr(reader, "load", lambda name: pytest.fail(f"{name} read whole"))
+    for rank in range(world):
+        for name, cut in shard_spec(reader.config, world, rank).items():
+            if cut is None:
+                continue
+            want = whole[name].narrow(cut.dim, cut.start, cut.stop - cut.start)
+            assert torch.equal(read_slice(reader, name, cut), want), (rank, name)
+
+
+# The tiny Hugging Face variants of conftest.py, each on 2 and 4 ranks.
+LOAD_CASES = {2: ["grouped-query", "tied-output", "multi-head"], 4: ["grouped-query"]}
+
+
+@pytest.mark.parametrize("nproc", [2, 4])
+def test_sharded_loading_gives_the_logits_of_the_whole_model(
+    tmp_path: Path, nproc: int, request: pytest.FixtureRequest
+) -> None:
+    """Each rank reads its slices of a Hugging Face folder; the logits equal those of the
+    model loaded whole by one process, and a rank holds about 1/N of the weights."""
+    from conftest import make_hf_model
+
+    from llamalab.checkpoint.load import load_model
+
+    cases, expected, sizes = [], [], []
+    for i, variant in enumerate(LOAD_CASES[nproc]):
+        folder = tmp_path / variant
+        make_hf_model(variant, seed=i).save_pretrained(folder)
+        whole = load_model(folder)
+        tokens = _tokens(whole.config, seed=i)
+        cases.append({"folder": str(folder), "seed": i})
+        expected.append(run_model(whole, tokens))
+        sizes.append(sum(p.numel() for p in whole.parameters()))  # tied: counted once
+    job: dict = {"kind": "load", "cases": cases}
+    if nproc == 2:
+        try:
+            job["gguf"] = str(request.getfixturevalue("smollm2_path"))
+        except pytest.skip.Exception:
+            pass
+    out = launch(tmp_path, nproc, job)
+    for rank in range(nproc):
+        got = torch.load(out / f"rank{rank}.pt")
+        for i, want in enumerate(expected):
+            for key, logits in want.items():
+                err = (got["results"][i][key] - logits).abs().max().item()
+                assert err <= 1e-5, f"rank {rank}, {LOAD_CASES[nproc][i]}, {key}: {err}"
+            # Norms are whole on every rank, and replicated KV heads on several: a little
+            # over 1/N of the weights.
+            held = got["results"][i]["held"]
+            assert sizes[i] / nproc <= held <= 1.15 * sizes[i] / nproc, (held, sizes[i])
+        if "gguf" in job:
+            assert "tensor parallelism loads float weights only" in got["gguf_error"]
+            assert "Q4_1" in got["gguf_error"]
+
+
 # ---------------------------------------------------------------- the worker
 
 
@@ -188,26 +256,43 @@ def _worker(job: dict) -> None:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
+    from llamalab.parallel.loading import load_sharded
     from llamalab.parallel.tensor import apply_tp
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     mesh = init_device_mesh("cpu", (world,))
     results = []
+    saved: dict = {"results": results}
     for case in job["cases"]:
-        config = _config(**case["config"])
-        model = Transformer(config).eval()
-        model.load_state_dict(torch.load(case["weights"]))
-        apply_tp(model, mesh)
+        if job["kind"] == "forward":
+            config = _config(**case["config"])
+            model = Transformer(config).eval()
+            model.load_state_dict(torch.load(case["weights"]))
+            apply_tp(model, mesh)
+        else:
+            model = load_sharded(case["folder"], mesh)
+            config = model.config
         result = run_model(model, _tokens(config, case["seed"]))
+        result["held"] = sum(_local(p).numel() for p in model.parameters())
         model.setup_cache(1, 4)
         result["cache_heads"] = model.layers[0].attention.kv_cache.k.shape[1]
         results.append(result)
+    if "gguf" in job:
+        try:
+            load_sharded(job["gguf"], mesh)
+            saved["gguf_error"] = "loaded"
+        except LlamalabError as exc:
+            saved["gguf_error"] = str(exc)
     out = Path(job["out"])
-    torch.save(results, out / f"rank{rank}.pt")
+    torch.save(saved if job["kind"] == "load" else results, out / f"rank{rank}.pt")
     dist.barrier()
     (out / f"done{rank}").touch()
     dist.destroy_process_group()
+
+
+def _local(p: torch.Tensor) -> torch.Tensor:
+    return p.to_local() if hasattr(p, "to_local") else p
 
 
 if __name__ == "__main__":
