@@ -25,6 +25,7 @@ COMMANDS = (
     ("tokenizer", "tokenizer", "train a SentencePiece tokenizer"),
     ("data", "data", "prepare token shards for training"),
     ("train", "train", "pretrain a model from a TOML config"),
+    ("finetune", "finetune", "fine-tune a model (LoRA or full) on instruction data"),
     ("eval", "eval", "evaluate a model on benchmarks or perplexity"),
 )
 

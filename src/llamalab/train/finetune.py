@@ -1,0 +1,591 @@
+"""Fine-tuning a loaded checkpoint on instruction data: LoRA (float or packed base) or full.
+
+    model = "SmolLM2-135M-Instruct.Q4_1.gguf"   # any checkpoint llamalab loads
+    data = "data/train.jsonl"                   # chat, Alpaca, ShareGPT or text lines
+    out_dir = "runs/lora"
+    method = "lora"                             # or "full"
+    rank = 8
+    alpha = 16
+    targets = ["wq", "wv"]
+
+It runs on the pieces of ``llamalab train``: the same TOML validation and ``--set``
+overrides (`config.py`), the optimiser step (`loop.train_step`), schedule, metrics file
+and plot, progress bar, DCP checkpoints (`checkpoint.py`) and stop signals. What differs
+is the batch source (one instruction item per padded row, `data/instruct.py`), the
+trainable parameters (the adapters, or every weight with ``method = "full"``) and what
+is exported: ``out_dir/adapter/``, a PEFT folder with ``SHA256SUMS``, written with each
+checkpoint and at the end (``out_dir/export/``, a Meta folder, for a full fine-tune).
+
+Data order is a function of the seed and the step alone (a seeded permutation of the
+training items per epoch), so a resumed run reads the same rows as an uninterrupted
+one; with the random state restored from the checkpoint (dropout), its losses are the
+same. ``out_dir`` records the run (``finetune.json``); running again with the same
+model, data and settings resumes, anything else is refused before training starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+import tomllib
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llamalab.errors import LlamalabError
+from llamalab.files import read_text_bounded
+from llamalab.train.config import MAX_CONFIG_BYTES, PRECISIONS, parse_value
+
+METHODS = ("lora", "full")
+BASES = ("auto", "packed", "float")
+RUN_RECORD = "finetune.json"
+ADAPTER = "adapter"
+# What makes a run this run: a resume may change how long it trains, how often it saves,
+# evaluates and logs, and the threads, never what it trains on or what it trains.
+IDENTITY = (
+    "model",
+    "data",
+    "method",
+    "rank",
+    "alpha",
+    "dropout",
+    "targets",
+    "seq_len",
+    "batch_tokens",
+    "micro_batch_size",
+    "seed",
+    "val_fraction",
+    "overflow",
+    "base",
+    "weight_decay",
+    "precision",
+)
+
+
+@dataclass
+class FinetuneConfig:
+    """A fine-tuning run; see the module docstring for the file format."""
+
+    model: str
+    data: str
+    out_dir: str
+    method: str = "lora"
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=lambda: ["wq", "wv"])
+    base: str = "auto"  # packed: a GGUF base keeps its stored quantization (LoRA only)
+    lr: float = 2.0e-4
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    max_steps: int | None = None
+    epochs: float | None = None
+    seq_len: int = 512
+    batch_tokens: int = 4096  # tokens per optimiser step: batch_tokens / seq_len rows
+    micro_batch_size: int = 1  # rows per forward pass
+    overflow: str = "truncate"  # or "drop": what happens to an item longer than seq_len
+    val_fraction: float = 0.1
+    seed: int = 0
+    precision: str = "fp32"
+    threads: int | None = None
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    eval_every: int = 50
+    log_every: int = 10
+    plot_every: int = 50
+    source: str = field(default="", compare=False)
+
+    def __post_init__(self) -> None:
+        where = f"config {self.source}: " if self.source else "config: "
+
+        def fail(msg: str) -> LlamalabError:
+            return LlamalabError(where + msg)
+
+        for key in ("model", "data", "out_dir"):
+            if not isinstance(getattr(self, key), str) or not getattr(self, key):
+                raise fail(f"{key} must be a path, got {getattr(self, key)!r}")
+        if self.method not in METHODS:
+            raise fail(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.base not in BASES:
+            raise fail(f"base must be one of {', '.join(BASES)}, got {self.base!r}")
+        if self.method == "full" and self.base == "packed":
+            raise fail("method full trains every weight, so the base cannot stay packed")
+        if self.overflow not in ("truncate", "drop"):
+            raise fail(f"overflow must be truncate or drop, got {self.overflow!r}")
+        if self.precision not in PRECISIONS:
+            raise fail(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+            raise fail(f"rank must be a whole number ≥ 1, got {self.rank!r}")
+        from llamalab.train.lora import TARGETS
+
+        if isinstance(self.targets, str):
+            self.targets = [self.targets]
+        if not isinstance(self.targets, list) or not self.targets:
+            raise fail(f"targets must be a list of module names among {' '.join(TARGETS)}")
+        for t in self.targets:
+            if t not in TARGETS:
+                raise fail(f"unknown target module {t!r}; choose among {' '.join(TARGETS)}")
+        ints = {
+            "seq_len": 1,
+            "batch_tokens": 1,
+            "micro_batch_size": 1,
+            "warmup_steps": 0,
+            "checkpoint_every": 1,
+            "keep_checkpoints": 1,
+            "eval_every": 0,
+            "log_every": 1,
+            "plot_every": 0,
+            "seed": 0,
+        }
+        for key, low in ints.items():
+            v = getattr(self, key)
+            if not isinstance(v, int) or isinstance(v, bool) or v < low:
+                raise fail(f"{key} must be a whole number ≥ {low}, got {v!r}")
+        for key in ("max_steps", "threads"):
+            v = getattr(self, key)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise fail(f"{key} must be a whole number ≥ 1, got {v!r}")
+        floats = {
+            "alpha": (0, math.inf),
+            "dropout": (0, 0.999),
+            "lr": (0, 1),
+            "min_lr_ratio": (0, 1),
+            "weight_decay": (0, 10),
+            "beta1": (0, 1),
+            "beta2": (0, 1),
+            "eps": (0, 1),
+            "grad_clip": (0, math.inf),
+            "val_fraction": (0, 0.9),
+        }
+        for key, (low, high) in floats.items():
+            v = getattr(self, key)
+            if isinstance(v, int) and not isinstance(v, bool):
+                v = float(v)
+                setattr(self, key, v)
+            if not isinstance(v, float) or not math.isfinite(v) or not low <= v <= high:
+                raise fail(f"{key} must be a number from {low} to {high}, got {v!r}")
+        if self.alpha <= 0:
+            raise fail(f"alpha must be a positive number, got {self.alpha!r}")
+        if self.epochs is not None:
+            e = self.epochs
+            if isinstance(e, bool) or not isinstance(e, int | float) or not 0 < e < 1e6:
+                raise fail(f"epochs must be a positive number, got {e!r}")
+            self.epochs = float(e)
+        if (self.max_steps is None) == (self.epochs is None):
+            raise fail("set one of max_steps or epochs")
+        per_micro = self.seq_len * self.micro_batch_size
+        if self.batch_tokens % per_micro:
+            raise fail(
+                f"batch_tokens {self.batch_tokens} is not a multiple of seq_len × "
+                f"micro_batch_size = {per_micro}"
+            )
+
+    @property
+    def rows_per_step(self) -> int:
+        """Items (rows of ``seq_len``) per optimiser step."""
+        return self.batch_tokens // self.seq_len
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain dict (TOML/JSON-able), without ``source``."""
+        d = dataclasses.asdict(self)
+        d.pop("source")
+        return d
+
+
+FIELDS = {f.name for f in dataclasses.fields(FinetuneConfig)} - {"source"}
+
+
+def load_finetune_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()):
+    """Read a TOML fine-tuning config, apply ``--set key=value`` overrides, validate."""
+    path = Path(path)
+    if not os.path.lexists(path):
+        raise LlamalabError(f"{path}: no such config file")
+    text = read_text_bounded(path, MAX_CONFIG_BYTES, "config")
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise LlamalabError(f"{path}: not valid TOML: {exc}") from None
+    unknown = sorted(set(data) - FIELDS)
+    if unknown:
+        raise LlamalabError(f"{path}: unknown config key {unknown[0]!r}")
+    for assignment in overrides:
+        key, sep, value = assignment.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise LlamalabError(f"--set expects key=value, got {assignment!r}")
+        if key not in FIELDS:
+            raise LlamalabError(f"--set: unknown config key {key!r}")
+        data[key] = parse_value(value.strip())
+        if key in ("max_steps", "epochs"):  # one replaces the other
+            data.pop("epochs" if key == "max_steps" else "max_steps", None)
+    for key in ("model", "data", "out_dir"):
+        if key not in data:
+            raise LlamalabError(
+                f"{path}: missing {key} (set it in the file or with --set {key}=...)"
+            )
+    return FinetuneConfig(**data, source=str(path))
+
+
+# -- data order ---------------------------------------------------------------------
+
+
+def rows_of_step(step: int, rows: int, n_items: int, seed: int) -> list[int]:
+    """The training items of optimiser step ``step`` (from 0): the next ``rows`` of an
+    endless sequence of seeded permutations, one per epoch."""
+    out = []
+    for k in range(step * rows, (step + 1) * rows):
+        epoch, at = divmod(k, n_items)
+        order = list(range(n_items))
+        random.Random(seed * 1_000_003 + epoch).shuffle(order)
+        out.append(order[at])
+    return out
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _check_out_dir(out: Path, record: dict[str, Any]) -> bool:
+    """Create nothing; accept an empty/new folder or this very run (True: resume)."""
+    if out.exists() and not out.is_dir():
+        raise LlamalabError(f"{out}: exists and is not a folder")
+    run_file = out / RUN_RECORD
+    if run_file.is_file():
+        try:
+            old = json.loads(run_file.read_text())
+            old_cfg, old_id = old["config"], old["identity"]
+        except (OSError, ValueError, KeyError, TypeError):
+            raise LlamalabError(f"{run_file}: unreadable; not a llamalab finetune run?") from None
+        for key, value in record["identity"].items():
+            if old_id.get(key) != value:
+                was = old_cfg.get(key, old_id.get(key)) if key in old_cfg else old_id.get(key)
+                now = record["config"].get(key, value)
+                raise LlamalabError(
+                    f"{out}: holds another fine-tuning run ({key} was {was!r}, now {now!r}); "
+                    "choose a new out_dir (nothing was overwritten)"
+                )
+        return True
+    if out.is_dir() and any(p for p in out.iterdir() if not p.name.startswith(".")):
+        raise LlamalabError(
+            f"{out}: folder is not empty and is not a previous `llamalab finetune` run; "
+            "choose a new or empty out_dir (nothing was overwritten)"
+        )
+    return False
+
+
+# -- the run ------------------------------------------------------------------------
+
+
+def finetune(cfg: FinetuneConfig, *, progress: bool | None = None) -> dict[str, Any]:
+    """Run (or resume) the fine-tuning ``cfg`` describes; return a summary of the run.
+
+    Every input is checked (data, model, out_dir) before anything is written.
+    """
+    from llamalab.train.parallel import close_world, init_world
+
+    world = init_world("cpu")
+    try:
+        if world.distributed:
+            raise LlamalabError("finetune runs in one process for now; run it without torchrun")
+        return _finetune(cfg, world, progress)
+    finally:
+        close_world(world)
+
+
+def _say(line: str) -> None:
+    print(f"llamalab finetune: {line}", file=sys.stderr, flush=True)
+
+
+def _finetune(cfg: FinetuneConfig, world: Any, progress: bool | None) -> dict[str, Any]:
+    import torch
+    from torch import nn
+    from tqdm import tqdm
+
+    from llamalab.checkpoint.load import load_model, open_checkpoint
+    from llamalab.data.instruct import load_instruct, split_validation, to_rows
+    from llamalab.default_model import resolve_model_path
+    from llamalab.tokenizer import load_tokenizer
+    from llamalab.train.checkpoint import load_newest_checkpoint, save_checkpoint
+    from llamalab.train.loop import _closing, _StopSignal, resolve_precision, train_step
+    from llamalab.train.metrics import METRICS, PLOT, MetricsWriter, plot_metrics, truncate_metrics
+    from llamalab.train.optim import build_optimizer
+    from llamalab.train.schedule import lr_at
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out_dir)
+
+    # ---- inputs, all checked before anything is written: model header, data, out_dir
+    model_path = resolve_model_path(cfg.model)
+    reader = open_checkpoint(model_path)
+    try:
+        mcfg, fmt = reader.config, reader.format
+    finally:
+        reader.close()
+    if cfg.seq_len > mcfg.context_length:
+        raise LlamalabError(
+            f"config: seq_len {cfg.seq_len} exceeds the model's context length "
+            f"{mcfg.context_length}"
+        )
+    data_path = Path(cfg.data)
+    tokenizer = load_tokenizer(model_path)
+    data = load_instruct(data_path, tokenizer, cfg.seq_len, overflow=cfg.overflow)
+    if not data.examples:
+        raise LlamalabError(
+            f"{data_path}: no item has a token to train on at seq_len {cfg.seq_len}"
+        )
+    train_items, val_items = split_validation(data.examples, cfg.val_fraction, cfg.seed)
+    rows = cfg.rows_per_step
+    if rows > len(train_items):
+        raise LlamalabError(
+            f"config: batch_tokens {cfg.batch_tokens} is {rows} rows of seq_len {cfg.seq_len}, "
+            f"more than the {len(train_items)} training items; lower batch_tokens"
+        )
+    if cfg.max_steps is not None:
+        stop_step = cfg.max_steps
+    else:
+        stop_step = max(1, math.ceil(cfg.epochs * len(train_items) / rows))
+    packed = cfg.method == "lora" and (
+        cfg.base == "packed" or (cfg.base == "auto" and fmt == "gguf")
+    )
+    identity = {k: getattr(cfg, k) for k in IDENTITY}
+    identity["model"] = str(model_path.resolve())
+    identity["data"] = str(data_path.resolve())
+    identity["data_sha256"] = file_sha256(data_path)
+    identity["model_config"] = mcfg.to_dict()
+    record = {"identity": identity, "config": cfg.to_dict(), "data": data.summary()}
+    resuming = _check_out_dir(out, record)
+
+    # ---- the model and what trains
+    model = load_model(model_path, dtype=torch.float32, packed=packed)
+    if cfg.method == "lora":
+        from llamalab.train.lora import apply_lora, lora_adapters
+
+        apply_lora(model, cfg.rank, cfg.alpha, cfg.dropout, targets=cfg.targets, seed=cfg.seed)
+        # Checkpoints and the optimiser see the adapters alone, never the frozen base.
+        trainable: nn.Module = nn.ModuleDict(
+            {name.replace(".", "-"): a for name, a in lora_adapters(model).items()}
+        )
+    else:
+        model.requires_grad_(True)
+        trainable = model
+    model.train()
+    dtype = resolve_precision(cfg.precision, world.device)
+    autocast = torch.autocast("cpu", dtype=dtype) if dtype != torch.float32 else None
+    optimizer = build_optimizer(trainable, cfg)
+    n_trainable = sum(p.numel() for p in trainable.parameters() if p.requires_grad)
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / RUN_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+
+    # Dropout draws from torch's generator: seeded here, restored by a resume below.
+    torch.manual_seed(cfg.seed)
+    step = 0
+    loaded = load_newest_checkpoint(out, trainable, optimizer, world) if resuming else None
+    ckpt = None
+    if loaded is not None:
+        ckpt, state, passed_over = loaded
+        step = int(state["step"])
+        if passed_over:
+            names = ", ".join(f.name for f, _ in passed_over)
+            _say(f"cannot load {names} ({passed_over[0][1]}); resuming from {ckpt.name}")
+    val_rows = to_rows(val_items, cfg.seq_len, pad_id=0) if val_items else None
+
+    def evaluate() -> float:
+        """Mean validation loss per trained token."""
+        model.eval()
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for i in range(0, val_rows[0].shape[0], cfg.micro_batch_size):
+                x = val_rows[0][i : i + cfg.micro_batch_size]
+                y = val_rows[1][i : i + cfg.micro_batch_size]
+                n = int((y != -100).sum())
+                with autocast if autocast is not None else nullcontext():
+                    loss = model(x, targets=y)
+                total += float(loss) * n
+                count += n
+        model.train()
+        return total / count
+
+    def export() -> Path:
+        return _export(model, cfg, out, tokenizer, mcfg, str(model_path))
+
+    if step >= stop_step:
+        if not (out / _export_name(cfg)).is_dir():
+            export()
+        return {"step": step, "stop_step": stop_step, "already_finished": True,
+                "out_dir": str(out), "export": str(out / _export_name(cfg))}  # fmt: skip
+
+    metrics_path = out / METRICS
+    if metrics_path.exists():
+        truncate_metrics(metrics_path, step)
+    metrics = MetricsWriter(metrics_path)
+    _say(f"{data.summary()}; {len(train_items)} train, {len(val_items)} validation")
+    where = "packed" if packed else "float32"
+    _say(
+        f"{cfg.method} on {model_path.name} ({where} base), {n_trainable / 1e6:.3f}M trainable "
+        f"parameters, {rows} rows of {cfg.seq_len} per step, {stop_step} steps"
+        + (f", resuming from {ckpt.name}" if ckpt else "")
+    )
+    show_bar = sys.stderr.isatty() if progress is None else progress
+    bar = tqdm(total=stop_step, initial=step, unit="step", disable=not show_bar, dynamic_ncols=True)
+    start_step, t_start = step, time.perf_counter()
+    stopped_by, loss_value, last_saved = None, math.nan, step if ckpt else -1
+    micro_per_step = rows // cfg.micro_batch_size
+
+    def micro_batches(at: int):
+        chosen = [train_items[i] for i in rows_of_step(at, rows, len(train_items), cfg.seed)]
+        for i in range(0, rows, cfg.micro_batch_size):
+            yield to_rows(chosen[i : i + cfg.micro_batch_size], cfg.seq_len, pad_id=0)
+
+    def save() -> None:
+        save_checkpoint(
+            out, step, trainable, optimizer, {"max_steps": stop_step}, world,
+            keep=cfg.keep_checkpoints,
+        )  # fmt: skip
+        if cfg.method == "lora":
+            export()
+
+    with _StopSignal() as stop, _closing(bar):
+        while step < stop_step:
+            t0 = time.perf_counter()
+            lr = lr_at(
+                step,
+                peak=cfg.lr,
+                warmup_steps=cfg.warmup_steps,
+                total_steps=stop_step,
+                min_ratio=cfg.min_lr_ratio,
+            )
+            batches = list(micro_batches(step))
+            trained = sum(int((y != -100).sum()) for _, y in batches)
+            loss_t, grad_norm = train_step(
+                model, optimizer, batches, accum=micro_per_step, lr=lr,
+                grad_clip=cfg.grad_clip, autocast=autocast,
+            )  # fmt: skip
+            step += 1
+            loss_value = float(loss_t)
+            if not math.isfinite(loss_value):
+                raise LlamalabError(f"step {step}: the loss is {loss_value}; stopping")
+            dt = time.perf_counter() - t0
+            rec: dict[str, Any] = {
+                "step": step,
+                "loss": loss_value,
+                "lr": lr,
+                "grad_norm": float(grad_norm),
+                "tokens": step * cfg.batch_tokens,
+                "trained_tokens": trained,
+                "tokens_per_s": cfg.batch_tokens / dt,
+                "elapsed_s": time.perf_counter() - t_start,
+                "epochs": step * rows / len(train_items),
+            }
+            if (
+                val_rows is not None
+                and cfg.eval_every
+                and (step % cfg.eval_every == 0 or step == stop_step)
+            ):
+                rec["eval_loss"] = {"validation": evaluate()}
+            metrics.write(rec)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
+            if not show_bar and (step % cfg.log_every == 0 or step == stop_step):
+                val = rec.get("eval_loss", {}).get("validation")
+                print(
+                    f"step {step}/{stop_step} loss {loss_value:.4f} lr {lr:.2e}"
+                    + (f" val {val:.4f}" if val is not None else "")
+                    + f" {rec['tokens_per_s']:,.0f} tok/s",
+                    file=sys.stderr,
+                )
+            if cfg.plot_every and step % cfg.plot_every == 0:
+                plot_metrics(metrics_path, out / PLOT, title=f"{cfg.method} {model_path.name}")
+            stopping = stop.received is not None
+            if step % cfg.checkpoint_every == 0 or stopping or step == stop_step:
+                save()
+                last_saved = step
+            if stopping:
+                stopped_by = stop.received
+                break
+    elapsed = time.perf_counter() - t_start
+    if step > last_saved and step > 0:
+        save()
+    metrics.close()
+    plot_metrics(metrics_path, out / PLOT, title=f"{cfg.method} {model_path.name}")
+    exported = None
+    if stopped_by is None:
+        exported = export() if cfg.method == "full" else out / ADAPTER
+    done = step - start_step
+    return {
+        "step": step,
+        "stop_step": stop_step,
+        "already_finished": False,
+        "loss": loss_value,
+        "steps_run": done,
+        "elapsed_s": elapsed,
+        "tokens_per_s": done * cfg.batch_tokens / elapsed if elapsed > 0 else 0.0,
+        "stopped_by": signal.Signals(stopped_by).name if stopped_by else None,
+        "export": str(exported) if exported else None,
+        "out_dir": str(out),
+    }
+
+
+def _export_name(cfg: FinetuneConfig) -> str:
+    from llamalab.train.export import EXPORT
+
+    return ADAPTER if cfg.method == "lora" else EXPORT
+
+
+def _export(model, cfg: FinetuneConfig, out: Path, tokenizer, mcfg, base: str) -> Path:
+    """``out/adapter`` (a PEFT folder) or, for a full fine-tune, ``out/export`` (a Meta
+    folder with the base's tokenizer), each with ``SHA256SUMS``."""
+    import shutil
+    import tempfile
+
+    from llamalab.checkpoint.verify import write_checksums
+
+    if cfg.method == "lora":
+        from llamalab.train.lora import save_peft_adapter
+
+        # Written whole beside the old one, then swapped in: a kill leaves one whole folder.
+        dst = out / ADAPTER
+        stage = Path(tempfile.mkdtemp(dir=out, prefix=f".{ADAPTER}.tmp-"))
+        try:
+            os.chmod(stage, 0o755)
+            save_peft_adapter(model, stage, base_model=base)
+            write_checksums(stage)
+            if dst.exists():
+                old = Path(tempfile.mkdtemp(dir=out, prefix=f".{ADAPTER}.old-"))
+                os.rename(dst, old / ADAPTER)
+                os.rename(stage, dst)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.rename(stage, dst)
+        except BaseException:
+            shutil.rmtree(stage, ignore_errors=True)
+            raise
+        return dst
+
+    from llamalab.tokenizer.export import write_tokenizer_files
+    from llamalab.train.export import export_meta
+
+    tok_dir = Path(tempfile.mkdtemp(dir=out, prefix=".tokenizer-"))
+    try:
+        write_tokenizer_files(tokenizer, tok_dir, context_length=mcfg.context_length)
+        return export_meta(model.state_dict(), mcfg, tok_dir, out)
+    finally:
+        shutil.rmtree(tok_dir, ignore_errors=True)
