@@ -274,6 +274,8 @@ def _worker(job: dict) -> None:
             model = load_sharded(case["folder"], mesh)
             config = model.config
         result = run_model(model, _tokens(config, case["seed"]))
+        # Plain tensors, as from one process (not a collective still in flight).
+        assert all(type(t) is torch.Tensor for t in result.values()), result
         result["held"] = sum(_local(p).numel() for p in model.parameters())
         model.setup_cache(1, 4)
         result["cache_heads"] = model.layers[0].attention.kv_cache.k.shape[1]

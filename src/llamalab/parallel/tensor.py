@@ -229,5 +229,14 @@ def _wire(model: nn.Module, mesh) -> None:
         plan[p + "feed_forward.w3"] = ColwiseParallel()
         plan[p + "feed_forward.w2"] = RowwiseParallel()  # the all-reduce after the FFN
     parallelize_module(model, mesh, plan)
+    # The gathered logits come back as a collective still in flight (a tensor subclass that
+    # waits when first used); the caller gets a plain tensor, as from one process.
+    model.output.register_forward_hook(_wait_for_logits)
     if model.config.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight
+
+
+def _wait_for_logits(module: nn.Module, args, out: torch.Tensor) -> torch.Tensor:
+    from torch.distributed._functional_collectives import AsyncCollectiveTensor
+
+    return out.wait() if isinstance(out, AsyncCollectiveTensor) else out
