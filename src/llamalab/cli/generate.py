@@ -8,6 +8,7 @@ import sys
 
 from llamalab.cli.options import (
     add_lookup_options,
+    add_lora_option,
     add_runtime_options,
     add_sampling_options,
     check_text_argument,
@@ -15,6 +16,7 @@ from llamalab.cli.options import (
     grammar_from_args,
     load_runtime_from_args,
     lookup_from_args,
+    lora_from_args,
     read_text_file,
     read_text_stdin,
     sampling_from_args,
@@ -43,6 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_runtime_options(p)
     add_sampling_options(p)
     add_lookup_options(p)
+    add_lora_option(p)
     p.add_argument(
         "--stop",
         action="append",
@@ -101,14 +104,17 @@ def run(args: argparse.Namespace) -> int:
     sampling = sampling_from_args(args)
     lookup = lookup_from_args(args)
     stops = [check_text_argument(stop, "--stop text") for stop in args.stop]
+    adapters = lora_from_args(args)
     server = find_server(args)
     if server is not None:
         # A resident model answers: nothing here loads it, nor imports torch.
         return _run_on_server(server, args, sampling, stops)
-    return _run_here(args, sampling, stops, lookup)
+    return _run_here(args, sampling, stops, lookup, adapters)
 
 
-def _run_here(args: argparse.Namespace, sampling, stops: list[str], lookup=None) -> int:
+def _run_here(
+    args: argparse.Namespace, sampling, stops: list[str], lookup=None, adapters=()
+) -> int:
     from llamalab.generation.chat import build_messages
     from llamalab.kernels import isa_in_use
 
@@ -116,6 +122,10 @@ def _run_here(args: argparse.Namespace, sampling, stops: list[str], lookup=None)
     prompt = _read_prompt(args)
     # Imports torch in the background meanwhile: nothing before it may import torch.
     model, tokenizer = load_runtime_from_args(args)
+    if adapters:
+        from llamalab.train.lora import load_peft_adapters
+
+        load_peft_adapters(model, adapters)
     from llamalab.generation import Engine, Request
 
     if args.chat:

@@ -282,6 +282,45 @@ def lookup_from_args(args: argparse.Namespace):
     return LookupParams(**sizes)
 
 
+def add_lora_option(p: argparse.ArgumentParser) -> None:
+    """``--lora PATH[:SCALE]`` (repeatable): LoRA adapters run on top of the model, unmerged."""
+    p.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="PATH[:SCALE]",
+        help="run with this LoRA adapter (a PEFT folder, as `llamalab finetune` writes), "
+        "its update times SCALE (default 1); repeatable; runs the model here, never on a server",
+    )
+
+
+def lora_from_args(args: argparse.Namespace) -> list[tuple[str, float]]:
+    """``[(path, scale), ...]`` of ``--lora``, each checked to name an adapter folder."""
+    adapters = []
+    for text in getattr(args, "lora", None) or []:
+        path, scale = text, 1.0
+        head, sep, tail = text.rpartition(":")
+        if sep and head and not os.path.exists(text):
+            try:
+                scale = float(tail)
+            except ValueError:
+                raise LlamalabError(
+                    f"--lora {text}: SCALE must be a number, got {tail!r}"
+                ) from None
+            path = head
+            if not math.isfinite(scale):
+                raise LlamalabError(f"--lora {text}: SCALE must be finite, got {tail!r}")
+        if not os.path.exists(path):
+            raise LlamalabError(f"--lora {path}: no such file or folder")
+        if not os.path.isfile(os.path.join(path, "adapter_config.json")):
+            raise LlamalabError(
+                f"--lora {path}: not a LoRA adapter (a PEFT folder with adapter_config.json, "
+                "as `llamalab finetune` writes under out_dir/adapter)"
+            )
+        adapters.append((path, scale))
+    return adapters
+
+
 def positive_int(text: str) -> int:
     """An argparse type: an integer ≥ 1."""
     try:

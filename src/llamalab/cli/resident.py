@@ -104,6 +104,9 @@ def find_server(args: argparse.Namespace) -> Server | None:
             f"{' and '.join(drafting)} {'is' if len(drafting) == 1 else 'are'} not sent to a "
             "server; leave it out, or use --no-server to run the model here"
         )
+    if getattr(args, "lora", None):
+        # The adapters are put on the model this process loads; a server runs its own.
+        return refuse("--lora is not sent to a server; leave it out, or use --no-server")
     try:
         report = probe(address.url)
     except ServerUnreachable as exc:

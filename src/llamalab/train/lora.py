@@ -549,4 +549,8 @@ def load_peft_adapters(model: nn.Module, adapters: Iterable[tuple[str | Path, fl
         state[f"{name}.lora_A.weight"] = torch.cat(a_parts)
         state[f"{name}.lora_B.weight"] = torch.cat(b_parts, dim=1)
     load_lora_state_dict(model, state)
+    norm = getattr(getattr(model, "norm", None), "weight", None)  # where the model runs
+    if norm is not None:
+        for adapter in lora_adapters(model).values():
+            adapter.to(norm.device)
     model.requires_grad_(False)
