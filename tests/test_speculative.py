@@ -279,3 +279,74 @@ def test_a_chat_turn_that_quotes_the_conversation_is_the_same(smollm2) -> None:
     plain, fast = conversation(None), conversation(LookupParams())
     assert fast[:2] == plain[:2]
     assert fast[2] > 0
+
+
+# ------------------------------------------------------------------ a draft model
+def _random_draft(vocab_size: int, seed: int = 0):
+    """A random model with ``vocab_size`` tokens: its drafts mostly miss."""
+    from llamalab.config import ModelConfig
+    from llamalab.model import Transformer
+
+    torch.manual_seed(seed)
+    config = ModelConfig(dim=64, n_layers=2, n_heads=4, vocab_size=vocab_size, ffn_hidden_dim=128)
+    model = Transformer(config)
+    model.reset_parameters(0.2)
+    return model.eval()
+
+
+def _drafted(smollm2, draft, prompt: str, **request):
+    model, tok = smollm2
+    ids = tok.encode_chat([{"role": "user", "content": prompt}])
+    engine = Engine(model, tok, max_seq_len=512, draft=draft)
+    seq, first = engine.submit(Request(ids, lookup=LookupParams(), **request))
+    events = [first]
+    while not seq.finished:
+        events += [e for _, e in engine.step()]
+    return events, seq
+
+
+@pytest.mark.parametrize("sampling", [GREEDY, SAMPLERS["filters"], SAMPLERS["penalties"]])
+def test_a_draft_model_gives_the_targets_output(smollm2, smollm2_path, sampling) -> None:
+    """SmolLM2 in float32 drafts for its Q4_1 self (most drafts hit); a random model of
+    the same vocabulary drafts too (most miss): the text is the target's either way."""
+    plain, _ = _run(smollm2, FREE, None, max_tokens=40, sampling=sampling)
+    expected = [(e.token_id, e.text, e.finish_reason) for e in plain]
+    for draft in (load_model(smollm2_path), _random_draft(smollm2[0].config.vocab_size)):
+        events, seq = _drafted(smollm2, draft, FREE, max_tokens=40, sampling=sampling)
+        assert [(e.token_id, e.text, e.finish_reason) for e in events] == expected
+        assert seq.timing.draft_tokens > 0
+
+
+def test_a_good_draft_model_is_accepted_and_a_random_one_turned_off(smollm2, smollm2_path):
+    _, good = _drafted(smollm2, load_model(smollm2_path), FREE, max_tokens=60, sampling=GREEDY)
+    assert good.timing.accepted_tokens >= 0.8 * good.timing.draft_tokens
+    random_draft = _random_draft(smollm2[0].config.vocab_size)
+    _, bad = _drafted(smollm2, random_draft, FREE, max_tokens=60, sampling=GREEDY)
+    assert bad.timing.draft_tokens < 20  # a probe every few steps, not a draft per step
+
+
+def test_a_draft_with_another_vocabulary_or_larger_is_refused(smollm2, smollm2_path) -> None:
+    model, tok = smollm2
+    with pytest.raises(LlamalabError, match="vocabulary has 320 tokens, the target's 49,152"):
+        Engine(model, tok, max_seq_len=64, draft=_random_draft(320), draft_tokenizer=_Vocab(320))
+    from llamalab.config import ModelConfig
+    from llamalab.model import Transformer
+
+    with torch.device("meta"):  # only its size is read
+        big = Transformer(
+            ModelConfig(dim=2048, n_layers=4, n_heads=16, vocab_size=49152, ffn_hidden_dim=256)
+        )
+    with pytest.raises(LlamalabError, match="larger than the target"):
+        Engine(model, tok, max_seq_len=64, draft=big)
+    with pytest.raises(LlamalabError, match="another model than the target"):
+        Engine(model, tok, max_seq_len=64, draft=model)
+
+
+class _Vocab:
+    """A tokenizer as far as the vocabulary check reads one."""
+
+    def __init__(self, n: int) -> None:
+        self.vocab_size = n
+
+    def token_bytes(self, i: int) -> bytes:
+        return bytes([i % 256])

@@ -38,7 +38,13 @@ from llamalab.errors import LlamalabError
 from llamalab.generation.grammar import Constraint, Grammar, GrammarCompiler
 from llamalab.generation.params import DEFAULT_LOOKUP, GREEDY, LookupParams
 from llamalab.generation.sampling import SamplingParams, sample, top_logprobs
-from llamalab.generation.speculative import PassCost, Speculation, timed_scores, verifies_exactly
+from llamalab.generation.speculative import (
+    ModelDrafter,
+    PassCost,
+    Speculation,
+    timed_scores,
+    verifies_exactly,
+)
 from llamalab.generation.stopping import StopStringMatcher
 from llamalab.kv_cache import CacheView, Segments, cache_view
 
@@ -263,6 +269,9 @@ class Engine:
             (measured as the engine runs), within ``MIN_PREFILL_CHUNK .. prefill_chunk``
             tokens; ``None`` makes every chunk ``prefill_chunk`` tokens.
         progress: show a progress bar while :meth:`submit` prefills a long prompt.
+        draft: a smaller model with the same vocabulary (``draft_tokenizer``'s) that
+            drafts instead of prompt lookup, for requests that speculate
+            (``Request.lookup`` set); it keeps its own KV cache.
     """
 
     def __init__(
@@ -275,6 +284,8 @@ class Engine:
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
         prefill_share: float | None = PREFILL_SHARE,
         progress: bool = False,
+        draft: torch.nn.Module | None = None,
+        draft_tokenizer: Tokenizer | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -300,6 +311,11 @@ class Engine:
         self.model_vocab_size = model.config.vocab_size
         self.vocab_size = min(self.model_vocab_size, tokenizer.vocab_size)
         model.setup_cache(max_batch, self.max_seq_len)
+        self.drafter = None
+        if draft is not None:
+            self.drafter = ModelDrafter(
+                draft, draft_tokenizer or tokenizer, model, tokenizer, self.max_seq_len
+            )
         self.grammars = GrammarCompiler(tokenizer, tokenizer.stop_ids, self.vocab_size)
         self._rows: list[Generation | None] = [None] * max_batch
         # The ids whose keys and values each row of the cache holds, in slots 0, 1, ...
@@ -326,6 +342,8 @@ class Engine:
         constraint = self.grammars.constraint(request.grammar) if request.grammar else None
         row = self._choose_row(prompt)
         seq = Generation(request, row, self.tokenizer, constraint)
+        if seq.speculation is not None:
+            seq.speculation.drafter = self.drafter
         # Reuse the row's cached prefix; always recompute at least the last prompt token,
         # whose logits choose the first new token.
         reuse = min(_common_prefix(self._cached[row], prompt), len(prompt) - 1)
@@ -611,12 +629,15 @@ class Engine:
         """
         spec = seq.speculation
         assert spec is not None and seq.last_token is not None
+        if not verifies_exactly(self.model, 2):  # nothing to draft for
+            return None
         # Every fed position must fit the row, and drafts past max_tokens are wasted.
         limit = min(
             self.max_seq_len - 1 - seq.pos,
             seq.request.max_tokens - len(seq.ids) - 1,
         )
         drafts = spec.draft(limit, self._pass_cost)
+        seq.timing.decode_s += spec.draft_s
         if not drafts or not verifies_exactly(self.model, len(drafts) + 1):
             return None
         fed = [seq.last_token, *drafts]

@@ -45,6 +45,7 @@ from collections.abc import Sequence
 
 import torch
 
+from llamalab.errors import LlamalabError
 from llamalab.generation.params import LookupParams
 from llamalab.kv_cache import cache_view
 
@@ -62,6 +63,10 @@ ACCEPTANCE_DECAY = 0.95
 # Verify a draft only where its expected speed-up beats plain decoding by this much: a
 # draft that only breaks even costs the estimate's noise.
 MIN_GAIN = 1.05
+# A draft model's acceptance is measured only on the drafts it makes (drafting costs a
+# pass of it): after this many steps without a draft, one token is drafted to look again.
+PROBE_EVERY = 16
+DRAFT_PREFILL_CHUNK = 512  # tokens per pass where the draft model catches up with the text
 
 
 def accept_point_draft(
@@ -156,6 +161,12 @@ class PassCost:
     def __init__(self) -> None:
         self.single_s: float | None = None  # running average of a one-token pass
         self.extra = PRIOR_EXTRA_TOKEN_COST
+        self.draft = 0.0  # a draft model's time per drafted token, as a share of a pass
+
+    def observe_draft(self, n_tokens: int, seconds: float) -> None:
+        """Record that a draft model took ``seconds`` to draft ``n_tokens``."""
+        if self.single_s:
+            self.draft = _smooth(self.draft or None, seconds / (n_tokens * self.single_s))
 
     def observe(self, n_tokens: int, seconds: float) -> None:
         """Record that a pass of ``n_tokens`` took ``seconds``."""
@@ -186,6 +197,9 @@ class Speculation:
         self._match = 0  # its n-gram length
         self.drafted = 0  # tokens verified as drafts
         self.accepted = 0  # of those, the ones the model chose too
+        self.drafter: ModelDrafter | None = None  # set where a draft model drafts instead
+        self.draft_s = 0.0  # what the last draft took the draft model
+        self._idle = 0  # steps since the draft model last drafted
 
     def acceptance(self, n: int) -> float:
         """The estimated chance that a token drafted from an n-gram match is chosen."""
@@ -209,25 +223,135 @@ class Speculation:
         (1 + extra·k), with a this match length's acceptance; nothing is drafted unless
         that beats a plain step by ``MIN_GAIN``.
         """
+        self.draft_s = 0.0
+        if self.drafter is not None:
+            return self._model_draft(limit, cost)
         prediction, n = self.lookup.predict(self.params.draft_max)
         self._pending, self._match = prediction, n
         if not prediction or limit < 1:
             return []
-        a = self.acceptance(n)
-        best_k, best_rate = 0, MIN_GAIN
-        expected, power = 1.0, 1.0
-        for k in range(1, min(len(prediction), limit) + 1):
-            power *= a
-            expected += power
-            rate = expected / (1.0 + cost.extra * k)
-            if rate > best_rate:
-                best_k, best_rate = k, rate
-        return prediction[:best_k]
+        return prediction[: _best_length(self.acceptance(n), min(len(prediction), limit), cost)]
+
+    def _model_draft(self, limit: int, cost: PassCost) -> list[int]:
+        """The draft model's greedy continuation, as long as pays (point masses: the
+        verification stays exact for any sampler)."""
+        k = _best_length(self.acceptance(0), min(self.params.draft_max, limit), cost)
+        self._idle = 0 if k else self._idle + 1
+        if not k and self._idle >= PROBE_EVERY and limit >= 1:
+            k, self._idle = 1, 0
+        if not k:
+            self._pending = []
+            return []
+        t0 = time.perf_counter()
+        drafts = self.drafter.draft(self.lookup.tokens, k)
+        self.draft_s = time.perf_counter() - t0
+        if drafts:
+            cost.observe_draft(len(drafts), self.draft_s)
+        self._pending, self._match = list(drafts), 0
+        return drafts
 
     def verified(self, drafted: int, accepted: int) -> None:
         """Count a verification pass's drafted and accepted tokens (for reports)."""
         self.drafted += drafted
         self.accepted += accepted
+
+
+def _best_length(a: float, most: int, cost: PassCost) -> int:
+    """The draft length k ≤ ``most`` that maximises the expected tokens per unit of time,
+    (1 + a + … + a^k) / (1 + (extra + draft)·k); 0 unless that beats a plain step by
+    ``MIN_GAIN``."""
+    best_k, best_rate = 0, MIN_GAIN
+    expected, power = 1.0, 1.0
+    for k in range(1, most + 1):
+        power *= a
+        expected += power
+        rate = expected / (1.0 + (cost.extra + cost.draft) * k)
+        if rate > best_rate:
+            best_k, best_rate = k, rate
+    return best_k
+
+
+class ModelDrafter:
+    """A smaller model with the target's vocabulary that drafts greedily, with its own
+    one-row KV cache, in the same process.
+
+    Its drafts are its argmax tokens: point masses, so the target's verification accepts
+    a draft iff its own sampler draws it, and the output is exactly the target's for any
+    sampler settings. The cache holds the text it last saw; each draft first feeds what
+    changed since (the tokens the target chose), from their common prefix on.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer,
+        target: torch.nn.Module,
+        target_tokenizer,
+        max_seq_len: int,
+    ) -> None:
+        if model is target:
+            raise LlamalabError("the draft model must be another model than the target")
+        size, target_size = model.config.num_parameters(), target.config.num_parameters()
+        if size > target_size:
+            raise LlamalabError(
+                f"the draft model ({size:,} parameters) is larger than the target "
+                f"({target_size:,}): drafting would cost more than it saves"
+            )
+        n = target_tokenizer.vocab_size
+        if tokenizer.vocab_size != n:
+            raise LlamalabError(
+                f"the draft model's vocabulary has {tokenizer.vocab_size:,} tokens, the "
+                f"target's {n:,}: a draft must share the target's vocabulary"
+            )
+        for i in range(n):
+            if tokenizer.token_bytes(i) != target_tokenizer.token_bytes(i):
+                raise LlamalabError(
+                    f"the draft model's token {i} is {tokenizer.token_bytes(i)!r}, the "
+                    f"target's {target_tokenizer.token_bytes(i)!r}: a draft must share the "
+                    "target's vocabulary"
+                )
+        if model.config.vocab_size < n:
+            raise LlamalabError("the draft model scores fewer tokens than its vocabulary holds")
+        self.model = model
+        self.vocab_size = n
+        self.max_seq_len = min(max_seq_len, model.config.context_length)
+        model.setup_cache(1, self.max_seq_len)
+        self.cached: list[int] = []  # the tokens whose keys and values its cache holds
+
+    def draft(self, tokens: Sequence[int], k: int) -> list[int]:
+        """Up to ``k`` tokens the draft model expects after ``tokens``, greedily."""
+        n = len(tokens)
+        k = min(k, self.max_seq_len - n + 1)
+        if k < 1 or n < 1:
+            return []
+        start = 0
+        for a, b in zip(self.cached, tokens, strict=False):
+            if a != b:
+                break
+            start += 1
+        start = min(start, n - 1)  # the last token's logits choose the first draft
+        model = self.model
+        out: list[int] = []
+        with torch.inference_mode():
+            while start < n:
+                end = min(start + DRAFT_PREFILL_CHUNK, n)
+                view = cache_view(
+                    torch.arange(start, end).unsqueeze(0), kv_len=end, last_only=True,
+                    dtype=model.dtype, device=model.device,
+                )  # fmt: skip
+                ids = torch.tensor([list(tokens[start:end])], dtype=torch.long)
+                logits = model(ids.to(model.device), cache=view)
+                start = end
+            for i in range(k):
+                token = int(torch.argmax(logits[0, -1, : self.vocab_size]))
+                out.append(token)
+                if i + 1 == k:
+                    break
+                view = cache_view(torch.tensor([[n + i]]), dtype=model.dtype, device=model.device)
+                ids = torch.tensor([[token]], dtype=torch.long)
+                logits = model(ids.to(model.device), cache=view)
+        self.cached = [*tokens, *out[:-1]]
+        return out
 
 
 def _smooth(average: float | None, value: float) -> float:
