@@ -224,7 +224,8 @@ def test_generate_json_reports_drafts_and_the_same_ids(smollm2) -> None:
     [
         (["--lookup-ngram", "0"], "--lookup-ngram: the lookup n-gram size must be between"),
         (["--draft-max", "-2"], "--draft-max: the most tokens drafted at once must be between"),
-        (["--no-lookup", "--draft-max", "4"], "need prompt lookup"),
+        (["--no-lookup", "--draft-max", "4"], "need speculation"),
+        (["--no-lookup", "--draft", "x.gguf"], "need speculation"),
     ],
 )
 def test_bad_lookup_options_get_one_clear_error(args, message) -> None:
@@ -350,3 +351,17 @@ class _Vocab:
 
     def token_bytes(self, i: int) -> bytes:
         return bytes([i % 256])
+
+
+def test_generate_with_a_draft_model_gives_the_same_ids(smollm2, smollm2_path) -> None:
+    import json
+
+    from conftest import run_cli
+
+    common = ["generate", "--chat", "--temperature", "0", "-n", "30", "--json", FREE]
+    plain = run_cli(*common, "--no-lookup")
+    drafted = run_cli(*common, "--draft", str(smollm2_path))
+    assert plain.returncode == 0 and drafted.returncode == 0, plain.stderr + drafted.stderr
+    out = json.loads(drafted.stdout)
+    assert out["ids"] == json.loads(plain.stdout)["ids"]
+    assert out["timing"]["accepted_draft_tokens"] > 0

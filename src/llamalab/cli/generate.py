@@ -132,11 +132,18 @@ def _run_here(
         prompt_ids = tokenizer.encode_chat(build_messages(prompt, args.system))
     else:
         prompt_ids = tokenizer.encode(prompt, special=True)
+    draft = draft_tokenizer = None
+    if args.draft is not None and lookup is not None:
+        from llamalab.runtime import load_runtime
+
+        draft, draft_tokenizer = load_runtime(args.draft, args.dtype, device=args.device)
     engine = Engine(
         model,
         tokenizer,
         max_seq_len=context_in_use(len(prompt_ids), args.max_tokens, args.ctx),
         progress=sys.stderr.isatty(),
+        draft=draft,
+        draft_tokenizer=draft_tokenizer,
     )
     request = Request(
         prompt_ids,

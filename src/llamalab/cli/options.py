@@ -258,6 +258,13 @@ def add_lookup_options(p: argparse.ArgumentParser) -> None:
         metavar="K",
         help=f"most tokens drafted at once (default: {DEFAULT_DRAFT_MAX})",
     )
+    p.add_argument(
+        "--draft",
+        type=model_ref,
+        default=None,
+        metavar="REF",
+        help="draft with this smaller model of the same vocabulary instead of prompt lookup",
+    )
 
 
 def lookup_from_args(args: argparse.Namespace):
@@ -274,9 +281,9 @@ def lookup_from_args(args: argparse.Namespace):
                 raise LlamalabError(f"{flag}: {exc}") from None
             sizes[name] = value
     if args.lookup is False:
-        if sizes:
+        if sizes or getattr(args, "draft", None) is not None:
             raise LlamalabError(
-                "--lookup-ngram and --draft-max need prompt lookup: drop --no-lookup"
+                "--lookup-ngram, --draft-max and --draft need speculation: drop --no-lookup"
             )
         return None
     return LookupParams(**sizes)

@@ -95,11 +95,12 @@ def find_server(args: argparse.Namespace) -> Server | None:
             ("--lookup" if lookup else "--no-lookup", lookup),
             ("--lookup-ngram", getattr(args, "lookup_ngram", None)),
             ("--draft-max", getattr(args, "draft_max", None)),
+            ("--draft", getattr(args, "draft", None)),
         )
         if value is not None
     ]
     if drafting:
-        # Prompt lookup runs in the engine that decodes; a server's requests do not carry it.
+        # Speculation runs in the engine that decodes; a server's requests do not carry it.
         return refuse(
             f"{' and '.join(drafting)} {'is' if len(drafting) == 1 else 'are'} not sent to a "
             "server; leave it out, or use --no-server to run the model here"
