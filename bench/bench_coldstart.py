@@ -20,41 +20,22 @@ the page cache for every run of every engine. Runs alternate; medians with min/m
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-PROMPT = "The history of the llama begins in the high Andes, where"
-TOKENS = 16
-
-LLAMACPP = """
-import sys
-from llama_cpp import Llama
-llm = Llama(model_path=sys.argv[1], n_ctx=2048, verbose=False)
-for chunk in llm.create_completion(sys.argv[2], max_tokens=int(sys.argv[3]), temperature=0, stream=True):
-    sys.stdout.write(chunk["choices"][0]["text"])
-    sys.stdout.flush()
-"""
-
-
-def timed(command: list[str], env: dict[str, str]) -> tuple[float, float]:
-    """Seconds to the first byte of output, and to the end."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
-    first = proc.stdout.read(1)
-    t_first = time.perf_counter() - start
-    proc.stdout.read()
-    if proc.wait() != 0 or not first:
-        raise RuntimeError(f"{command[:3]} failed")
-    return t_first, time.perf_counter() - start
-
-
-def summary(values: list[float]) -> str:
-    return f"{statistics.median(values):6.2f} [{min(values):.2f}–{max(values):.2f}]"
+from _common import (
+    LLAMACPP,
+    PROMPT,
+    TOKENS,
+    default_model,
+    llamalab_command,
+    plain_env,
+    summary,
+    timed,
+)
 
 
 def main() -> None:
@@ -65,15 +46,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     if args.model is None:
-        from llamalab.default_model import default_model_path
-
-        args.model = str(default_model_path())
-    plain = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("OMP_", "LLAMALAB_", "TORCHINDUCTOR_"))
-    }
-    llamalab_cmd = [str(Path(sys.executable).parent / "llamalab"), "generate", "-m", args.model,
+        args.model = default_model()
+    plain = plain_env()
+    llamalab_cmd = [llamalab_command(), "generate", "-m", args.model,
                     "-n", str(TOKENS), "--temperature", "0", "--no-server", "-p", PROMPT]  # fmt: skip
     llamacpp_cmd = [sys.executable, "-c", LLAMACPP, args.model, PROMPT, str(TOKENS)]
     torch_cmd = [sys.executable, "-c", "import torch; print('.', flush=True)"]
