@@ -21,6 +21,7 @@ import dataclasses
 import math
 import os
 import tomllib
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,37 +72,28 @@ class TrainConfig:
     source: str = field(default="", compare=False)  # the file it came from, for messages
 
     def __post_init__(self) -> None:
-        where = f"config {self.source}: " if self.source else "config: "
-
-        def fail(msg: str) -> LlamalabError:
-            return LlamalabError(where + msg)
-
+        fail = failure(self.source)
         if not isinstance(self.model, str | dict):
             raise fail(f"model must be a preset name or a table, got {self.model!r}")
-        for key in ("data", "out_dir"):
-            if not isinstance(getattr(self, key), str) or not getattr(self, key):
-                raise fail(f"{key} must be a path, got {getattr(self, key)!r}")
-        ints = {
-            "seq_len": 1,
-            "batch_tokens": 1,
-            "micro_batch_size": 1,
-            "warmup_steps": 0,
-            "checkpoint_every": 1,
-            "keep_checkpoints": 1,
-            "eval_every": 0,
-            "eval_tokens": 0,
-            "log_every": 1,
-            "plot_every": 0,
-            "seed": 0,
-        }
-        for key, low in ints.items():
-            v = getattr(self, key)
-            if not isinstance(v, int) or isinstance(v, bool) or v < low:
-                raise fail(f"{key} must be a whole number ≥ {low}, got {v!r}")
-        for key in ("max_steps", "total_tokens", "threads"):
-            v = getattr(self, key)
-            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
-                raise fail(f"{key} must be a whole number ≥ 1, got {v!r}")
+        check_paths(self, ("data", "out_dir"), fail)
+        check_whole_numbers(
+            self,
+            {
+                "seq_len": 1,
+                "batch_tokens": 1,
+                "micro_batch_size": 1,
+                "warmup_steps": 0,
+                "checkpoint_every": 1,
+                "keep_checkpoints": 1,
+                "eval_every": 0,
+                "eval_tokens": 0,
+                "log_every": 1,
+                "plot_every": 0,
+                "seed": 0,
+            },
+            fail,
+        )
+        check_optional_counts(self, ("max_steps", "total_tokens", "threads"), fail)
         if self.max_steps is None and self.total_tokens is None:
             raise fail("set max_steps or total_tokens")
         if self.micro_batch_size * self.seq_len > self.batch_tokens:
@@ -117,30 +109,25 @@ class TrainConfig:
                 f"{self.schedule_steps()} steps ({length}): the rate would never reach its "
                 "peak or decay; lower warmup_steps or lengthen the run"
             )
-        floats = {
-            "lr": (0, 1),
-            "min_lr_ratio": (0, 1),
-            "weight_decay": (0, 10),
-            "beta1": (0, 1),
-            "beta2": (0, 1),
-            "eps": (0, 1),
-            "grad_clip": (0, math.inf),
-            "init_std": (0, 10),
-        }
-        for key, (low, high) in floats.items():
-            v = getattr(self, key)
-            if isinstance(v, int) and not isinstance(v, bool):
-                v = float(v)
-                setattr(self, key, v)
-            if not isinstance(v, float) or not math.isfinite(v) or not low <= v <= high:
-                raise fail(f"{key} must be a number from {low} to {high}, got {v!r}")
+        check_numbers(
+            self,
+            {
+                "lr": (0, 1),
+                "min_lr_ratio": (0, 1),
+                "weight_decay": (0, 10),
+                "beta1": (0, 1),
+                "beta2": (0, 1),
+                "eps": (0, 1),
+                "grad_clip": (0, math.inf),
+                "init_std": (0, 10),
+            },
+            fail,
+        )
         for key in ("activation_checkpointing", "compile", "export"):
             if not isinstance(getattr(self, key), bool):
                 raise fail(f"{key} must be true or false, got {getattr(self, key)!r}")
-        if self.precision not in PRECISIONS:
-            raise fail(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        if self.device not in DEVICES:
-            raise fail(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        check_choice(self, "precision", PRECISIONS, fail)
+        check_choice(self, "device", DEVICES, fail)
         if self.weights is not None:
             if not isinstance(self.weights, dict) or not self.weights:
                 raise fail("weights must be a table of source = proportion")
@@ -169,6 +156,63 @@ class TrainConfig:
         return d
 
 
+# -- checks shared by every config dataclass (this one and finetune's) ------------------
+
+
+Fail = Callable[[str], LlamalabError]  # a message -> the error to raise
+
+
+def failure(source: str) -> Fail:
+    """A maker of errors that name the config file ``source`` (if any)."""
+    where = f"config {source}: " if source else "config: "
+    return lambda msg: LlamalabError(where + msg)
+
+
+def check_paths(cfg: object, keys: Iterable[str], fail: Fail) -> None:
+    """Each of ``keys`` is a non-empty string."""
+    for key in keys:
+        if not isinstance(getattr(cfg, key), str) or not getattr(cfg, key):
+            raise fail(f"{key} must be a path, got {getattr(cfg, key)!r}")
+
+
+def _is_whole(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def check_whole_numbers(cfg: object, lows: dict[str, int], fail: Fail) -> None:
+    """Each key is a whole number (not a bool) at least its value in ``lows``."""
+    for key, low in lows.items():
+        v = getattr(cfg, key)
+        if not _is_whole(v) or v < low:
+            raise fail(f"{key} must be a whole number ≥ {low}, got {v!r}")
+
+
+def check_optional_counts(cfg: object, keys: Iterable[str], fail: Fail) -> None:
+    """Each of ``keys`` is unset (None) or a whole number ≥ 1."""
+    for key in keys:
+        v = getattr(cfg, key)
+        if v is not None and (not _is_whole(v) or v < 1):
+            raise fail(f"{key} must be a whole number ≥ 1, got {v!r}")
+
+
+def check_numbers(cfg: object, ranges: dict[str, tuple[float, float]], fail: Fail) -> None:
+    """Each key is a finite number within its (low, high) range; a whole number given for
+    one is stored as a float."""
+    for key, (low, high) in ranges.items():
+        v = getattr(cfg, key)
+        if _is_whole(v):
+            v = float(v)
+            setattr(cfg, key, v)
+        if not isinstance(v, float) or not math.isfinite(v) or not low <= v <= high:
+            raise fail(f"{key} must be a number from {low} to {high}, got {v!r}")
+
+
+def check_choice(cfg: object, key: str, choices: tuple[str, ...], fail: Fail) -> None:
+    """``key`` is one of ``choices``."""
+    if getattr(cfg, key) not in choices:
+        raise fail(f"{key} must be one of {', '.join(choices)}, got {getattr(cfg, key)!r}")
+
+
 FIELDS = {f.name for f in dataclasses.fields(TrainConfig)} - {"source"}
 TABLE_KEYS = ("model", "weights")  # keys whose value may be a table (``--set model.dim=``)
 
@@ -181,13 +225,18 @@ def parse_value(text: str) -> Any:
         return text
 
 
-def apply_override(data: dict[str, Any], assignment: str) -> None:
-    """Apply one ``key=value`` to the raw config dict (validated later, with the rest)."""
+def parse_assignment(assignment: str) -> tuple[str, Any]:
+    """A ``--set key=value``'s key and its value (read by :func:`parse_value`)."""
     key, sep, text = assignment.partition("=")
     key = key.strip()
     if not sep or not key:
         raise LlamalabError(f"--set expects key=value, got {assignment!r}")
-    value = parse_value(text.strip())
+    return key, parse_value(text.strip())
+
+
+def apply_override(data: dict[str, Any], assignment: str) -> None:
+    """Apply one ``key=value`` to the raw config dict (validated later, with the rest)."""
+    key, value = parse_assignment(assignment)
     head, dot, sub = key.partition(".")
     if head not in FIELDS:
         raise LlamalabError(f"--set: unknown config key {head!r}")
@@ -206,9 +255,8 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
     data[head] = {**table, sub: value}
 
 
-def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
-    """Read a TOML training config, apply ``--set`` overrides, validate."""
-    path = Path(path)
+def read_config_file(path: Path, fields: set[str]) -> dict[str, Any]:
+    """The TOML table in ``path``, every key of it among ``fields``."""
     if not os.path.lexists(path):
         raise LlamalabError(f"{path}: no such config file")
     # Bounded, and a FIFO or a device is named for what it is rather than read.
@@ -217,16 +265,28 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise LlamalabError(f"{path}: not valid TOML: {exc}") from None
-    unknown = sorted(set(data) - FIELDS)
+    unknown = sorted(set(data) - fields)
     if unknown:
         raise LlamalabError(f"{path}: unknown config key {unknown[0]!r}")
-    for assignment in overrides:
-        apply_override(data, assignment)
-    for key in ("data", "out_dir"):
+    return data
+
+
+def require_keys(data: dict[str, Any], keys: Iterable[str], path: Path) -> None:
+    """Each of ``keys`` is set, in the file or by ``--set``."""
+    for key in keys:
         if key not in data:
             raise LlamalabError(
                 f"{path}: missing {key} (set it in the file or with --set {key}=...)"
             )
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """Read a TOML training config, apply ``--set`` overrides, validate."""
+    path = Path(path)
+    data = read_config_file(path, FIELDS)
+    for assignment in overrides:
+        apply_override(data, assignment)
+    require_keys(data, ("data", "out_dir"), path)
     if "model" not in data:
         raise LlamalabError(f"{path}: missing model")
     cfg = TrainConfig(**data, source=str(path))

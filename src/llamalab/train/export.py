@@ -12,6 +12,8 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -20,7 +22,7 @@ from llamalab.config import ModelConfig
 from llamalab.errors import LlamalabError
 from llamalab.train.run_dir import RUN_FILE, is_run_folder
 
-__all__ = ["EXPORT", "export_meta", "export_run", "is_run_folder"]
+__all__ = ["EXPORT", "export_meta", "export_run", "is_run_folder", "staged_folder"]
 
 EXPORT = "export"
 
@@ -32,10 +34,7 @@ def export_meta(
     from llamalab.checkpoint.meta_format import params_for
     from llamalab.checkpoint.verify import write_checksums
 
-    dst = out_dir / EXPORT
-    stage = Path(tempfile.mkdtemp(dir=out_dir, prefix=f".{EXPORT}.tmp-"))
-    try:
-        os.chmod(stage, 0o755)
+    with staged_folder(out_dir, EXPORT) as stage:
         (stage / "params.json").write_text(json.dumps(params_for(config), indent=2) + "\n")
         tensors = {
             k: v.detach().to("cpu", torch.float32).contiguous()
@@ -49,9 +48,24 @@ def export_meta(
         # SHA256SUMS (``sha256sum -c``) and Meta's md5 checklist.chk, as convert writes
         # for a Meta folder: written in the stage, so the export appears with its lists.
         write_checksums(stage, meta=True)
+    return out_dir / EXPORT
+
+
+@contextmanager
+def staged_folder(parent: Path, name: str) -> Iterator[Path]:
+    """A new folder to fill that becomes ``parent/name`` whole when the block ends.
+
+    It is written beside the old ``parent/name`` and swapped in by renames, so a kill at
+    any point leaves one whole folder (old or new) there; an error removes the stage.
+    """
+    dst = parent / name
+    stage = Path(tempfile.mkdtemp(dir=parent, prefix=f".{name}.tmp-"))
+    try:
+        os.chmod(stage, 0o755)
+        yield stage
         if dst.exists():
-            old = Path(tempfile.mkdtemp(dir=out_dir, prefix=f".{EXPORT}.old-"))
-            os.rename(dst, old / EXPORT)
+            old = Path(tempfile.mkdtemp(dir=parent, prefix=f".{name}.old-"))
+            os.rename(dst, old / name)
             os.rename(stage, dst)
             shutil.rmtree(old, ignore_errors=True)
         else:
@@ -59,7 +73,6 @@ def export_meta(
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
-    return dst
 
 
 def export_run(run_dir: Path, into: Path) -> Path:

@@ -26,23 +26,31 @@ model, data and settings resumes, anything else is refused before training start
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
-import os
 import random
 import signal
 import sys
 import time
-import tomllib
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from llamalab.errors import LlamalabError
-from llamalab.files import read_text_bounded
-from llamalab.train.config import MAX_CONFIG_BYTES, PRECISIONS, parse_value
+from llamalab.files import file_sha256
+from llamalab.train.config import (
+    PRECISIONS,
+    check_choice,
+    check_numbers,
+    check_optional_counts,
+    check_paths,
+    check_whole_numbers,
+    failure,
+    parse_assignment,
+    read_config_file,
+    require_keys,
+)
 
 METHODS = ("lora", "full")
 BASES = ("auto", "packed", "float")
@@ -109,24 +117,15 @@ class FinetuneConfig:
     source: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
-        where = f"config {self.source}: " if self.source else "config: "
-
-        def fail(msg: str) -> LlamalabError:
-            return LlamalabError(where + msg)
-
-        for key in ("model", "data", "out_dir"):
-            if not isinstance(getattr(self, key), str) or not getattr(self, key):
-                raise fail(f"{key} must be a path, got {getattr(self, key)!r}")
-        if self.method not in METHODS:
-            raise fail(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
-        if self.base not in BASES:
-            raise fail(f"base must be one of {', '.join(BASES)}, got {self.base!r}")
+        fail = failure(self.source)
+        check_paths(self, ("model", "data", "out_dir"), fail)
+        check_choice(self, "method", METHODS, fail)
+        check_choice(self, "base", BASES, fail)
         if self.method == "full" and self.base == "packed":
             raise fail("method full trains every weight, so the base cannot stay packed")
         if self.overflow not in ("truncate", "drop"):
             raise fail(f"overflow must be truncate or drop, got {self.overflow!r}")
-        if self.precision not in PRECISIONS:
-            raise fail(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        check_choice(self, "precision", PRECISIONS, fail)
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
             raise fail(f"rank must be a whole number ≥ 1, got {self.rank!r}")
         from llamalab.train.lora import TARGETS
@@ -138,45 +137,39 @@ class FinetuneConfig:
         for t in self.targets:
             if t not in TARGETS:
                 raise fail(f"unknown target module {t!r}; choose among {' '.join(TARGETS)}")
-        ints = {
-            "seq_len": 1,
-            "batch_tokens": 1,
-            "micro_batch_size": 1,
-            "warmup_steps": 0,
-            "checkpoint_every": 1,
-            "keep_checkpoints": 1,
-            "eval_every": 0,
-            "log_every": 1,
-            "plot_every": 0,
-            "seed": 0,
-        }
-        for key, low in ints.items():
-            v = getattr(self, key)
-            if not isinstance(v, int) or isinstance(v, bool) or v < low:
-                raise fail(f"{key} must be a whole number ≥ {low}, got {v!r}")
-        for key in ("max_steps", "threads"):
-            v = getattr(self, key)
-            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
-                raise fail(f"{key} must be a whole number ≥ 1, got {v!r}")
-        floats = {
-            "alpha": (0, math.inf),
-            "dropout": (0, 0.999),
-            "lr": (0, 1),
-            "min_lr_ratio": (0, 1),
-            "weight_decay": (0, 10),
-            "beta1": (0, 1),
-            "beta2": (0, 1),
-            "eps": (0, 1),
-            "grad_clip": (0, math.inf),
-            "val_fraction": (0, 0.9),
-        }
-        for key, (low, high) in floats.items():
-            v = getattr(self, key)
-            if isinstance(v, int) and not isinstance(v, bool):
-                v = float(v)
-                setattr(self, key, v)
-            if not isinstance(v, float) or not math.isfinite(v) or not low <= v <= high:
-                raise fail(f"{key} must be a number from {low} to {high}, got {v!r}")
+        check_whole_numbers(
+            self,
+            {
+                "seq_len": 1,
+                "batch_tokens": 1,
+                "micro_batch_size": 1,
+                "warmup_steps": 0,
+                "checkpoint_every": 1,
+                "keep_checkpoints": 1,
+                "eval_every": 0,
+                "log_every": 1,
+                "plot_every": 0,
+                "seed": 0,
+            },
+            fail,
+        )
+        check_optional_counts(self, ("max_steps", "threads"), fail)
+        check_numbers(
+            self,
+            {
+                "alpha": (0, math.inf),
+                "dropout": (0, 0.999),
+                "lr": (0, 1),
+                "min_lr_ratio": (0, 1),
+                "weight_decay": (0, 10),
+                "beta1": (0, 1),
+                "beta2": (0, 1),
+                "eps": (0, 1),
+                "grad_clip": (0, math.inf),
+                "val_fraction": (0, 0.9),
+            },
+            fail,
+        )
         if self.alpha <= 0:
             raise fail(f"alpha must be a positive number, got {self.alpha!r}")
         if self.epochs is not None:
@@ -211,31 +204,15 @@ FIELDS = {f.name for f in dataclasses.fields(FinetuneConfig)} - {"source"}
 def load_finetune_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()):
     """Read a TOML fine-tuning config, apply ``--set key=value`` overrides, validate."""
     path = Path(path)
-    if not os.path.lexists(path):
-        raise LlamalabError(f"{path}: no such config file")
-    text = read_text_bounded(path, MAX_CONFIG_BYTES, "config")
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise LlamalabError(f"{path}: not valid TOML: {exc}") from None
-    unknown = sorted(set(data) - FIELDS)
-    if unknown:
-        raise LlamalabError(f"{path}: unknown config key {unknown[0]!r}")
+    data = read_config_file(path, FIELDS)
     for assignment in overrides:
-        key, sep, value = assignment.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise LlamalabError(f"--set expects key=value, got {assignment!r}")
+        key, value = parse_assignment(assignment)
         if key not in FIELDS:
             raise LlamalabError(f"--set: unknown config key {key!r}")
-        data[key] = parse_value(value.strip())
+        data[key] = value
         if key in ("max_steps", "epochs"):  # one replaces the other
             data.pop("epochs" if key == "max_steps" else "max_steps", None)
-    for key in ("model", "data", "out_dir"):
-        if key not in data:
-            raise LlamalabError(
-                f"{path}: missing {key} (set it in the file or with --set {key}=...)"
-            )
+    require_keys(data, ("model", "data", "out_dir"), path)
     return FinetuneConfig(**data, source=str(path))
 
 
@@ -252,14 +229,6 @@ def rows_of_step(step: int, rows: int, n_items: int, seed: int) -> list[int]:
         random.Random(seed * 1_000_003 + epoch).shuffle(order)
         out.append(order[at])
     return out
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _check_out_dir(out: Path, record: dict[str, Any]) -> bool:
@@ -557,31 +526,17 @@ def _export(model, cfg: FinetuneConfig, out: Path, tokenizer, mcfg, base: str) -
     import tempfile
 
     from llamalab.checkpoint.verify import write_checksums
+    from llamalab.train.export import export_meta, staged_folder
 
     if cfg.method == "lora":
         from llamalab.train.lora import save_peft_adapter
 
-        # Written whole beside the old one, then swapped in: a kill leaves one whole folder.
-        dst = out / ADAPTER
-        stage = Path(tempfile.mkdtemp(dir=out, prefix=f".{ADAPTER}.tmp-"))
-        try:
-            os.chmod(stage, 0o755)
+        with staged_folder(out, ADAPTER) as stage:
             save_peft_adapter(model, stage, base_model=base)
             write_checksums(stage)
-            if dst.exists():
-                old = Path(tempfile.mkdtemp(dir=out, prefix=f".{ADAPTER}.old-"))
-                os.rename(dst, old / ADAPTER)
-                os.rename(stage, dst)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.rename(stage, dst)
-        except BaseException:
-            shutil.rmtree(stage, ignore_errors=True)
-            raise
-        return dst
+        return out / ADAPTER
 
     from llamalab.tokenizer.export import write_tokenizer_files
-    from llamalab.train.export import export_meta
 
     tok_dir = Path(tempfile.mkdtemp(dir=out, prefix=".tokenizer-"))
     try:
