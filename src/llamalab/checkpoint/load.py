@@ -75,6 +75,18 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
+def resolve_placement(
+    device: torch.device | str | None, dtype: torch.dtype | str | None
+) -> tuple[torch.device, torch.dtype]:
+    """The device (default: the CPU) and dtype (a name, or :func:`default_dtype`) to load in."""
+    import torch
+
+    device = torch.device(device or "cpu")
+    if isinstance(dtype, str):
+        dtype = resolve_dtype(dtype)
+    return device, dtype or default_dtype(device)
+
+
 def load_model(
     ref: str | Path,
     *,
@@ -92,12 +104,7 @@ def load_model(
     modules straight from the stored weights — GGUF bytes are never expanded to a float32
     copy — for faster decoding; the embedding and norms stay in ``dtype``.
     """
-    import torch
-
-    device = torch.device(device or "cpu")
-    if isinstance(dtype, str):
-        dtype = resolve_dtype(dtype)
-    dtype = dtype or default_dtype(device)
+    device, dtype = resolve_placement(device, dtype)
     reader = open_checkpoint(ref)
     try:
         return build_model(reader, dtype, device, progress=progress, packed=packed)

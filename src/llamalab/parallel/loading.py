@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from llamalab.checkpoint import names as tensor_names
-from llamalab.checkpoint.load import default_dtype, open_checkpoint, resolve_dtype, validate
+from llamalab.checkpoint.load import open_checkpoint, resolve_placement, validate
 from llamalab.checkpoint.reader import CheckpointReader
 from llamalab.errors import LlamalabError
 from llamalab.parallel.tensor import Slice, apply_tp, check_degree, shard_parameters
@@ -84,10 +84,7 @@ def load_sharded(
     """
     from llamalab.model import Transformer
 
-    device = torch.device(device or "cpu")
-    if isinstance(dtype, str):
-        dtype = resolve_dtype(dtype)
-    dtype = dtype or default_dtype(device)
+    device, dtype = resolve_placement(device, dtype)
     reader = open_checkpoint(ref)
     try:
         refuse_quantized(reader)
