@@ -28,36 +28,22 @@ from __future__ import annotations
 
 import argparse
 
+from llamalab.cli.train import add_run_arguments, progress_from_args, report_stopped
+
 DESCRIPTION = __doc__
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", metavar="CONFIG.toml", help="fine-tuning config")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key (repeatable)",
-    )
-    p.add_argument(
-        "--progress",
-        choices=("auto", "bar", "lines"),
-        default="auto",
-        help="progress bar, or one line every log_every steps (default: bar on a terminal)",
-    )
+    add_run_arguments(p, "fine-tuning config")
 
 
 def run(args: argparse.Namespace) -> int:
-    import signal
     import sys
 
     from llamalab.train.finetune import finetune, load_finetune_config
 
     cfg = load_finetune_config(args.config, args.overrides)
-    progress = {"auto": None, "bar": True, "lines": False}[args.progress]
-    summary = finetune(cfg, progress=progress)
+    summary = finetune(cfg, progress=progress_from_args(args))
     if summary["already_finished"]:
         print(
             f"llamalab finetune: {cfg.out_dir} already finished at step {summary['step']}; "
@@ -67,12 +53,7 @@ def run(args: argparse.Namespace) -> int:
         )
         return 0
     if summary["stopped_by"]:
-        print(
-            f"llamalab finetune: stopped by {summary['stopped_by']} at step {summary['step']}; "
-            "checkpoint saved, run the same command to resume",
-            file=sys.stderr,
-        )
-        return 128 + int(getattr(signal, summary["stopped_by"]))
+        return report_stopped("finetune", summary)
     print(
         f"llamalab finetune: step {summary['step']}, loss {summary['loss']:.4f}, "
         f"{summary['tokens_per_s']:,.0f} tokens/s; written to {summary['export']}",

@@ -30,7 +30,12 @@ DESCRIPTION = __doc__
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", metavar="CONFIG.toml", help="training config")
+    add_run_arguments(p, "training config")
+
+
+def add_run_arguments(p: argparse.ArgumentParser, config_help: str) -> None:
+    """What `llamalab train` and `llamalab finetune` take: a config, ``--set``, ``--progress``."""
+    p.add_argument("config", metavar="CONFIG.toml", help=config_help)
     p.add_argument(
         "--set",
         dest="overrides",
@@ -47,6 +52,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
+def progress_from_args(args: argparse.Namespace) -> bool | None:
+    """``--progress`` as the run's ``progress`` argument (None: a bar on a terminal)."""
+    return {"auto": None, "bar": True, "lines": False}[args.progress]
+
+
+def report_stopped(command: str, summary: dict) -> int:
+    """Say that a signal stopped the run (after saving); the exit status a signal gives."""
+    import signal
+    import sys
+
+    print(
+        f"llamalab {command}: stopped by {summary['stopped_by']} at step {summary['step']}; "
+        "checkpoint saved, run the same command to resume",
+        file=sys.stderr,
+    )
+    return 128 + int(getattr(signal, summary["stopped_by"]))
+
+
 def run(args: argparse.Namespace) -> int:
     import signal
     import sys
@@ -56,8 +79,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     from llamalab.train.loop import train
 
-    progress = {"auto": None, "bar": True, "lines": False}[args.progress]
-    summary = train(cfg, progress=progress)
+    summary = train(cfg, progress=progress_from_args(args))
     if summary["rank"] != 0:  # under torchrun, rank 0 speaks for the job
         return 128 + int(getattr(signal, summary["stopped_by"])) if summary["stopped_by"] else 0
     if summary["already_finished"]:
@@ -70,12 +92,7 @@ def run(args: argparse.Namespace) -> int:
         )
         return 0
     if summary["stopped_by"]:
-        print(
-            f"llamalab train: stopped by {summary['stopped_by']} at step {summary['step']}; "
-            "checkpoint saved, run the same command to resume",
-            file=sys.stderr,
-        )
-        return 128 + int(getattr(signal, summary["stopped_by"]))
+        return report_stopped("train", summary)
     epochs = ", ".join(f"{name} {e:.3g}" for name, e in summary["epochs"].items())
     print(
         f"llamalab train: step {summary['step']}, loss {summary['loss']:.4f}, "
