@@ -128,6 +128,45 @@ def write_vocab_gguf(path: Path, source: Path | str | None = None) -> Path:
     return path
 
 
+def write_tiny_gguf(
+    path: Path, vocab_source: Path, *, context_length: int = 256, chat_template: str | None = None
+) -> Path:
+    """A 1-layer random GGUF model at ``path`` carrying ``vocab_source``'s tokenizer (and
+    ``chat_template`` in place of its own, if given); returns ``path``."""
+    import gguf
+    import numpy as np
+
+    from llamalab.checkpoint import names as tensor_names
+    from llamalab.checkpoint.gguf_format import add_model_metadata
+    from llamalab.checkpoint.names import expected_shapes
+    from llamalab.config import ModelConfig
+    from llamalab.tokenizer.gguf_vocab import add_vocab_to_gguf
+
+    n_vocab = len(gguf.GGUFReader(vocab_source).fields["tokenizer.ggml.tokens"].data)
+    config = ModelConfig(
+        name="tiny", dim=64, n_layers=1, n_heads=4, n_kv_heads=4, vocab_size=n_vocab,
+        ffn_hidden_dim=128, norm_eps=1e-5, rope_theta=10000.0, context_length=context_length,
+        tie_embeddings=True,
+    )  # fmt: skip
+    writer = gguf.GGUFWriter(path, "llama")
+    add_model_metadata(writer, config)
+    assert add_vocab_to_gguf(writer, vocab_source)
+    if chat_template is not None:
+        writer.add_chat_template(chat_template)  # the last value given for a key wins
+    rng = np.random.default_rng(0)
+    for name, shape in expected_shapes(config).items():
+        if name.endswith("norm.weight"):
+            array = np.ones(shape, dtype=np.float32)
+        else:
+            array = (rng.standard_normal(shape) * 0.02).astype(np.float32)
+        writer.add_tensor(tensor_names.to_format(name, "gguf"), array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
 def http_request(
     port: int,
     method: str,

@@ -12,16 +12,8 @@ import sys
 import time
 from pathlib import Path
 
-import gguf
-import numpy as np
 import pytest
-from conftest import run_cli
-
-from llamalab.checkpoint import names as tensor_names
-from llamalab.checkpoint.gguf_format import add_model_metadata
-from llamalab.checkpoint.names import expected_shapes
-from llamalab.config import ModelConfig
-from llamalab.tokenizer.gguf_vocab import add_vocab_to_gguf
+from conftest import run_cli, write_tiny_gguf
 
 
 def run_raw(args: list[str | bytes], stdin: bytes | None = None, timeout: float = 120):
@@ -117,29 +109,7 @@ def test_device_file_as_model():
 # --------------------------------------------------------------------------- chat templates
 def tiny_model_with_template(path: Path, vocab_source: Path, template: str) -> Path:
     """A 1-layer random model carrying ``vocab_source``'s tokenizer and the given chat template."""
-    meta = gguf.GGUFReader(vocab_source).fields
-    n_vocab = len(meta["tokenizer.ggml.tokens"].data)
-    config = ModelConfig(
-        name="tiny", dim=64, n_layers=1, n_heads=4, n_kv_heads=4, vocab_size=n_vocab,
-        ffn_hidden_dim=128, norm_eps=1e-5, rope_theta=10000.0, context_length=256,
-        tie_embeddings=True,
-    )  # fmt: skip
-    writer = gguf.GGUFWriter(path, "llama")
-    add_model_metadata(writer, config)
-    assert add_vocab_to_gguf(writer, vocab_source)
-    writer.add_chat_template(template)  # the last value given for a key wins
-    rng = np.random.default_rng(0)
-    for name, shape in expected_shapes(config).items():
-        if name.endswith("norm.weight"):
-            array = np.ones(shape, dtype=np.float32)
-        else:
-            array = (rng.standard_normal(shape) * 0.02).astype(np.float32)
-        writer.add_tensor(tensor_names.to_format(name, "gguf"), array)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
+    return write_tiny_gguf(path, vocab_source, chat_template=template)
 
 
 @pytest.mark.parametrize(

@@ -9,10 +9,9 @@ import math
 import time
 from pathlib import Path
 
-import gguf
 import numpy as np
 import pytest
-from conftest import run_cli
+from conftest import run_cli, write_tiny_gguf
 
 from llamalab.errors import LlamalabError
 from llamalab.eval import data
@@ -191,42 +190,11 @@ def test_perplexity_data_that_is_a_fifo_is_named_as_one(tmp_path):
     assert line.endswith("not a regular file or folder")
 
 
-def _short_context_model(path: Path, vocab_source: Path, context_length: int) -> Path:
-    """A 1-layer random model with ``vocab_source``'s tokenizer and a short context."""
-    from llamalab.checkpoint import names as tensor_names
-    from llamalab.checkpoint.gguf_format import add_model_metadata
-    from llamalab.checkpoint.names import expected_shapes
-    from llamalab.config import ModelConfig
-    from llamalab.tokenizer.gguf_vocab import add_vocab_to_gguf
-
-    n_vocab = len(gguf.GGUFReader(vocab_source).fields["tokenizer.ggml.tokens"].data)
-    config = ModelConfig(
-        name="tiny", dim=64, n_layers=1, n_heads=4, n_kv_heads=4, vocab_size=n_vocab,
-        ffn_hidden_dim=128, norm_eps=1e-5, rope_theta=10000.0, context_length=context_length,
-        tie_embeddings=True,
-    )  # fmt: skip
-    writer = gguf.GGUFWriter(path, "llama")
-    add_model_metadata(writer, config)
-    assert add_vocab_to_gguf(writer, vocab_source)
-    rng = np.random.default_rng(0)
-    for name, shape in expected_shapes(config).items():
-        if name.endswith("norm.weight"):
-            array = np.ones(shape, dtype=np.float32)
-        else:
-            array = (rng.standard_normal(shape) * 0.02).astype(np.float32)
-        writer.add_tensor(tensor_names.to_format(name, "gguf"), array)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
-
-
 @pytest.mark.slow
 def test_perplexity_window_and_stride_follow_a_short_model_context(tmp_path, smollm2_path):
     from llamalab.tokenizer import load_tokenizer
 
-    model = _short_context_model(tmp_path / "ctx128.gguf", smollm2_path, 128)
+    model = write_tiny_gguf(tmp_path / "ctx128.gguf", smollm2_path, context_length=128)
     doc = tmp_path / "doc.txt"
     doc.write_text("The quick brown fox jumps over the lazy dog. " * 40)
     n = 1 + len(load_tokenizer(smollm2_path).encode(doc.read_text(), add_bos=False, special=False))
