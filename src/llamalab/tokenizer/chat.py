@@ -169,8 +169,14 @@ class _Budget:
         return value
 
 
-class _RenderTimeoutError(_RenderLimitError):
-    """Raised asynchronously in a rendering thread by the watchdog (a class, no args)."""
+class _RenderTimeoutError(BaseException):
+    """Raised asynchronously in a rendering thread by the watchdog (a class, no args).
+
+    A BaseException, so that no ``except Exception`` on the way handles it: Jinja's
+    ``generate`` catches Exception to rewrite the traceback, and an exception delivered
+    between two bytecodes can carry a frame without a line number, on which that rewrite
+    itself fails with a TypeError that would hide the timeout.
+    """
 
 
 class _Watchdog:
