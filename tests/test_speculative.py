@@ -84,6 +84,24 @@ def test_drafting_stops_where_drafts_miss_and_resumes_where_they_hit() -> None:
     assert spec.draft(2, cost) == [1, 2]  # never past the limit
 
 
+def test_drafting_stops_where_verifications_are_slower_than_predicted() -> None:
+    """Drafts that hit but whose passes cost far more than the cost model says (a loaded
+    machine) calibrate the prediction down until plain steps win."""
+    spec = Speculation(LookupParams(ngram=1, draft_max=4), [1, 2, 1])
+    cost = PassCost()
+    cost.single_s = 0.010
+    for _ in range(20):
+        drafts = spec.draft(4, cost)
+        if not drafts:
+            break
+        for t in drafts:
+            spec.push(t)  # every draft hits ...
+        spec.push(1)
+        spec.verified(len(drafts), len(drafts), 0.2, cost)  # ... at 20 single passes' time
+    assert spec.draft(4, cost) == []
+    assert spec.calibration < 0.5
+
+
 # ------------------------------------------------------------------ rejection sampling
 def test_a_point_draft_is_accepted_with_its_target_probability() -> None:
     """Leviathan et al.'s rule for q = δ_d: accept with p(d), else draw from p without d."""

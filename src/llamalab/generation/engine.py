@@ -663,7 +663,7 @@ class Engine:
             accepted += hit
             if seq.finished or not hit:
                 break
-        spec.verified(len(drafts), accepted)
+        spec.verified(len(drafts), accepted, elapsed, self._pass_cost)
         seq.timing.draft_tokens += len(drafts)
         seq.timing.accepted_tokens += accepted
         if seq.finished:

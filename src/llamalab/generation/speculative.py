@@ -63,6 +63,10 @@ ACCEPTANCE_DECAY = 0.95
 # Verify a draft only where its expected speed-up beats plain decoding by this much: a
 # draft that only breaks even costs the estimate's noise.
 MIN_GAIN = 1.05
+# The model of a pass's cost misses what it does not see (a loaded machine's contention,
+# caches): each verification's realised speed-up over the predicted one calibrates the
+# predictions of the sequence's later drafts, within these bounds.
+CALIBRATION_RANGE = (0.25, 1.5)
 # A draft model's acceptance is measured only on the drafts it makes (drafting costs a
 # pass of it): after this many steps without a draft, one token is drafted to look again.
 PROBE_EVERY = 16
@@ -198,6 +202,8 @@ class Speculation:
         self.drafted = 0  # tokens verified as drafts
         self.accepted = 0  # of those, the ones the model chose too
         self.drafter: ModelDrafter | None = None  # set where a draft model drafts instead
+        self.calibration = 1.0  # realised over predicted speed-up, running average
+        self._predicted = 0.0  # the predicted speed-up of the last draft
         self.draft_s = 0.0  # what the last draft took the draft model
         self._idle = 0  # steps since the draft model last drafted
 
@@ -230,12 +236,17 @@ class Speculation:
         self._pending, self._match = prediction, n
         if not prediction or limit < 1:
             return []
-        return prediction[: _best_length(self.acceptance(n), min(len(prediction), limit), cost)]
+        k, self._predicted = _best_length(
+            self.acceptance(n), min(len(prediction), limit), cost, self.calibration
+        )
+        return prediction[:k]
 
     def _model_draft(self, limit: int, cost: PassCost) -> list[int]:
         """The draft model's greedy continuation, as long as pays (point masses: the
         verification stays exact for any sampler)."""
-        k = _best_length(self.acceptance(0), min(self.params.draft_max, limit), cost)
+        k, self._predicted = _best_length(
+            self.acceptance(0), min(self.params.draft_max, limit), cost, self.calibration
+        )
         self._idle = 0 if k else self._idle + 1
         if not k and self._idle >= PROBE_EVERY and limit >= 1:
             k, self._idle = 1, 0
@@ -250,17 +261,26 @@ class Speculation:
         self._pending, self._match = list(drafts), 0
         return drafts
 
-    def verified(self, drafted: int, accepted: int) -> None:
-        """Count a verification pass's drafted and accepted tokens (for reports)."""
+    def verified(self, drafted: int, accepted: int, seconds: float, cost: PassCost) -> None:
+        """Record a verification pass: its drafted and accepted tokens (for reports), and
+        its realised speed-up (emitted tokens per one-token pass time, drafting
+        included) against the predicted one, which calibrates later predictions."""
         self.drafted += drafted
         self.accepted += accepted
+        if cost.single_s and self._predicted > 0 and seconds > 0:
+            realised = (accepted + 1) * cost.single_s / (seconds + self.draft_s)
+            lo, hi = CALIBRATION_RANGE
+            ratio = min(max(realised / self._predicted, lo), hi)
+            self.calibration = min(max(_smooth(self.calibration, ratio), lo), hi)
 
 
-def _best_length(a: float, most: int, cost: PassCost) -> int:
+def _best_length(
+    a: float, most: int, cost: PassCost, calibration: float = 1.0
+) -> tuple[int, float]:
     """The draft length k ≤ ``most`` that maximises the expected tokens per unit of time,
-    (1 + a + … + a^k) / (1 + (extra + draft)·k); 0 unless that beats a plain step by
-    ``MIN_GAIN``."""
-    best_k, best_rate = 0, MIN_GAIN
+    (1 + a + … + a^k) / (1 + (extra + draft)·k), and that predicted speed-up; (0, 0.0)
+    unless it, times ``calibration``, beats a plain step by ``MIN_GAIN``."""
+    best_k, best_rate = 0, 0.0
     expected, power = 1.0, 1.0
     for k in range(1, most + 1):
         power *= a
@@ -268,7 +288,9 @@ def _best_length(a: float, most: int, cost: PassCost) -> int:
         rate = expected / (1.0 + (cost.extra + cost.draft) * k)
         if rate > best_rate:
             best_k, best_rate = k, rate
-    return best_k
+    if best_rate * calibration <= MIN_GAIN:
+        return 0, 0.0
+    return best_k, best_rate
 
 
 class ModelDrafter:
