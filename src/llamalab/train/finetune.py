@@ -29,9 +29,7 @@ import dataclasses
 import json
 import math
 import random
-import signal
 import sys
-import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -285,17 +283,14 @@ def _say(line: str) -> None:
 def _finetune(cfg: FinetuneConfig, world: Any, progress: bool | None) -> dict[str, Any]:
     import torch
     from torch import nn
-    from tqdm import tqdm
 
     from llamalab.checkpoint.load import load_model, open_checkpoint
     from llamalab.data.instruct import load_instruct, split_validation, to_rows
     from llamalab.default_model import resolve_model_path
     from llamalab.tokenizer import load_tokenizer
     from llamalab.train.checkpoint import load_newest_checkpoint, save_checkpoint
-    from llamalab.train.loop import _closing, _StopSignal, resolve_precision, train_step
-    from llamalab.train.metrics import METRICS, PLOT, MetricsWriter, plot_metrics, truncate_metrics
+    from llamalab.train.loop import Batch, resolve_precision, run_steps
     from llamalab.train.optim import build_optimizer
-    from llamalab.train.schedule import lr_at
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -402,10 +397,6 @@ def _finetune(cfg: FinetuneConfig, world: Any, progress: bool | None) -> dict[st
         return {"step": step, "stop_step": stop_step, "already_finished": True,
                 "out_dir": str(out), "export": str(out / _export_name(cfg))}  # fmt: skip
 
-    metrics_path = out / METRICS
-    if metrics_path.exists():
-        truncate_metrics(metrics_path, step)
-    metrics = MetricsWriter(metrics_path)
     _say(f"{data.summary()}; {len(train_items)} train, {len(val_items)} validation")
     where = "packed" if packed else "float32"
     _say(
@@ -413,101 +404,49 @@ def _finetune(cfg: FinetuneConfig, world: Any, progress: bool | None) -> dict[st
         f"parameters, {rows} rows of {cfg.seq_len} per step, {stop_step} steps"
         + (f", resuming from {ckpt.name}" if ckpt else "")
     )
-    show_bar = sys.stderr.isatty() if progress is None else progress
-    bar = tqdm(total=stop_step, initial=step, unit="step", disable=not show_bar, dynamic_ncols=True)
-    start_step, t_start = step, time.perf_counter()
-    stopped_by, loss_value, last_saved = None, math.nan, step if ckpt else -1
-    micro_per_step = rows // cfg.micro_batch_size
 
-    def micro_batches(at: int):
+    def batches(at: int) -> tuple[list[Batch], dict[str, Any]]:
         chosen = [train_items[i] for i in rows_of_step(at, rows, len(train_items), cfg.seed)]
-        for i in range(0, rows, cfg.micro_batch_size):
-            yield to_rows(chosen[i : i + cfg.micro_batch_size], cfg.seq_len, pad_id=0)
+        micro = [
+            to_rows(chosen[i : i + cfg.micro_batch_size], cfg.seq_len, pad_id=0)
+            for i in range(0, rows, cfg.micro_batch_size)
+        ]
+        return micro, {"trained_tokens": sum(int((y != -100).sum()) for _, y in micro)}
 
-    def save() -> None:
+    def save(at: int, tokens: int) -> None:
         save_checkpoint(
-            out, step, trainable, optimizer, {"max_steps": stop_step}, world,
+            out, at, trainable, optimizer, {"max_steps": stop_step}, world,
             keep=cfg.keep_checkpoints,
         )  # fmt: skip
         if cfg.method == "lora":
             export()
 
-    with _StopSignal() as stop, _closing(bar):
-        while step < stop_step:
-            t0 = time.perf_counter()
-            lr = lr_at(
-                step,
-                peak=cfg.lr,
-                warmup_steps=cfg.warmup_steps,
-                total_steps=stop_step,
-                min_ratio=cfg.min_lr_ratio,
-            )
-            batches = list(micro_batches(step))
-            trained = sum(int((y != -100).sum()) for _, y in batches)
-            loss_t, grad_norm = train_step(
-                model, optimizer, batches, accum=micro_per_step, lr=lr,
-                grad_clip=cfg.grad_clip, autocast=autocast,
-            )  # fmt: skip
-            step += 1
-            loss_value = float(loss_t)
-            if not math.isfinite(loss_value):
-                raise LlamalabError(f"step {step}: the loss is {loss_value}; stopping")
-            dt = time.perf_counter() - t0
-            rec: dict[str, Any] = {
-                "step": step,
-                "loss": loss_value,
-                "lr": lr,
-                "grad_norm": float(grad_norm),
-                "tokens": step * cfg.batch_tokens,
-                "trained_tokens": trained,
-                "tokens_per_s": cfg.batch_tokens / dt,
-                "elapsed_s": time.perf_counter() - t_start,
-                "epochs": step * rows / len(train_items),
-            }
-            if (
-                val_rows is not None
-                and cfg.eval_every
-                and (step % cfg.eval_every == 0 or step == stop_step)
-            ):
-                rec["eval_loss"] = {"validation": evaluate()}
-            metrics.write(rec)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
-            if not show_bar and (step % cfg.log_every == 0 or step == stop_step):
-                val = rec.get("eval_loss", {}).get("validation")
-                print(
-                    f"step {step}/{stop_step} loss {loss_value:.4f} lr {lr:.2e}"
-                    + (f" val {val:.4f}" if val is not None else "")
-                    + f" {rec['tokens_per_s']:,.0f} tok/s",
-                    file=sys.stderr,
-                )
-            if cfg.plot_every and step % cfg.plot_every == 0:
-                plot_metrics(metrics_path, out / PLOT, title=f"{cfg.method} {model_path.name}")
-            stopping = stop.received is not None
-            if step % cfg.checkpoint_every == 0 or stopping or step == stop_step:
-                save()
-                last_saved = step
-            if stopping:
-                stopped_by = stop.received
-                break
-    elapsed = time.perf_counter() - t_start
-    if step > last_saved and step > 0:
-        save()
-    metrics.close()
-    plot_metrics(metrics_path, out / PLOT, title=f"{cfg.method} {model_path.name}")
+    steps = run_steps(
+        cfg,
+        model,
+        optimizer,
+        world,
+        step=step,
+        tokens=step * cfg.batch_tokens,
+        stop_step=stop_step,
+        schedule_steps=stop_step,
+        accum=rows // cfg.micro_batch_size,
+        autocast=autocast,
+        batches=batches,
+        evaluate=(lambda: {"validation": evaluate()}) if val_rows is not None else None,
+        epochs=lambda at: at * rows / len(train_items),
+        save=save,
+        saved=ckpt is not None,
+        out=out,
+        title=f"{cfg.method} {model_path.name}",
+        progress=progress,
+        log_eval=True,
+    )
     exported = None
-    if stopped_by is None:
+    if steps.stopped_by is None:
         exported = export() if cfg.method == "full" else out / ADAPTER
-    done = step - start_step
     return {
-        "step": step,
-        "stop_step": stop_step,
-        "already_finished": False,
-        "loss": loss_value,
-        "steps_run": done,
-        "elapsed_s": elapsed,
-        "tokens_per_s": done * cfg.batch_tokens / elapsed if elapsed > 0 else 0.0,
-        "stopped_by": signal.Signals(stopped_by).name if stopped_by else None,
+        **steps.summary(),
         "export": str(exported) if exported else None,
         "out_dir": str(out),
     }

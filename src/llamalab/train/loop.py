@@ -28,11 +28,11 @@ import math
 import signal
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, Protocol, Self
 
 import numpy as np
 import torch
@@ -265,8 +265,6 @@ def train(cfg: TrainConfig, *, progress: bool | None = None) -> dict[str, Any]:
 
 
 def _train(cfg: TrainConfig, world: World, progress: bool | None) -> dict[str, Any]:
-    from tqdm import tqdm
-
     from llamalab.model import Transformer
 
     if cfg.threads:
@@ -396,35 +394,157 @@ def _train(cfg: TrainConfig, world: World, progress: bool | None) -> dict[str, A
             "export": str(export_dir or out / EXPORT) if cfg.export else None,
             "epochs": sampler.epochs(),
         }
+    say(
+        f"{n_params / 1e6:.2f}M parameters, {world.world_size} rank(s) on "
+        f"{world.device.type}, {str(dtype).removeprefix('torch.')}, {accum} micro-batch(es) "
+        f"of {cfg.micro_batch_size}×{L} per step" + (f", resuming from {ckpt.name}" if ckpt else "")
+    )
+
+    def batches(step: int) -> tuple[Iterator[Batch], dict[str, Any]]:
+        # A generator: one micro-batch in memory at a time.
+        micro_batches = (
+            _batch(shards, sampler.take(cfg.micro_batch_size), L, world.device)
+            for _ in range(accum)
+        )
+        return micro_batches, {}
+
+    def save(step: int, tokens: int) -> None:
+        # The schedule's length and stop step are kept to tell a resume that changes them.
+        state = {
+            "tokens": tokens,
+            "sampler": sampler.state_dict(),
+            "max_steps": stop_step,
+            "schedule_steps": total_steps,
+        }
+        save_checkpoint(out, step, model, optimizer, state, world, keep=cfg.keep_checkpoints)
+
+    steps = run_steps(
+        cfg,
+        model,
+        optimizer,
+        world,
+        step=step,
+        tokens=tokens,
+        stop_step=stop_step,
+        schedule_steps=total_steps,
+        accum=accum,
+        autocast=autocast,
+        batches=batches,
+        evaluate=lambda: evaluate(model, shards, splits, cfg, world, autocast),
+        epochs=lambda _step: sampler.epochs(),
+        save=save,
+        saved=ckpt is not None,
+        out=out,
+        title=mcfg.name or "llamalab",
+        progress=progress,
+    )
+
+    # ---- the end: export (full weights gathered to rank 0)
+    export_dir = None
+    if cfg.export and steps.stopped_by is None:
+        export_dir = _export(model, mcfg, shards, out, world)
+    return {
+        "rank": world.rank,
+        **steps.summary(),
+        "export": str(export_dir) if export_dir else None,
+        "epochs": sampler.epochs(),
+    }
+
+
+class StepSettings(Protocol):
+    """The config keys :func:`run_steps` reads (a training and a fine-tuning config's)."""
+
+    lr: float
+    warmup_steps: int
+    min_lr_ratio: float
+    grad_clip: float
+    batch_tokens: int
+    eval_every: int
+    log_every: int
+    plot_every: int
+    checkpoint_every: int
+
+
+Batch = tuple[torch.Tensor, torch.Tensor]  # (inputs, targets)
+
+
+@dataclass
+class Steps:
+    """What :func:`run_steps` did."""
+
+    step: int  # the step reached
+    stop_step: int
+    loss: float  # the last step's (NaN where none ran)
+    steps_run: int
+    elapsed_s: float  # the loop: steps, evaluations, checkpoints
+    tokens_per_s: float
+    stopped_by: str | None  # the signal's name, where one stopped the run
+
+    def summary(self) -> dict[str, Any]:
+        """The run summary's fields that every training command reports."""
+        return {
+            "step": self.step,
+            "stop_step": self.stop_step,
+            "already_finished": False,
+            "loss": self.loss,
+            "steps_run": self.steps_run,
+            "elapsed_s": self.elapsed_s,
+            "tokens_per_s": self.tokens_per_s,
+            "stopped_by": self.stopped_by,
+        }
+
+
+def run_steps(
+    cfg: StepSettings,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    world: World,
+    *,
+    step: int,
+    tokens: int,
+    stop_step: int,
+    schedule_steps: int,
+    accum: int,
+    autocast: Any,
+    batches: Callable[[int], tuple[Iterable[Batch], dict[str, Any]]],
+    evaluate: Callable[[], dict[str, float]] | None,
+    epochs: Callable[[int], Any],
+    save: Callable[[int, int], None],
+    saved: bool,
+    out: Path,
+    title: str,
+    progress: bool | None,
+    log_eval: bool = False,
+) -> Steps:
+    """Optimiser steps from ``step`` to ``stop_step``, as `llamalab train` and
+    `llamalab finetune` run them; every rank calls it.
+
+    Each step takes ``batches(step)``: its ``accum`` micro-batches and the extra fields of
+    its metrics record; the rate follows the schedule of ``schedule_steps``. Every step
+    appends to ``out/metrics.jsonl`` (truncated to ``step`` first: a resume) and moves the
+    progress bar (or, without one, says a line every ``log_every`` steps, with the eval
+    losses where ``log_eval``); ``evaluate()`` runs every ``eval_every`` steps and at the
+    last; ``save(step, tokens)`` writes a checkpoint every ``checkpoint_every`` steps, at
+    the last, on SIGINT/SIGTERM (which then stop the loop) and at the end if the last step
+    is unsaved (``saved``: ``step`` itself is). ``out/loss.png`` is drawn every
+    ``plot_every`` steps and at the end, titled ``title``.
+    """
+    from tqdm import tqdm
+
     metrics_path = out / METRICS
     if world.is_main:
         if metrics_path.exists():
             truncate_metrics(metrics_path, step)
         metrics = MetricsWriter(metrics_path)
     barrier(world)
-
-    say(
-        f"{n_params / 1e6:.2f}M parameters, {world.world_size} rank(s) on "
-        f"{world.device.type}, {str(dtype).removeprefix('torch.')}, {accum} micro-batch(es) "
-        f"of {cfg.micro_batch_size}×{L} per step" + (f", resuming from {ckpt.name}" if ckpt else "")
-    )
-    # The bar draws itself as soon as it exists: every line above is printed first.
+    # The bar draws itself as soon as it exists: every line said before this is printed first.
     show_bar = world.is_main and (sys.stderr.isatty() if progress is None else progress)
     bar = tqdm(total=stop_step, initial=step, unit="step", disable=not show_bar, dynamic_ncols=True)
-    last_saved = step if ckpt else -1
+    last_saved = step if saved else -1
     t_start = time.perf_counter()
     start_step = step
     stopped_by: int | None = None
     loss_value = math.nan
-
-    def train_state() -> dict[str, Any]:
-        # The schedule's length and stop step are kept to tell a resume that changes them.
-        return {
-            "tokens": tokens,
-            "sampler": sampler.state_dict(),
-            "max_steps": stop_step,
-            "schedule_steps": total_steps,
-        }
 
     with _StopSignal() as stop, _closing(bar):
         while step < stop_step:
@@ -433,13 +553,10 @@ def _train(cfg: TrainConfig, world: World, progress: bool | None) -> dict[str, A
                 step,
                 peak=cfg.lr,
                 warmup_steps=cfg.warmup_steps,
-                total_steps=total_steps,
+                total_steps=schedule_steps,
                 min_ratio=cfg.min_lr_ratio,
             )
-            micro_batches = (
-                _batch(shards, sampler.take(cfg.micro_batch_size), L, world.device)
-                for _ in range(accum)
-            )
+            micro_batches, extra = batches(step)
             loss_t, grad_norm = train_step(
                 model,
                 optimizer,
@@ -460,12 +577,17 @@ def _train(cfg: TrainConfig, world: World, progress: bool | None) -> dict[str, A
                 "lr": lr,
                 "grad_norm": float(grad_norm),
                 "tokens": tokens,
+                **extra,
                 "tokens_per_s": cfg.batch_tokens / dt,
                 "elapsed_s": time.perf_counter() - t_start,
-                "epochs": sampler.epochs(),
+                "epochs": epochs(step),
             }
-            if cfg.eval_every and (step % cfg.eval_every == 0 or step == stop_step):
-                rec["eval_loss"] = evaluate(model, shards, splits, cfg, world, autocast)
+            if (
+                evaluate is not None
+                and cfg.eval_every
+                and (step % cfg.eval_every == 0 or step == stop_step)
+            ):
+                rec["eval_loss"] = evaluate()
             if not math.isfinite(loss_value):
                 raise LlamalabError(f"step {step}: the loss is {loss_value}; stopping")
             if world.is_main:
@@ -475,49 +597,38 @@ def _train(cfg: TrainConfig, world: World, progress: bool | None) -> dict[str, A
                     loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{rec['tokens_per_s']:,.0f}"
                 )
                 if not show_bar and (step % cfg.log_every == 0 or step == stop_step):
+                    evals = rec.get("eval_loss", {}) if log_eval else {}
                     print(
-                        f"step {step}/{stop_step} loss {loss_value:.4f} lr {lr:.2e} "
-                        f"{rec['tokens_per_s']:,.0f} tok/s",
+                        f"step {step}/{stop_step} loss {loss_value:.4f} lr {lr:.2e}"
+                        + "".join(f" val {v:.4f}" for v in evals.values())
+                        + f" {rec['tokens_per_s']:,.0f} tok/s",
                         file=sys.stderr,
                     )
                 if cfg.plot_every and step % cfg.plot_every == 0:
-                    plot_metrics(metrics_path, out / PLOT, title=mcfg.name or "llamalab")
+                    plot_metrics(metrics_path, out / PLOT, title=title)
             stopping = any_rank(stop.received is not None, world)
             if step % cfg.checkpoint_every == 0 or stopping or step == stop_step:
-                save_checkpoint(
-                    out, step, model, optimizer, train_state(), world, keep=cfg.keep_checkpoints
-                )
+                save(step, tokens)
                 last_saved = step
             if stopping:
                 stopped_by = stop.received or signal.SIGTERM
                 break
-    elapsed = time.perf_counter() - t_start  # the loop: steps, evaluations, checkpoints
+    elapsed = time.perf_counter() - t_start
     if step > last_saved and step > 0:  # e.g. a run resumed at its last step
-        save_checkpoint(
-            out, step, model, optimizer, train_state(), world, keep=cfg.keep_checkpoints
-        )
-
-    # ---- the end: plot, export (full weights gathered to rank 0)
+        save(step, tokens)
     if world.is_main:
         metrics.close()
-        plot_metrics(metrics_path, out / PLOT, title=mcfg.name or "llamalab")
-    export_dir = None
-    if cfg.export and stopped_by is None:
-        export_dir = _export(model, mcfg, shards, out, world)
+        plot_metrics(metrics_path, out / PLOT, title=title)
     done = step - start_step
-    return {
-        "rank": world.rank,
-        "step": step,
-        "stop_step": stop_step,
-        "already_finished": False,
-        "loss": loss_value,
-        "steps_run": done,
-        "elapsed_s": elapsed,
-        "tokens_per_s": done * cfg.batch_tokens / elapsed if elapsed > 0 else 0.0,
-        "stopped_by": signal.Signals(stopped_by).name if stopped_by else None,
-        "export": str(export_dir) if export_dir else None,
-        "epochs": sampler.epochs(),
-    }
+    return Steps(
+        step=step,
+        stop_step=stop_step,
+        loss=loss_value,
+        steps_run=done,
+        elapsed_s=elapsed,
+        tokens_per_s=done * cfg.batch_tokens / elapsed if elapsed > 0 else 0.0,
+        stopped_by=signal.Signals(stopped_by).name if stopped_by else None,
+    )
 
 
 @contextmanager
