@@ -32,6 +32,29 @@ from llamalab.files import read_text_bounded
 PRECISIONS = ("auto", "bf16", "fp32")
 DEVICES = ("auto", "cpu", "cuda")
 MAX_CONFIG_BYTES = 1 << 20
+# The keys a training and a fine-tuning config share, with their bounds (checked in this
+# order): whole numbers and their least values, then the optimiser's numbers and ranges.
+RUN_COUNTS = {
+    "seq_len": 1,
+    "batch_tokens": 1,
+    "micro_batch_size": 1,
+    "warmup_steps": 0,
+    "checkpoint_every": 1,
+    "keep_checkpoints": 1,
+    "eval_every": 0,
+    "log_every": 1,
+    "plot_every": 0,
+    "seed": 0,
+}
+OPTIMISER_RANGES = {
+    "lr": (0, 1),
+    "min_lr_ratio": (0, 1),
+    "weight_decay": (0, 10),
+    "beta1": (0, 1),
+    "beta2": (0, 1),
+    "eps": (0, 1),
+    "grad_clip": (0, math.inf),
+}
 
 
 @dataclass
@@ -76,23 +99,7 @@ class TrainConfig:
         if not isinstance(self.model, str | dict):
             raise fail(f"model must be a preset name or a table, got {self.model!r}")
         check_paths(self, ("data", "out_dir"), fail)
-        check_whole_numbers(
-            self,
-            {
-                "seq_len": 1,
-                "batch_tokens": 1,
-                "micro_batch_size": 1,
-                "warmup_steps": 0,
-                "checkpoint_every": 1,
-                "keep_checkpoints": 1,
-                "eval_every": 0,
-                "eval_tokens": 0,
-                "log_every": 1,
-                "plot_every": 0,
-                "seed": 0,
-            },
-            fail,
-        )
+        check_whole_numbers(self, {**RUN_COUNTS, "eval_tokens": 0}, fail)
         check_optional_counts(self, ("max_steps", "total_tokens", "threads"), fail)
         if self.max_steps is None and self.total_tokens is None:
             raise fail("set max_steps or total_tokens")
@@ -109,20 +116,7 @@ class TrainConfig:
                 f"{self.schedule_steps()} steps ({length}): the rate would never reach its "
                 "peak or decay; lower warmup_steps or lengthen the run"
             )
-        check_numbers(
-            self,
-            {
-                "lr": (0, 1),
-                "min_lr_ratio": (0, 1),
-                "weight_decay": (0, 10),
-                "beta1": (0, 1),
-                "beta2": (0, 1),
-                "eps": (0, 1),
-                "grad_clip": (0, math.inf),
-                "init_std": (0, 10),
-            },
-            fail,
-        )
+        check_numbers(self, {**OPTIMISER_RANGES, "init_std": (0, 10)}, fail)
         for key in ("activation_checkpointing", "compile", "export"):
             if not isinstance(getattr(self, key), bool):
                 raise fail(f"{key} must be true or false, got {getattr(self, key)!r}")

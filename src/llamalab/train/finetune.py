@@ -38,7 +38,9 @@ from typing import Any
 from llamalab.errors import LlamalabError
 from llamalab.files import file_sha256
 from llamalab.train.config import (
+    OPTIMISER_RANGES,
     PRECISIONS,
+    RUN_COUNTS,
     check_choice,
     check_numbers,
     check_optional_counts,
@@ -135,35 +137,14 @@ class FinetuneConfig:
         for t in self.targets:
             if t not in TARGETS:
                 raise fail(f"unknown target module {t!r}; choose among {' '.join(TARGETS)}")
-        check_whole_numbers(
-            self,
-            {
-                "seq_len": 1,
-                "batch_tokens": 1,
-                "micro_batch_size": 1,
-                "warmup_steps": 0,
-                "checkpoint_every": 1,
-                "keep_checkpoints": 1,
-                "eval_every": 0,
-                "log_every": 1,
-                "plot_every": 0,
-                "seed": 0,
-            },
-            fail,
-        )
+        check_whole_numbers(self, RUN_COUNTS, fail)
         check_optional_counts(self, ("max_steps", "threads"), fail)
         check_numbers(
             self,
             {
                 "alpha": (0, math.inf),
                 "dropout": (0, 0.999),
-                "lr": (0, 1),
-                "min_lr_ratio": (0, 1),
-                "weight_decay": (0, 10),
-                "beta1": (0, 1),
-                "beta2": (0, 1),
-                "eps": (0, 1),
-                "grad_clip": (0, math.inf),
+                **OPTIMISER_RANGES,
                 "val_fraction": (0, 0.9),
             },
             fail,
@@ -231,30 +212,25 @@ def rows_of_step(step: int, rows: int, n_items: int, seed: int) -> list[int]:
 
 def _check_out_dir(out: Path, record: dict[str, Any]) -> bool:
     """Create nothing; accept an empty/new folder or this very run (True: resume)."""
-    if out.exists() and not out.is_dir():
-        raise LlamalabError(f"{out}: exists and is not a folder")
+    from llamalab.train.loop import previous_run
+
+    if not previous_run(out, RUN_RECORD, "finetune"):
+        return False
     run_file = out / RUN_RECORD
-    if run_file.is_file():
-        try:
-            old = json.loads(run_file.read_text())
-            old_cfg, old_id = old["config"], old["identity"]
-        except (OSError, ValueError, KeyError, TypeError):
-            raise LlamalabError(f"{run_file}: unreadable; not a llamalab finetune run?") from None
-        for key, value in record["identity"].items():
-            if old_id.get(key) != value:
-                was = old_cfg.get(key, old_id.get(key)) if key in old_cfg else old_id.get(key)
-                now = record["config"].get(key, value)
-                raise LlamalabError(
-                    f"{out}: holds another fine-tuning run ({key} was {was!r}, now {now!r}); "
-                    "choose a new out_dir (nothing was overwritten)"
-                )
-        return True
-    if out.is_dir() and any(p for p in out.iterdir() if not p.name.startswith(".")):
-        raise LlamalabError(
-            f"{out}: folder is not empty and is not a previous `llamalab finetune` run; "
-            "choose a new or empty out_dir (nothing was overwritten)"
-        )
-    return False
+    try:
+        old = json.loads(run_file.read_text())
+        old_cfg, old_id = old["config"], old["identity"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise LlamalabError(f"{run_file}: unreadable; not a llamalab finetune run?") from None
+    for key, value in record["identity"].items():
+        if old_id.get(key) != value:
+            was = old_cfg.get(key, old_id.get(key)) if key in old_cfg else old_id.get(key)
+            now = record["config"].get(key, value)
+            raise LlamalabError(
+                f"{out}: holds another fine-tuning run ({key} was {was!r}, now {now!r}); "
+                "choose a new out_dir (nothing was overwritten)"
+            )
+    return True
 
 
 # -- the run ------------------------------------------------------------------------

@@ -117,23 +117,31 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
 
 def _check_out_dir(out: Path, record: dict[str, Any], world: World) -> bool:
     """Create ``out`` or accept a previous run of the same model; return whether it resumes."""
+    if not previous_run(out, RUN_FILE, "train"):
+        return False
     run_file = out / RUN_FILE
+    try:
+        old = json.loads(run_file.read_text())
+    except (OSError, ValueError):
+        raise LlamalabError(f"{run_file}: unreadable; not a llamalab run?") from None
+    for key in ("model", "tokenizer_sha256"):
+        if old.get(key) != record[key]:
+            raise LlamalabError(
+                f"{out}: holds a run with another {key.replace('_', ' ')}; choose a new out_dir"
+            )
+    return True
+
+
+def previous_run(out: Path, record: str, command: str) -> bool:
+    """Whether ``out`` holds a run's ``record`` file (the caller checks it is the same run);
+    without one, ``out`` must be new or an empty folder (hidden files aside)."""
     if out.exists() and not out.is_dir():
         raise LlamalabError(f"{out}: exists and is not a folder")
-    if run_file.is_file():
-        try:
-            old = json.loads(run_file.read_text())
-        except (OSError, ValueError):
-            raise LlamalabError(f"{run_file}: unreadable; not a llamalab run?") from None
-        for key in ("model", "tokenizer_sha256"):
-            if old.get(key) != record[key]:
-                raise LlamalabError(
-                    f"{out}: holds a run with another {key.replace('_', ' ')}; choose a new out_dir"
-                )
+    if (out / record).is_file():
         return True
     if out.is_dir() and any(p for p in out.iterdir() if not p.name.startswith(".")):
         raise LlamalabError(
-            f"{out}: folder is not empty and is not a previous `llamalab train` run; "
+            f"{out}: folder is not empty and is not a previous `llamalab {command}` run; "
             "choose a new or empty out_dir (nothing was overwritten)"
         )
     return False
