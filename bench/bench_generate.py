@@ -63,13 +63,19 @@ def run_llamalab(ids: list[int], dtype: str, model_path: str, compile: bool) -> 
     engine = Engine(model, tokenizer, max_seq_len=1024)
     list(engine.generate(Request(ids[:16], max_tokens=4, sampling=GREEDY)))  # warm-up
     start = time.perf_counter()
-    seq, _ = engine.submit(Request(ids, max_tokens=DECODE_TOKENS + 1, sampling=GREEDY, ignore_eos=True))
+    seq, _ = engine.submit(
+        Request(ids, max_tokens=DECODE_TOKENS + 1, sampling=GREEDY, ignore_eos=True)
+    )
     ttft = time.perf_counter() - start
     t0 = time.perf_counter()
     while not seq.finished:
         engine.step()
     decode_s = time.perf_counter() - t0
-    return {"prefill_tps": len(ids) / seq.timing.prefill_s, "ttft_s": ttft, "decode_tps": DECODE_TOKENS / decode_s}
+    return {
+        "prefill_tps": len(ids) / seq.timing.prefill_s,
+        "ttft_s": ttft,
+        "decode_tps": DECODE_TOKENS / decode_s,
+    }
 
 
 def run_llamacpp(ids: list[int], threads: int, model_path: str) -> dict:
@@ -97,7 +103,11 @@ def run_llamacpp(ids: list[int], threads: int, model_path: str) -> dict:
         llm.eval([token])
         token = int(np.argmax(last_logits()))
     decode_s = time.perf_counter() - t0
-    return {"prefill_tps": len(ids) / prefill_s, "ttft_s": ttft, "decode_tps": DECODE_TOKENS / decode_s}
+    return {
+        "prefill_tps": len(ids) / prefill_s,
+        "ttft_s": ttft,
+        "decode_tps": DECODE_TOKENS / decode_s,
+    }
 
 
 def run_transformers(ids: list[int], model_path: str) -> dict:
@@ -105,7 +115,9 @@ def run_transformers(ids: list[int], model_path: str) -> dict:
     from transformers import LlamaForCausalLM
 
     path = Path(model_path)
-    model = LlamaForCausalLM.from_pretrained(path.parent, gguf_file=path.name, torch_dtype=torch.float32).eval()
+    model = LlamaForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, torch_dtype=torch.float32
+    ).eval()
     with torch.inference_mode():
         model(torch.tensor([ids[:16]]))  # warm-up
         start = time.perf_counter()
@@ -170,7 +182,9 @@ def summary(values: list[float]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--engines", default=",".join(ENGINES))
@@ -192,7 +206,9 @@ def main() -> None:
     engines = [e for e in args.engines.split(",") if e]
     missing = [e for e in engines if not available(e)]
     for e in missing:
-        print(f"note: {e} is not installed (pip install llama-cpp-python; it compiles for ~20 min); skipped")
+        print(
+            f"note: {e} is not installed (pip install llama-cpp-python; it compiles for ~20 min); skipped"
+        )
     engines = [e for e in engines if e not in missing]
     # Every engine runs as its users run it: with no OpenMP or llamalab variable of ours.
     # (Under OMP_WAIT_POLICY=PASSIVE, OpenMP threads sleep between operations, which cuts
@@ -220,7 +236,9 @@ def main() -> None:
 
     print(f"\n{Path(model_path).name}, {args.threads} threads, {PROMPT_TOKENS}-token prompt, "
           f"{DECODE_TOKENS} decode tokens; median [min–max] of {args.repeats} runs\n")  # fmt: skip
-    header = f"{'engine':<22}{'prefill tok/s':>26}{'decode tok/s':>26}{'TTFT s':>26}{'peak RSS MB':>26}"
+    header = (
+        f"{'engine':<22}{'prefill tok/s':>26}{'decode tok/s':>26}{'TTFT s':>26}{'peak RSS MB':>26}"
+    )
     print(header)
     for engine, runs in results.items():
         if not runs:

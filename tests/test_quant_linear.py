@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from gguf.constants import GGMLQuantizationType as T
 
 from llamalab.gguf.dequant import affine_groups, dequantize, int4_groups
+from llamalab.kernels.native import vnni_available
 from llamalab.quant.linear import (
     GGUFWeight,
     PackedEmbedding,
@@ -36,7 +37,6 @@ from llamalab.quant.linear import (
     quantizable_linears,
     quantize_model,
 )
-from llamalab.kernels.native import vnni_available
 
 needs_fp16 = pytest.mark.skipif(
     not fp16_kernel_available(), reason="no fbgemm fp16 kernel in this torch build"

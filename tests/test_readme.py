@@ -19,7 +19,6 @@ DOCS = sorted((REPO / "docs").glob("*.md"))
 PAGES = [README, *DOCS]
 
 
-
 def python_blocks(section: str) -> list[str]:
     readme = README.read_text(encoding="utf-8")
     start = readme.index(f"## {section}")

@@ -374,9 +374,10 @@ def test_n_choices_each_sampled_on_its_own(server):
     texts = [c["text"] for c in reply["choices"]]
     assert len(set(texts)) > 1  # different draws, not one answer three times
     assert reply["usage"]["completion_tokens"] == 18
-    assert reply["usage"]["prompt_tokens"] == post(server, "/v1/completions", COMPLETION)[1][
-        "usage"
-    ]["prompt_tokens"]  # the prompt is counted once
+    assert (
+        reply["usage"]["prompt_tokens"]
+        == post(server, "/v1/completions", COMPLETION)[1]["usage"]["prompt_tokens"]
+    )  # the prompt is counted once
     # The same seed gives the same choices; choice 0 is the answer n=1 gives with that seed.
     assert [c["text"] for c in post(server, "/v1/completions", body)[1]["choices"]] == texts
     single = post(server, "/v1/completions", {**body, "n": 1})[1]

@@ -13,8 +13,8 @@ from conftest import write_vocab_gguf
 from llamalab import load_tokenizer
 from llamalab.cli import main
 from llamalab.errors import LlamalabError
-from llamalab.tokenizer.gguf_vocab import add_vocab_to_gguf
 from llamalab.tokenizer import detect_file_format
+from llamalab.tokenizer.gguf_vocab import add_vocab_to_gguf
 
 VOCAB_DIR = Path(__file__).parent / "fixtures" / "tokenizer" / "llamacpp-vocab"
 GPT2 = VOCAB_DIR / "ggml-vocab-gpt-2.gguf"

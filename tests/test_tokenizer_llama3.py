@@ -15,8 +15,8 @@ from conftest import write_vocab_gguf
 
 from llamalab import load_tokenizer
 from llamalab.gguf.header import read_gguf_metadata
-from llamalab.tokenizer.gguf_vocab import tiktoken_merges
 from llamalab.tokenizer import Tokenizer
+from llamalab.tokenizer.gguf_vocab import tiktoken_merges
 
 LLAMA_BPE_GGUF = (
     Path(__file__).parent
