@@ -64,7 +64,9 @@ def run_llamalab(ids: list[int], dtype: str, model_path: str, compile: bool) -> 
     list(engine.generate(Request(ids[:16], max_tokens=4, sampling=GREEDY)))  # warm-up
     start = time.perf_counter()
     seq, _ = engine.submit(
-        Request(ids, max_tokens=DECODE_TOKENS + 1, sampling=GREEDY, ignore_eos=True)
+        # Plain decoding, one token a step, as llama.cpp's loop below: prompt lookup
+        # (on by default) is measured by bench_speculative.py.
+        Request(ids, max_tokens=DECODE_TOKENS + 1, sampling=GREEDY, ignore_eos=True, lookup=None)
     )
     ttft = time.perf_counter() - start
     t0 = time.perf_counter()
