@@ -197,6 +197,15 @@ def main() -> None:
         help="a GGUF file (default: SmolLM2-135M-Instruct Q4_1); bench/random_model.py "
         "makes the 0.9B files, and 'random-0.9b-Q4_0' or 'random-0.9b-Q4_K_M' names them",
     )
+    parser.add_argument(
+        "--llamacpp-python",
+        default=sys.executable,
+        help="the Python that runs llama.cpp: another environment's, e.g. one whose "
+        "llama-cpp-python was built for AVX2 only (-DGGML_AVX512=OFF)",
+    )
+    parser.add_argument(
+        "--isa", default=None, help="run llamalab with LLAMALAB_ISA set to this (avx2, ...)"
+    )
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--ids-file", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -206,7 +215,10 @@ def main() -> None:
         return
 
     engines = [e for e in args.engines.split(",") if e]
-    missing = [e for e in engines if not available(e)]
+    missing = [
+        e for e in engines if not (e == "llama.cpp" and args.llamacpp_python != sys.executable)
+    ]
+    missing = [e for e in missing if not available(e)]
     for e in missing:
         print(
             f"note: {e} is not installed (pip install llama-cpp-python; it compiles for ~20 min); skipped"
@@ -218,6 +230,8 @@ def main() -> None:
     ours = ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "LLAMALAB_COMPILE", "LLAMALAB_INT4")
     plain = {k: v for k, v in os.environ.items() if k not in ours}
     envs = {e: plain for e in engines}
+    if args.isa:  # llamalab's own variable, for llamalab's runs only
+        envs.update({e: {**plain, "LLAMALAB_ISA": args.isa} for e in engines if e != "llama.cpp"})
     results: dict[str, list[dict]] = {e: [] for e in engines}
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(prompt_ids(), f)
@@ -225,7 +239,8 @@ def main() -> None:
     for r in range(args.repeats):
         for engine in engines:  # round-robin: every engine sees the same machine noise
             out = subprocess.run(
-                [sys.executable, __file__, "--child", engine, "--threads", str(args.threads),
+                [args.llamacpp_python if engine == "llama.cpp" else sys.executable,
+                 __file__, "--child", engine, "--threads", str(args.threads),
                  "--ids-file", ids_file, "--model", model_path],
                 capture_output=True, text=True, env=envs[engine], check=False,
             )  # fmt: skip
