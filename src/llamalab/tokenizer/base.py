@@ -80,6 +80,11 @@ def backend_failure(exc: BaseException, what: str) -> BaseException:
     return exc
 
 
+def shown_token(token: str | bytes) -> str:
+    """A token from a file we may not trust, quoted and cut short for an error message."""
+    return repr(token) if len(token) <= 40 else repr(token[:37]) + "..."
+
+
 def _partition_regex(tokens: Mapping[str, int]) -> re.Pattern[str] | None:
     texts = [t for t in tokens if t]
     if not texts:

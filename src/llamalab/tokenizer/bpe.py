@@ -23,7 +23,7 @@ from tokenizers import Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
 from llamalab.errors import LlamalabError
-from llamalab.tokenizer.base import SpecialTokens, Tokenizer, backend_failure
+from llamalab.tokenizer.base import SpecialTokens, Tokenizer, backend_failure, shown_token
 from llamalab.tokenizer.bytelevel import piece_to_bytes
 
 # GGUF token types (llama.cpp's llama_token_type).
@@ -306,14 +306,9 @@ class HFJsonTokenizer(Tokenizer):
 _MAX_ID_GAP = 1024
 
 
-def _shown(text: str) -> str:
-    """A token from a file we may not trust, quoted and cut short for an error message."""
-    return repr(text) if len(text) <= 40 else repr(text[:37]) + "..."
-
-
 def _far_id(path: Path, token: str, token_id: int, count: int) -> NoReturn:
     raise LlamalabError(
-        f"{path}: token {_shown(token)} has id {token_id}, far outside the vocabulary of "
+        f"{path}: token {shown_token(token)} has id {token_id}, far outside the vocabulary of "
         f"{count} tokens (the ids between would be tokens without text)"
     )
 
@@ -345,9 +340,9 @@ def _read_tokenizer_json(path: Path) -> dict[str, Any]:
         vocab = model.get("vocab") if isinstance(model, dict) else None
         if isinstance(vocab, dict) and key in vocab:
             raise LlamalabError(
-                f"{path}: duplicate tokens in model.vocab: {_shown(key)} is listed twice"
+                f"{path}: duplicate tokens in model.vocab: {shown_token(key)} is listed twice"
             )
-        raise LlamalabError(f"{path}: the key {_shown(key)} appears twice in one JSON object")
+        raise LlamalabError(f"{path}: the key {shown_token(key)} appears twice in one JSON object")
     return raw
 
 
@@ -372,14 +367,14 @@ def _check_tokenizer_json(raw: Mapping[str, Any], path: Path) -> None:
                 first = by_id.setdefault(token_id, token)
                 if first is not token:
                     raise LlamalabError(
-                        f"{path}: duplicate ids in model.vocab: {_shown(first)} and "
-                        f"{_shown(token)} are both id {token_id}"
+                        f"{path}: duplicate ids in model.vocab: {shown_token(first)} and "
+                        f"{shown_token(token)} are both id {token_id}"
                     )
                 if token_id >= limit:
                     _far_id(path, token, token_id, len(vocab))
         unk = model.get("unk_token")
         if isinstance(unk, str) and unk not in vocab:
-            raise LlamalabError(f"{path}: model.unk_token {_shown(unk)} is not in model.vocab")
+            raise LlamalabError(f"{path}: model.unk_token {shown_token(unk)} is not in model.vocab")
         if model.get("type", "BPE") == "BPE" and isinstance(model.get("merges"), list):
             _check_merges(model["merges"], vocab, model.get("continuing_subword_prefix"), path)
     elif isinstance(vocab, list):  # Unigram: [[piece, score], ...]
@@ -390,7 +385,7 @@ def _check_tokenizer_json(raw: Mapping[str, Any], path: Path) -> None:
                 first = first_entry.setdefault(entry[0], i)
                 if first != i:
                     raise LlamalabError(
-                        f"{path}: duplicate tokens in model.vocab: {_shown(entry[0])} is "
+                        f"{path}: duplicate tokens in model.vocab: {shown_token(entry[0])} is "
                         f"entry {first} and entry {i}"
                     )
     _check_template_processing(raw.get("post_processor"), path)
@@ -420,7 +415,7 @@ def _check_merges(merges: list[Any], vocab: Mapping[str, Any], prefix: Any, path
         for part in (a, b):
             if part not in vocab:
                 _bad_merge(
-                    merge, rank, path, f"uses {_shown(part)}, which is not in the vocabulary"
+                    merge, rank, path, f"uses {shown_token(part)}, which is not in the vocabulary"
                 )
         if cut:
             tail = b.encode("utf-8")[cut:]
@@ -434,18 +429,20 @@ def _check_merges(merges: list[Any], vocab: Mapping[str, Any], prefix: Any, path
                     rank,
                     path,
                     f"has a second part that cannot lose the {cut} bytes of "
-                    f"continuing_subword_prefix {_shown(prefix)}",
+                    f"continuing_subword_prefix {shown_token(prefix)}",
                 )
         else:
             made = a + b
         if made not in vocab:
-            _bad_merge(merge, rank, path, f"makes {_shown(made)}, which is not in the vocabulary")
+            _bad_merge(
+                merge, rank, path, f"makes {shown_token(made)}, which is not in the vocabulary"
+            )
         rank += 1
 
 
 def _bad_merge(merge: Any, rank: int, path: Path, problem: str) -> NoReturn:
     text = merge if isinstance(merge, str) else " ".join(map(str, merge))
-    raise LlamalabError(f"{path}: merge {rank} of model.merges, {_shown(text)}, {problem}")
+    raise LlamalabError(f"{path}: merge {rank} of model.merges, {shown_token(text)}, {problem}")
 
 
 def _check_template_processing(processor: Any, path: Path) -> None:
@@ -467,7 +464,7 @@ def _check_template_processing(processor: Any, path: Path) -> None:
             token = special.get("id") if isinstance(special, dict) else None
             if isinstance(token, str) and token not in defined:
                 raise LlamalabError(
-                    f"{path}: post_processor.{name} inserts {_shown(token)}, which "
+                    f"{path}: post_processor.{name} inserts {shown_token(token)}, which "
                     "post_processor.special_tokens does not define"
                 )
 

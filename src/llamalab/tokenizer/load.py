@@ -17,7 +17,7 @@ from typing import Any
 from llamalab.errors import LlamalabError
 from llamalab.files import refuse_special
 from llamalab.gguf.header import has_gguf_magic, is_gguf, read_file_head, read_gguf_metadata
-from llamalab.tokenizer.base import Tokenizer
+from llamalab.tokenizer.base import Tokenizer, shown_token
 from llamalab.tokenizer.chat import BUILTIN_TEMPLATES, ChatTemplate, builtin_template_name
 
 TokenizerRef = str | os.PathLike[str] | None
@@ -244,8 +244,8 @@ def check_gguf_vocabulary(
         merge = merges[n]
         cut = merge.find(" ", 1)
         raise LlamalabError(
-            f"{path}: merge {n} of tokenizer.ggml.merges, {_shown(merge)}, makes "
-            f"{_shown(merge[:cut] + merge[cut + 1 :])}, which is not in the vocabulary"
+            f"{path}: merge {n} of tokenizer.ggml.merges, {shown_token(merge)}, makes "
+            f"{shown_token(merge[:cut] + merge[cut + 1 :])}, which is not in the vocabulary"
         )
 
 
@@ -260,13 +260,8 @@ def _refuse_duplicates(tokens: list[str], path: Path) -> None:
             more = f"; {duplicates} duplicates in all" if duplicates > 1 else ""
             raise LlamalabError(
                 f"{path}: duplicate tokens in the vocabulary (tokenizer.ggml.tokens): "
-                f"{_shown(text)} is token {first} and token {i}{more}"
+                f"{shown_token(text)} is token {first} and token {i}{more}"
             )
-
-
-def _shown(text: str) -> str:
-    """A token from a file we may not trust, quoted and cut short for an error message."""
-    return repr(text) if len(text) <= 40 else repr(text[:37]) + "..."
 
 
 def attach_chat_template(tok: Tokenizer, source: str | None, name: str) -> None:

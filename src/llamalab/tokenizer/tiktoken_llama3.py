@@ -14,7 +14,7 @@ from pathlib import Path
 import tiktoken
 
 from llamalab.errors import LlamalabError
-from llamalab.tokenizer.base import SpecialTokens, Tokenizer, backend_failure
+from llamalab.tokenizer.base import SpecialTokens, Tokenizer, backend_failure, shown_token
 from llamalab.tokenizer.bpe import LLAMA3_PATTERN
 from llamalab.tokenizer.bytelevel import bytes_to_piece
 
@@ -88,7 +88,7 @@ def read_ranks(path: Path) -> dict[bytes, int]:
         first = line_of.setdefault(token, lineno)
         if first != lineno:
             raise LlamalabError(
-                f"{path}:{lineno}: duplicate token {_shown(token)} ({encoded}), "
+                f"{path}:{lineno}: duplicate token {shown_token(token)} ({encoded}), "
                 f"already on line {first} with rank {ranks[token]}"
             )
         ranks[token] = rank
@@ -100,8 +100,8 @@ def read_ranks(path: Path) -> dict[bytes, int]:
             other = holders.setdefault(rank, token)
             if other is not token:
                 raise LlamalabError(
-                    f"{path}: duplicate rank {rank}: tokens {_shown(other)} (line "
-                    f"{line_of[other]}) and {_shown(token)} (line {line_of[token]})"
+                    f"{path}: duplicate rank {rank}: tokens {shown_token(other)} (line "
+                    f"{line_of[other]}) and {shown_token(token)} (line {line_of[token]})"
                 )
     if sorted(ranks.values()) != list(range(len(ranks))):
         raise LlamalabError(f"{path}: tiktoken ranks are not 0..{len(ranks) - 1} without gaps")
@@ -115,11 +115,6 @@ def read_ranks(path: Path) -> dict[bytes, int]:
             "a byte-level BPE needs every byte as a token"
         )
     return ranks
-
-
-def _shown(token: bytes) -> str:
-    """A token from a file we may not trust, cut short for an error message."""
-    return repr(token) if len(token) <= 40 else repr(token[:37]) + "..."
 
 
 class TiktokenTokenizer(Tokenizer):
