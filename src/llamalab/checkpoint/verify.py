@@ -351,13 +351,15 @@ def _gguf_spans(path: Path) -> list[TensorSpan]:
     return [TensorSpan(path, r.name, r.qtype.name, r.shape, r.offset, r.n_bytes) for r in records]
 
 
-def _hf_weight_files(folder: Path) -> list[Path]:
-    """The safetensors files an HF folder's index names (each checked to exist), or its one file."""
+def _hf_weights(folder: Path) -> tuple[list[Path], list[TensorSpan]]:
+    """The safetensors files an HF folder's index names (each checked to exist), or its one
+    file, and the tensors they hold (each file's header read once)."""
     from llamalab.checkpoint.hf_format import INDEX_FILE, SINGLE_FILE, read_json
 
     index = folder / INDEX_FILE
     if not index.is_file():
-        return [folder / SINGLE_FILE] if (folder / SINGLE_FILE).is_file() else []
+        files = [folder / SINGLE_FILE] if (folder / SINGLE_FILE).is_file() else []
+        return files, [s for f in files for s in safetensors_spans(f)]
     weight_map = read_json(index).get("weight_map")
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise LlamalabError(f"{index}: no weight_map of tensor names to files")
@@ -369,11 +371,12 @@ def _hf_weight_files(folder: Path) -> list[Path]:
         if not file.is_file():
             raise LlamalabError(f"{index}: names a shard that does not exist: {name}")
         files.append(file)
-    held = {s.name: s.file.name for f in files for s in safetensors_spans(f)}
+    spans = [s for f in files for s in safetensors_spans(f)]
+    held = {s.name: s.file.name for s in spans}
     for tensor, name in weight_map.items():
         if held.get(tensor) != Path(name).name:
             raise LlamalabError(f"{index}: tensor {tensor} is not in {name}")
-    return files
+    return files, spans
 
 
 @dataclass
@@ -414,8 +417,7 @@ def check_structure(path: Path) -> Structure:
             summary = _validated(path)
             return Structure("meta", f"{len(shards)} shard(s); {summary}", pth_files=shards)
         if is_hf_folder(path):
-            files = _hf_weight_files(path)
-            spans = [s for f in files for s in safetensors_spans(f)]
+            files, spans = _hf_weights(path)
             summary = _validated(path)
             return Structure("hf", f"{len(files)} safetensors file(s); {summary}", spans)
         return Structure("folder", "not a checkpoint: no structure to check")
