@@ -348,6 +348,7 @@ def _gguf_spans(path: Path) -> list[TensorSpan]:
     from llamalab.gguf.header import read_gguf_header
 
     _, records = read_gguf_header(path)  # checks every tensor lies inside the file
+    # In the tensor table's order, which is the order gguf-hash prints digests in.
     return [TensorSpan(path, r.name, r.qtype.name, r.shape, r.offset, r.n_bytes) for r in records]
 
 
@@ -500,11 +501,6 @@ def tensor_digests(structure: Structure, *, progress: bool = False) -> Iterator[
         for span in structure.spans:
             by_file.setdefault(span.file, []).append(span)
         for file, spans in by_file.items():
-            if structure.kind == "gguf":  # gguf-hash's order: the tensor table's
-                from llamalab.gguf.header import read_gguf_header
-
-                order = {r.name: i for i, r in enumerate(read_gguf_header(file)[1])}
-                spans = sorted(spans, key=lambda s: order[s.name])
             try:
                 with open(file, "rb", buffering=0) as f:
                     for span in spans:
