@@ -83,18 +83,14 @@ def _dropped(scorer, context: list[int], continuations: list[list[int]]) -> int:
     return 0 if window is None else max(0, len(context) + longest - 1 - window)
 
 
-def score_choice_item(scorer, tokenizer, item: ChoiceItem, answer_normalised: bool) -> dict:
-    """One item's log-likelihoods, the choice each normalisation picks, and how many of the
-    context's oldest tokens were left out to fit the scorer's window (``dropped``)."""
-    return score_choice_items(scorer, tokenizer, [item], answer_normalised)[0]
-
-
 def score_choice_items(
     scorer, tokenizer, items: list[ChoiceItem], answer_normalised: bool,
     on_done: Callable[[int], None] | None = None,
 ) -> list[dict]:  # fmt: skip
-    """:func:`score_choice_item` for every item, scored together where the scorer can
-    (``score_many``: items of one few-shot prompt share its prefix and run in batches)."""
+    """Each item's log-likelihoods, the choice each normalisation picks, and how many of the
+    context's oldest tokens were left out to fit the scorer's window (``dropped``), scored
+    together where the scorer can (``score_many``: items of one few-shot prompt share its
+    prefix and run in batches)."""
     from llamalab.eval.likelihood import split_pairs
 
     requests = [choice_pairs(tokenizer, item) for item in items]
