@@ -170,9 +170,8 @@ class Generation:
         # How often each token was generated so far, for the presence and frequency
         # penalties: kept as tokens come, so a step costs O(distinct tokens), not a recount.
         self._counts: dict[int, int] = {}
-        self.speculation = (
-            Speculation(request.lookup, self.prompt) if request.lookup is not None else None
-        )
+        # Set by Engine.submit where the model can verify drafts: else no lookup at all.
+        self.speculation: Speculation | None = None
 
     @property
     def finished(self) -> bool:
@@ -342,7 +341,9 @@ class Engine:
         constraint = self.grammars.constraint(request.grammar) if request.grammar else None
         row = self._choose_row(prompt)
         seq = Generation(request, row, self.tokenizer, constraint)
-        if seq.speculation is not None:
+        # A model that cannot verify drafts exactly never speculates: no index to keep.
+        if request.lookup is not None and verifies_exactly(self.model, 2):
+            seq.speculation = Speculation(request.lookup, seq.prompt)
             seq.speculation.drafter = self.drafter
         # Reuse the row's cached prefix; always recompute at least the last prompt token,
         # whose logits choose the first new token.
@@ -629,8 +630,6 @@ class Engine:
         """
         spec = seq.speculation
         assert spec is not None and seq.last_token is not None
-        if not verifies_exactly(self.model, 2):  # nothing to draft for
-            return None
         # Every fed position must fit the row, and drafts past max_tokens are wasted.
         limit = min(
             self.max_seq_len - 1 - seq.pos,
