@@ -30,7 +30,6 @@ import json
 import math
 import os
 import re
-import stat
 import struct
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -38,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from llamalab.errors import LlamalabError
+from llamalab.files import check_regular_file, read_file_bounded
 
 SUMS_FILE = "SHA256SUMS"
 CHECKLIST_FILE = "checklist.chk"  # Meta's md5 list
@@ -92,8 +92,6 @@ def parse_checksum_list(path: Path) -> list[Entry]:
     A line that is neither form, a digest of an unknown length, or one name listed twice
     with different digests is an error naming the list and the line.
     """
-    from llamalab.files import read_file_bounded
-
     data = read_file_bounded(path, MAX_LIST_BYTES)
     try:
         text = data.decode("utf-8")
@@ -152,17 +150,6 @@ def format_line(digest: str, name: str) -> str:
 # --- hashing ------------------------------------------------------------------------------------
 
 
-def _regular_size(path: Path) -> int:
-    """The size of a regular file; anything else (a FIFO, a device) would never end or block."""
-    try:
-        st = path.stat()
-    except OSError as exc:
-        raise LlamalabError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise LlamalabError(f"{path}: not a regular file")
-    return st.st_size
-
-
 def _progress_bar(total: int, enabled: bool, desc: str):
     from tqdm import tqdm
 
@@ -178,7 +165,8 @@ def hash_files(jobs: dict[Path, set[str]], *, progress: bool = False) -> dict[Pa
     Reads go in ``CHUNK``-byte pieces into one reused buffer (hashlib releases the GIL
     on them); ``progress`` shows a byte-counting bar on stderr.
     """
-    sizes = {path: _regular_size(path) for path in jobs}
+    # Only regular files: a FIFO or a device would block or never end.
+    sizes = {path: check_regular_file(path).st_size for path in jobs}
     out: dict[Path, dict[str, str]] = {}
     buf = bytearray(CHUNK)
     view = memoryview(buf)
@@ -294,7 +282,7 @@ def is_safetensors(path: Path) -> bool:
 
 def safetensors_spans(path: Path) -> list[TensorSpan]:
     """Every tensor of a safetensors file with the bytes it takes, each checked to lie inside."""
-    size = _regular_size(path)
+    size = check_regular_file(path).st_size
     try:
         with open(path, "rb") as f:
             head = f.read(8)
@@ -422,7 +410,7 @@ def check_structure(path: Path) -> Structure:
             summary = _validated(path)
             return Structure("hf", f"{len(files)} safetensors file(s); {summary}", spans)
         return Structure("folder", "not a checkpoint: no structure to check")
-    _regular_size(path)
+    check_regular_file(path)
     if is_gguf(path):
         spans = _gguf_spans(path)
         summary = _validated(path) if spans else "no tensors (a vocabulary-only file)"
@@ -493,7 +481,7 @@ def tensor_digests(structure: Structure, *, progress: bool = False) -> Iterator[
     shard's tensors from its memory map.
     """
     total = sum(s.nbytes for s in structure.spans) + sum(
-        _regular_size(p) for p in structure.pth_files
+        check_regular_file(p).st_size for p in structure.pth_files
     )
     buf = bytearray(CHUNK)
     with _progress_bar(total, progress, "tensors") as bar:
@@ -630,10 +618,8 @@ def verify(
     path = Path(path)
     if not os.path.lexists(path):
         raise LlamalabError(f"{path}: no such file or folder")
-    if not path.is_dir():
-        _regular_size(path)
     report = Report(path)
-    structure = check_structure(path)
+    structure = check_structure(path)  # refuses a FIFO or a device first
     report.kind, report.structure = structure.kind, structure.summary
     if on_structure is not None:
         on_structure(structure)
