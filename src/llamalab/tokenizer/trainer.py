@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from llamalab.errors import LlamalabError
-from llamalab.files import file_sha256, not_regular_message, open_regular
+from llamalab.files import file_sha256, open_regular, refuse_special
 
 # Meta's LLaMA trainer spec, the fields that shape the vocabulary. Everything else is
 # either a default or about speed (threads, sentence sampling).
@@ -87,9 +87,8 @@ def expand_inputs(inputs: Iterable[str | os.PathLike[str]]) -> list[Path]:
             if not found:
                 raise LlamalabError(f"{path}: folder holds no files")
             files.extend(found)
-        elif path.exists():
-            raise LlamalabError(not_regular_message(path, path.stat().st_mode, "folder"))
         else:
+            refuse_special(path)  # a FIFO or a device: say which
             raise LlamalabError(f"{path}: no such file or folder")
     if not files:
         raise LlamalabError("no input files given")
