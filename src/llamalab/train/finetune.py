@@ -26,6 +26,7 @@ model, data and settings resumes, anything else is refused before training start
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import random
@@ -204,10 +205,15 @@ def rows_of_step(step: int, rows: int, n_items: int, seed: int) -> list[int]:
     out = []
     for k in range(step * rows, (step + 1) * rows):
         epoch, at = divmod(k, n_items)
-        order = list(range(n_items))
-        random.Random(seed * 1_000_003 + epoch).shuffle(order)
-        out.append(order[at])
+        out.append(_epoch_order(n_items, seed, epoch)[at])
     return out
+
+
+@functools.lru_cache(maxsize=2)  # a step spans at most two epochs: one shuffle per epoch
+def _epoch_order(n_items: int, seed: int, epoch: int) -> tuple[int, ...]:
+    order = list(range(n_items))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return tuple(order)
 
 
 def _check_out_dir(out: Path, record: dict[str, Any]) -> bool:
