@@ -311,21 +311,31 @@ def _stream_reply(engine, request) -> str:
     finally:
         if seq is not None:
             engine.cancel(seq)
-        if seq is not None and seq.finish_reason == "length" and not interrupted:
-            sys.stdout.write(f" [cut off at {len(seq.ids)} tokens: --max-tokens or the context]")
-        sys.stdout.write("\n")
-        sys.stdout.flush()
+        length = seq is not None and seq.finish_reason == "length" and not interrupted
+        _end_line(len(seq.ids) if length and seq is not None else None)
     if seq is None:
         return ""
     if last is not None and last.finish_reason == "error":
         raise LlamalabError(f"the reply failed: {getattr(last, 'error', None) or 'unknown error'}")
     timing = seq.timing.as_dict()
+    _print_stats(len(seq.ids), timing["decode_tokens_per_s"], timing["time_to_first_token_s"])
+    return seq.text
+
+
+def _end_line(cut_off_at: int | None) -> None:
+    """End a streamed reply's line, marking a reply cut off at ``cut_off_at`` tokens."""
+    if cut_off_at is not None:
+        sys.stdout.write(f" [cut off at {cut_off_at} tokens: --max-tokens or the context]")
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+
+
+def _print_stats(tokens: int, rate: float, first_token_s: float) -> None:
+    """A reply's statistics on stderr."""
     print(
-        f"[{len(seq.ids)} tokens, {timing['decode_tokens_per_s']:.1f} tok/s, "
-        f"first token after {timing['time_to_first_token_s']:.2f} s]",
+        f"[{tokens} tokens, {rate:.1f} tok/s, first token after {first_token_s:.2f} s]",
         file=sys.stderr,
     )
-    return seq.text
 
 
 def _stream_server_reply(server, body: dict) -> str:
@@ -348,12 +358,8 @@ def _stream_server_reply(server, body: dict) -> str:
         if stream is not None:
             stream.close()  # the server cancels the generation
         final = stream.final if stream is not None else None
-        if final is not None and final["finish_reason"] == "length" and not interrupted:
-            sys.stdout.write(
-                f" [cut off at {len(final['ids'])} tokens: --max-tokens or the context]"
-            )
-        sys.stdout.write("\n")
-        sys.stdout.flush()
+        length = final is not None and final["finish_reason"] == "length" and not interrupted
+        _end_line(len(final["ids"]) if length and final is not None else None)
     if stream is None:
         return ""
     timing = stream.timing()
@@ -362,9 +368,6 @@ def _stream_server_reply(server, body: dict) -> str:
         # Interrupted: no summary came; the rate as seen here.
         elapsed = stream.last_token_at - stream.started - stream.first_token_s
         rate = (stream.tokens - 1) / elapsed if elapsed > 0 else 0.0
-    print(
-        f"[{len(final['ids']) if final else stream.tokens} tokens, {rate or 0.0:.1f} tok/s, "
-        f"first token after {stream.first_token_s or 0.0:.2f} s]",
-        file=sys.stderr,
-    )
+    tokens = len(final["ids"]) if final else stream.tokens
+    _print_stats(tokens, rate or 0.0, stream.first_token_s or 0.0)
     return final["text"] if final else "".join(texts)
