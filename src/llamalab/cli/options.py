@@ -272,8 +272,11 @@ def lookup_from_args(args: argparse.Namespace):
     from llamalab.generation.params import LookupParams
 
     sizes = {}
-    for flag, name in (("--lookup-ngram", "ngram"), ("--draft-max", "draft_max")):
-        value = getattr(args, name if name == "draft_max" else "lookup_ngram")
+    for flag, attr, name in (
+        ("--lookup-ngram", "lookup_ngram", "ngram"),
+        ("--draft-max", "draft_max", "draft_max"),
+    ):
+        value = getattr(args, attr)
         if value is not None:
             try:
                 LookupParams(**{name: value})
