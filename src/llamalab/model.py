@@ -193,7 +193,11 @@ class Attention(nn.Module):
 
         if cache is None:
             # Whole sequences: the fused causal kernel, which stores no attention weights.
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            # A mask given here (packed documents kept apart, train/finetune.py) replaces
+            # the causal one.
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True
+            )
         else:
             if self.kv_cache is None:
                 raise RuntimeError(

@@ -18,13 +18,16 @@ it. The text is tokenized piece by piece at those boundaries (the prompt before 
 first reply exactly as ``encode_chat`` tokenizes a prompt for generation). Plain text
 trains on every token, with EOS appended where the model has one.
 
-Packing: the training forward attends causally over a whole row and has no
-per-document mask, so each item takes a row of its own (padded; padding is never a
-target) rather than sharing one with others, which would let it attend to them.
+Rows: with packing (:func:`pack_examples`, :func:`to_packed_rows`) several items share a
+row of ``seq_len`` positions, each with its own document id, so the forward can keep
+attention inside each item and restart its positions (``train/finetune.py``): an item
+then sees exactly what it would alone. Without packing (:func:`to_rows`) each item takes
+a row of its own, padded. Either way padding is never a target.
 """
 
 from __future__ import annotations
 
+import bisect
 import json
 import random
 from collections.abc import Iterator, Mapping, Sequence
@@ -334,3 +337,76 @@ def to_rows(
         trained = torch.tensor(example.trained[1:], dtype=torch.bool)
         targets[row, :n] = torch.where(trained, tokens[1:], IGNORE)
     return inputs, targets
+
+
+def pack_examples(examples: Sequence[Example], seq_len: int) -> list[list[int]]:
+    """Indices of ``examples`` grouped into rows of at most ``seq_len`` positions.
+
+    An item of n tokens takes n - 1 positions (its inputs; their targets are the tokens
+    after them). Best-fit decreasing: longest first, each into the fullest row that
+    still has room for it, else a new row. Deterministic (ties keep the items' order),
+    so a seed and a step name the same rows on every rank and after a resume.
+    """
+    need = [len(e) - 1 for e in examples]
+    for e, n in zip(examples, need, strict=True):
+        if not 1 <= n <= seq_len:
+            raise LlamalabError(f"item of line {e.line} does not fit a row of seq_len {seq_len}")
+    rows: list[list[int]] = []
+    by_room: dict[int, list[int]] = {}  # positions left -> rows with exactly that many
+    rooms: list[int] = []  # the keys of by_room, sorted
+    for i in sorted(range(len(examples)), key=lambda i: -need[i]):
+        at = bisect.bisect_left(rooms, need[i])
+        if at < len(rooms):
+            room = rooms[at]
+            row = by_room[room].pop()
+            if not by_room[room]:
+                del by_room[room]
+                rooms.pop(at)
+        else:
+            room, row = seq_len, len(rows)
+            rows.append([])
+        rows[row].append(i)
+        left = room - need[i]
+        if left:
+            if left not in by_room:
+                by_room[left] = []
+                bisect.insort(rooms, left)
+            by_room[left].append(row)
+    return rows
+
+
+def to_packed_rows(
+    rows: Sequence[Sequence[Example]], seq_len: int, pad_id: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(inputs, targets, documents)``, each (len(rows), seq_len) int64: the items of
+    each row one after another, then padding.
+
+    ``documents`` numbers the items of a row from 0 in order; the padding after them
+    gets the next number (a document of its own, so that no position is left with
+    nothing to attend to). Targets are as :func:`to_rows` makes them, per item: an
+    item never predicts the first token of the next.
+    """
+    import torch
+
+    inputs = torch.full((len(rows), seq_len), pad_id, dtype=torch.long)
+    targets = torch.full((len(rows), seq_len), IGNORE, dtype=torch.long)
+    documents = torch.empty((len(rows), seq_len), dtype=torch.long)
+    for r, row in enumerate(rows):
+        at = 0
+        for d, example in enumerate(row):
+            n = len(example.tokens) - 1
+            if at + n > seq_len:
+                raise LlamalabError(f"the items of packed row {r} exceed seq_len {seq_len}")
+            tokens = torch.tensor(example.tokens, dtype=torch.long)
+            inputs[r, at : at + n] = tokens[:-1]
+            trained = torch.tensor(example.trained[1:], dtype=torch.bool)
+            targets[r, at : at + n] = torch.where(trained, tokens[1:], IGNORE)
+            documents[r, at : at + n] = d
+            at += n
+        documents[r, at:] = len(row)
+    return inputs, targets, documents
+
+
+def trained_tokens(examples: Sequence[Example]) -> int:
+    """How many targets the items give the loss (their trained tokens but the first)."""
+    return sum(sum(e.trained[1:]) for e in examples)

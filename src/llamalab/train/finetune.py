@@ -11,16 +11,32 @@
 It runs on the pieces of ``llamalab train``: the same TOML validation and ``--set``
 overrides (`config.py`), the optimiser step (`loop.train_step`), schedule, metrics file
 and plot, progress bar, DCP checkpoints (`checkpoint.py`) and stop signals. What differs
-is the batch source (one instruction item per padded row, `data/instruct.py`), the
+is the batch source (instruction items packed into rows, `data/instruct.py`), the
 trainable parameters (the adapters, or every weight with ``method = "full"``) and what
 is exported: ``out_dir/adapter/``, a PEFT folder with ``SHA256SUMS``, written with each
 checkpoint and at the end (``out_dir/export/``, a Meta folder, for a full fine-tune).
 
+Packing (``packing = true``, the default): the items are packed once into rows of
+``seq_len`` positions (best fit, longest first), and attention is kept inside each item:
+every attention layer gets a block-diagonal causal mask and each item's positions start
+at 0 again (`DocumentMasked`), so an item's loss and gradients are what it would give
+alone, and the loss still covers the assistant's tokens only. ``packing = false`` puts
+each item in a row of its own, padded.
+
 Data order is a function of the seed and the step alone (a seeded permutation of the
-training items per epoch), so a resumed run reads the same rows as an uninterrupted
-one; with the random state restored from the checkpoint (dropout), its losses are the
-same. ``out_dir`` records the run (``finetune.json``); running again with the same
-model, data and settings resumes, anything else is refused before training starts.
+rows per epoch), so a resumed run reads the same rows as an uninterrupted one; with the
+random state restored from the checkpoint (dropout), its losses are the same.
+``out_dir`` records the run (``finetune.json``); running again with the same model,
+data and settings resumes, anything else is refused before training starts.
+
+Under ``torchrun --nproc_per_node N -m llamalab finetune CONFIG`` (gloo on CPUs) every
+rank holds the whole model (a packed base stays packed on each) and the step's
+micro-batches are dealt out among the ranks; the trained weights' gradients (the
+adapters, or every weight with ``method = "full"``) are averaged across ranks by
+`DistributedDataParallel` after the last micro-batch. So N processes take the same
+steps as one with the same ``batch_tokens`` and ``micro_batch_size``. Rank 0 alone
+writes ``finetune.json``, metrics, the plot and the adapter; every rank writes its share
+of each DCP checkpoint, which any number of processes resumes.
 """
 
 from __future__ import annotations
@@ -76,7 +92,10 @@ IDENTITY = (
     "base",
     "weight_decay",
     "precision",
+    "packing",
 )
+# What a run recorded before a key joined IDENTITY did: it ran without packing.
+IDENTITY_BEFORE = {"packing": False}
 
 
 @dataclass
@@ -106,6 +125,7 @@ class FinetuneConfig:
     batch_tokens: int = 4096  # tokens per optimiser step: batch_tokens / seq_len rows
     micro_batch_size: int = 1  # rows per forward pass
     overflow: str = "truncate"  # or "drop": what happens to an item longer than seq_len
+    packing: bool = True  # items share rows, attention kept inside each (module docstring)
     val_fraction: float = 0.1
     seed: int = 0
     precision: str = "fp32"
@@ -126,6 +146,8 @@ class FinetuneConfig:
             raise fail("method full trains every weight, so the base cannot stay packed")
         if self.overflow not in ("truncate", "drop"):
             raise fail(f"overflow must be truncate or drop, got {self.overflow!r}")
+        if not isinstance(self.packing, bool):
+            raise fail(f"packing must be true or false, got {self.packing!r}")
         check_choice(self, "precision", PRECISIONS, fail)
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
             raise fail(f"rank must be a whole number ≥ 1, got {self.rank!r}")
@@ -168,7 +190,7 @@ class FinetuneConfig:
 
     @property
     def rows_per_step(self) -> int:
-        """Items (rows of ``seq_len``) per optimiser step."""
+        """Rows of ``seq_len`` per optimiser step (over all ranks)."""
         return self.batch_tokens // self.seq_len
 
     def to_dict(self) -> dict[str, Any]:
@@ -229,8 +251,8 @@ def _check_out_dir(out: Path, record: dict[str, Any]) -> bool:
     except (OSError, ValueError, KeyError, TypeError):
         raise LlamalabError(f"{run_file}: unreadable; not a llamalab finetune run?") from None
     for key, value in record["identity"].items():
-        if old_id.get(key) != value:
-            was = old_cfg.get(key, old_id.get(key)) if key in old_cfg else old_id.get(key)
+        if old_id.get(key, IDENTITY_BEFORE.get(key)) != value:
+            was = old_cfg.get(key, old_id.get(key, IDENTITY_BEFORE.get(key)))
             now = record["config"].get(key, value)
             raise LlamalabError(
                 f"{out}: holds another fine-tuning run ({key} was {was!r}, now {now!r}); "
@@ -245,14 +267,13 @@ def _check_out_dir(out: Path, record: dict[str, Any]) -> bool:
 def finetune(cfg: FinetuneConfig, *, progress: bool | None = None) -> dict[str, Any]:
     """Run (or resume) the fine-tuning ``cfg`` describes; return a summary of the run.
 
-    Every input is checked (data, model, out_dir) before anything is written.
+    Every input is checked (data, model, out_dir) before anything is written. Under
+    torchrun every rank calls it (see the module docstring).
     """
     from llamalab.train.parallel import close_world, init_world
 
     world = init_world("cpu")
     try:
-        if world.distributed:
-            raise LlamalabError("finetune runs in one process for now; run it without torchrun")
         return _finetune(cfg, world, progress)
     finally:
         close_world(world)
@@ -264,19 +285,34 @@ def _say(line: str) -> None:
 
 def _finetune(cfg: FinetuneConfig, world: Any, progress: bool | None) -> dict[str, Any]:
     import torch
+    import torch.distributed as dist
     from torch import nn
 
     from llamalab.checkpoint.load import load_model, open_checkpoint
-    from llamalab.data.instruct import load_instruct, split_validation, to_rows
+    from llamalab.data.instruct import (
+        IGNORE,
+        load_instruct,
+        pack_examples,
+        split_validation,
+        to_packed_rows,
+        to_rows,
+        trained_tokens,
+    )
     from llamalab.default_model import resolve_model_path
     from llamalab.tokenizer import load_tokenizer
     from llamalab.train.checkpoint import load_newest_checkpoint, save_checkpoint
+    from llamalab.train.documents import DocumentMasked, replicate
     from llamalab.train.loop import Batch, resolve_precision, run_steps
     from llamalab.train.optim import build_optimizer
+    from llamalab.train.parallel import barrier
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out_dir)
+
+    def say(line: str) -> None:
+        if world.is_main:
+            _say(line)
 
     # ---- inputs, all checked before anything is written: model header, data, out_dir
     model_path = resolve_model_path(cfg.model)
@@ -285,30 +321,45 @@ def _finetune(cfg: FinetuneConfig, world: Any, progress: bool | None) -> dict[st
         mcfg, fmt = reader.config, reader.format
     finally:
         reader.close()
-    if cfg.seq_len > mcfg.context_length:
+    L, micro_size = cfg.seq_len, cfg.micro_batch_size
+    if L > mcfg.context_length:
         raise LlamalabError(
-            f"config: seq_len {cfg.seq_len} exceeds the model's context length "
-            f"{mcfg.context_length}"
+            f"config: seq_len {L} exceeds the model's context length {mcfg.context_length}"
         )
     data_path = Path(cfg.data)
     tokenizer = load_tokenizer(model_path)
-    data = load_instruct(data_path, tokenizer, cfg.seq_len, overflow=cfg.overflow)
+    data = load_instruct(data_path, tokenizer, L, overflow=cfg.overflow)
     if not data.examples:
-        raise LlamalabError(
-            f"{data_path}: no item has a token to train on at seq_len {cfg.seq_len}"
-        )
+        raise LlamalabError(f"{data_path}: no item has a token to train on at seq_len {L}")
     train_items, val_items = split_validation(data.examples, cfg.val_fraction, cfg.seed)
+
+    # A unit is one row's items: several when packed, one otherwise.
+    def units_of(items: list) -> list[list]:
+        if not cfg.packing:
+            return [[e] for e in items]
+        return [[items[i] for i in row] for row in pack_examples(items, L)]
+
+    units, val_units = units_of(train_items), units_of(val_items)
     rows = cfg.rows_per_step
-    if rows > len(train_items):
+    if rows > len(units):
+        made = "pack into" if cfg.packing else "make"
         raise LlamalabError(
-            f"config: batch_tokens {cfg.batch_tokens} is {rows} rows of seq_len {cfg.seq_len}, "
-            f"more than the {len(train_items)} training items; lower batch_tokens"
+            f"config: batch_tokens {cfg.batch_tokens} is {rows} rows of seq_len {L}, more "
+            f"than the {len(units)} rows the {len(train_items)} training items {made}; "
+            "lower batch_tokens"
+        )
+    micro_per_step = rows // micro_size
+    if micro_per_step % world.world_size:
+        raise LlamalabError(
+            f"config: batch_tokens {cfg.batch_tokens} is {micro_per_step} micro-batches of "
+            f"{micro_size}×{L}, which {world.world_size} processes cannot share evenly; "
+            "change batch_tokens or micro_batch_size"
         )
     if cfg.max_steps is not None:
         stop_step = cfg.max_steps
     else:
-        stop_step = max(1, math.ceil(cfg.epochs * len(train_items) / rows))
-    packed = cfg.method == "lora" and (
+        stop_step = max(1, math.ceil(cfg.epochs * len(units) / rows))
+    packed_base = cfg.method == "lora" and (
         cfg.base == "packed" or (cfg.base == "auto" and fmt == "gguf")
     )
     identity = {k: getattr(cfg, k) for k in IDENTITY}
@@ -320,7 +371,7 @@ def _finetune(cfg: FinetuneConfig, world: Any, progress: bool | None) -> dict[st
     resuming = _check_out_dir(out, record)
 
     # ---- the model and what trains
-    model = load_model(model_path, dtype=torch.float32, packed=packed)
+    model = load_model(model_path, dtype=torch.float32, packed=packed_base)
     if cfg.method == "lora":
         from llamalab.train.lora import apply_lora, lora_adapters
 
@@ -333,16 +384,22 @@ def _finetune(cfg: FinetuneConfig, world: Any, progress: bool | None) -> dict[st
         model.requires_grad_(True)
         trainable = model
     model.train()
+    # What a batch's first tensor feeds: packed rows carry their document ids.
+    runner: nn.Module = DocumentMasked(model) if cfg.packing else model
+    stepper = replicate(runner) if world.distributed else runner
     dtype = resolve_precision(cfg.precision, world.device)
     autocast = torch.autocast("cpu", dtype=dtype) if dtype != torch.float32 else None
     optimizer = build_optimizer(trainable, cfg)
     n_trainable = sum(p.numel() for p in trainable.parameters() if p.requires_grad)
 
-    out.mkdir(parents=True, exist_ok=True)
-    (out / RUN_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+    barrier(world)  # every rank has checked out_dir before rank 0 writes into it
+    if world.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / RUN_RECORD).write_text(json.dumps(record, indent=2) + "\n")
 
-    # Dropout draws from torch's generator: seeded here, restored by a resume below.
-    torch.manual_seed(cfg.seed)
+    # Dropout draws from torch's generator: seeded here (each rank its own stream),
+    # restored by a resume below.
+    torch.manual_seed(cfg.seed + world.rank)
     step = 0
     loaded = load_newest_checkpoint(out, trainable, optimizer, world) if resuming else None
     ckpt = None
@@ -351,72 +408,85 @@ def _finetune(cfg: FinetuneConfig, world: Any, progress: bool | None) -> dict[st
         step = int(state["step"])
         if passed_over:
             names = ", ".join(f.name for f, _ in passed_over)
-            _say(f"cannot load {names} ({passed_over[0][1]}); resuming from {ckpt.name}")
-    val_rows = to_rows(val_items, cfg.seq_len, pad_id=0) if val_items else None
+            say(f"cannot load {names} ({passed_over[0][1]}); resuming from {ckpt.name}")
+
+    def to_batch(chosen: list[list]) -> Batch:
+        if not cfg.packing:
+            return to_rows([u[0] for u in chosen], L, pad_id=0)
+        x, y, documents = to_packed_rows(chosen, L, pad_id=0)
+        return torch.stack((x, documents), dim=1), y
+
+    # Each rank evaluates every world_size-th micro-batch; sums are added across ranks.
+    val_mine = [val_units[i : i + micro_size] for i in range(0, len(val_units), micro_size)][
+        world.rank :: world.world_size
+    ]
 
     def evaluate() -> float:
         """Mean validation loss per trained token."""
         model.eval()
-        total, count = 0.0, 0
+        sums = torch.zeros(2, dtype=torch.float64)  # loss × tokens, tokens
         with torch.no_grad():
-            for i in range(0, val_rows[0].shape[0], cfg.micro_batch_size):
-                x = val_rows[0][i : i + cfg.micro_batch_size]
-                y = val_rows[1][i : i + cfg.micro_batch_size]
-                n = int((y != -100).sum())
+            for chosen in val_mine:
+                x, y = to_batch(chosen)
+                n = int((y != IGNORE).sum())
                 with autocast if autocast is not None else nullcontext():
-                    loss = model(x, targets=y)
-                total += float(loss) * n
-                count += n
+                    loss = runner(x, targets=y)
+                sums += torch.tensor([float(loss) * n, n], dtype=torch.float64)
+        if world.distributed:
+            dist.all_reduce(sums)
         model.train()
-        return total / count
+        return float(sums[0] / sums[1])
 
     def export() -> Path:
         return _export(model, cfg, out, tokenizer, mcfg, str(model_path))
 
     if step >= stop_step:
-        if not (out / _export_name(cfg)).is_dir():
+        if world.is_main and not (out / _export_name(cfg)).is_dir():
             export()
+        barrier(world)
         return {"step": step, "stop_step": stop_step, "already_finished": True,
                 "out_dir": str(out), "export": str(out / _export_name(cfg))}  # fmt: skip
 
-    _say(f"{data.summary()}; {len(train_items)} train, {len(val_items)} validation")
-    where = "packed" if packed else "float32"
-    _say(
+    say(f"{data.summary()}; {len(train_items)} train, {len(val_items)} validation")
+    if cfg.packing:
+        filled = sum(len(e) - 1 for e in train_items) / (len(units) * L)
+        say(f"packed into {len(units)} training rows of {L} ({filled:.0%} filled)")
+    where = "packed" if packed_base else "float32"
+    procs = f", {world.world_size} processes" if world.distributed else ""
+    say(
         f"{cfg.method} on {model_path.name} ({where} base), {n_trainable / 1e6:.3f}M trainable "
-        f"parameters, {rows} rows of {cfg.seq_len} per step, {stop_step} steps"
+        f"parameters, {rows} rows of {L} per step{procs}, {stop_step} steps"
         + (f", resuming from {ckpt.name}" if ckpt else "")
     )
 
     def batches(at: int) -> tuple[list[Batch], dict[str, Any]]:
-        chosen = [train_items[i] for i in rows_of_step(at, rows, len(train_items), cfg.seed)]
-        micro = [
-            to_rows(chosen[i : i + cfg.micro_batch_size], cfg.seq_len, pad_id=0)
-            for i in range(0, rows, cfg.micro_batch_size)
-        ]
-        return micro, {"trained_tokens": sum(int((y != -100).sum()) for _, y in micro)}
+        chosen = [units[i] for i in rows_of_step(at, rows, len(units), cfg.seed)]
+        micro = [chosen[i : i + micro_size] for i in range(0, rows, micro_size)]
+        mine = [to_batch(m) for m in micro[world.rank :: world.world_size]]
+        return mine, {"trained_tokens": sum(trained_tokens(u) for u in chosen)}
 
     def save(at: int, tokens: int) -> None:
         save_checkpoint(
             out, at, trainable, optimizer, {"max_steps": stop_step}, world,
             keep=cfg.keep_checkpoints,
         )  # fmt: skip
-        if cfg.method == "lora":
+        if cfg.method == "lora" and world.is_main:
             export()
 
     steps = run_steps(
         cfg,
-        model,
+        stepper,
         optimizer,
         world,
         step=step,
         tokens=step * cfg.batch_tokens,
         stop_step=stop_step,
         schedule_steps=stop_step,
-        accum=rows // cfg.micro_batch_size,
+        accum=micro_per_step // world.world_size,
         autocast=autocast,
         batches=batches,
-        evaluate=(lambda: {"validation": evaluate()}) if val_rows is not None else None,
-        epochs=lambda at: at * rows / len(train_items),
+        evaluate=(lambda: {"validation": evaluate()}) if val_units else None,
+        epochs=lambda at: at * rows / len(units),
         save=save,
         saved=ckpt is not None,
         out=out,
@@ -426,7 +496,11 @@ def _finetune(cfg: FinetuneConfig, world: Any, progress: bool | None) -> dict[st
     )
     exported = None
     if steps.stopped_by is None:
-        exported = export() if cfg.method == "full" else out / ADAPTER
+        if cfg.method == "full":
+            exported = export() if world.is_main else out / _export_name(cfg)
+            barrier(world)
+        else:
+            exported = out / ADAPTER
     return {
         **steps.summary(),
         "export": str(exported) if exported else None,
