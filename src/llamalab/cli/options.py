@@ -68,8 +68,11 @@ def add_runtime_options(p: argparse.ArgumentParser) -> None:
     )
 
 
-def load_runtime_from_args(args: argparse.Namespace, *, compile_by_default: bool = False):
-    """``(model, tokenizer)`` for a command's runtime options.
+def load_runtime_from_args(
+    args: argparse.Namespace, *, compile_by_default: bool = False, load=None
+):
+    """``(model, tokenizer)`` for a command's runtime options, loaded by ``load``
+    (default ``runtime.load_runtime``, whose arguments it takes).
 
     ``--compile`` / ``--no-compile`` decide whether the decode step is compiled; without
     either, ``$LLAMALAB_COMPILE`` (1 or 0), else ``compile_by_default``.
@@ -85,7 +88,7 @@ def load_runtime_from_args(args: argparse.Namespace, *, compile_by_default: bool
     if compile is None:
         env = os.environ.get("LLAMALAB_COMPILE")
         compile = compile_by_default if env is None else env != "0"
-    return load_runtime(
+    return (load or load_runtime)(
         args.model,
         args.dtype,
         device=args.device,
@@ -299,7 +302,8 @@ def add_lora_option(p: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="PATH[:SCALE]",
-        help="run with this LoRA adapter (a PEFT folder, as `llamalab finetune` writes), "
+        help="run with this LoRA adapter (a PEFT folder or a GGUF adapter, as `llamalab "
+        "finetune` writes), "
         "its update times SCALE (default 1); repeatable; runs the model here, never on a server",
     )
 
@@ -322,11 +326,9 @@ def lora_from_args(args: argparse.Namespace) -> list[tuple[str, float]]:
                 raise LlamalabError(f"--lora {text}: SCALE must be finite, got {tail!r}")
         if not os.path.exists(path):
             raise LlamalabError(f"--lora {path}: no such file or folder")
-        if not os.path.isfile(os.path.join(path, "adapter_config.json")):
-            raise LlamalabError(
-                f"--lora {path}: not a LoRA adapter (a PEFT folder with adapter_config.json, "
-                "as `llamalab finetune` writes under out_dir/adapter)"
-            )
+        from llamalab.checkpoint.lora_files import check_adapter_path
+
+        check_adapter_path(path)  # a PEFT folder or a GGUF adapter, before any model loads
         adapters.append((path, scale))
     return adapters
 

@@ -524,11 +524,12 @@ def _export(model, cfg: FinetuneConfig, out: Path, tokenizer, mcfg, base: str) -
     from llamalab.train.export import export_meta, staged_folder
 
     if cfg.method == "lora":
-        from llamalab.train.lora import save_peft_adapter
+        from llamalab.train.lora import export_gguf_adapter, save_peft_adapter
 
         with staged_folder(out, ADAPTER) as stage:
             save_peft_adapter(model, stage, base_model=base)
             write_checksums(stage)
+        export_gguf_adapter(model, out)  # llama.cpp's adapter.gguf beside the PEFT folder
         return out / ADAPTER
 
     from llamalab.tokenizer.export import write_tokenizer_files

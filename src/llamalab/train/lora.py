@@ -22,9 +22,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from llamalab.checkpoint.lora_files import (
+    HF_MODULES,
+    LORA_TARGETS,
+    linear_dims,
+    read_adapters,
+    write_gguf_adapter,
+)
 from llamalab.errors import LlamalabError
 
-TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3", "output")
+TARGETS = LORA_TARGETS
 # Where each target lives in a block, and which fused layer may hold it.
 _OWNER = {
     "wq": "attention",
@@ -304,18 +311,6 @@ def merge_lora(model: nn.Module) -> nn.Module:
 
 # -- export ---------------------------------------------------------------------------
 
-# Meta target name -> the Hugging Face module name PEFT targets.
-HF_MODULES = {
-    "wq": "q_proj",
-    "wk": "k_proj",
-    "wv": "v_proj",
-    "wo": "o_proj",
-    "w1": "gate_proj",
-    "w2": "down_proj",
-    "w3": "up_proj",
-    "output": "lm_head",
-}
-
 
 def peft_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapters under the names PEFT saves (``base_model.model.<HF module>.lora_A.weight``).
@@ -400,152 +395,62 @@ def save_peft_adapter(model: nn.Module, out_dir: str | Path, base_model: str = "
     return out
 
 
+def save_gguf_adapter(model: nn.Module, path: str | Path) -> Path:
+    """Write the adapters as a GGUF LoRA adapter (``general.type = adapter``) that llama.cpp
+    loads onto the GGUF base with ``--lora`` (llama-cpp-python: ``Llama(lora_path=...)``).
+
+    Written whole beside ``path``, then moved into place. Every adapter must share one
+    alpha (llama.cpp keeps one per file; the rank it reads off each pair).
+    """
+    adapters = lora_adapters(model)
+    if not adapters:
+        raise LlamalabError("the model has no LoRA adapters to save")
+    first = next(iter(adapters.values()))
+    if any(a.scaling != first.scaling for a in adapters.values()):
+        raise LlamalabError("adapters of different alpha / rank cannot share one GGUF adapter")
+    updates = {name: (a.lora_A, a.lora_B) for name, a in adapters.items()}
+    # llama.cpp scales by alpha / rank with the rank read off B; keep that ratio ours.
+    alpha = first.scaling * first.rank
+    return write_gguf_adapter(updates, alpha, path, model.config, name=model.config.name or "")
+
+
 # -- import ---------------------------------------------------------------------------
 
-PEFT_CONFIG = "adapter_config.json"
-PEFT_WEIGHTS = "adapter_model.safetensors"
-MAX_ADAPTER_CONFIG_BYTES = 1 << 20
-_META_TARGET = {hf: meta for meta, hf in HF_MODULES.items()}
 
+def load_adapters(model: nn.Module, adapters: Iterable[tuple[str | Path, float]]) -> None:
+    """Run ``model`` with LoRA adapters ``[(path, scale), ...]`` on top, unmerged.
 
-def _read_peft_folder(
-    path: Path, config: object
-) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], float]:
-    """One PEFT folder's adapters as ``{canonical module: (A, B)}`` (B in Meta's row order)
-    and its scaling (``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA)."""
-    import json
-
-    from safetensors import SafetensorError, safe_open
-
-    from llamalab.checkpoint.names import from_format, hf_to_meta_qk
-    from llamalab.files import read_text_bounded
-
-    if not path.is_dir() or not (path / PEFT_CONFIG).is_file():
-        raise LlamalabError(f"--lora {path}: not a LoRA adapter (a PEFT folder with {PEFT_CONFIG})")
-    try:
-        cfg = json.loads(read_text_bounded(path / PEFT_CONFIG, MAX_ADAPTER_CONFIG_BYTES, "config"))
-    except ValueError as exc:
-        raise LlamalabError(f"{path / PEFT_CONFIG}: not valid JSON ({exc})") from None
-    if not isinstance(cfg, dict) or cfg.get("peft_type") != "LORA":
-        kind = cfg.get("peft_type") if isinstance(cfg, dict) else None
-        raise LlamalabError(f"{path}: not a LoRA adapter (peft_type {kind!r})")
-    r, alpha = cfg.get("r"), cfg.get("lora_alpha")
-    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
-        raise LlamalabError(f"{path / PEFT_CONFIG}: r must be a positive integer, got {r!r}")
-    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not math.isfinite(alpha):
-        raise LlamalabError(f"{path / PEFT_CONFIG}: lora_alpha must be a number, got {alpha!r}")
-    for key in ("use_dora", "fan_in_fan_out"):
-        if cfg.get(key):
-            raise LlamalabError(f"{path}: {key} adapters are not supported")
-    if cfg.get("bias", "none") != "none" or cfg.get("modules_to_save"):
-        raise LlamalabError(
-            f"{path}: adapters that train biases or whole modules are not supported"
-        )
-    scaling = float(alpha) / (math.sqrt(r) if cfg.get("use_rslora") else r)
-    weights = path / PEFT_WEIGHTS
-    if not weights.is_file():
-        raise LlamalabError(f"{path}: no {PEFT_WEIGHTS}")
-    heads = {"wq": config.n_heads, "wk": config.n_kv_heads}
-    found: dict[str, dict[str, torch.Tensor]] = {}
-    try:
-        with safe_open(str(weights), framework="pt") as f:
-            for key in f.keys():  # noqa: SIM118 - safe_open is not a mapping
-                stem, _, part = key.removesuffix(".weight").rpartition(".")
-                module = stem.removeprefix("base_model.model.")
-                name = from_format(f"{module}.weight", "hf")
-                if part not in ("lora_A", "lora_B") or name is None:
-                    raise LlamalabError(
-                        f"{path}: tensor {key!r} is not a LoRA matrix of a LLaMA module"
-                    )
-                name = name.removesuffix(".weight")
-                if name.rpartition(".")[2] not in TARGETS:
-                    raise LlamalabError(f"{path}: tensor {key!r} adapts no linear layer")
-                found.setdefault(name, {})[part] = f.get_tensor(key).float()
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise LlamalabError(f"{weights}: not a readable safetensors file ({exc})") from None
-    adapters = {}
-    for name, parts in found.items():
-        if set(parts) != {"lora_A", "lora_B"}:
-            raise LlamalabError(f"{path}: {name} has lora_A or lora_B but not both")
-        a, b = parts["lora_A"], parts["lora_B"]
-        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != r or b.shape[1] != r:
-            raise LlamalabError(
-                f"{path}: {name} has lora_A {list(a.shape)} and lora_B {list(b.shape)}, "
-                f"not of rank {r}"
-            )
-        kind = name.rpartition(".")[2]
-        if kind in heads and b.shape[0] % heads[kind] == 0:
-            b = hf_to_meta_qk(b, heads[kind])
-        adapters[name] = (a, b)
-    if not adapters:
-        raise LlamalabError(f"{path}: the adapter holds no LoRA matrices")
-    return adapters, scaling
-
-
-def _linear_dims(model: nn.Module, name: str) -> tuple[int, int] | None:
-    """(in, out) of the linear layer a canonical name means in ``model``, None if absent."""
-    config = model.config
-    head_dim = config.dim // config.n_heads
-    if name == "output":
-        return config.dim, config.vocab_size
-    layer, _, kind = name.removeprefix("layers.").partition(".")
-    if not layer.isdigit() or int(layer) >= config.n_layers:
-        return None
-    kind = kind.rpartition(".")[2]
-    dims = {
-        "wq": (config.dim, config.n_heads * head_dim),
-        "wk": (config.dim, config.n_kv_heads * head_dim),
-        "wv": (config.dim, config.n_kv_heads * head_dim),
-        "wo": (config.n_heads * head_dim, config.dim),
-        "w1": (config.dim, config.ffn_hidden_dim),
-        "w3": (config.dim, config.ffn_hidden_dim),
-        "w2": (config.ffn_hidden_dim, config.dim),
-    }
-    return dims.get(kind)
-
-
-def load_peft_adapters(model: nn.Module, adapters: Iterable[tuple[str | Path, float]]) -> None:
-    """Run ``model`` with PEFT LoRA folders ``[(path, scale), ...]`` on top, unmerged.
-
-    Every folder is checked against the model (module names and shapes) before the model
-    is touched. Several adapters become one adapter of their summed rank: ``A`` stacks
-    their ``A`` rows and ``B`` their ``B`` columns times each one's ``scale * alpha / r``,
-    so ``B A`` is exactly the sum of their updates; a module only some adapt gets zero
-    blocks from the others. Works on float and packed bases alike (see :func:`apply_lora`).
+    Each path is a PEFT folder or a GGUF LoRA adapter (llama.cpp's layout). Every adapter
+    is checked against the model (module names and shapes) before the model is touched.
+    Several adapters become one adapter of their summed rank: ``A`` stacks their ``A``
+    rows and ``B`` their ``B`` columns times each one's ``scale * alpha / r``, so ``B A``
+    is exactly the sum of their updates; a module only some adapt gets zero blocks from
+    the others. Works on float and packed bases alike (see :func:`apply_lora`).
     """
-    loaded = []
-    for path, scale in adapters:
-        path = Path(path)
-        found, scaling = _read_peft_folder(path, model.config)
-        for name, (a, b) in found.items():
-            dims = _linear_dims(model, name)
-            if dims is None:
-                raise LlamalabError(
-                    f"{path}: made for another base: it adapts {name}, which this model "
-                    f"({model.config.n_layers} layers) has not"
-                )
-            if (a.shape[1], b.shape[0]) != dims:
-                raise LlamalabError(
-                    f"{path}: made for another base: {name} takes {a.shape[1]} inputs and "
-                    f"gives {b.shape[0]} outputs there, {dims[0]} and {dims[1]} in this model"
-                )
-        loaded.append((found, scaling * float(scale)))
+    loaded = read_adapters(adapters, model.config)
     if not loaded:
         return
-    names = sorted({n for found, _ in loaded for n in found})
+    # One rank per adapter: a GGUF adapter may give its modules different ranks, and the
+    # smaller ones are padded with zero rows of A and columns of B (no change to B A).
+    ranks = [max(a.shape[0] for a, _ in found.values()) for found in loaded]
+    names = sorted({n for found in loaded for n in found})
     kinds = sorted({n.rpartition(".")[2] for n in names}, key=TARGETS.index)
-    total = sum(next(iter(found.values()))[0].shape[0] for found, _ in loaded)
+    total = sum(ranks)
     created = apply_lora(model, total, float(total), targets=kinds)  # scaling 1: B carries it
     state = {}
     for name in created:
-        dims = _linear_dims(model, name)
+        dims = linear_dims(model.config, name)
         assert dims is not None
         a_parts, b_parts = [], []
-        for found, scaling in loaded:
-            rank = next(iter(found.values()))[0].shape[0]
-            a, b = found.get(name, (torch.zeros(rank, dims[0]), torch.zeros(dims[1], rank)))
+        for found, rank in zip(loaded, ranks, strict=True):
+            a = torch.zeros(rank, dims[0])
+            b = torch.zeros(dims[1], rank)
+            if name in found:
+                fa, fb = found[name]
+                a[: fa.shape[0]] = fa
+                b[:, : fb.shape[1]] = fb
             a_parts.append(a)
-            b_parts.append(b * scaling)
+            b_parts.append(b)
         state[f"{name}.lora_A.weight"] = torch.cat(a_parts)
         state[f"{name}.lora_B.weight"] = torch.cat(b_parts, dim=1)
     load_lora_state_dict(model, state)
@@ -554,3 +459,26 @@ def load_peft_adapters(model: nn.Module, adapters: Iterable[tuple[str | Path, fl
         for adapter in lora_adapters(model).values():
             adapter.to(norm.device)
     model.requires_grad_(False)
+
+
+# The name the first release gave it, when only PEFT folders were read.
+load_peft_adapters = load_adapters
+
+
+GGUF_ADAPTER = "adapter.gguf"
+
+
+def export_gguf_adapter(model: nn.Module, out_dir: str | Path) -> Path | None:
+    """``out_dir/adapter.gguf`` (see :func:`save_gguf_adapter`), as a run writes it beside
+    its PEFT folder; None, with a line on stderr, when llama.cpp cannot express the
+    adapter (an adapted output projection tied to the embeddings): the run goes on."""
+    import sys
+
+    if model.config.tie_embeddings and "output" in lora_adapters(model):
+        print(
+            f"note: no {GGUF_ADAPTER}: llama.cpp cannot adapt an output projection tied to "
+            "the embeddings (the PEFT folder has it)",
+            file=sys.stderr,
+        )
+        return None
+    return save_gguf_adapter(model, Path(out_dir) / GGUF_ADAPTER)
