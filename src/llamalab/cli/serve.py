@@ -20,7 +20,13 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from llamalab.cli.options import add_runtime_options, load_runtime_from_args, positive_int
+from llamalab.cli.options import (
+    add_lookup_options,
+    add_runtime_options,
+    load_runtime_from_args,
+    lookup_from_args,
+    positive_int,
+)
 from llamalab.errors import LlamalabError
 
 log = logging.getLogger("llamalab.serve")
@@ -40,6 +46,8 @@ def model_id_for(path: Path) -> str:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_runtime_options(p)
+    # The defaults of requests that do not set lookup, lookup_ngram or draft_max.
+    add_lookup_options(p)
     p.add_argument(
         "--host",
         default="127.0.0.1",
@@ -158,6 +166,7 @@ def run(args: argparse.Namespace) -> int:
             raise LlamalabError(f"{flag} must be a positive number, got {getattr(args, name)}")
     if args.ctx < 2:
         raise LlamalabError(f"--ctx must be at least 2, got {args.ctx}")
+    lookup = lookup_from_args(args)
     if not _is_loopback(args.host) and not args.api_key:
         print(
             f"llamalab serve: warning: listening on {args.host} without --api-key; "
@@ -168,7 +177,20 @@ def run(args: argparse.Namespace) -> int:
 
     def build() -> Engine:
         model, tokenizer = load_runtime_from_args(args, compile_by_default=True)
-        engine = Engine(model, tokenizer, max_batch=args.max_batch, max_seq_len=args.ctx)
+        draft = draft_tokenizer = None
+        if args.draft is not None:
+            from llamalab.runtime import load_runtime
+
+            # Used by requests that speculate while they decode alone (see Engine).
+            draft, draft_tokenizer = load_runtime(args.draft, args.dtype, device=args.device)
+        engine = Engine(
+            model,
+            tokenizer,
+            max_batch=args.max_batch,
+            max_seq_len=args.ctx,
+            draft=draft,
+            draft_tokenizer=draft_tokenizer,
+        )
         if model.compiles_decode:
             print(
                 "llamalab serve: compiling the decode step (seconds; later starts reuse the code)",
@@ -208,6 +230,7 @@ def run(args: argparse.Namespace) -> int:
         limits=Limits(max_body_bytes=args.max_body_bytes, max_queue=args.max_queue),
         allowed_hosts=allowed_hosts,
         identity=identity,
+        lookup=lookup,
     )
     from llamalab.serve.native import router as native_router
 

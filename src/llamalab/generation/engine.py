@@ -39,10 +39,11 @@ from llamalab.generation.grammar import Constraint, Grammar, GrammarCompiler
 from llamalab.generation.params import DEFAULT_LOOKUP, GREEDY, LookupParams
 from llamalab.generation.sampling import SamplingParams, sample, top_logprobs
 from llamalab.generation.speculative import (
+    BatchPlanner,
     ModelDrafter,
     PassCost,
     Speculation,
-    timed_scores,
+    exact_pass_tokens,
     verifies_exactly,
 )
 from llamalab.generation.stopping import StopStringMatcher
@@ -304,6 +305,7 @@ class Engine:
         self.progress = progress
         self._decode_step_s: float | None = None  # running average of a decode step
         self._pass_cost = PassCost()  # what speculation's extra tokens cost a pass
+        self._batch_plan = BatchPlanner()  # how much rows decoding together draft
         self._prefill_token_s: float | None = None  # per token, in the last interleaved chunk
         # Logits past the tokenizer's last id belong to padding rows of the embedding:
         # cutting them off is the same as masking them to -inf, for sampling and logprobs.
@@ -479,8 +481,8 @@ class Engine:
         stays usable either way.
         """
         running = [s for s in self._rows if s is not None and not s.prefilling]
-        if len(running) == 1 and not self._prefilling and running[0].speculation is not None:
-            events = self._speculate(running[0])
+        if not self._prefilling and any(s.speculation is not None for s in running):
+            events = self._speculate(running)
             if events is not None:
                 return events
         # The first time both kinds of work meet, they run apart: that times a decode
@@ -558,7 +560,10 @@ class Engine:
                 logits = logits[:, -1, : self.vocab_size].float().cpu()
         except Exception as exc:  # noqa: BLE001 (the batch fails; the engine carries on)
             return [(seq, self._fail(seq, exc, "decode")) for seq in running]
-        return self._accept_decoded(running, lo, logits, time.perf_counter() - t0)
+        elapsed = time.perf_counter() - t0
+        # A plain pass of this many tokens: what speculation's passes are weighed against.
+        self._pass_cost.observe(tokens.shape[0], elapsed)
+        return self._accept_decoded(running, lo, logits, elapsed)
 
     def _decode_and_prefill(
         self, running: list[Generation], seq: Generation
@@ -603,8 +608,6 @@ class Engine:
         self, running: list[Generation], lo: int, logits: torch.Tensor, elapsed: float
     ) -> list[tuple[Generation, GenerationEvent]]:
         """Each running row takes its token from ``logits`` (rows from ``lo``, vocab)."""
-        if len(running) == 1:  # a one-token pass: what speculation's passes are weighed against
-            self._pass_cost.observe(1, elapsed)
         events = []
         for seq in running:
             self._cached[seq.row].append(seq.last_token)  # type: ignore[arg-type]  # running: set
@@ -620,53 +623,93 @@ class Engine:
                 self._release(seq)
         return events
 
-    def _speculate(self, seq: Generation) -> list[tuple[Generation, GenerationEvent]] | None:
-        """One decode step of ``seq`` that also verifies the tokens prompt lookup drafts
-        (``generation/speculative.py``); None, having run nothing, where it drafts none.
+    def _speculate(
+        self, running: list[Generation]
+    ) -> list[tuple[Generation, GenerationEvent]] | None:
+        """One decode step of the ``running`` sequences that also verifies drafted tokens
+        (``generation/speculative.py``), all rows in one pass; None, having run nothing,
+        where nothing is drafted.
 
-        Row i of the pass is read only while the tokens chosen from rows 0 .. i-1 were the
-        drafts, each through ``Generation.accept`` exactly as a plain step would; the
-        cache row keeps the accepted tokens' slots and later passes overwrite the rest.
+        A sequence alone drafts as its own measurements say (prompt lookup or the draft
+        model); sequences decoding together draft as the batch's plan says (prompt lookup
+        only). Row i of a sequence's share of the pass is read only while the tokens
+        chosen from rows 0 .. i-1 were its drafts, each through ``Generation.accept``
+        exactly as a plain step would; its cache row keeps the accepted tokens' slots and
+        later passes overwrite the rest.
         """
-        spec = seq.speculation
-        assert spec is not None and seq.last_token is not None
         # Every fed position must fit the row, and drafts past max_tokens are wasted.
-        limit = min(
-            self.max_seq_len - 1 - seq.pos,
-            seq.request.max_tokens - len(seq.ids) - 1,
-        )
-        drafts = spec.draft(limit, self._pass_cost)
-        seq.timing.decode_s += spec.draft_s
-        if not drafts or not verifies_exactly(self.model, len(drafts) + 1):
+        limits = [
+            min(self.max_seq_len - 1 - s.pos, s.request.max_tokens - len(s.ids) - 1)
+            for s in running
+        ]
+        room = exact_pass_tokens(self.model)
+        if len(running) == 1:
+            spec = running[0].speculation
+            assert spec is not None
+            drafts = [spec.draft(min(limits[0], room - 1), self._pass_cost)]
+            running[0].timing.decode_s += spec.draft_s
+        else:
+            candidates = [
+                s.speculation.candidates(n) if s.speculation is not None else ([], 0.0)
+                for s, n in zip(running, limits, strict=True)
+            ]
+            drafts = self._batch_plan.plan(candidates, self._pass_cost, room)
+        n = sum(len(d) + 1 for d in drafts)
+        if n == len(running) or not verifies_exactly(self.model, n):
             return None
-        fed = [seq.last_token, *drafts]
+        views, shapes, fed = [], [], []
+        for seq, d in zip(running, drafts, strict=True):
+            k = len(d) + 1
+            views.append(cache_view(
+                torch.arange(seq.pos, seq.pos + k).unsqueeze(0), row=seq.row,
+                kv_len=seq.pos + k, dtype=self.dtype, device=self.device,
+            ))  # fmt: skip
+            shapes.append((1, k))
+            fed += [seq.last_token, *d]
         _use_threads(self.threads)
+        t0 = time.perf_counter()
         try:
-            logits, elapsed = timed_scores(self.model, seq.row, seq.pos, fed, self.vocab_size)
-        except Exception as exc:  # noqa: BLE001 (the sequence fails; the engine carries on)
-            return [(seq, self._fail(seq, exc, "decode"))]
-        self._pass_cost.observe(len(fed), elapsed)
-        seq.timing.decode_s += elapsed
+            with torch.inference_mode():
+                out = self.model(
+                    torch.tensor([fed], dtype=torch.long).to(self.device),
+                    cache=Segments(tuple(views), tuple(shapes)),
+                )
+                scores = [o[0, :, : self.vocab_size].float().cpu() for o in out]
+        except Exception as exc:  # noqa: BLE001 (the batch fails; the engine carries on)
+            return [(seq, self._fail(seq, exc, "decode")) for seq in running]
+        elapsed = time.perf_counter() - t0
+        self._pass_cost.observe(n, elapsed)
         events = []
-        accepted = 0
-        for i, token in enumerate(fed):
-            self._cached[seq.row].append(token)
-            seq.pos += 1
-            seq.timing.decode_tokens += 1
-            try:
-                event = seq.accept(logits[i], self.max_seq_len)
-            except Exception as exc:  # noqa: BLE001 (isolation: only this row fails)
-                event = self._fail(seq, exc, "sampling")
-            events.append((seq, event))
-            hit = i < len(drafts) and event.token_id == drafts[i]
-            accepted += hit
-            if seq.finished or not hit:
-                break
-        spec.verified(len(drafts), accepted, elapsed, self._pass_cost)
-        seq.timing.draft_tokens += len(drafts)
-        seq.timing.accepted_tokens += accepted
-        if seq.finished:
-            self._release(seq)
+        emitted = 0
+        for seq, d, logits in zip(running, drafts, scores, strict=True):
+            seq.timing.decode_s += elapsed
+            accepted = 0
+            for i, token in enumerate([seq.last_token, *d]):
+                self._cached[seq.row].append(token)  # type: ignore[arg-type]  # running: set
+                seq.pos += 1
+                seq.timing.decode_tokens += 1
+                emitted += 1
+                try:
+                    event = seq.accept(logits[i], self.max_seq_len)
+                except Exception as exc:  # noqa: BLE001 (isolation: only this row fails)
+                    event = self._fail(seq, exc, "sampling")
+                events.append((seq, event))
+                hit = i < len(d) and event.token_id == d[i]
+                accepted += hit
+                if seq.finished or not hit:
+                    break
+            if d:
+                assert seq.speculation is not None
+                if len(running) == 1:
+                    seq.speculation.verified(len(d), accepted, elapsed, self._pass_cost)
+                else:
+                    seq.speculation.counted(len(d), accepted)
+                seq.timing.draft_tokens += len(d)
+                seq.timing.accepted_tokens += accepted
+            if seq.finished:
+                self._release(seq)
+        if len(running) > 1:
+            self._batch_plan.verified(len(running), emitted, elapsed, self._pass_cost)
         return events
 
     def _fail(self, seq: Generation, exc: Exception, stage: str) -> GenerationEvent:

@@ -89,30 +89,16 @@ def accept_point_draft(
     return token, token == draft
 
 
-def score_drafts(
-    model: torch.nn.Module, row: int, pos: int, tokens: Sequence[int], vocab_size: int
-) -> torch.Tensor:
-    """Logits (len(tokens), vocab_size) of ``tokens`` fed at positions ``pos ..`` of cache
-    row ``row``, in one pass: row i is the distribution after ``tokens[: i + 1]``.
-
-    The pass writes the tokens' keys and values into slots ``pos .. pos + len(tokens)``;
-    the caller decides how many of them the row keeps (the others are overwritten later).
-    """
-    n = len(tokens)
-    view = cache_view(
-        torch.arange(pos, pos + n).unsqueeze(0), row=row, kv_len=pos + n,
-        dtype=model.dtype, device=model.device,
-    )  # fmt: skip
-    with torch.inference_mode():
-        logits = model(torch.tensor([list(tokens)], dtype=torch.long).to(model.device), cache=view)
-    return logits[0, :, :vocab_size].float().cpu()
-
-
 def verifies_exactly(model: torch.nn.Module, n_tokens: int) -> bool:
     """Whether a pass of ``n_tokens`` gives each token the same logits, bit for bit, as
     one-token steps would: only llamalab's native step promises that (see the module)."""
+    return n_tokens <= exact_pass_tokens(model)
+
+
+def exact_pass_tokens(model: torch.nn.Module) -> int:
+    """The most tokens a pass may hold and still verify exactly (0: none may)."""
     step = getattr(model, "native_step", None)
-    return step is not None and n_tokens < step.MAX_TOKENS
+    return 0 if step is None else step.MAX_TOKENS - 1
 
 
 class PromptLookup:
@@ -241,6 +227,29 @@ class Speculation:
         )
         return prediction[:k]
 
+    def candidates(self, limit: int) -> tuple[list[int], float]:
+        """What prompt lookup would draft now (at most ``limit`` tokens) and the chance
+        that each of them is chosen, for a batch's plan (:class:`BatchPlanner`).
+
+        The prediction is kept to be scored against the tokens that come, as
+        :meth:`draft` keeps it. A sequence with a draft model drafts only while it
+        decodes alone (its drafter has one cache row): nothing here.
+        """
+        self.draft_s = 0.0
+        if self.drafter is not None:
+            self._pending = []
+            return [], 0.0
+        prediction, n = self.lookup.predict(self.params.draft_max)
+        self._pending, self._match = prediction, n
+        if not prediction or limit < 1:
+            return [], 0.0
+        return prediction[:limit], self.acceptance(n)
+
+    def counted(self, drafted: int, accepted: int) -> None:
+        """Record the drafted and accepted tokens of a batch's verification pass."""
+        self.drafted += drafted
+        self.accepted += accepted
+
     def _model_draft(self, limit: int, cost: PassCost) -> list[int]:
         """The draft model's greedy continuation, as long as pays (point masses: the
         verification stays exact for any sampler)."""
@@ -291,6 +300,79 @@ def _best_length(
     if best_rate * calibration <= MIN_GAIN:
         return 0, 0.0
     return best_k, best_rate
+
+
+class BatchPlanner:
+    """Draft lengths for sequences that decode together, in one verification pass.
+
+    A plain batch step of B rows costs about 1 + extra·(B − 1) one-token passes and
+    emits B tokens; each drafted token adds ``extra`` to the pass and is expected to
+    emit a^j more tokens (the j-th draft of a row whose drafts are chosen with chance
+    a). The plan takes drafted tokens, most likely first across all rows, while each
+    adds more tokens than the pass's average per unit of cost: the rate, tokens per
+    time, is then the highest this cost model allows. It drafts at all only where that
+    rate beats the plain step's by ``MIN_GAIN``, after ``calibration``: the running
+    ratio of realised to predicted speed-ups of the batch passes verified so far (one
+    per engine, as the pass cost is; it drifts back towards 1 while nothing is
+    drafted, so a busy spell does not turn drafting off for good).
+    """
+
+    # How far calibration moves back to 1 per step that drafts nothing: after a pass that
+    # was far slower than predicted, about 25 plain steps pass before the next draft.
+    RECOVERY = 0.005
+
+    def __init__(self) -> None:
+        self.calibration = 1.0
+        self._predicted = 0.0
+
+    def plan(
+        self,
+        candidates: Sequence[tuple[Sequence[int], float]],
+        cost: PassCost,
+        max_tokens: int,
+    ) -> list[list[int]]:
+        """Each row's drafts (a prefix of its candidate tokens, maybe none), given each
+        row's candidates and their acceptance; the pass holds at most ``max_tokens``."""
+        rows = len(candidates)
+        extra = cost.extra
+        plain = 1.0 + extra * (rows - 1)
+        tokens, spent = float(rows), plain
+        room = max_tokens - rows
+        # (value, row): a^j falls with j (0 < a < 1), so every row's tokens come in order.
+        ranked = sorted(
+            (
+                (a**j, row)
+                for row, (toks, a) in enumerate(candidates)
+                for j in range(1, len(toks) + 1)
+            ),
+            key=lambda item: -item[0],
+        )
+        lengths = [0] * rows
+        for value, row in ranked:
+            if room <= 0 or value * spent <= extra * tokens:
+                break
+            lengths[row] += 1
+            tokens += value
+            spent += extra
+            room -= 1
+        gain = (tokens / spent) / (rows / plain)
+        if not any(lengths) or gain * self.calibration <= MIN_GAIN:
+            self._predicted = 0.0
+            self.calibration += self.RECOVERY * (1.0 - self.calibration)
+            return [[] for _ in candidates]
+        self._predicted = gain
+        return [list(toks[:k]) for (toks, _), k in zip(candidates, lengths, strict=True)]
+
+    def verified(self, rows: int, emitted: int, seconds: float, cost: PassCost) -> None:
+        """Record a batch verification pass: ``rows`` sequences emitted ``emitted`` tokens
+        in ``seconds``; against a plain step's modelled time, that calibrates the plans."""
+        if not (cost.single_s and self._predicted > 0 and seconds > 0):
+            return
+        plain_s = cost.single_s * (1.0 + cost.extra * (rows - 1))
+        realised = (emitted / rows) * plain_s / seconds
+        lo, hi = CALIBRATION_RANGE
+        ratio = min(max(realised / self._predicted, lo), hi)
+        self.calibration = min(max(_smooth(self.calibration, ratio), lo), hi)
 
 
 class ModelDrafter:
@@ -378,12 +460,3 @@ class ModelDrafter:
 
 def _smooth(average: float | None, value: float) -> float:
     return value if average is None else average + COST_SMOOTHING * (value - average)
-
-
-def timed_scores(
-    model: torch.nn.Module, row: int, pos: int, tokens: Sequence[int], vocab_size: int
-) -> tuple[torch.Tensor, float]:
-    """:func:`score_drafts` and the seconds it took."""
-    t0 = time.perf_counter()
-    logits = score_drafts(model, row, pos, tokens, vocab_size)
-    return logits, time.perf_counter() - t0

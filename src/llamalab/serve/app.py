@@ -49,7 +49,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from llamalab.errors import LlamalabError
 from llamalab.generation import GenerationEvent, Request
 from llamalab.generation.grammar import CompilerBusy
-from llamalab.generation.params import SEED_LIMIT
+from llamalab.generation.params import DEFAULT_LOOKUP, SEED_LIMIT, LookupParams
 from llamalab.serve import schemas as s
 from llamalab.serve.metrics import Metrics, RequestCounter
 from llamalab.serve.scheduler import Scheduler, Ticket, Unavailable
@@ -89,6 +89,8 @@ class ServerState:
     metrics: Metrics
     created: int = field(default_factory=lambda: int(time.time()))
     draining: bool = False  # shutting down: running requests finish, new ones get 503
+    # Prompt lookup for requests that do not say (serve's --lookup options); None: off.
+    lookup: LookupParams | None = DEFAULT_LOOKUP
     # Tokenizing runs off the event loop, one prompt at a time, because the tokenizer
     # makes no promise about being thread-safe. Each prompt's share is bounded (see
     # max_prompt_chars), so no request waits on this lock for long.
@@ -325,6 +327,7 @@ def _engine_request(
         stop=body.stop or (),
         logprobs=logprobs,
         ignore_eos=body.ignore_eos,
+        lookup=body.lookup_params(state.lookup),
     )
 
 
@@ -827,6 +830,7 @@ def create_app(
     limits: Limits | None = None,
     allowed_hosts: Collection[str] | None = None,
     identity: dict[str, Any] | None = None,
+    lookup: LookupParams | None = DEFAULT_LOOKUP,
 ) -> FastAPI:
     """The app for one model. The scheduler is started and stopped with the app.
 
@@ -841,6 +845,8 @@ def create_app(
         identity: the model file's identity and the reply-shaping settings, reported
             in ``/health`` so that ``llamalab generate`` can use this server for the
             same model (see ``llamalab.client``); None leaves the report out.
+        lookup: prompt lookup for requests that do not ask for their own (the request
+            fields ``lookup``, ``lookup_ngram`` and ``draft_max``); None turns it off.
     """
     tokenizer = scheduler.engine.tokenizer
     state = ServerState(
@@ -848,6 +854,7 @@ def create_app(
         model_id=model_id,
         limits=limits or Limits(),
         metrics=Metrics(scheduler),
+        lookup=lookup,
         # The longest vocabulary entry bounds the characters one token stands for.
         max_token_chars=max(
             1, max(len(tokenizer.token_bytes(i)) for i in range(tokenizer.vocab_size))

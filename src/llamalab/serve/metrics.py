@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from llamalab.serve.scheduler import Scheduler
@@ -76,6 +79,36 @@ class Metrics:
             "Seconds from queueing a generation to its end",
             buckets=_DURATION_BUCKETS,
             registry=r,
+        )
+        r.register(_Speculation(scheduler))
+
+
+class _Speculation:
+    """Speculation's drafted and accepted tokens and their ratio, read from the scheduler
+    when scraped (its thread counts them as requests end)."""
+
+    def __init__(self, scheduler: Scheduler) -> None:
+        self.scheduler = scheduler
+
+    def collect(self) -> Iterator[Metric]:
+        """The metrics, as prometheus-client asks a collector for them."""
+        # Accepted first (see Scheduler._end); a stand-in scheduler may count neither.
+        accepted = getattr(self.scheduler, "accepted_draft_tokens", 0)
+        drafted = getattr(self.scheduler, "draft_tokens", 0)
+        yield CounterMetricFamily(
+            "llamalab_draft_tokens",
+            "Tokens drafted by speculation (prompt lookup) and verified, in ended requests",
+            value=drafted,
+        )
+        yield CounterMetricFamily(
+            "llamalab_accepted_draft_tokens",
+            "Drafted tokens the model chose too, in ended requests",
+            value=accepted,
+        )
+        yield GaugeMetricFamily(
+            "llamalab_draft_acceptance_rate",
+            "Accepted over drafted tokens since the server started (0 before any draft)",
+            value=accepted / drafted if drafted else 0.0,
         )
 
 

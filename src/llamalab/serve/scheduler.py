@@ -163,6 +163,9 @@ class Scheduler:
         self._taken = 0  # written by the scheduler thread: admitted or ended while waiting
         self._ended = 0  # written by the scheduler thread: finished, failed or cancelled
         self._heartbeat = time.monotonic()  # written by the scheduler thread
+        # Speculation's tokens over every ended request (/metrics): written by the thread.
+        self.draft_tokens = 0  # drafted and verified
+        self.accepted_draft_tokens = 0  # of those, the ones the model chose too
 
     @property
     def queued(self) -> int:
@@ -360,6 +363,11 @@ class Scheduler:
     def _end(self, ticket: Ticket) -> None:
         ticket.done = True
         self._ended += 1
+        if ticket.generation is not None:
+            timing = ticket.generation.timing
+            # Accepted first: a scrape between the two sees a rate of at most 1.
+            self.accepted_draft_tokens += timing.accepted_tokens
+            self.draft_tokens += timing.draft_tokens
 
     def _publish_counts(self) -> None:
         self.active_slots = self.engine.max_batch - self.engine.free_rows

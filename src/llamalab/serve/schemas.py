@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -37,12 +38,16 @@ from pydantic import (
 
 from llamalab.generation.grammar import Grammar
 from llamalab.generation.params import (
+    DEFAULT_LOOKUP,
     LOGIT_BIAS_RANGE,
+    MAX_DRAFT,
     MAX_LOGIT_BIAS_ENTRIES,
+    MAX_LOOKUP_NGRAM,
     MIN_TOP_P,
     PRESENCE_FREQUENCY_RANGE,
     REPEAT_PENALTY_RANGE,
     SEED_LIMIT,
+    LookupParams,
     SamplingParams,
 )
 
@@ -195,6 +200,11 @@ class _Request(_Lenient):
     response_format: ResponseFormat | None = None
     # llama.cpp's extension: a GBNF (or Lark) grammar the reply must match.
     grammar: Text | None = None
+    # llamalab's speculation (prompt lookup; the reply is the same either way): None takes
+    # the server's --lookup/--no-lookup; either size given turns it on (see lookup_params).
+    lookup: bool | None = None
+    lookup_ngram: Annotated[int, Field(ge=1, le=MAX_LOOKUP_NGRAM)] | None = None
+    draft_max: Annotated[int, Field(ge=1, le=MAX_DRAFT)] | None = None
     best_of: Any = None
     suffix: Any = None
     audio: Any = None
@@ -235,6 +245,26 @@ class _Request(_Lenient):
         ):
             raise ValueError("give either grammar or response_format, not both")
         return self
+
+    @model_validator(mode="after")
+    def _lookup_sizes_need_lookup(self) -> _Request:
+        if self.lookup is False and (self.lookup_ngram is not None or self.draft_max is not None):
+            raise ValueError("lookup_ngram and draft_max need lookup: leave out lookup: false")
+        return self
+
+    def lookup_params(self, default: LookupParams | None) -> LookupParams | None:
+        """The request's prompt lookup: ``default`` (the server's; None: off) unless the
+        request says otherwise with ``lookup``, ``lookup_ngram`` or ``draft_max``."""
+        if self.lookup is False:
+            return None
+        sizes = {
+            name: value
+            for name, value in (("ngram", self.lookup_ngram), ("draft_max", self.draft_max))
+            if value is not None
+        }
+        if default is None and not self.lookup and not sizes:
+            return None
+        return replace(default or DEFAULT_LOOKUP, **sizes)
 
     def constraint_field(self) -> str:
         """The request field the constraint comes from, as an error's ``param`` names it."""

@@ -1,0 +1,212 @@
+"""Speculation in the continuous batch and in ``llamalab serve``: the same replies, sooner.
+
+Rows that decode together verify their drafted tokens in one pass of the native step, each
+row's drafts in its own cache row; the expected replies are the engine's (or the
+server's) own without speculation.
+"""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from conftest import http_request, run_cli
+from test_speculative import FREE, REPEAT, SAMPLERS, SOURCE
+
+from llamalab import load_model
+from llamalab.generation import GREEDY, Engine, Grammar, Request
+from llamalab.generation.params import LookupParams
+from llamalab.generation.speculative import BatchPlanner, PassCost
+
+COPY = "Copy this code exactly, then say nothing else:\n\n" + SOURCE
+EXTRACT = "Which variable holds the running total in this code? Quote its line.\n\n" + SOURCE
+PROMPTS = [REPEAT, FREE, COPY, EXTRACT]
+
+
+# ------------------------------------------------------------------ the batch's plan
+def test_a_batch_drafts_the_likeliest_tokens_first() -> None:
+    cost = PassCost()
+    cost.extra = 0.1
+    plan = BatchPlanner().plan([([1, 2, 3, 4], 0.9), ([5, 6, 7], 0.2), ([], 0.0)], cost, 63)
+    # 0.9^j beats the pass's average rate for the first row's tokens; 0.2 never does.
+    assert plan == [[1, 2, 3, 4], [], []]
+    tight = BatchPlanner().plan([([1, 2, 3, 4], 0.9), ([5, 6], 0.9)], cost, 5)
+    assert sum(map(len, tight)) + 2 <= 5  # the pass stays within what verifies exactly
+    assert tight == [[1, 2], [5]]  # 0.9, 0.9, then 0.81 of the first row
+
+
+def test_a_batch_drafts_nothing_where_drafts_miss_or_passes_are_dear() -> None:
+    cost = PassCost()
+    assert BatchPlanner().plan([([1, 2], 0.05), ([3], 0.05)], cost, 63) == [[], []]
+    cost.extra = 2.0  # a drafted token costs two passes: nothing can pay
+    assert BatchPlanner().plan([([1, 2], 0.95), ([3], 0.95)], cost, 63) == [[], []]
+
+
+def test_slow_batch_passes_turn_drafting_off_for_a_while_only() -> None:
+    cost = PassCost()
+    cost.single_s, cost.extra = 0.010, 0.1
+    planner = BatchPlanner()
+    rows = [([1, 2, 3], 0.8), ([4, 5, 6], 0.8)]
+    for _ in range(20):
+        if not any(planner.plan(rows, cost, 63)):
+            break
+        planner.verified(2, 2, 0.5, cost)  # one token a row, at fifty passes' time
+    for _ in range(10):
+        assert planner.plan(rows, cost, 63) == [[], []]
+    # Plain steps: the calibration drifts back towards 1 until the rows draft again.
+    assert any(any(planner.plan(rows, cost, 63)) for _ in range(200))
+
+
+# ------------------------------------------------------------------ the engine's batch
+@pytest.fixture(scope="module")
+def smollm2(smollm2_path, smollm2_tokenizer):
+    model = load_model(smollm2_path, packed=True)
+    if model.native_step is None:
+        pytest.skip("speculation verifies on llamalab's native step, which does not run here")
+    return model, smollm2_tokenizer
+
+
+def _batch(smollm2, lookups, **request):
+    model, tok = smollm2
+    engine = Engine(model, tok, max_batch=len(PROMPTS), max_seq_len=512)
+    requests = [
+        Request(tok.encode_chat([{"role": "user", "content": p}]), lookup=lookup, **request)
+        for p, lookup in zip(PROMPTS, lookups, strict=True)
+    ]
+    return engine.generate_batch(requests)
+
+
+@pytest.mark.parametrize("sampling", [GREEDY, SAMPLERS["filters"], SAMPLERS["penalties"]])
+def test_rows_decoding_together_verify_drafts_and_keep_their_text(smollm2, sampling) -> None:
+    plain = _batch(smollm2, [None] * 4, max_tokens=60, sampling=sampling)
+    # One row without lookup rides in the same passes as three with it.
+    mixed = [LookupParams(), None, LookupParams(ngram=2, draft_max=4), LookupParams()]
+    fast = _batch(smollm2, mixed, max_tokens=60, sampling=sampling)
+    assert [s.ids for s in fast] == [s.ids for s in plain]
+    assert [s.text for s in fast] == [s.text for s in plain]
+    assert [s.finish_reason for s in fast] == [s.finish_reason for s in plain]
+    assert fast[1].timing.draft_tokens == 0
+    if sampling is GREEDY:
+        # The copying rows accept drafts while all four still run (each took 60 tokens
+        # at most, so none of them ran alone for long).
+        assert fast[2].timing.accepted_tokens > 10
+        assert all(s.timing.draft_tokens <= 0.8 * 60 for s in fast)
+
+
+def test_a_batch_with_a_grammar_that_rejects_every_draft_keeps_its_text(smollm2) -> None:
+    digits = Grammar("regex", "[0-9]{1,30}")
+    plain = _batch(smollm2, [None] * 4, max_tokens=30, sampling=GREEDY, grammar=digits)
+    fast = _batch(smollm2, [LookupParams()] * 4, max_tokens=30, sampling=GREEDY, grammar=digits)
+    assert [s.ids for s in fast] == [s.ids for s in plain]
+    assert all(s.text.isdigit() for s in fast)
+
+
+# ------------------------------------------------------------------ the server
+@pytest.fixture(scope="module")
+def server(smollm2_path):
+    pytest.importorskip("fastapi")
+    from llamalab.serve.launch import ServerProcess
+
+    proc = ServerProcess(["--model", str(smollm2_path), "--ctx", "512", "--max-batch", "4"])
+    try:
+        yield proc.start()
+    finally:
+        proc.stop()
+
+
+def _chat(server, prompt: str, **fields) -> tuple[int, dict]:
+    body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": 48}
+    body |= {"temperature": 0, **fields}
+    status, data, _ = http_request(server.port, "POST", "/v1/chat/completions", body)
+    return status, json.loads(data)
+
+
+def _metrics(server) -> dict[str, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    status, data, _ = http_request(server.port, "GET", "/metrics")
+    assert status == 200
+    return {
+        sample.name: sample.value
+        for family in text_string_to_metric_families(data.decode())
+        for sample in family.samples
+    }
+
+
+def _concurrently(server, **fields) -> list[str]:
+    with ThreadPoolExecutor(len(PROMPTS)) as pool:
+        replies = list(pool.map(lambda p: _chat(server, p, **fields), PROMPTS))
+    assert all(status == 200 for status, _ in replies), replies
+    return [reply["choices"][0]["message"]["content"] for _, reply in replies]
+
+
+def test_concurrent_greedy_replies_are_the_same_and_metrics_count_drafts(server) -> None:
+    before = _metrics(server)
+    plain = _concurrently(server, lookup=False)
+    after_plain = _metrics(server)
+    assert after_plain["llamalab_draft_tokens_total"] == before["llamalab_draft_tokens_total"]
+    fast = _concurrently(server)  # the server's default: lookup on
+    assert fast == plain
+    after = _metrics(server)
+    drafted = after["llamalab_draft_tokens_total"]
+    accepted = after["llamalab_accepted_draft_tokens_total"]
+    assert drafted > after_plain["llamalab_draft_tokens_total"]
+    assert 0 < accepted <= drafted
+    assert after["llamalab_draft_acceptance_rate"] == pytest.approx(accepted / drafted)
+    sized = _concurrently(server, lookup_ngram=2, draft_max=3)
+    assert sized == plain
+
+
+def test_a_grammar_that_rejects_every_draft_gets_the_same_reply(server) -> None:
+    grammar = 'root ::= [0-9]{1,12}'
+    status, plain = _chat(server, REPEAT, grammar=grammar, lookup=False)
+    assert status == 200, plain
+    status, fast = _chat(server, REPEAT, grammar=grammar, lookup=True, draft_max=8)
+    assert status == 200, fast
+    text = fast["choices"][0]["message"]["content"]
+    assert text == plain["choices"][0]["message"]["content"] and text.isdigit()
+
+
+@pytest.mark.parametrize(
+    ("fields", "param", "message"),
+    [
+        ({"lookup_ngram": 0}, "lookup_ngram", "greater than or equal to 1"),
+        ({"lookup_ngram": -2}, "lookup_ngram", "greater than or equal to 1"),
+        ({"draft_max": 0}, "draft_max", "greater than or equal to 1"),
+        ({"draft_max": 63}, "draft_max", "less than or equal to 62"),
+        ({"lookup_ngram": "3"}, "lookup_ngram", "valid integer"),
+        ({"lookup": "yes"}, "lookup", "valid boolean"),
+        ({"lookup": False, "draft_max": 4}, None, "need lookup"),
+    ],
+)
+def test_bad_lookup_fields_get_a_400(server, fields, param, message) -> None:
+    status, data = _chat(server, "Hi", **fields)
+    assert status == 400, data
+    assert message in data["error"]["message"]
+    if param is not None:
+        assert data["error"]["param"] == param
+
+
+def test_serve_refuses_bad_lookup_options_before_loading() -> None:
+    result = run_cli("serve", "--model", "/nonexistent.gguf", "--lookup-ngram", "0")
+    assert result.returncode == 1
+    assert "--lookup-ngram: the lookup n-gram size must be between" in result.stderr
+    result = run_cli("serve", "--model", "/nonexistent.gguf", "--no-lookup", "--draft-max", "3")
+    assert result.returncode == 1 and "need speculation" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_request_lookup_follows_the_server_default() -> None:
+    from llamalab.serve.schemas import ChatCompletionRequest
+
+    def parsed(**fields):
+        return ChatCompletionRequest(messages=[{"role": "user", "content": "Hi"}], **fields)
+
+    server = LookupParams(ngram=2, draft_max=5)
+    assert parsed().lookup_params(server) == server
+    assert parsed().lookup_params(None) is None  # serve --no-lookup
+    assert parsed(lookup=False).lookup_params(server) is None
+    assert parsed(lookup=True).lookup_params(None) == LookupParams()
+    assert parsed(draft_max=3).lookup_params(None) == LookupParams(draft_max=3)
+    assert parsed(lookup_ngram=4).lookup_params(server) == LookupParams(ngram=4, draft_max=5)
