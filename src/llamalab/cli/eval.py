@@ -179,7 +179,7 @@ def run(args: argparse.Namespace) -> int:
         )
         if not task.items:
             raise LlamalabError(f"task {task.name}: no items to score")
-    model, tokenizer = load_runtime_from_args(args)
+    model, tokenizer = load_runtime_from_args(args, load=runner.load_for_eval)
     ctx = used_context(args.ctx, model.config.context_length)
     if task is None:
         from llamalab.eval.likelihood import LikelihoodScorer

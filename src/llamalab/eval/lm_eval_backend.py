@@ -60,10 +60,10 @@ class LlamalabLM(TemplateLM):
         **kwargs,  # what lm-eval passes to every model (max_batch_size, ...), unused here
     ) -> None:
         super().__init__()
-        from llamalab.runtime import load_runtime
+        from llamalab.eval.runner import load_for_eval
 
         device = _device(device)
-        self._model, self.tokenizer = load_runtime(
+        self._model, self.tokenizer = load_for_eval(
             model, dtype, device=device, threads=_int_or_none(threads), progress=False
         )
         self.ctx = int(ctx)

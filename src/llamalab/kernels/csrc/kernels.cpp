@@ -52,6 +52,7 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -411,16 +412,9 @@ int64_t weight_bytes(int64_t N, int64_t K, int64_t bits, int64_t group, int64_t 
   return N * K * bits / 8 + N * (K / group) * (offset ? 2 : 4);
 }
 
-// y (M, N; row stride ldy) = x (M, K) W^T for a tiled weight; shapes checked by the caller.
-void linear(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t N, int64_t bits,
-            int64_t group, int64_t offset, float* y, int64_t ldy) {
-  thread_local std::vector<int8_t> xq;
-  thread_local std::vector<float> xd, xs;
-  xq.resize(M * K);
-  xd.resize(M * K / kXBlock);
-  xs.resize(M * K / group);
-  quantize(x, M, K, group, xq.data(), xd.data(), xs.data());
-  const Activations a{xq.data(), xd.data(), xs.data(), static_cast<float>(offset)};
+// y (M, N; row stride ldy) = the quantized activations a times a tiled weight.
+void product_of(const uint8_t* w, const Activations& a, int64_t M, int64_t K, int64_t N, int64_t bits,
+                int64_t group, int64_t offset, float* y, int64_t ldy) {
   const bool sym = offset != 0;
   if (bits == 4 && sym)  // Q4_0
     product<4, 32, true>(w, a, M, K, N, ldy, y);
@@ -434,6 +428,33 @@ void linear(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t N, i
     product<6, 16, true>(w, a, M, K, N, ldy, y);
   else  // Q8_0
     product<8, 32, true>(w, a, M, K, N, ldy, y);
+}
+
+// How many int8 passes an activation row gets (llamalab_set_activation_passes). One: x ~= d * q,
+// whose rounding moves a log-likelihood by up to ~0.1 on SmolLM2. Two: the residual
+// x - d * q is quantized again and multiplied too, about 250 times finer, for twice the
+// multiply work; evaluation uses it, where near ties must come out as float32 has them.
+std::atomic<int> g_activation_passes{1};
+
+// y (M, N; row stride ldy) = x (M, K) W^T for a tiled weight; shapes checked by the caller.
+void linear(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t N, int64_t bits,
+            int64_t group, int64_t offset, float* y, int64_t ldy) {
+  thread_local std::vector<int8_t> xq;
+  thread_local std::vector<float> xd, xs, residual, extra;
+  xq.resize(M * K);
+  xd.resize(M * K / kXBlock);
+  xs.resize(M * K / group);
+  quantize(x, M, K, group, xq.data(), xd.data(), xs.data());
+  const Activations a{xq.data(), xd.data(), xs.data(), static_cast<float>(offset)};
+  product_of(w, a, M, K, N, bits, group, offset, y, ldy);
+  if (g_activation_passes.load(std::memory_order_relaxed) < 2) return;
+  residual.resize(M * K);
+  for (int64_t i = 0; i < M * K; ++i) residual[i] = x[i] - xd[i / kXBlock] * static_cast<float>(xq[i]);
+  quantize(residual.data(), M, K, group, xq.data(), xd.data(), xs.data());
+  extra.resize(M * N);
+  product_of(w, a, M, K, N, bits, group, offset, extra.data(), N);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t n = 0; n < N; ++n) y[m * ldy + n] += extra[m * N + n];
 }
 
 at::Tensor vnni_linear(const at::Tensor& x, const at::Tensor& w, int64_t out_features,
@@ -826,4 +847,11 @@ extern "C" __attribute__((visibility("default"))) int llamalab_claim_default() {
   } catch (const std::exception&) {
     return 1;
   }
+}
+
+// Sets how many int8 passes activations get (1 or 2, see linear) for every product and
+// decode step of this build; returns the previous setting, or -1 (unchanged) for another value.
+extern "C" __attribute__((visibility("default"))) int llamalab_set_activation_passes(int passes) {
+  if (passes != 1 && passes != 2) return -1;
+  return g_activation_passes.exchange(passes);
 }
