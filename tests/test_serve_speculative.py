@@ -210,3 +210,50 @@ def test_request_lookup_follows_the_server_default() -> None:
     assert parsed(lookup=True).lookup_params(None) == LookupParams()
     assert parsed(draft_max=3).lookup_params(None) == LookupParams(draft_max=3)
     assert parsed(lookup_ngram=4).lookup_params(server) == LookupParams(ngram=4, draft_max=5)
+
+
+# ------------------------------------------------------------------ chat
+def _chat_replies(smollm2_path, *args: str) -> list[str]:
+    """Two turns of `llamalab chat` on a pseudo-terminal: each reply with its stats line."""
+    import os
+    import sys
+
+    pexpect = pytest.importorskip("pexpect")
+    child = pexpect.spawn(
+        sys.executable,
+        ["-m", "llamalab", "chat", "--model", str(smollm2_path), "--temperature", "0", *args],
+        env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "LLAMALAB_HISTORY": ""},
+        encoding="utf-8",
+        timeout=180,
+    )
+    child.expect_exact("> ")
+    replies = []
+    for line in (REPEAT.replace("\n", " "), "Now write it again with `span` renamed to `size`."):
+        child.sendline(line)
+        child.expect_exact("> ")
+        replies.append(child.before.split("\n", 1)[1])  # past the echoed line
+    child.sendline("/exit")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+    return replies
+
+
+def test_chat_replies_are_the_same_with_lookup_on_the_conversation(smollm2_path) -> None:
+    import re
+
+    stats = re.compile(r"\[(\d+) tokens, [^\]]*?(?:, (\d+) of (\d+) drafted tokens accepted)?\]")
+    plain = _chat_replies(smollm2_path, "--no-lookup", "--max-tokens", "60")
+    fast = _chat_replies(smollm2_path, "--lookup-ngram", "2", "--draft-max", "6", "-n", "60")
+    for a, b in zip(plain, fast, strict=True):
+        assert stats.sub("", a) == stats.sub("", b)
+        assert stats.search(a)[2] is None  # no drafts without lookup
+    accepted = [int(m[2] or 0) for m in map(stats.search, fast)]
+    assert accepted[1] > 0  # the second turn quotes the first
+
+
+def test_chat_refuses_bad_lookup_options() -> None:
+    result = run_cli("chat", "--draft-max", "0")
+    assert result.returncode == 1
+    assert "--draft-max: the most tokens drafted at once must be between" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -16,11 +16,13 @@ import sys
 from pathlib import Path
 
 from llamalab.cli.options import (
+    add_lookup_options,
     add_runtime_options,
     add_sampling_options,
     check_text_argument,
     grammar_from_args,
     load_runtime_from_args,
+    lookup_from_args,
     sampling_from_args,
 )
 from llamalab.cli.resident import add_server_options
@@ -50,6 +52,8 @@ MAX_MESSAGE_BYTES = 1 << 20
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_runtime_options(p)
     add_sampling_options(p)
+    # The conversation so far is what prompt lookup drafts from.
+    add_lookup_options(p)
     p.add_argument("--system", default=None, help="system message")
     add_server_options(p)
 
@@ -138,6 +142,7 @@ def run(args: argparse.Namespace) -> int:
     # (a background job inherits SIG_IGN, and Python then leaves it ignored).
     signal.signal(signal.SIGINT, signal.default_int_handler)
     sampling = sampling_from_args(args)
+    lookup = lookup_from_args(args)
     server = find_server(args)
     if server is not None:
         return _run_on_server(server, args, sampling)
@@ -148,13 +153,29 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer = load_runtime_from_args(args)
     if tokenizer.chat_template is None:
         raise LlamalabError("this model has no chat template; use `llamalab generate` instead")
+    draft = draft_tokenizer = None
+    if args.draft is not None and lookup is not None:
+        from llamalab.runtime import load_runtime
+
+        draft, draft_tokenizer = load_runtime(args.draft, args.dtype, device=args.device)
     # One cache row, kept between turns: each turn prefills only the new messages.
-    engine = Engine(model, tokenizer, max_seq_len=args.ctx, progress=sys.stderr.isatty())
+    engine = Engine(
+        model,
+        tokenizer,
+        max_seq_len=args.ctx,
+        progress=sys.stderr.isatty(),
+        draft=draft,
+        draft_tokenizer=draft_tokenizer,
+    )
     chat = Conversation(tokenizer, engine.max_seq_len, args.max_tokens, system)
 
     def reply(prompt_ids: list[int]) -> str:
         request = Request(
-            prompt_ids, max_tokens=args.max_tokens, sampling=sampling, grammar=grammar
+            prompt_ids,
+            max_tokens=args.max_tokens,
+            sampling=sampling,
+            grammar=grammar,
+            lookup=lookup,
         )
         return _stream_reply(engine, request)
 
@@ -318,7 +339,12 @@ def _stream_reply(engine, request) -> str:
     if last is not None and last.finish_reason == "error":
         raise LlamalabError(f"the reply failed: {getattr(last, 'error', None) or 'unknown error'}")
     timing = seq.timing.as_dict()
-    _print_stats(len(seq.ids), timing["decode_tokens_per_s"], timing["time_to_first_token_s"])
+    _print_stats(
+        len(seq.ids),
+        timing["decode_tokens_per_s"],
+        timing["time_to_first_token_s"],
+        (timing["accepted_draft_tokens"], timing["draft_tokens"]),
+    )
     return seq.text
 
 
@@ -330,10 +356,14 @@ def _end_line(cut_off_at: int | None) -> None:
     sys.stdout.flush()
 
 
-def _print_stats(tokens: int, rate: float, first_token_s: float) -> None:
-    """A reply's statistics on stderr."""
+def _print_stats(
+    tokens: int, rate: float, first_token_s: float, drafts: tuple[int, int] = (0, 0)
+) -> None:
+    """A reply's statistics on stderr; ``drafts`` is (accepted, drafted) by speculation."""
+    accepted, drafted = drafts
+    spec = f", {accepted} of {drafted} drafted tokens accepted" if drafted else ""
     print(
-        f"[{tokens} tokens, {rate:.1f} tok/s, first token after {first_token_s:.2f} s]",
+        f"[{tokens} tokens, {rate:.1f} tok/s, first token after {first_token_s:.2f} s{spec}]",
         file=sys.stderr,
     )
 
