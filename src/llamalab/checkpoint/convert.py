@@ -30,7 +30,7 @@ import socket
 import stat
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -63,12 +63,18 @@ def convert(
     dtype: str | None = None,
     shards: int = 1,
     progress: bool = False,
+    lora: Iterable[tuple[str | Path, float]] = (),
 ) -> Path:
     """Convert checkpoint ``src`` to format ``to`` ("hf", "meta" or "gguf") at ``dst``.
 
     ``dtype`` is the tensor type to write (one of ``llamalab.gguf.WRITE_TYPES``; the
     quantized ones for GGUF only); ``progress`` shows bars while tensors are written and
     the output is hashed.
+
+    ``lora`` is LoRA adapters ``[(path, scale), ...]`` (PEFT folders or GGUF adapters) to
+    merge: each adapted weight is written as its float32 value plus ``scale`` times the
+    adapter's update, then in ``dtype`` (the default for a quantized source is f32). Every
+    adapter is checked against the source before anything is written.
 
     A folder gets ``SHA256SUMS`` (a Meta folder ``checklist.chk`` too), a GGUF file a
     ``DST.sha256`` beside it (see the module's docstring).
@@ -94,6 +100,11 @@ def convert(
     reader = open_checkpoint(src)
     try:
         validate(reader)
+        lora = list(lora)
+        if lora:
+            from llamalab.checkpoint.lora_files import merged_reader, read_adapters
+
+            reader = merged_reader(reader, read_adapters(lora, reader.config))
         out_type = dtype or source_float_type(reader)
         with staging(dst, sidecar=sidecar) as tmp:
             try:

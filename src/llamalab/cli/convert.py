@@ -11,7 +11,8 @@ from llamalab.gguf import QUANT_TYPES, WRITE_TYPES
 
 DESCRIPTION = (
     "Convert a checkpoint to a Hugging Face folder, a GGUF file or a Meta folder, tensor by "
-    "tensor. The destination must not exist; nothing is ever overwritten."
+    "tensor, with LoRA adapters merged in if --lora is given. The destination must not "
+    "exist; nothing is ever overwritten."
 )
 
 
@@ -31,10 +32,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--shards", type=int, default=1, help="number of model-parallel shards (meta only)"
     )
+    p.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="PATH[:SCALE]",
+        help="merge this LoRA adapter (a PEFT folder or a GGUF adapter, as `llamalab finetune` "
+        "writes), its update times SCALE (default 1); repeatable",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     from llamalab.checkpoint.convert import convert
+    from llamalab.cli.options import lora_from_args
+
+    adapters = lora_from_args(args)  # each one is a path to an adapter, before any work
 
     def write(src: str) -> Path:
         return convert(
@@ -44,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
             dtype=args.dtype,
             shards=args.shards,
             progress=sys.stderr.isatty(),
+            lora=adapters,
         )
 
     from llamalab.train.export import export_run, is_run_folder
