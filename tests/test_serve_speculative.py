@@ -159,7 +159,7 @@ def test_concurrent_greedy_replies_are_the_same_and_metrics_count_drafts(server)
 
 
 def test_a_grammar_that_rejects_every_draft_gets_the_same_reply(server) -> None:
-    grammar = 'root ::= [0-9]{1,12}'
+    grammar = "root ::= [0-9]{1,12}"
     status, plain = _chat(server, REPEAT, grammar=grammar, lookup=False)
     assert status == 200, plain
     status, fast = _chat(server, REPEAT, grammar=grammar, lookup=True, draft_max=8)
@@ -257,3 +257,52 @@ def test_chat_refuses_bad_lookup_options() -> None:
     assert result.returncode == 1
     assert "--draft-max: the most tokens drafted at once must be between" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# ------------------------------------------------------------------ eval
+CHANGELOG = """hello (2.12.1-1) unstable; urgency=medium
+
+  * New upstream release.
+  * Fix the build with gettext 0.22 (Closes: #1051234).
+
+ -- Santiago Vila <sanvila@debian.org>  Sun, 05 Nov 2023 12:00:00 +0100
+"""
+
+
+def _eval_items(path) -> None:
+    """Six completion items that copy a Debian changelog entry (its first line answers)."""
+    with open(path, "w", encoding="utf-8") as f:
+        for minor in range(6):
+            entry = CHANGELOG.replace("2.12.1-1", f"2.12.{minor}-1")
+            prompt = f"Text:\n\n{entry}\nThe same text, copied exactly:\n\n"
+            f.write(json.dumps({"prompt": prompt, "answer": entry.split("\n")[0]}) + "\n")
+
+
+def test_eval_generation_counts_drafts_and_keeps_every_reply(smollm2, tmp_path) -> None:
+    from llamalab.eval import runner
+    from llamalab.eval.tasks import load_task
+
+    model, tok = smollm2
+    _eval_items(tmp_path / "items.jsonl")
+    task = load_task(str(tmp_path / "items.jsonl"), max_tokens=40, stop=("\n\n",))
+
+    def run(lookup):
+        engine = Engine(model, tok, max_batch=3, max_seq_len=512)
+        return runner.run_generate(task, engine, tok, batch_size=3, lookup=lookup)
+
+    plain = run(None)
+    fast = run(LookupParams())
+    assert [r["reply"] for r in fast.records] == [r["reply"] for r in plain.records]
+    assert fast.value == plain.value
+    assert plain.summary()["speculation"] == {"draft_tokens": 0, "accepted_draft_tokens": 0}
+    counts = fast.summary()["speculation"]
+    assert 0 < counts["accepted_draft_tokens"] <= counts["draft_tokens"]
+
+
+def test_eval_json_reports_the_drafts(tmp_path) -> None:
+    _eval_items(tmp_path / "items.jsonl")
+    result = run_cli("eval", "--task", str(tmp_path / "items.jsonl"), "--json", "--limit", "2",
+                     "--max-tokens", "8")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert set(summary["speculation"]) == {"draft_tokens", "accepted_draft_tokens"}

@@ -15,6 +15,7 @@ from typing import Any
 from llamalab.errors import LlamalabError
 from llamalab.eval.items import ChoiceItem, Task
 from llamalab.eval.scoring import ANSWER_CONTEXT, macro_average, mean_and_stderr, pick_choices
+from llamalab.generation.params import DEFAULT_LOOKUP
 
 METRIC_OF_NORM = {"raw": "acc", "char": "acc_char", "answer": "acc_answer"}
 PASS_AT = (1, 10, 100)
@@ -54,6 +55,9 @@ class EvalResult:
     metrics: dict[str, float | None] = field(default_factory=dict)
     groups: dict[str, dict[str, float | None]] = field(default_factory=dict)
     records: list[dict[str, Any]] = field(default_factory=list)
+    # Generation tasks: speculation's drafted and accepted tokens (the replies are the
+    # same as without it; only how fast they came differs).
+    speculation: dict[str, int] | None = None
 
     def summary(self) -> dict[str, Any]:
         """The object ``--json`` prints."""
@@ -65,6 +69,7 @@ class EvalResult:
             "n": self.n,
             "metrics": {k: _finite(v) for k, v in self.metrics.items()},
             **({"groups": self.groups} if self.groups else {}),
+            **({"speculation": self.speculation} if self.speculation is not None else {}),
         }
 
 
@@ -214,9 +219,14 @@ def run_choice(task: Task, scorer, tokenizer, *, progress: bool = False) -> Eval
 def generate_texts(
     engine, tokenizer, prompts: list[str], *, sampling, max_tokens: int, stop: tuple[str, ...],
     batch_size: int, progress: bool = False, desc: str = "generate",
-    seeds: list[int | None] | None = None,
+    seeds: list[int | None] | None = None, lookup=DEFAULT_LOOKUP,
+    drafts: dict[str, int] | None = None,
 ) -> list[str]:  # fmt: skip
-    """The reply to each prompt, generated ``batch_size`` at a time on ``engine``."""
+    """The reply to each prompt, generated ``batch_size`` at a time on ``engine``.
+
+    ``lookup`` is each request's prompt lookup (None: off); ``drafts``, if given, gets the
+    drafted and accepted tokens added to its ``draft_tokens`` and ``accepted_draft_tokens``.
+    """
     from dataclasses import replace
 
     from llamalab.generation import Request
@@ -248,12 +258,17 @@ def generate_texts(
                 params = sampling if seeds is None else replace(sampling, seed=seeds[i])
                 room = engine.max_seq_len - len(ids)
                 requests.append(
-                    Request(ids, max_tokens=min(max_tokens, room), sampling=params, stop=stop)
-                )
+                    Request(ids, max_tokens=min(max_tokens, room), sampling=params, stop=stop,
+                            lookup=lookup)
+                )  # fmt: skip
             for seq in engine.generate_batch(requests):
                 if seq.finish_reason == "error":
                     raise LlamalabError(f"generation failed: {seq.text or 'internal error'}")
                 out.append(seq.text)
+                if drafts is not None:
+                    drafts["draft_tokens"] = drafts.get("draft_tokens", 0) + seq.timing.draft_tokens
+                    accepted = drafts.get("accepted_draft_tokens", 0) + seq.timing.accepted_tokens
+                    drafts["accepted_draft_tokens"] = accepted
             if bar is not None:
                 bar.update(len(requests))
     finally:
@@ -264,15 +279,17 @@ def generate_texts(
 
 def run_generate(
     task: Task, engine, tokenizer, *, batch_size: int = 1, progress: bool = False,
-    extract: Callable[[str], str | None] | None = None,
+    extract: Callable[[str], str | None] | None = None, lookup=DEFAULT_LOOKUP,
 ) -> EvalResult:  # fmt: skip
-    """Greedy replies; exact match of the extracted answer (GSM8K: the final number)."""
+    """Greedy replies; exact match of the extracted answer (GSM8K: the final number).
+    ``lookup``: the replies' prompt lookup (None: off), which changes their speed only."""
     from llamalab.generation.params import GREEDY
 
+    drafts = {"draft_tokens": 0, "accepted_draft_tokens": 0}
     replies = generate_texts(
         engine, tokenizer, [i.prompt for i in task.items], sampling=GREEDY,
         max_tokens=task.max_tokens, stop=task.stop, batch_size=batch_size, progress=progress,
-        desc=task.name,
+        desc=task.name, lookup=lookup, drafts=drafts,
     )  # fmt: skip
     if extract is None:
 
@@ -290,14 +307,14 @@ def run_generate(
     value, stderr = mean_and_stderr([float(r["correct"]) for r in records])
     return EvalResult(
         task.name, "exact_match", value, stderr, len(records),
-        {"exact_match": value, "exact_match_stderr": stderr}, {}, records,
+        {"exact_match": value, "exact_match_stderr": stderr}, {}, records, drafts,
     )  # fmt: skip
 
 
 def run_code(
     task: Task, engine, tokenizer, *, samples: int = 1, temperature: float = 0.1,
     top_p: float = 0.95, batch_size: int = 1, seed: int | None = None, progress: bool = False,
-    limits=None,
+    limits=None, lookup=DEFAULT_LOOKUP,
 ) -> EvalResult:  # fmt: skip
     """HumanEval: ``samples`` replies per problem, run in the sandbox; pass@k for k ≤ samples.
 
@@ -314,9 +331,11 @@ def run_code(
     seeds = None
     if seed is not None:
         seeds = [(seed + k) % 2**64 for k in range(len(prompts))]
+    drafts = {"draft_tokens": 0, "accepted_draft_tokens": 0}
     replies = generate_texts(
         engine, tokenizer, prompts, sampling=sampling, max_tokens=task.max_tokens,
         stop=task.stop, batch_size=batch_size, progress=progress, desc=task.name, seeds=seeds,
+        lookup=lookup, drafts=drafts,
     )  # fmt: skip
     records, counts = [], []
     runs = _progress(range(len(task.items)), len(task.items), "tests", progress)
@@ -346,7 +365,9 @@ def run_code(
     per_problem = [c / n for n, c in counts]
     value, stderr = mean_and_stderr(per_problem)
     metrics["pass@1_stderr"] = stderr
-    return EvalResult(task.name, "pass@1", value, stderr, len(records), metrics, {}, records)
+    return EvalResult(
+        task.name, "pass@1", value, stderr, len(records), metrics, {}, records, drafts
+    )
 
 
 # ---------------------------------------------------------------------------- perplexity
