@@ -17,12 +17,14 @@ from pathlib import Path
 
 from llamalab.cli.options import (
     add_lookup_options,
+    add_lora_option,
     add_runtime_options,
     add_sampling_options,
     check_text_argument,
     grammar_from_args,
     load_runtime_from_args,
     lookup_from_args,
+    lora_from_args,
     sampling_from_args,
 )
 from llamalab.cli.resident import add_server_options
@@ -55,6 +57,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     # The conversation so far is what prompt lookup drafts from.
     add_lookup_options(p)
     p.add_argument("--system", default=None, help="system message")
+    add_lora_option(p)
     add_server_options(p)
 
 
@@ -143,6 +146,7 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, signal.default_int_handler)
     sampling = sampling_from_args(args)
     lookup = lookup_from_args(args)
+    adapters = lora_from_args(args)
     server = find_server(args)
     if server is not None:
         return _run_on_server(server, args, sampling)
@@ -151,6 +155,10 @@ def run(args: argparse.Namespace) -> int:
     grammar = grammar_from_args(args)
     system = check_text_argument(args.system, "system message") if args.system else None
     model, tokenizer = load_runtime_from_args(args)
+    if adapters:
+        from llamalab.train.lora import load_adapters
+
+        load_adapters(model, adapters)
     if tokenizer.chat_template is None:
         raise LlamalabError("this model has no chat template; use `llamalab generate` instead")
     draft = draft_tokenizer = None

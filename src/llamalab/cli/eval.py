@@ -15,9 +15,11 @@ import math
 import sys
 
 from llamalab.cli.options import (
+    add_lora_option,
     add_runtime_options,
     finite_float,
     load_runtime_from_args,
+    lora_from_args,
     positive_int,
     seed_int,
 )
@@ -43,6 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="mmlu, siqa, gsm8k, humaneval, perplexity, or a .jsonl file of your own",
     )
     add_runtime_options(p)
+    add_lora_option(p)
     # No fixed default: the window is the model's context, capped (see used_context).
     p.set_defaults(ctx=None)
     for action in p._actions:
@@ -154,6 +157,7 @@ def run(args: argparse.Namespace) -> int:
     from llamalab.eval.tasks.mmlu import parse_subjects
 
     check_arguments(args)
+    adapters = lora_from_args(args)
     progress = sys.stderr.isatty()
     output = Path(args.output) if args.output else None
     task = files = None
@@ -180,6 +184,10 @@ def run(args: argparse.Namespace) -> int:
         if not task.items:
             raise LlamalabError(f"task {task.name}: no items to score")
     model, tokenizer = load_runtime_from_args(args, load=runner.load_for_eval)
+    if adapters:
+        from llamalab.train.lora import load_adapters
+
+        load_adapters(model, adapters)
     ctx = used_context(args.ctx, model.config.context_length)
     if task is None:
         from llamalab.eval.likelihood import LikelihoodScorer
