@@ -88,7 +88,7 @@ def per_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 def test_a_packed_row_gives_each_item_its_loss_alone(tiny_model, smollm2_tokenizer, tmp_path):
     from llamalab.train.documents import DocumentMasked
 
-    folder, model = tiny_model
+    _, model = tiny_model
     data = load_instruct(write_items(tmp_path / "items.jsonl", n=12), smollm2_tokenizer, 96)
     items = data.examples
     rows = pack_examples(items, 96)
