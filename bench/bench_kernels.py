@@ -379,7 +379,7 @@ def bench_isa_layers(isas: list[str], rounds: int) -> None:
 def bench_isa_model(isas: list[str], rounds: int, steps: int) -> None:
     from llamalab import load_model
     from llamalab.default_model import default_model_path
-    from llamalab.kernels.native import NativeStep
+    from llamalab.kernels.decode_path import NativeStep
     from llamalab.kv_cache import cache_view
 
     model = load_model(default_model_path(), packed=True)
@@ -393,7 +393,7 @@ def bench_isa_model(isas: list[str], rounds: int, steps: int) -> None:
     prefill: dict[str, list[float]] = {isa: [] for isa in isas}
     for r in range(rounds + 1):
         for isa in isas:
-            model.native_step = stepper[isa]
+            model.decode_path.native_step = stepper[isa]
             start = time.perf_counter()
             for s in range(steps):
                 model(tok, cache=cache_view(torch.tensor([pos0 + s])))

@@ -1,4 +1,5 @@
-"""The compiled decode step (``Transformer.compile_decode``) against the eager one.
+"""The compiled decode step (``kernels/decode_path.py``'s ``DecodePath.compile``) against
+the eager one.
 
 Both run the same packed SmolLM2 model; only the block's code differs (inductor fuses the
 norms, rotations and casts around the same matmul kernels), so they agree to rounding.
@@ -33,7 +34,7 @@ def runtime(request, smollm2_path):
         model, tokenizer = load_runtime(str(smollm2_path), "auto", progress=False, compile=False)
     # The compiled block on the vnni kernel serves models the whole native step does not
     # take (tests/test_native_step.py holds that one): here it is switched off.
-    model.native_step = None
+    model.decode_path.native_step = None
     return model, tokenizer, request.param
 
 
@@ -55,12 +56,12 @@ def test_compiled_steps_match_eager(runtime) -> None:
         "The llama is a domesticated South American camelid. It lives", add_bos=False
     )
     eager = _teacher_forced(model, ids)
-    model.compile_decode()
+    model.decode_path.compile()
     try:
         compiled = _teacher_forced(model, ids)
-        assert model.compiles_decode, "compiling failed: the steps ran eagerly"
+        assert model.decode_path.compiles, "compiling failed: the steps ran eagerly"
     finally:
-        model._step_block = None
+        model.decode_path.compiled_block = None
     log_p, log_q = eager.log_softmax(-1), compiled.log_softmax(-1)
     kl = float((log_p.exp() * (log_p - log_q)).sum(-1).max())
     # Measured: ~1e-4 with the int4 kernel, ~1e-9 with fp16, 0.014 with vnni.
@@ -89,13 +90,13 @@ def test_compiled_engine_batches_and_single(runtime) -> None:
         return [single, *[list(s.ids) for s in seqs]]
 
     eager = run()
-    model.compile_decode()
+    model.decode_path.compile()
     try:
         Engine(model, tokenizer, max_batch=2, max_seq_len=128).warm_up()  # what serve does
         compiled = run()
-        assert model.compiles_decode
+        assert model.decode_path.compiles
     finally:
-        model._step_block = None
+        model.decode_path.compiled_block = None
     # Greedy replies agree token for token except after a near tie; 12 tokens of these
     # prompts have none with the int4 kernel (measured), so they must be equal. With vnni
     # the compiled reply is another draw of the int8 rounding (see the top), and so is a
@@ -114,8 +115,8 @@ def test_compile_failure_falls_back_to_eager(runtime, monkeypatch) -> None:
     def broken(*args, **kwargs):
         raise torch._dynamo.exc.TorchRuntimeError("no compiler here")
 
-    model._step_block = broken
+    model.decode_path.compiled_block = broken
     with pytest.warns(UserWarning, match="compiling the decode step failed"):
         fallback = _teacher_forced(model, ids)
-    assert not model.compiles_decode
+    assert not model.decode_path.compiles
     assert torch.equal(fallback, eager)

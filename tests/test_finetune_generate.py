@@ -88,7 +88,8 @@ def test_a_packed_gguf_base_runs_the_adapter_in_its_cached_steps(setup, capsys):
     gguf_file = convert(setup["model"], setup["base"] / "tiny.gguf", to="gguf", dtype="q8_0")
     packed = llamalab.load_model(gguf_file, packed=True)
     load_peft_adapters(packed, [(setup["adapter"], 1.0)])
-    assert packed.native_step is None  # it would run the packed weights past the adapters
+    # The native step would run the packed weights past the adapters.
+    assert packed.decode_path.native_step is None
     expected = greedy(packed, setup["prompt_ids"], N)
     got = generate(capsys, "-m", str(gguf_file), "--lora", str(setup["adapter"]))
     assert got == expected

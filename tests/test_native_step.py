@@ -1,4 +1,4 @@
-"""The whole decode step in one native call (``kernels/native.py``'s ``NativeStep``).
+"""The whole decode step in one native call (``kernels/decode_path.py``'s ``NativeStep``).
 
 It runs the same maths as the model's blocks on the same vnni matrices; only the order of
 float rounding differs, and with int8 activations a last-bit difference can move an
@@ -25,7 +25,7 @@ def loaded(smollm2_path):
     if not vnni_available():
         pytest.skip("no kernel build runs here, or no C++ compiler for llamalab's kernels")
     model = load_model(smollm2_path, packed=True)
-    assert model.native_step is not None, "every block of SmolLM2 is on the vnni kernel"
+    assert model.decode_path.native_step is not None, "every block of SmolLM2 is on the vnni kernel"
     return model
 
 
@@ -33,13 +33,14 @@ def loaded(smollm2_path):
 def packed(loaded, request):
     """The model with its step on each build that runs here: the packed weights are the
     same bytes for all of them, so one load serves every build."""
-    from llamalab.kernels.native import NativeStep
+    from llamalab.kernels.decode_path import NativeStep
 
-    step = loaded.native_step
-    loaded.native_step = NativeStep.for_model(loaded, isa=request.param)
-    assert loaded.native_step is not None
+    path = loaded.decode_path
+    step = path.native_step
+    path.native_step = NativeStep.for_model(loaded, isa=request.param)
+    assert path.native_step is not None
     yield loaded
-    loaded.native_step = step
+    path.native_step = step
 
 
 @pytest.fixture(scope="module")
@@ -76,11 +77,12 @@ def test_native_step_is_as_close_to_float32_as_the_blocks(packed, smollm2_path, 
     with torch.inference_mode():
         exact = load_model(smollm2_path)(torch.tensor([ids]))[0, prompt:].float().log_softmax(-1)
     native = _teacher_forced(packed, ids, prompt).log_softmax(-1)
-    step, packed.native_step = packed.native_step, None
+    path = packed.decode_path
+    step, path.native_step = path.native_step, None
     try:
         blocks = _teacher_forced(packed, ids, prompt).log_softmax(-1)
     finally:
-        packed.native_step = step
+        path.native_step = step
     kl_native, kl_blocks = _kl(exact, native), _kl(exact, blocks)
     # Measured: 1.8e-3 for both over 150 positions of README text. A wrong rotation,
     # cache slot or norm gives KL above 1.
@@ -115,7 +117,7 @@ def test_batched_rows_equal_single_steps(packed, ids, rows) -> None:
 
 
 def test_bad_calls_are_refused(packed) -> None:
-    step = packed.native_step
+    step = packed.decode_path.native_step
     packed.setup_cache(1, 16)
     try:
         h = torch.zeros(1, packed.config.dim)
@@ -138,8 +140,8 @@ def test_models_off_the_vnni_kernel_get_no_native_step(smollm2_path) -> None:
 
     with without_vnni():
         model = load_model(smollm2_path, packed=True)
-    assert model.native_step is None
-    assert load_model(smollm2_path).native_step is None
+    assert model.decode_path is None  # neither the step nor the attention is native
+    assert load_model(smollm2_path).decode_path is None
     # The blocks still decode: one step runs.
     model.setup_cache(1, 8)
     with torch.inference_mode():

@@ -10,20 +10,21 @@ Parameter names follow Meta's checkpoints (``tok_embeddings``, ``layers.N.attent
 ``feed_forward.w1``, ``attention_norm`` ...), so Meta weights load without a name table.
 Rotary embeddings rotate *adjacent* pairs of each head's channels, Meta's convention;
 Hugging Face checkpoints are converted to it on load (``checkpoint/names.py``).
+What runs a cached pass faster (llamalab's kernels, a compiled block) and the attention
+over the cache are chosen and wired by ``kernels/decode_path.py``, not here.
 """
 
 from __future__ import annotations
-
-import math
-import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llamalab.config import ModelConfig, RopeScaling
+from llamalab.config import ModelConfig
+from llamalab.kernels.decode_path import cached_attention, packed_pass
 from llamalab.kv_cache import CacheView, KVCache, Segments
 from llamalab.loss import linear_cross_entropy
+from llamalab.rope import rope_cache
 
 
 class RMSNorm(nn.Module):
@@ -39,42 +40,6 @@ class RMSNorm(nn.Module):
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)  # one fused call
         normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return normed.type_as(x) * self.weight
-
-
-def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None) -> torch.Tensor:
-    """Inverse frequencies of the rotary embedding, one per pair of channels: (head_dim/2,)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
-    if scaling is None:
-        return inv_freq
-    if scaling.kind == "linear":
-        return inv_freq / scaling.factor
-    if scaling.kind == "factors":
-        return inv_freq / torch.tensor(scaling.factors, dtype=torch.float64)
-    # llama3: keep high frequencies, divide low ones by `factor`, blend the band between.
-    low_wavelen = scaling.original_context_length / scaling.low_freq_factor
-    high_wavelen = scaling.original_context_length / scaling.high_freq_factor
-    wavelen = 2 * math.pi / inv_freq
-    smooth = (scaling.original_context_length / wavelen - scaling.low_freq_factor) / (
-        scaling.high_freq_factor - scaling.low_freq_factor
-    )
-    blended = (1 - smooth) * inv_freq / scaling.factor + smooth * inv_freq
-    out = torch.where(wavelen > low_wavelen, inv_freq / scaling.factor, blended)
-    return torch.where(wavelen < high_wavelen, inv_freq, out)
-
-
-def rope_cache(
-    config: ModelConfig, length: int, device: torch.device | str | None = None
-) -> torch.Tensor:
-    """e^(i·angle) for every (position, frequency) as (real, imag): (length, head_dim/2, 2).
-
-    Angles are computed in float64 and rounded once to float32. Each row depends only on
-    its own position, so a longer table starts with exactly the rows of a shorter one:
-    the table can grow without changing any result.
-    """
-    inv_freq = rope_frequencies(config.head_dim, config.rope_theta, config.rope_scaling)
-    positions = torch.arange(length, dtype=torch.float64)
-    angles = torch.outer(positions, inv_freq).float()
-    return torch.view_as_real(torch.polar(torch.ones_like(angles), angles)).to(device)
 
 
 def apply_rope(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
@@ -99,53 +64,6 @@ def rope_rotation(rope: torch.Tensor) -> torch.Tensor:
     return rope.unsqueeze(2)
 
 
-def grouped_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor
-) -> torch.Tensor:
-    """Masked attention of new queries q (B, H, T, D) over cached k, v (B, KVH, S, D).
-
-    The same maths as scaled_dot_product_attention with the additive mask ``bias``
-    (B or 1, 1, T, S), written as two matmuls with the query heads grouped by the
-    key/value head they share. On the CPU the fused kernel with a mask falls back to a
-    path that first copies K and V once per query head in the group; for a few new
-    tokens against a long cache that copy cost more than the arithmetic (measured: an
-    8-token chunk at position 2,000 took 48 ms against 23 ms at position 0).
-    """
-    B, H, T, D = q.shape
-    kv_heads, S = k.shape[1], k.shape[2]
-    group = H // kv_heads
-    q = q.reshape(B, kv_heads, group * T, D)  # (B, KVH, group·T, D)
-    scores = torch.matmul(q, k.transpose(-1, -2)).mul_(D**-0.5)  # (B, KVH, group·T, S)
-    scores = scores.view(B, kv_heads, group, T, S).add_(bias.unsqueeze(1))
-    if scores.dtype == torch.float32:
-        probs = torch.softmax(scores, dim=-1)
-    else:
-        probs = torch.softmax(scores.float(), dim=-1).to(v.dtype)
-    out = torch.matmul(probs.view(B, kv_heads, group * T, S), v)  # (B, KVH, group·T, D)
-    return out.view(B, H, T, D)
-
-
-def cached_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    mask: torch.Tensor | None,
-    native: bool = False,
-) -> torch.Tensor:
-    """Attention of new queries q (B, H, T, D) over cached k, v (B, KVH, S, D).
-
-    Without a mask (one query that sees every slot) the fused kernel, or with ``native``
-    llamalab's own (``kernels/csrc/kernels.cpp``), which reads each cached key and value once
-    for all the query heads that share it instead of once per query head (3-4x faster
-    at 600 positions); with a mask, grouped matmuls, which never copy K/V per query head.
-    """
-    if mask is None:
-        if native and q.shape[2] == 1 and q.dtype == torch.float32 and q.shape[3] in (64, 128):
-            return torch.ops.llamalab.decode_attention(q, k, v)
-        return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
-    return grouped_attention(q, k, v, mask)
-
-
 class Attention(nn.Module):
     """Causal self-attention with grouped-query heads (n_kv_heads ≤ n_heads)."""
 
@@ -160,8 +78,9 @@ class Attention(nn.Module):
         self.wo = nn.Linear(self.n_heads * self.head_dim, config.dim, bias=False)
         self.wqkv: nn.Module | None = None  # set when packed inference fuses wq, wk, wv
         self.kv_cache: KVCache | None = None
-        # Set by the loader for packed CPU inference where llamalab's kernels run.
-        self.native_decode = False
+        # The attention over the cache; a model's decode path (kernels/decode_path.py) may
+        # put llamalab's kernel here.
+        self.attend = cached_attention
 
     def forward(
         self,
@@ -204,7 +123,7 @@ class Attention(nn.Module):
                     "a cache view given but no KV cache: call model.setup_cache() first"
                 )
             k, v = self.kv_cache.update(k, v, cache)  # (B, kv_heads, kv_len, head_dim)
-            out = cached_attention(q, k, v, mask, self.native_decode)
+            out = self.attend(q, k, v, mask)
         out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
         return self.wo(out)
 
@@ -239,7 +158,7 @@ class Attention(nn.Module):
             v = v_all[0, a:b].reshape(B, T, self.n_kv_heads, self.head_dim)
             q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, head_dim)
             k, v = self.kv_cache.update(k, v, view)
-            out = cached_attention(q, k, v, mask, self.native_decode)  # (B, H, T, D)
+            out = self.attend(q, k, v, mask)  # (B, H, T, D)
             outs.append(out.transpose(1, 2).reshape(1, B * T, self.n_heads * self.head_dim))
         return self.wo(torch.cat(outs, dim=1))
 
@@ -282,24 +201,6 @@ class TransformerBlock(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
 
-def _token_slots(view: CacheView, B: int, T: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The cache row and position of each of a view's B·T new tokens, row by row: (B·T,) each."""
-    rows = torch.arange(view.row, view.row + B).repeat_interleave(T)
-    # Rows that share one (1, T) run of positions expand it; for T == 1 the reshape of that
-    # expansion is a stride-0 view, and the native step reads plain contiguous int64 arrays.
-    return rows, view.input_pos.expand(B, T).reshape(-1).long().contiguous()
-
-
-def _run_block(
-    layer: TransformerBlock,
-    h: torch.Tensor,
-    rope: torch.Tensor,
-    cache: CacheView,
-    mask: torch.Tensor | None,
-) -> torch.Tensor:
-    return layer(h, rope, cache, mask)
-
-
 class Transformer(nn.Module):
     """A LLaMA-family decoder-only transformer.
 
@@ -332,11 +233,10 @@ class Transformer(nn.Module):
         self.register_buffer("rope", self._empty_rope(self.device), persistent=False)
         self.max_batch_size = 0
         self.max_seq_len = 0
-        self._step_block = None  # set by compile_decode()
-        # Set by the loader where every block runs on llamalab's kernels: a callable
-        # (h, rows, positions) -> h that runs every block of a pass of few tokens in one
-        # call (kernels/native.py's NativeStep).
-        self.native_step = None
+        # What runs cached passes faster than the blocks below, chosen at load
+        # (kernels/decode_path.py's DecodePath): called as (h, rope, cache, mask), it
+        # returns the blocks' output, or None where the blocks run the pass.
+        self.decode_path = None
 
     @property
     def device(self) -> torch.device:
@@ -441,7 +341,7 @@ class Transformer(nn.Module):
         attention among themselves). With it they are new tokens placed as the view says.
         """
         if isinstance(cache, Segments):
-            return self._forward_segments(tokens, cache)  # type: ignore[return-value]
+            return packed_pass(self, tokens, cache)  # type: ignore[return-value]
         T = tokens.shape[1]
         mask = None
         if cache is None:
@@ -452,24 +352,9 @@ class Transformer(nn.Module):
                 )
             rope = rope_rotation(self.rope_table(T)[:T].unsqueeze(0))  # (1, T, 1, head_dim/2, 2)
         else:
-            rope, mask = self._rope_and_mask(cache, T)
+            rope, mask = self.rope_and_mask(cache, T)
 
-        embedded = self.tok_embeddings(tokens)  # (B, T, dim)
-        h = None
-        B = tokens.shape[0]
-        # The compiled block takes one row only: for a batch, inductor's code for the
-        # masked attention and the scattered cache writes ran slower than eager
-        # (measured: 53 against 33 ms for 8 SmolLM2 rows).
-        single = T == 1 and B == 1
-        if self._native_takes(cache, B * T):
-            rows, positions = _token_slots(cache, B, T)
-            h = self.native_step(embedded.view(B * T, -1), rows, positions).view(B, T, -1)
-        elif self._step_block is not None and isinstance(cache, CacheView) and single:
-            h = self._compiled_layers(embedded, rope, cache, mask)  # None if compiling failed
-        if h is None:
-            h = embedded
-            for layer in self.layers:
-                h = layer(h, rope, cache, mask)
+        h = self.run_blocks(self.tok_embeddings(tokens), rope, cache, mask)  # (B, T, dim)
         if cache is not None and cache.last_only:  # a prefill needs only the next token's logits
             h = h[:, -1:]
         if targets is not None and isinstance(self.output, nn.Linear):
@@ -480,50 +365,24 @@ class Transformer(nn.Module):
             return logits
         return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
 
-    def _native_takes(self, cache: CacheView | Segments | None, n_tokens: int) -> bool:
-        """Whether the native step (see ``native_step``) runs a cached pass of n_tokens."""
-        return (
-            self.native_step is not None
-            and cache is not None
-            and n_tokens < self.native_step.MAX_TOKENS
-        )
-
-    def compile_decode(self) -> None:
-        """Run one-row, one-token steps through a compiled transformer block (``torch.compile``).
-
-        A decode step is hundreds of small operations whose dispatch costs more than their
-        arithmetic; inductor fuses the norms, rotations, residual adds and casts around
-        the matmuls and runs them from generated code. One graph, traced with dynamic
-        sizes, serves every layer and position. Batches, prefill and training stay eager.
-        It compiles at the first step (seconds; inductor caches the code on disk, so later
-        runs start faster). If compiling fails (no C++ compiler, say) the model warns once
-        and stays eager.
-        """
-        # One small graph: compiling it in worker processes only adds their start-up.
-        self._step_block = torch.compile(_run_block, dynamic=True, options={"compile_threads": 1})
-
-    @property
-    def compiles_decode(self) -> bool:
-        """Whether one-row decode steps go through the compiled block (see :meth:`compile_decode`)."""
-        return self._step_block is not None
-
-    def _compiled_layers(
-        self, h: torch.Tensor, rope: torch.Tensor, cache: CacheView, mask: torch.Tensor | None
-    ) -> torch.Tensor | None:
-        try:
-            for layer in self.layers:
-                h = self._step_block(layer, h, rope, cache, mask)
-        except Exception as exc:
-            if not type(exc).__module__.startswith(("torch._dynamo", "torch._inductor")):
-                raise
-            # The compiler could not build the step; the inputs are fine. The eager rerun
-            # rewrites the same cache slots with the same values.
-            warnings.warn(f"compiling the decode step failed; running eagerly: {exc}", stacklevel=3)
-            self._step_block = None
-            return None
+    def run_blocks(
+        self,
+        h: torch.Tensor,
+        rope: torch.Tensor | list[torch.Tensor],
+        cache: CacheView | Segments | None,
+        mask: torch.Tensor | list[torch.Tensor | None] | None,
+    ) -> torch.Tensor:
+        """Every block over embedded tokens h; the decode path runs a cached pass instead
+        where it takes it (``rope`` and ``mask`` per view for :class:`Segments`)."""
+        if cache is not None and self.decode_path is not None:
+            out = self.decode_path(h, rope, cache, mask)
+            if out is not None:
+                return out
+        for layer in self.layers:
+            h = layer(h, rope, cache, mask)
         return h
 
-    def _rope_and_mask(self, cache: CacheView, T: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def rope_and_mask(self, cache: CacheView, T: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The rotation (B or 1, T, 1, head_dim/2, 2) and the mask (model dtype) for a view."""
         table = self.rope_table(cache.kv_len)
         if cache.start is not None:  # consecutive positions: a slice, not a gather
@@ -535,38 +394,3 @@ class Transformer(nn.Module):
         if mask is not None and mask.dtype != dtype:
             mask = mask.to(dtype)  # once here rather than in every layer
         return rope, mask
-
-    def _forward_segments(self, tokens: torch.Tensor, cache: Segments) -> list[torch.Tensor]:
-        """Several views' tokens in one pass: ``tokens`` (1, N) packed as ``cache`` says.
-
-        Returns each view's logits, (B, T, vocab), or (B, 1, vocab) for a ``last_only``
-        view. The result equals one forward pass per view: only the batching differs.
-        """
-        ropes, masks = [], []
-        keep: list[int] = []  # packed positions whose logits are wanted
-        for (a, _), (B, T), view in zip(cache.bounds(), cache.shapes, cache.views, strict=True):
-            rope, mask = self._rope_and_mask(view, T)
-            ropes.append(rope)
-            masks.append(mask)
-            if view.last_only:  # each row's last token
-                keep.extend(range(a + T - 1, a + B * T, T))
-            else:
-                keep.extend(range(a, a + B * T))
-        h = self.tok_embeddings(tokens)  # (1, N, dim)
-        N = tokens.shape[1]
-        if self._native_takes(cache, N):
-            slots = [
-                _token_slots(v, B, T) for v, (B, T) in zip(cache.views, cache.shapes, strict=True)
-            ]
-            rows, positions = (torch.cat(parts) for parts in zip(*slots, strict=True))
-            h = self.native_step(h.view(N, -1), rows, positions).view(1, N, -1)
-        else:
-            for layer in self.layers:
-                h = layer(h, ropes, cache, masks)
-        logits = self.output(self.norm(h[:, keep]))  # (1, K, vocab)
-        out, at = [], 0
-        for (B, T), view in zip(cache.shapes, cache.views, strict=True):
-            n = B if view.last_only else B * T
-            out.append(logits[0, at : at + n].view(B, n // B, -1))
-            at += n
-        return out

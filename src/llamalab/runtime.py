@@ -113,7 +113,7 @@ def load_runtime(
     ``dtype="auto"`` runs the fastest form the kernels allow on the device: packed linear
     layers on the CPU, bfloat16 on CUDA. ``threads`` sets torch's CPU threads (default:
     the physical cores). ``compile`` compiles the CPU decode step
-    (:meth:`~llamalab.model.Transformer.compile_decode`): seconds at the first step, for
+    (:meth:`~llamalab.kernels.decode_path.DecodePath.compile`): seconds at the first step, for
     about 20% faster steps after, which pays off in a long-running server.
     ``announce`` prints one line on stderr, before the slow part,
     naming what is loaded (``ctx`` is only reported there).
@@ -159,10 +159,12 @@ def load_runtime(
     model = load_model(
         path, dtype=model_dtype, device=torch_device, progress=progress, packed=packed
     )
-    # A model whose blocks all run on llamalab's kernels steps in one native call
-    # (kernels/native.py's NativeStep), which leaves a compiled block nothing to do.
-    if compile and torch_device.type == "cpu" and model.native_step is None:
-        model.compile_decode()
+    # A model whose blocks all run on llamalab's kernels steps in one native call, which
+    # leaves a compiled block nothing to do: the decode path compiles only where it does not.
+    if compile and torch_device.type == "cpu":
+        from llamalab.kernels.decode_path import choose
+
+        choose(model, packed=packed, compile=True)
     return model, tokenizer
 
 

@@ -272,7 +272,7 @@ def _float32(value: float) -> float:
 
 def llama3_rope_factors(head_dim: int, theta: float) -> tuple[float, ...]:
     """The divisors llama.cpp stores as ``rope_freqs`` for Llama 3.1's scaling, as float32."""
-    from llamalab.model import rope_frequencies
+    from llamalab.rope import rope_frequencies
 
     base = rope_frequencies(head_dim, theta, None)
     scaled = rope_frequencies(head_dim, theta, LLAMA3_ROPE_SCALING)
@@ -302,7 +302,7 @@ def add_model_metadata(writer: gguf.GGUFWriter, config: ModelConfig) -> None:
 
 def rope_freqs_tensor(config: ModelConfig) -> torch.Tensor | None:
     """llama.cpp's ``rope_freqs``: per-frequency divisors, for llama3 and explicit scaling."""
-    from llamalab.model import rope_frequencies
+    from llamalab.rope import rope_frequencies
 
     scaling = config.rope_scaling
     if scaling is None or scaling.kind == "linear":

@@ -204,13 +204,10 @@ def build_model(
         state["output.weight"] = state["tok_embeddings.weight"]
     model.load_state_dict(state, strict=True, assign=True)
     if packed:
-        from llamalab.kernels.native import NativeStep, vnni_available
+        from llamalab.kernels.decode_path import choose
 
         fuse_projections(model)
-        native = vnni_available()
-        for layer in model.layers:
-            layer.attention.native_decode = native
-        model.native_step = NativeStep.for_model(model)
+        choose(model, packed=True)
         _release_freed_memory()
     model.tie_weights()
     model.init_buffers(device)

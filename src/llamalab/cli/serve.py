@@ -191,7 +191,7 @@ def run(args: argparse.Namespace) -> int:
             draft=draft,
             draft_tokenizer=draft_tokenizer,
         )
-        if model.compiles_decode:
+        if model.decode_path is not None and model.decode_path.compiles:
             print(
                 "llamalab serve: compiling the decode step (seconds; later starts reuse the code)",
                 file=sys.stderr,

@@ -29,7 +29,7 @@ Verification keeps the output exactly what decoding without speculation gives:
 * The logits must be the same bits as one-token steps give. llamalab's native step
   computes every token of a pass independently of the others' rounding (its tests hold a
   chunk to its tokens one at a time, bit for bit), so the engine speculates only where
-  the pass runs on it (``model.native_step``, fewer than its ``MAX_TOKENS`` tokens).
+  the pass runs on it (``kernels/decode_path.py``'s ``native_pass_tokens``).
 
 Whether to draft at all, and how much, is decided per step from measurements: the
 acceptance rate of drafts (tracked for every step, also those that verify nothing, by
@@ -47,6 +47,7 @@ import torch
 
 from llamalab.errors import LlamalabError
 from llamalab.generation.params import LookupParams
+from llamalab.kernels.decode_path import native_pass_tokens
 from llamalab.kv_cache import cache_view
 
 # What one more token adds to a pass, as a share of a one-token pass: the prior until the
@@ -97,8 +98,7 @@ def verifies_exactly(model: torch.nn.Module, n_tokens: int) -> bool:
 
 def exact_pass_tokens(model: torch.nn.Module) -> int:
     """The most tokens a pass may hold and still verify exactly (0: none may)."""
-    step = getattr(model, "native_step", None)
-    return 0 if step is None else step.MAX_TOKENS - 1
+    return native_pass_tokens(model)
 
 
 class PromptLookup:

@@ -3,6 +3,9 @@ the whole decode step (``csrc/kernels.cpp``), one source built per instruction s
 
 * :mod:`llamalab.kernels.cpu`: the CPU's flags, parsed once, and the path they allow.
 * :mod:`llamalab.kernels.native`: the build, the cache and the loading (imports torch).
+* :mod:`llamalab.kernels.decode_path`: which code runs a model's cached passes (the
+  native step, a compiled block or the model's blocks) and its attention, chosen once
+  at load; the one place that wires the kernels into a model (imports torch).
 
 Nothing here imports torch at module level: ``llamalab info`` asks which path a model
 would take without loading it.
@@ -42,7 +45,8 @@ def isa_in_use(model: Any = None) -> str:
     :func:`planned_isa`."""
     if model is None:
         return planned_isa()
-    if getattr(model, "native_step", None) is None and not any(
+    path = getattr(model, "decode_path", None)  # decode_path.py's DecodePath, if any
+    if (path is None or path.native_step is None) and not any(
         getattr(module, "kernel", None) == "vnni" for module in model.modules()
     ):
         return "torch"

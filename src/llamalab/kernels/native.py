@@ -6,8 +6,9 @@ VNNI, AVX-VNNI, AVX2) with a C++ compiler (the one ``torch.compile`` uses), into
 10 s, later processes load the cached library. Each build registers its operators under
 its own namespace (``torch.ops.llamalab_avx2`` ...), so several can be loaded and
 compared in one process; the one the process runs on (:func:`~llamalab.kernels.cpu.chosen_isa`)
-also claims ``torch.ops.llamalab``, which the model's layers call. The packed weights
-are the same bytes for every build. Where no build runs, no compiler is found, the build
+also claims ``torch.ops.llamalab``, which the packed layers (``quant/linear.py``) and
+the decode path (``decode_path.py``) call. The packed weights are the same bytes for
+every build. Where no build runs, no compiler is found, the build
 fails, ``$LLAMALAB_ISA=torch`` or ``$LLAMALAB_VNNI=0``, :func:`vnni_available` says no
 and the packed layers use torch's kernels instead.
 """
@@ -28,8 +29,8 @@ from pathlib import Path
 import torch
 
 from llamalab.errors import LlamalabError
-from llamalab.kernels import UNPACK_ROWS, compiler
 from llamalab.kernels import _loaded as _default
+from llamalab.kernels import compiler
 from llamalab.kernels.cpu import ISAS, chosen_isa, compile_flags, isa_runs
 
 _SOURCE = Path(__file__).parent / "csrc" / "kernels.cpp"
@@ -178,93 +179,3 @@ def _register_fake() -> None:
         x, rows, positions, rope, norms, weights, layout, k_caches, v_caches, heads, kv_heads, eps
     ):
         return x.new_empty(x.shape)
-
-
-class NativeStep:
-    """A packed model's decode steps and short prompt chunks through
-    ``torch.ops.llamalab.decode_step``.
-
-    That op runs every transformer block of a pass in one call (``csrc/kernels.cpp``), so
-    the few thousand floats of norms, rotations and residual adds between the matrix
-    products cost no per-operation dispatch. It takes fewer than ``MAX_TOKENS`` tokens a
-    pass: its attention handles one query token at a time, where a long prompt chunk
-    is better served by torch's blocked kernel. It serves models whose every block matrix is
-    on the vnni kernel, in float32 with head_dim 64 or 128; :meth:`for_model` returns None
-    for any other. The embedding, the final norm and the output layer stay in the model.
-    """
-
-    MAX_TOKENS = UNPACK_ROWS
-
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        layout: list[int],
-        weights: list[torch.Tensor],
-        norms: list[torch.Tensor],
-        isa: str | None = None,
-    ):
-        self._model = model
-        self._op = ops(isa).decode_step
-        self._layout = layout
-        self._weights = weights
-        self._norms = norms  # each block's attention and FFN norm weights
-
-    @classmethod
-    def for_model(cls, model: torch.nn.Module, isa: str | None = None) -> NativeStep | None:
-        """The step for ``model``, or None where some part of it is not on the vnni kernel.
-
-        ``isa`` runs it on that build's kernels (:func:`load`) instead of the process's
-        own: the packed weights are the same bytes for every build."""
-        config = model.config
-        if (
-            not vnni_available()
-            or (isa is not None and not load(isa))
-            or model.dtype != torch.float32
-            or config.head_dim not in (64, 128)
-            or config.n_heads * config.head_dim != config.dim
-        ):
-            return None
-        layout: list[int] = []
-        weights: list[torch.Tensor] = []
-        norms: list[torch.Tensor] = []
-        for layer in model.layers:
-            attention, ffn = layer.attention, layer.feed_forward
-            qkv = [attention.wqkv] if attention.wqkv is not None else [
-                attention.wq, attention.wk, attention.wv
-            ]  # fmt: skip
-            gate_up = [ffn.w13] if ffn.w13 is not None else [ffn.w1, ffn.w3]
-            parts = [*qkv, attention.wo, *gate_up, ffn.w2]
-            vnni = [getattr(part, "_vnni", None) for part in parts]
-            if any(v is None for v in vnni):
-                return None
-            block_norms = (layer.attention_norm.weight, layer.ffn_norm.weight)
-            if any(n.dtype != torch.float32 or not n.is_contiguous() for n in block_norms):
-                return None
-            norms += block_norms
-            layout += [len(qkv), len(gate_up)]
-            for part, (buffer, kind) in zip(parts, vnni, strict=True):
-                layout += [part.out_features, *kind]
-                weights.append(buffer)
-        return cls(model, layout, weights, norms, isa)
-
-    def __call__(
-        self, h: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor
-    ) -> torch.Tensor:
-        """The blocks' output (N, dim) for N embedded new tokens h (N, dim), token i in
-        cache row ``rows[i]`` at position ``positions[i]`` (int64 (N,) each)."""
-        model = self._model
-        config = model.config
-        k_caches, v_caches = self._cache_tensors()
-        return self._op(
-            h.contiguous(), rows, positions, model.rope, self._norms, self._weights,
-            self._layout, k_caches, v_caches, config.n_heads, config.n_kv_heads,
-            config.norm_eps,
-        )  # fmt: skip
-
-    def _cache_tensors(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        # Looked up each pass (microseconds), not kept: a kept list would hold the memory
-        # of caches that clear_cache() has let go.
-        caches = [layer.attention.kv_cache for layer in self._model.layers]
-        if any(c is None for c in caches):
-            raise RuntimeError("a cache view given but no KV cache: call model.setup_cache() first")
-        return [c.k for c in caches], [c.v for c in caches]

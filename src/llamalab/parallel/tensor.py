@@ -129,7 +129,7 @@ def _refuse_unsupported(model: nn.Module) -> None:
         for name, module in model.named_modules()
         if type(module).__module__.startswith("llamalab.quant")
     ]
-    if packed or model.native_step is not None or model.compiles_decode:
+    if packed or model.decode_path is not None:
         raise LlamalabError(
             "tensor parallelism runs float models only, eager: load the model unpacked"
             + (f" ({packed[0]} is packed)" if packed else "")

@@ -169,8 +169,8 @@ def apply_lora(
     model.requires_grad_(False)
     # A packed model's native step runs every block's weights straight from their packed
     # buffers, past the modules; the adapters live in the modules, so it must go.
-    if getattr(model, "native_step", None) is not None:
-        model.native_step = None
+    if getattr(model, "decode_path", None) is not None:
+        model.decode_path.native_step = None
     generator = torch.Generator().manual_seed(seed)
 
     def make(module: nn.Module, out_features: int | None = None) -> LoRAAdapter:
