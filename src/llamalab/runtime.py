@@ -119,6 +119,7 @@ def load_runtime(
     naming what is loaded (``ctx`` is only reported there).
     """
     from llamalab.checkpoint.load import load_model
+    from llamalab.parallel.launch import current
     from llamalab.tokenizer import load_tokenizer
 
     if dtype not in DTYPE_CHOICES:
@@ -126,6 +127,9 @@ def load_runtime(
             f"unknown --dtype {dtype!r}; expected one of {', '.join(DTYPE_CHOICES)}"
         )
     check_threads(threads)
+    session = current()
+    if session is not None:  # a tensor-parallel rank under torchrun: every rank loads a slice
+        return session.load_runtime(ref, dtype, threads=threads, announce=announce)
     # torch takes 1.5 s to import on its own: it imports in the background while this
     # thread does what needs no torch (the tokenizer, the model file's header, the check
     # of its packed-weight cache file).

@@ -66,7 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     from llamalab.errors import LlamalabError
 
     try:
-        return args.func(args)
+        from llamalab.cli.distributed import run_command
+
+        return run_command(args)  # args.func(args), on tensor-parallel ranks under torchrun
     except LlamalabError as exc:
         print(f"llamalab: error: {exc}", file=sys.stderr)
         return 1

@@ -14,6 +14,7 @@ import json
 import math
 import sys
 
+from llamalab.cli.distributed import add_distributed_options, shared_scorer
 from llamalab.cli.options import (
     add_lora_option,
     add_runtime_options,
@@ -45,6 +46,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="mmlu, siqa, gsm8k, humaneval, perplexity, or a .jsonl file of your own",
     )
     add_runtime_options(p)
+    add_distributed_options(p)
     add_lora_option(p)
     # No fixed default: the window is the model's context, capped (see used_context).
     p.set_defaults(ctx=None)
@@ -190,22 +192,18 @@ def run(args: argparse.Namespace) -> int:
         load_adapters(model, adapters)
     ctx = used_context(args.ctx, model.config.context_length)
     if task is None:
-        from llamalab.eval.likelihood import LikelihoodScorer
-
         window = ctx
         stride = args.stride or max(1, window // 2)
         if not 1 <= stride < window:
             raise LlamalabError(
                 f"--stride must be 1 to {window - 1} (less than the window of {window} tokens)"
             )
-        scorer = LikelihoodScorer(model, max_seq_len=window, max_rows=1)
+        scorer = shared_scorer(model, max_seq_len=window, max_rows=1)
         result = runner.run_perplexity(
             files, scorer, tokenizer, window=window, stride=stride, progress=progress
         )
     elif task.kind == "choice":
-        from llamalab.eval.likelihood import LikelihoodScorer
-
-        scorer = LikelihoodScorer(model, max_seq_len=ctx, max_rows=args.batch_size or CHOICE_ROWS)
+        scorer = shared_scorer(model, max_seq_len=ctx, max_rows=args.batch_size or CHOICE_ROWS)
         result = runner.run_choice(task, scorer, tokenizer, progress=progress)
         cut = sum(1 for r in result.records if r.get("context_tokens_dropped"))
         if cut:  # lm-eval does this silently; a user should know the prompts were cut

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from llamalab.cli.distributed import add_distributed_options
 from llamalab.cli.options import (
     add_lookup_options,
     add_lora_option,
@@ -68,6 +69,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--json", action="store_true", help="print one JSON object instead of streaming text"
     )
     add_server_options(p)
+    add_distributed_options(p)
 
 
 def check_arguments(args: argparse.Namespace) -> None:

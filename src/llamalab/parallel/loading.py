@@ -4,40 +4,55 @@ The model is built on the ``meta`` device (no memory), then every parameter is r
 this rank's part of it, read from the checkpoint one tensor at a time, as
 :func:`~llamalab.parallel.tensor.shard_spec` says. A Hugging Face folder's safetensors
 files are read slice by slice, so a rank reads and holds about 1/N of the weights (plus
-the norms, which every rank holds whole). Other float formats read a whole tensor, keep
-the slice and drop the rest: the peak is then 1/N of the weights plus one tensor.
+the norms, which every rank holds whole). A GGUF file's slices are read from the file
+as byte ranges: whole rows for a split by rows, each row's run of whole blocks for a split
+by columns, then dequantized to the model's dtype (a split that would cut a quantization
+block is refused). Other formats read a whole tensor, keep the slice and drop the rest:
+the peak is then 1/N of the weights plus one tensor.
 
-Quantized GGUF weights are refused for now: their blocks would have to be sliced whole
-and stay packed, which the packed layers do not yet do across ranks.
+Quantized GGUF weights do not stay packed across ranks yet: each rank dequantizes its
+own slices, so it holds 1/N of the float weights.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from llamalab.checkpoint import names as tensor_names
 from llamalab.checkpoint.load import open_checkpoint, resolve_placement, validate
 from llamalab.checkpoint.reader import CheckpointReader
 from llamalab.errors import LlamalabError
-from llamalab.parallel.tensor import Slice, apply_tp, check_degree, shard_parameters
-
-FLOAT_TYPES = {"F32", "F16", "BF16", "F64"}
+from llamalab.parallel.tensor import Slice, apply_tp, check_degree, shard_parameters, shard_spec
 
 
-def refuse_quantized(reader: CheckpointReader) -> None:
-    """One clear error where the checkpoint stores a quantized weight (GGUF blocks)."""
-    quantized = {
-        reader.info(name).stored_type
-        for name in reader.names()
-        if reader.info(name).stored_type not in FLOAT_TYPES
-    }
-    if quantized:
-        raise LlamalabError(
-            f"{reader.path}: tensor parallelism loads float weights only; this file stores "
-            f"{', '.join(sorted(quantized))} blocks (convert it to a float checkpoint first)"
-        )
+def check_blocks(reader: CheckpointReader, world: int) -> None:
+    """One clear error where a split by columns would cut a GGUF quantization block.
+
+    Rows are always whole blocks (a GGUF row is a run of blocks); a column split must
+    start and end on a block boundary on every rank."""
+    if reader.format != "gguf":
+        return
+    from llamalab.gguf.dequant import BLOCK_LAYOUTS
+
+    records = reader._tensors  # type: ignore[attr-defined]
+    for rank in range(world):
+        for name, cut in shard_spec(reader.config, world, rank).items():
+            if cut is None or cut.dim != 1 or name not in records:
+                continue
+            record = records[name]
+            layout = BLOCK_LAYOUTS.get(record.qtype)
+            block = layout[0] if layout is not None else 1
+            if cut.start % block or cut.stop % block:
+                raise LlamalabError(
+                    f"{reader.path}: tensor {record.name} ({record.qtype.name}, blocks of "
+                    f"{block} values) cannot be split across {world} ranks: rank {rank}'s "
+                    f"columns {cut.start}..{cut.stop} would cut a block (use a degree that "
+                    f"divides {record.shape[-1]} into multiples of {block})"
+                )
 
 
 def read_slice(reader: CheckpointReader, name: str, cut: Slice | None) -> torch.Tensor:
@@ -45,6 +60,8 @@ def read_slice(reader: CheckpointReader, name: str, cut: Slice | None) -> torch.
     in canonical (Meta) layout."""
     if cut is not None and reader.format == "hf":
         return _hf_slice(reader, name, cut)
+    if cut is not None and reader.format == "gguf":
+        return _gguf_slice(reader, name, cut)
     tensor = reader.load(name)
     if cut is None:
         return tensor
@@ -68,6 +85,46 @@ def _hf_slice(reader: CheckpointReader, name: str, cut: Slice) -> torch.Tensor:
     return part
 
 
+def _gguf_slice(reader: CheckpointReader, name: str, cut: Slice) -> torch.Tensor:
+    # A GGUF tensor is row-major, each row a run of whole blocks (GGUF keeps q/k rows in
+    # Meta's order): a row split is one byte range, a column split one range per row
+    # (block-aligned, see check_blocks). Only those bytes are read, then dequantized.
+    from llamalab.gguf.dequant import BLOCK_LAYOUTS, dequantize
+
+    record = reader._tensors[name]  # type: ignore[attr-defined]
+    rows, cols = record.shape
+    block, block_bytes = BLOCK_LAYOUTS[record.qtype]
+    row_bytes = cols // block * block_bytes
+    if cut.dim == 0:
+        first, count, skip, width = cut.start, cut.stop - cut.start, 0, row_bytes
+        shape = (count, cols)
+    else:
+        first, count = 0, rows
+        skip = cut.start // block * block_bytes
+        width = (cut.stop - cut.start) // block * block_bytes
+        shape = (rows, cut.stop - cut.start)
+    data = np.empty((count, width), dtype=np.uint8)
+    with open(reader.path, "rb") as f:
+        fd = f.fileno()
+        if skip == 0 and width == row_bytes:  # whole rows: one read
+            _pread_into(fd, data.reshape(-1), record.offset + first * row_bytes, reader, name)
+        else:
+            for i in range(count):
+                at = record.offset + (first + i) * row_bytes + skip
+                _pread_into(fd, data[i], at, reader, name)
+    return dequantize(data, record.qtype, shape)
+
+
+def _pread_into(fd: int, out: np.ndarray, offset: int, reader: CheckpointReader, name: str) -> None:
+    view = memoryview(out).cast("B")
+    done = 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n == 0:
+            raise LlamalabError(f"{reader.path}: tensor {name} is cut short (truncated file?)")
+        done += n
+
+
 def load_sharded(
     ref: str | Path,
     mesh,
@@ -75,7 +132,7 @@ def load_sharded(
     dtype: torch.dtype | str | None = None,
     device: torch.device | str | None = None,
 ) -> torch.nn.Module:
-    """Load a float checkpoint split across ``mesh`` (1-D, the tensor-parallel ranks).
+    """Load a checkpoint split across ``mesh`` (1-D, the tensor-parallel ranks), as floats.
 
     Every rank calls it with the same ``ref``; each reads only its own slices. Returns an
     eval-mode :class:`~llamalab.model.Transformer` wired by
@@ -87,10 +144,10 @@ def load_sharded(
     device, dtype = resolve_placement(device, dtype)
     reader = open_checkpoint(ref)
     try:
-        refuse_quantized(reader)
         validate(reader)
         config = reader.config
         check_degree(config, mesh.size())
+        check_blocks(reader, mesh.size())
         with torch.device("meta"):
             model = Transformer(config)
 

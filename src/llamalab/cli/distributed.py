@@ -1,0 +1,88 @@
+"""Commands under ``torchrun``: tensor-parallel ranks for ``generate`` and ``eval``.
+
+``run_command`` runs any command. Outside a multi-rank launch (``$WORLD_SIZE`` unset or
+1) it only calls the command. Under one, ``generate`` and ``eval`` join the other ranks
+(``parallel/launch.py``): rank 0 runs the command, each other rank follows it, holding its
+slices of the model. Other commands that run a model are refused there; the rest
+(``train``, ``finetune``) keep their own torchrun handling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from llamalab.errors import LlamalabError
+
+RANKED = ("generate", "eval")  # commands that run on tensor-parallel ranks
+NOT_YET = ("chat", "serve")  # model commands that do not run on ranks yet
+
+
+def add_distributed_options(p: argparse.ArgumentParser) -> None:
+    """``--dist-timeout``: how long a rank waits on the others under torchrun."""
+    from llamalab.parallel.launch import DEFAULT_TIMEOUT
+
+    p.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT,
+        metavar="SECONDS",
+        help="under torchrun: seconds a rank waits on the others before the job ends "
+        f"with an error (a rank died or hangs; default {DEFAULT_TIMEOUT:g})",
+    )
+
+
+def shared_scorer(model, **kwargs):
+    """A :class:`~llamalab.eval.likelihood.LikelihoodScorer` on ``model``; under
+    tensor parallelism every rank builds its own and runs each scoring call with rank 0."""
+    from llamalab.eval.likelihood import LikelihoodScorer
+    from llamalab.parallel.launch import current
+
+    scorer = LikelihoodScorer(model, **kwargs)
+    session = current()
+    if session is not None:
+        session.share(scorer, "scorer", ("score_many", "score", "token_logprobs"), **kwargs)
+    return scorer
+
+
+def _factories() -> dict:
+    def scorer(model, **kwargs):
+        from llamalab.eval.likelihood import LikelihoodScorer
+
+        return LikelihoodScorer(model, **kwargs)
+
+    return {"scorer": scorer}
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Run ``args.func(args)``: in this process, or as one of torchrun's ranks."""
+    from llamalab.parallel.launch import world_size
+
+    if args.command not in RANKED + NOT_YET or world_size() == 1:
+        return args.func(args)
+    if args.command in NOT_YET:
+        raise LlamalabError(
+            f"{args.command} does not run on tensor-parallel ranks yet: under torchrun, "
+            f"use {' or '.join(RANKED)}"
+        )
+    from llamalab.parallel import launch
+
+    session = launch.start(timeout=args.dist_timeout, device=getattr(args, "device", None))
+    if session.rank != 0:
+        return session.follow(_factories())
+    status = 1
+    try:
+        status = args.func(args)
+        return status
+    except launch.RanksLost as exc:
+        # Nothing can be said to the other ranks any more: one line, and out at once
+        # (leaving a broken process group can wait on the lost rank).
+        session.report(str(exc))
+        sys.stdout.flush()
+        os._exit(1)
+    except KeyboardInterrupt:
+        status = 130
+        raise
+    finally:
+        session.close(status)
