@@ -1,4 +1,4 @@
-"""Prompt lookup decoding on SmolLM2-135M: llamalab with and without it, beside llama.cpp.
+"""Prompt lookup decoding: llamalab with and without it, beside llama.cpp, and in the server.
 
 Workloads of real text found on this machine (the same prompts for every engine):
 
@@ -23,7 +23,20 @@ min/max over rounds, with the load average (``/proc/loadavg``) read beside every
 the machine is shared. llamalab's greedy text with lookup is checked token for token
 against its text without.
 
+The server workload (``--server``): one ``llamalab serve --max-batch 8`` answers the
+grounded and the chat prompts together, 8 client threads in a closed loop (each sends
+its next request when its answer arrives), greedy, with the request field ``lookup``
+true or false, the two modes interleaved over rounds on the same server (after one
+untimed warm-up pass). Throughput is completion tokens over the wall time of the whole
+set; the replies of the two modes are compared text for text, and the drafted and
+accepted tokens come from the server's ``/metrics``.
+
+``--model PATH`` runs another GGUF file, e.g. the 0.9B random-weight model
+(``artifacts/bench-models/random-0.9b-Q4_0.gguf``, written by ``bench/random_model.py``;
+its text is noise, so its acceptance says nothing about real text).
+
     python bench/bench_speculative.py --rounds 3 --prompts 20 [--max-tokens 128] [--json out.json]
+    python bench/bench_speculative.py --server --rounds 3 --prompts 20 [--model PATH]
 """
 
 from __future__ import annotations
@@ -39,7 +52,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.request
 from collections import Counter
 from pathlib import Path
 
@@ -165,15 +180,20 @@ def _timed(stream) -> tuple[list[int], float]:
     return ids, (last - first) if ids else 0.0
 
 
-def worker_llamalab(prompts: list[str], max_tokens: int, lookup: bool) -> list[dict]:
+def worker_llamalab(
+    prompts: list[str], max_tokens: int, lookup: bool, model_path: str | None = None
+) -> list[dict]:
     from llamalab.generation import GREEDY, Engine, Request
     from llamalab.generation.params import LookupParams
     from llamalab.runtime import load_runtime
 
-    model, tok = load_runtime(None)
+    model, tok = load_runtime(model_path)
     out = []
     for text in prompts:
-        ids = tok.encode_chat([{"role": "user", "content": text}])
+        if tok.chat_template is not None:
+            ids = tok.encode_chat([{"role": "user", "content": text}])
+        else:
+            ids = tok.encode(text)
         engine = Engine(model, tok, max_seq_len=min(2048, len(ids) + max_tokens + 64))
         request = Request(
             ids, max_tokens=max_tokens, sampling=GREEDY, lookup=LookupParams() if lookup else None
@@ -200,14 +220,16 @@ def worker_llamalab(prompts: list[str], max_tokens: int, lookup: bool) -> list[d
     return out
 
 
-def worker_llamacpp(prompts: list[str], max_tokens: int, lookup: bool) -> list[dict]:
+def worker_llamacpp(
+    prompts: list[str], max_tokens: int, lookup: bool, model_path: str | None = None
+) -> list[dict]:
     from llama_cpp import Llama
     from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
 
     from llamalab.default_model import default_model_path
 
     llm = Llama(
-        str(default_model_path()),
+        model_path or str(default_model_path()),
         n_ctx=2048,
         verbose=False,
         draft_model=LlamaPromptLookupDecoding() if lookup else None,
@@ -230,7 +252,7 @@ def worker_llamacpp(prompts: list[str], max_tokens: int, lookup: bool) -> list[d
     return out
 
 
-def run_worker(engine: str, prompts: list[str], max_tokens: int) -> dict:
+def run_worker(engine: str, prompts: list[str], max_tokens: int, model: str | None = None) -> dict:
     """Run ``engine`` on ``prompts`` in a fresh process; its results and the load beside."""
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(prompts, f)
@@ -238,7 +260,7 @@ def run_worker(engine: str, prompts: list[str], max_tokens: int) -> dict:
         load = Path("/proc/loadavg").read_text().split()[0]
         done = subprocess.run(
             [sys.executable, __file__, "--worker", engine, "--prompts-file", f.name,
-             "--max-tokens", str(max_tokens)],
+             "--max-tokens", str(max_tokens), *(["--model", model] if model else [])],
             capture_output=True, text=True, check=False,
         )  # fmt: skip
     finally:
@@ -258,6 +280,140 @@ def rate(prompts: list[dict]) -> float:
     return tokens / seconds if seconds else 0.0
 
 
+# ------------------------------------------------------------------ the server
+SERVER_STREAMS = 8
+
+
+def _chat(url: str, prompt: str, max_tokens: int, lookup: bool) -> tuple[str, int]:
+    """One greedy chat completion: its text and its completion tokens."""
+    body = {
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "lookup": lookup,
+    }
+    request = urllib.request.Request(
+        url + "/v1/chat/completions",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=1200) as response:
+        reply = json.loads(response.read())
+    return reply["choices"][0]["message"]["content"], reply["usage"]["completion_tokens"]
+
+
+def _scrape(url: str) -> dict[str, float]:
+    with urllib.request.urlopen(url + "/metrics", timeout=60) as response:
+        text = response.read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("llamalab_") and " " in line:
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+    return out
+
+
+def serve_pass(url: str, prompts: list[str], max_tokens: int, lookup: bool) -> dict:
+    """Every prompt through ``SERVER_STREAMS`` clients in a closed loop: the replies,
+    completion tokens over wall time, and the drafts the server counted meanwhile."""
+    replies: list[str | None] = [None] * len(prompts)
+    tokens = [0] * len(prompts)
+    todo = list(range(len(prompts)))
+    lock = threading.Lock()
+    errors: list[BaseException] = []
+
+    def client() -> None:
+        while True:
+            with lock:
+                if not todo or errors:
+                    return
+                i = todo.pop(0)
+            try:
+                replies[i], tokens[i] = _chat(url, prompts[i], max_tokens, lookup)
+            except BaseException as exc:  # noqa: BLE001 (reported after the pass)
+                errors.append(exc)
+
+    before = _scrape(url)
+    load = float(Path("/proc/loadavg").read_text().split()[0])
+    threads = [threading.Thread(target=client) for _ in range(SERVER_STREAMS)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    seconds = time.perf_counter() - t0
+    if errors:
+        raise SystemExit(f"a request failed: {errors[0]}")
+    after = _scrape(url)
+
+    def grew(name: str) -> int:
+        return int(after.get(name, 0) - before.get(name, 0))
+
+    return {
+        "replies": replies,
+        "tokens": sum(tokens),
+        "seconds": seconds,
+        "tokens_per_s": sum(tokens) / seconds,
+        "drafted": grew("llamalab_draft_tokens_total"),
+        "accepted": grew("llamalab_accepted_draft_tokens_total"),
+        "load": load,
+    }
+
+
+def serve_bench(args: argparse.Namespace, prompts: list[str]) -> dict:
+    """The server workload: lookup on and off, interleaved, on one server."""
+    from llamalab.serve.launch import ServerProcess
+
+    server_args = ["--max-batch", str(SERVER_STREAMS), "--ctx", "2048"]
+    server_args += ["--model", args.model] if args.model else []
+    runs: dict[str, list[dict]] = {"off": [], "on": []}
+    with ServerProcess(server_args) as server:
+        serve_pass(server.url, prompts[:SERVER_STREAMS], 16, True)  # warm-up, untimed
+        for r in range(args.rounds):
+            modes = ("off", "on") if r % 2 == 0 else ("on", "off")
+            for mode in modes:
+                result = serve_pass(server.url, prompts, args.max_tokens, mode == "on")
+                runs[mode].append(result)
+                print(
+                    f"round {r + 1} serve lookup {mode:3} {result['tokens_per_s']:6.1f} tok/s "
+                    f"({result['tokens']} tokens, {result['accepted']}/{result['drafted']} "
+                    f"accepted/drafted)  load {result['load']:.2f}",
+                    file=sys.stderr,
+                )
+    name = Path(args.model).name if args.model else "SmolLM2-135M-Instruct Q4_1"
+    print(f"{name}, llamalab serve --max-batch {SERVER_STREAMS}, {SERVER_STREAMS} concurrent "
+          f"clients, {len(prompts)} prompts (grounded and chat), at most {args.max_tokens} "
+          f"tokens each, {args.rounds} rounds, {os.cpu_count()} cores")  # fmt: skip
+    print(f"{'lookup':7} {'tokens/s median [min-max]':27} {'accepted/drafted':17} load")
+    base = statistics.median(x["tokens_per_s"] for x in runs["off"])
+    for mode in ("off", "on"):
+        rates = [x["tokens_per_s"] for x in runs[mode]]
+        med = statistics.median(rates)
+        drafted = sum(x["drafted"] for x in runs[mode])
+        accepted = sum(x["accepted"] for x in runs[mode])
+        loads = [x["load"] for x in runs[mode]]
+        print(
+            f"{mode:7} {med:6.1f} [{min(rates):6.1f}-{max(rates):6.1f}] ({med / base:.2f}x)"
+            f" {f'{accepted}/{drafted}' if drafted else '-':17}"
+            f" {statistics.median(loads):.2f} [{min(loads):.2f}-{max(loads):.2f}]"
+        )
+    # A prompt's prefill chunks are sized by time while others decode, and a pass of 64
+    # tokens or more leaves the native step: under concurrency the cache's last bits,
+    # and so a near tie, can differ from run to run with or without lookup. The first
+    # lookup-off round is the reference for both.
+    ref = runs["off"][0]["replies"]
+
+    def agree(mode: str, skip: int) -> str:
+        pairs = [(a, b) for x in runs[mode][skip:] for a, b in zip(ref, x["replies"], strict=True)]
+        return f"{sum(a == b for a, b in pairs)}/{len(pairs)}"
+
+    print(
+        f"replies equal to lookup-off round 1: lookup on {agree('on', 0)}, "
+        f"lookup off (later rounds) {agree('off', 1)}"
+    )
+    return runs
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--rounds", type=int, default=3)
@@ -265,6 +421,8 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--engines", default=",".join(ENGINES))
     ap.add_argument("--json", default=None, help="write every run's figures here")
+    ap.add_argument("--model", default=None, help="a GGUF file (default: SmolLM2-135M Q4_1)")
+    ap.add_argument("--server", action="store_true", help="the server workload instead")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--prompts-file", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -272,23 +430,31 @@ def main() -> None:
         prompts = json.loads(Path(args.prompts_file).read_text())
         lookup = args.worker.endswith("-lookup")
         work = worker_llamalab if args.worker.startswith("llamalab") else worker_llamacpp
-        print(json.dumps(work(prompts, args.max_tokens, lookup)))
+        print(json.dumps(work(prompts, args.max_tokens, lookup, args.model)))
+        return
+    sets = workloads(args.prompts)
+    if args.server:
+        # Grounded and chat prompts alternate, so every batch holds both kinds.
+        mixed = [p for pair in zip(sets["grounded"], sets["chat"], strict=False) for p in pair]
+        runs = serve_bench(args, mixed)
+        if args.json:
+            Path(args.json).write_text(json.dumps(runs))
         return
     engines = args.engines.split(",")
-    sets = workloads(args.prompts)
     runs: dict[str, dict[str, list[dict]]] = {w: {e: [] for e in engines} for w in sets}
     for r in range(args.rounds):
         order = engines[r % len(engines) :] + engines[: r % len(engines)]
         for workload, prompts in sets.items():
             for engine in order:
-                result = run_worker(engine, prompts, args.max_tokens)
+                result = run_worker(engine, prompts, args.max_tokens, args.model)
                 runs[workload][engine].append(result)
                 print(
                     f"round {r + 1} {workload:8} {engine:16} {rate(result['prompts']):6.1f} tok/s"
                     f"  load {result['load']:.2f}",
                     file=sys.stderr,
                 )
-    print(f"SmolLM2-135M-Instruct Q4_1, {os.cpu_count()} cores, {args.rounds} rounds, "
+    name = Path(args.model).name if args.model else "SmolLM2-135M-Instruct Q4_1"
+    print(f"{name}, {os.cpu_count()} cores, {args.rounds} rounds, "
           f"{args.prompts} prompts per workload, at most {args.max_tokens} tokens each")  # fmt: skip
     print(
         f"{'workload':9} {'engine':17} {'decode tok/s median [min-max]':31} {'accepted/drafted':17} load"
