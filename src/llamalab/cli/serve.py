@@ -44,10 +44,38 @@ def model_id_for(path: Path) -> str:
     return path.stem if path.is_file() else path.name
 
 
+def _served_adapters(args: argparse.Namespace) -> list[tuple[str, str, float]]:
+    """``[(name, path, scale), ...]`` of ``--lora [NAME=]PATH[:SCALE]``, checked before the load."""
+    from llamalab.cli.options import lora_from_args
+
+    out = []
+    for text in args.lora:
+        name, sep, rest = text.partition("=")
+        if not sep or not name or "/" in name or os.path.exists(text):
+            name, rest = "", text
+        ((path, scale),) = lora_from_args(argparse.Namespace(lora=[rest]))
+        if not name:
+            where = Path(path).resolve()
+            name = where.parent.name if where.stem == "adapter" else where.stem
+        if not (0 < len(name) <= 64 and name.isprintable() and " " not in name):
+            raise LlamalabError(f"--lora {text}: NAME must be 1 to 64 printable characters")
+        out.append((name, path, scale))
+    return out
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_runtime_options(p)
     # The defaults of requests that do not set lookup, lookup_ngram or draft_max.
     add_lookup_options(p)
+    p.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="[NAME=]PATH[:SCALE]",
+        help="serve this LoRA adapter (a PEFT folder or a GGUF adapter) beside the model, its "
+        "update times SCALE; a request picks it with model MODEL:NAME (NAME: the file or "
+        "folder name, or out_dir's for a finetune run's adapter); repeatable",
+    )
     p.add_argument(
         "--host",
         default="127.0.0.1",
@@ -167,6 +195,7 @@ def run(args: argparse.Namespace) -> int:
     if args.ctx < 2:
         raise LlamalabError(f"--ctx must be at least 2, got {args.ctx}")
     lookup = lookup_from_args(args)
+    adapters = _served_adapters(args)
     if not _is_loopback(args.host) and not args.api_key:
         print(
             f"llamalab serve: warning: listening on {args.host} without --api-key; "
@@ -177,6 +206,10 @@ def run(args: argparse.Namespace) -> int:
 
     def build() -> Engine:
         model, tokenizer = load_runtime_from_args(args, compile_by_default=True)
+        if adapters:
+            from llamalab.train.lora import serve_adapters
+
+            serve_adapters(model, adapters)  # chosen per request, in the same batch
         draft = draft_tokenizer = None
         if args.draft is not None:
             from llamalab.runtime import load_runtime
@@ -231,6 +264,7 @@ def run(args: argparse.Namespace) -> int:
         allowed_hosts=allowed_hosts,
         identity=identity,
         lookup=lookup,
+        adapters=[name for name, _, _ in adapters],
     )
     from llamalab.serve.native import router as native_router
 

@@ -88,6 +88,9 @@ class Request:
     # decoding. On by default: on SmolLM2 it doubled decode speed on replies that quote
     # their input and kept free-form chat at par (bench/bench_speculative.py).
     lookup: LookupParams | None = DEFAULT_LOOKUP
+    # Which LoRA adapter the row runs where the model serves several (``model.lora_rows``,
+    # train/lora.py's serve_adapters): 0 is the base.
+    adapter: int = 0
 
 
 @dataclass(frozen=True)
@@ -347,6 +350,12 @@ class Engine:
         if request.lookup is not None and verifies_exactly(self.model, 2):
             seq.speculation = Speculation(request.lookup, seq.prompt)
             seq.speculation.drafter = self.drafter
+        adapters = getattr(self.model, "lora_rows", None)
+        if adapters is None and request.adapter:
+            raise LlamalabError("this model runs no LoRA adapters")
+        if adapters is not None and adapters[row] != request.adapter:
+            self._cached[row].clear()  # keys and values another adapter computed
+            adapters[row] = request.adapter
         # Reuse the row's cached prefix; always recompute at least the last prompt token,
         # whose logits choose the first new token.
         reuse = min(_common_prefix(self._cached[row], prompt), len(prompt) - 1)

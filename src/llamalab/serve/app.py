@@ -91,6 +91,9 @@ class ServerState:
     draining: bool = False  # shutting down: running requests finish, new ones get 503
     # Prompt lookup for requests that do not say (serve's --lookup options); None: off.
     lookup: LookupParams | None = DEFAULT_LOOKUP
+    # LoRA adapters served beside the model, by the name a request's `model` gives
+    # (`MODEL:NAME`) -> their Request.adapter (see train/lora.py's serve_adapters).
+    adapters: dict[str, int] = field(default_factory=dict)
     # Tokenizing runs off the event loop, one prompt at a time, because the tokenizer
     # makes no promise about being thread-safe. Each prompt's share is bounded (see
     # max_prompt_chars), so no request waits on this lock for long.
@@ -178,7 +181,7 @@ def _warn_unknown(body: s._Lenient, request: HTTPRequest) -> None:
 
 
 def _check_model(state: ServerState, name: str | None) -> None:
-    if name is not None and name != state.model_id:
+    if name is not None and name != state.model_id and name not in state.adapters:
         raise APIError(
             404,
             f"the model {name!r} does not exist; this server runs {state.model_id!r}",
@@ -259,6 +262,7 @@ async def _engine_requests(
         replace(
             request,
             grammar=grammar,
+            adapter=state.adapters.get(body.model or "", 0),
             # Each choice draws its own tokens; with a seed, choice i uses seed + i, so
             # the whole answer is reproducible and its choices still differ.
             sampling=request.sampling
@@ -628,8 +632,10 @@ def _card(state: ServerState) -> s.ModelCard:
     summary="The model this server runs",
 )
 async def list_models(request: HTTPRequest) -> s.ModelList:
-    """The one model."""
-    return s.ModelList(data=[_card(_state(request))])
+    """The model, and each LoRA adapter served beside it (`MODEL:NAME`)."""
+    state = _state(request)
+    cards = [_card(state), *(_card(state).model_copy(update={"id": n}) for n in state.adapters)]
+    return s.ModelList(data=cards)
 
 
 @router.get("/v1/models/{name}", response_model=s.ModelCard, responses=_ERRORS, summary="One model")
@@ -637,7 +643,7 @@ async def get_model(name: str, request: HTTPRequest) -> s.ModelCard:
     """The model, if ``name`` is its name."""
     state = _state(request)
     _check_model(state, name)
-    return _card(state)
+    return _card(state).model_copy(update={"id": name})
 
 
 @router.post(
@@ -671,7 +677,8 @@ async def completions(body: s.CompletionRequest, request: HTTPRequest) -> Any:
     )
     logprobs = body.logprobs is not None
     transcripts = [Transcript(tokenizer, len(prompt_ids), logprobs=logprobs) for _ in reqs]
-    reply = CompletionReply(state.model_id, transcripts, logprobs=logprobs)
+    model = body.model if body.model in state.adapters else state.model_id
+    reply = CompletionReply(model, transcripts, logprobs=logprobs)
     return await _respond(state, request, body, _submit(state, reqs), reply)
 
 
@@ -698,7 +705,8 @@ async def chat_completions(body: s.ChatCompletionRequest, request: HTTPRequest) 
     transcripts = [
         Transcript(state.tokenizer, len(prompt_ids), logprobs=body.logprobs) for _ in reqs
     ]
-    reply = ChatReply(state.model_id, transcripts, logprobs=body.logprobs)
+    model = body.model if body.model in state.adapters else state.model_id
+    reply = ChatReply(model, transcripts, logprobs=body.logprobs)
     return await _respond(state, request, body, _submit(state, reqs), reply)
 
 
@@ -831,6 +839,7 @@ def create_app(
     allowed_hosts: Collection[str] | None = None,
     identity: dict[str, Any] | None = None,
     lookup: LookupParams | None = DEFAULT_LOOKUP,
+    adapters: Sequence[str] = (),
 ) -> FastAPI:
     """The app for one model. The scheduler is started and stopped with the app.
 
@@ -847,6 +856,8 @@ def create_app(
             same model (see ``llamalab.client``); None leaves the report out.
         lookup: prompt lookup for requests that do not ask for their own (the request
             fields ``lookup``, ``lookup_ngram`` and ``draft_max``); None turns it off.
+        adapters: the names of the LoRA adapters the engine's model serves, in the order
+            of their ``Request.adapter`` (1, 2, ...); a request picks one as ``MODEL:NAME``.
     """
     tokenizer = scheduler.engine.tokenizer
     state = ServerState(
@@ -855,6 +866,7 @@ def create_app(
         limits=limits or Limits(),
         metrics=Metrics(scheduler),
         lookup=lookup,
+        adapters={f"{model_id}:{n}": i + 1 for i, n in enumerate(adapters)},
         # The longest vocabulary entry bounds the characters one token stands for.
         max_token_chars=max(
             1, max(len(tokenizer.token_bytes(i)) for i in range(tokenizer.vocab_size))

@@ -70,8 +70,15 @@ class LoRAAdapter(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.dropout(x.to(self.lora_A.dtype))
-        return (h @ self.lora_A.T @ self.lora_B.T) * self.scaling
+        h = self.dropout(x.to(self.lora_A.dtype)) @ self.lora_A.T
+        # Serving several adapters (see serve_adapters): each token keeps the rank columns
+        # of its own adapter, none for the base.
+        selection = self.__dict__.get("selection")
+        if selection is not None:
+            mask = selection.output if self.__dict__.get("is_output") else selection.blocks
+            if mask is not None:
+                h = h * mask.view(*h.shape[:-1], -1)
+        return (h @ self.lora_B.T) * self.scaling
 
     def delta_weight(self) -> torch.Tensor:
         """``B @ A * scaling``, the (out, in) change the adapter makes to the weight."""
@@ -428,8 +435,13 @@ def load_adapters(model: nn.Module, adapters: Iterable[tuple[str | Path, float]]
     the others. Works on float and packed bases alike (see :func:`apply_lora`).
     """
     loaded = read_adapters(adapters, model.config)
-    if not loaded:
-        return
+    if loaded:
+        _stack(model, loaded)
+
+
+def _stack(model: nn.Module, loaded: list[dict]) -> list[int]:
+    """Put adapters ``[{module: (A, B)}, ...]`` on ``model`` as one of their summed rank
+    (see :func:`load_adapters`); returns each one's rank, in order."""
     # One rank per adapter: a GGUF adapter may give its modules different ranks, and the
     # smaller ones are padded with zero rows of A and columns of B (no change to B A).
     ranks = [max(a.shape[0] for a, _ in found.values()) for found in loaded]
@@ -459,6 +471,7 @@ def load_adapters(model: nn.Module, adapters: Iterable[tuple[str | Path, float]]
         for adapter in lora_adapters(model).values():
             adapter.to(norm.device)
     model.requires_grad_(False)
+    return ranks
 
 
 # The name the first release gave it, when only PEFT folders were read.
@@ -482,3 +495,106 @@ def export_gguf_adapter(model: nn.Module, out_dir: str | Path) -> Path | None:
         )
         return None
     return save_gguf_adapter(model, Path(out_dir) / GGUF_ADAPTER)
+
+
+# -- serving several adapters at once ---------------------------------------------------
+
+
+class _Selection:
+    """The rank columns each token of the running pass keeps: ``blocks`` for the tokens
+    the blocks see, ``output`` for the positions the output head sees (N, total rank)."""
+
+    blocks: torch.Tensor | None = None
+    output: torch.Tensor | None = None
+
+
+class AdapterRows:
+    """Which adapter each cache row runs: 0 the base, ``i`` the ``i``-th of ``names``.
+
+    The engine sets a row's entry when it admits a request there (``Request.adapter``);
+    a forward pass reads it for every token, so rows of different adapters share a batch.
+    """
+
+    def __init__(self, names: list[str], columns: torch.Tensor) -> None:
+        self.names = names
+        self.columns = columns  # (1 + len(names), total rank): row k keeps adapter k's
+        self._rows: dict[int, int] = {}
+
+    def __getitem__(self, row: int) -> int:
+        return self._rows.get(row, 0)
+
+    def __setitem__(self, row: int, adapter: int) -> None:
+        if not 0 <= adapter <= len(self.names):
+            raise ValueError(f"adapter {adapter} is not one of the {len(self.names)} loaded")
+        self._rows[row] = adapter
+
+    def index(self, name: str) -> int:
+        """The adapter number of ``name`` (1, 2, ...), for ``Request.adapter``."""
+        return self.names.index(name) + 1
+
+
+def serve_adapters(model: nn.Module, named: Iterable[tuple[str, str | Path, float]]) -> AdapterRows:
+    """Load adapters ``[(name, path, scale), ...]`` side by side, each chosen per cache row.
+
+    They become one adapter of their summed rank (as :func:`load_adapters` stacks them);
+    before every pass, each token gets a mask that keeps the rank columns of its row's
+    adapter (``model.lora_rows``, set by the engine) and zeroes the others, so one
+    batched pass runs every row with its own adapter, or with none. A pass without a
+    cache (a whole sequence) runs the base. A packed model's native step and a compiled
+    decode block run past the modules, so they are turned off.
+    """
+    named = list(named)
+    if not named:
+        raise LlamalabError("no adapters to serve")
+    names = [n for n, _, _ in named]
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise LlamalabError(f"--lora: two adapters are named {dup!r}; name them NAME=PATH")
+    loaded = read_adapters([(p, s) for _, p, s in named], model.config)
+    ranks = _stack(model, loaded)
+    total = sum(ranks)
+    columns = torch.zeros(1 + len(ranks), total)
+    at = 0
+    for k, rank in enumerate(ranks):
+        columns[k + 1, at : at + rank] = 1.0
+        at += rank
+    rows = AdapterRows(names, columns)
+    selection = _Selection()
+    for name, adapter in lora_adapters(model).items():
+        adapter.selection = selection
+        adapter.is_output = name == "output"
+    path = getattr(model, "decode_path", None)
+    for attr in ("native_step", "compiled_block"):
+        if path is not None and getattr(path, attr, None) is not None:
+            setattr(path, attr, None)
+
+    def choose(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        from llamalab.kv_cache import Segments
+
+        tokens = args[0] if args else kwargs["tokens"]
+        cache = args[1] if len(args) > 1 else kwargs.get("cache")
+        if cache is None:  # a whole sequence, no row: the base
+            per_token = torch.zeros(tokens.numel(), dtype=torch.long)
+            keep = None
+        else:
+            views = cache.views if isinstance(cache, Segments) else (cache,)
+            shapes = cache.shapes if isinstance(cache, Segments) else (tuple(tokens.shape),)
+            parts, keep, at = [], [], 0
+            for view, (B, T) in zip(views, shapes, strict=True):
+                parts.append(
+                    torch.tensor([rows[view.row + b] for b in range(B)]).repeat_interleave(T)
+                )
+                # The output head sees each row's last token of a last_only view (as
+                # model.forward and the packed pass cut them), every token otherwise.
+                keep.extend(
+                    range(at + T - 1, at + B * T, T) if view.last_only else range(at, at + B * T)
+                )
+                at += B * T
+            per_token = torch.cat(parts)
+        blocks = rows.columns[per_token].to(module.norm.weight.device)
+        selection.blocks = blocks
+        selection.output = blocks if keep is None else blocks[keep]
+
+    model.register_forward_pre_hook(choose, with_kwargs=True)
+    model.lora_rows = rows
+    return rows
