@@ -140,7 +140,8 @@ def test_models_off_the_vnni_kernel_get_no_native_step(smollm2_path) -> None:
 
     with without_vnni():
         model = load_model(smollm2_path, packed=True)
-    assert model.decode_path is None  # neither the step nor the attention is native
+    path = model.decode_path.describe()  # the blocks, on torch's kernels and attention
+    assert (path["step"], path["attention"], path["isa"]) == ("blocks", "torch", "torch")
     assert load_model(smollm2_path).decode_path is None
     # The blocks still decode: one step runs.
     model.setup_cache(1, 8)

@@ -305,12 +305,13 @@ def choose(model: nn.Module, *, packed: bool, compile: bool = False) -> DecodePa
     where llamalab's kernels run, its steps and short chunks then run natively where every
     block allows it, and its attention for one new token on the native kernel.
     ``compile``: where no native step runs, one-row steps go through a compiled block.
-    Returns None (and sets it) where the model's own blocks run every pass.
+    A packed model always gets a path (which names its kernels, torch's included); a float
+    one only to compile, and None (set too) where its own blocks run every pass.
     """
     native_attn = packed and native.vnni_available()
     native_step = NativeStep.for_model(model) if packed else None
     path: DecodePath | None = None
-    if native_attn or native_step is not None or compile:
+    if packed or compile:
         path = DecodePath(model, native_step, native_attn)
         if compile and native_step is None:
             path.compile()
