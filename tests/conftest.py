@@ -91,6 +91,10 @@ def smollm2_path() -> Path:
 def without_vnni():
     """Models loaded inside take torch's kernels instead of llamalab's VNNI kernel (which
     ``quant/linear.py`` imports by name, so both names are switched)."""
+    # Imported first: imported inside the patch, quant/linear.py would bind the patched
+    # name as its own, and the patch would "restore" it, leaving the kernel off for good.
+    import llamalab.quant.linear  # noqa: F401
+
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr("llamalab.kernels.native.vnni_available", lambda: False)
         patch.setattr("llamalab.quant.linear.vnni_available", lambda: False)

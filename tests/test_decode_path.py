@@ -137,3 +137,29 @@ def test_speculation_and_the_model_share_one_token_limit(packed) -> None:
         path.native_step = step
         packed.clear_cache()
     assert calls == [limit]
+
+
+_PATCH_CHECK = """
+import sys
+sys.path.insert(0, "tests")
+from conftest import without_vnni
+import llamalab.kernels.native as native
+with without_vnni():
+    pass
+import llamalab.quant.linear as linear
+assert linear.vnni_available is native.vnni_available, linear.vnni_available
+print("ok")
+"""
+
+
+def test_switching_the_kernel_off_for_a_load_does_not_leave_it_off() -> None:
+    """``conftest.without_vnni`` in a process that has not imported quant/linear.py yet
+    (the first test of a run, say): afterwards, loads take llamalab's kernels again."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", _PATCH_CHECK],
+        cwd=SRC.parent.parent, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]

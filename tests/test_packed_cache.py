@@ -273,3 +273,56 @@ def test_a_model_file_changed_or_cut_after_the_load(hf_folders, model_file, cach
     # A cut model file is refused by its header checks, cache or not.
     with pytest.raises(LlamalabError, match="truncated"):
         load_model(model_file, packed=True)
+
+
+def _tied_gguf_with_f16_embedding(path, vocab_source):
+    """A 1-layer tied model: Q8_0 block matrices, an F16 embedding (a type the kernels do
+    not take, so the output layer projected from it is not on them)."""
+    import gguf
+    import numpy as np
+    from gguf.constants import GGMLQuantizationType as T
+
+    from llamalab.checkpoint import names as tensor_names
+    from llamalab.checkpoint.gguf_format import add_model_metadata
+    from llamalab.checkpoint.names import expected_shapes
+    from llamalab.config import ModelConfig
+    from llamalab.tokenizer.gguf_vocab import add_vocab_to_gguf
+
+    n_vocab = len(gguf.GGUFReader(vocab_source).fields["tokenizer.ggml.tokens"].data)
+    config = ModelConfig(
+        name="tiny", dim=64, n_layers=1, n_heads=4, n_kv_heads=4, vocab_size=n_vocab,
+        ffn_hidden_dim=128, norm_eps=1e-5, rope_theta=10000.0, context_length=256,
+        tie_embeddings=True,
+    )  # fmt: skip
+    writer = gguf.GGUFWriter(path, "llama")
+    add_model_metadata(writer, config)
+    add_vocab_to_gguf(writer, vocab_source)
+    rng = np.random.default_rng(0)
+    for name, shape in expected_shapes(config).items():
+        gguf_name = tensor_names.to_format(name, "gguf")
+        if name.endswith("norm.weight"):
+            writer.add_tensor(gguf_name, np.ones(shape, dtype=np.float32))
+        elif name == "tok_embeddings.weight":
+            writer.add_tensor(gguf_name, (rng.standard_normal(shape) * 0.02).astype(np.float16))
+        else:
+            weight = (rng.standard_normal(shape) * 0.02).astype(np.float32)
+            writer.add_tensor(gguf_name, gguf.quants.quantize(weight, T.Q8_0), raw_dtype=T.Q8_0)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_a_tied_output_the_cache_does_not_hold_is_built_from_the_file(
+    tmp_path, cache, monkeypatch, smollm2_path
+):
+    """The cache holds the F16 embedding's rows and no output layer; a later load builds
+    the output from the model file (it read the rows as a packed layer and crashed)."""
+    path = _tied_gguf_with_f16_embedding(tmp_path / "tied.gguf", smollm2_path)
+    expected = fresh_logits(path, monkeypatch)
+    first = logits(load_model(path, packed=True))  # packs, writes the cache file
+    assert len(cache_files(cache)) == 1
+    again = logits(load_model(path, packed=True))  # from the cache file
+    assert torch.equal(first, expected)
+    assert torch.equal(again, expected)

@@ -261,7 +261,9 @@ def _cached_linears(hit, reader: CheckpointReader, fallback):
         module = name.removesuffix(".weight")
         # A tied output layer is packed from the embedding's bytes.
         tensor = name if name in present or module != "output" else "tok_embeddings.weight"
-        if not _matches(hit, module, reader, tensor):
+        # The embedding's entry is its rows as stored, never a packed layer: a tied output
+        # the file does not hold (the kernels did not take it) is built from the model file.
+        if module == _EMBEDDING or not _matches(hit, module, reader, tensor):
             return fallback(name)
         entry = hit.entries[module]
         out_features, in_features = entry.shape
