@@ -61,8 +61,10 @@ def test_slow_batch_passes_turn_drafting_off_for_a_while_only() -> None:
 # ------------------------------------------------------------------ the engine's batch
 @pytest.fixture(scope="module")
 def smollm2(smollm2_path, smollm2_tokenizer):
+    from llamalab.kernels.decode_path import native_pass_tokens
+
     model = load_model(smollm2_path, packed=True)
-    if model.native_step is None:
+    if not native_pass_tokens(model):
         pytest.skip("speculation verifies on llamalab's native step, which does not run here")
     return model, smollm2_tokenizer
 
@@ -134,9 +136,20 @@ def _metrics(server) -> dict[str, float]:
     }
 
 
+# Under concurrency a prompt is prefilled in chunks sized by time, and a pass of 64 tokens
+# or more runs off the native step (other last bits): prompts this short keep every pass
+# on it, so the replies cannot depend on how the prefill was cut (docs/serving.md).
+SHORT = [
+    "Repeat this line three times: the quick brown fox jumps over the lazy dog.",
+    "Write a short poem about the sea at night.",
+    "Count from one to thirty in words, separated by commas.",
+    "Copy this code exactly: def add(a, b): return a + b",
+]
+
+
 def _concurrently(server, **fields) -> list[str]:
-    with ThreadPoolExecutor(len(PROMPTS)) as pool:
-        replies = list(pool.map(lambda p: _chat(server, p, **fields), PROMPTS))
+    with ThreadPoolExecutor(len(SHORT)) as pool:
+        replies = list(pool.map(lambda p: _chat(server, p, **fields), SHORT))
     assert all(status == 200 for status, _ in replies), replies
     return [reply["choices"][0]["message"]["content"] for _, reply in replies]
 
