@@ -245,8 +245,8 @@ def test_sharded_loading_gives_the_logits_of_the_whole_model(
             held = got["results"][i]["held"]
             assert sizes[i] / nproc <= held <= 1.15 * sizes[i] / nproc, (held, sizes[i])
         if "gguf" in job:
-            assert "tensor parallelism loads float weights only" in got["gguf_error"]
-            assert "Q4_1" in got["gguf_error"]
+            # SmolLM2's 9 query heads do not split on 2 ranks (its Q4_1 blocks would).
+            assert "degree 2 does not divide its 9 attention heads" in got["gguf_error"]
 
 
 # ---------------------------------------------------------------- the worker

@@ -17,8 +17,10 @@ Calls made from inside a mirrored call are not sent again (each rank makes them 
 
 The control channel is a gloo group of its own (also beside NCCL on GPUs), used by one
 thread on the leader: it sends the calls in order and, when the leader is busy with
-something else (tokenizing an evaluation's items), a heartbeat every quarter of the
-timeout, so that a follower tells a silent leader from a busy one.
+something else than a call (tokenizing an evaluation's items), a heartbeat every quarter
+of the timeout, so that a follower tells a silent leader from a busy one. During a call
+no heartbeat is sent: the followers are busy with the same call, and the collectives in
+it carry the timeout.
 
 Faults end the job with one clear error, never a silent hang:
 
@@ -317,6 +319,10 @@ class Session:
             try:
                 message = self._queue.get(timeout=beat)
             except queue.Empty:
+                if self._depth:
+                    # Every rank is inside the same call: its collectives show that the
+                    # ranks are alive, and a follower does not read this channel then.
+                    continue
                 message = ("beat",)
             try:
                 dist.broadcast_object_list([message], src=0, group=self.control)
@@ -348,8 +354,12 @@ class Session:
         if announce:
             kind = "NCCL" if self.device.type == "cuda" else "gloo"
             print(f"loading {path} on {self.world} ranks ({kind})", file=sys.stderr)
-        self.send("load", str(path), dtype, threads)
-        model = self._load(str(path), dtype, threads)
+        self._depth += 1  # the followers load too: no heartbeat meanwhile
+        try:
+            self.send("load", str(path), dtype, threads)
+            model = self._load(str(path), dtype, threads)
+        finally:
+            self._depth -= 1
         self._mirror(model, "model", MIRRORED)
         return model, tokenizer
 
@@ -368,9 +378,9 @@ class Session:
             def call(*args, _method=method, _original=original, **kwargs):
                 if self._depth:
                     return _original(*args, **kwargs)
-                self.send("call", name, _method, args, kwargs)
-                self._depth += 1
+                self._depth += 1  # before the message leaves: no heartbeat after it
                 try:
+                    self.send("call", name, _method, args, kwargs)
                     return _original(*args, **kwargs)
                 except Exception as exc:
                     if _is_comm_error(exc):

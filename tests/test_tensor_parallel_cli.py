@@ -1,0 +1,247 @@
+"""``generate`` and ``eval`` on tensor-parallel ranks (gloo on CPUs), against one process.
+
+The ranks are started by ``torchrun``, or directly (the environment torchrun would set:
+``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` ...) where a test needs one rank's process in
+hand: to kill it, to stop it, or to give it another working directory. Expected outputs
+come from the same command in one process, the reference the ranks must equal.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from subprocess import PIPE
+
+import pytest
+
+LAUNCH_TIMEOUT = 240  # seconds for one launch: three ranks import torch on 2 busy cores
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+
+
+def llamalab(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """The command in one process."""
+    return subprocess.run(
+        [sys.executable, "-m", "llamalab", *args], capture_output=True, text=True,
+        timeout=LAUNCH_TIMEOUT, env=ENV, cwd=cwd, check=False,
+    )  # fmt: skip
+
+
+def torchrun(nproc: int, *args: str) -> subprocess.CompletedProcess:
+    """The command on ``nproc`` ranks under torchrun."""
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone",
+        f"--nproc_per_node={nproc}", "-m", "llamalab", *args,
+    ]  # fmt: skip
+    return subprocess.run(
+        cmd, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT, env=ENV, check=False
+    )
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn_ranks(nproc: int, *args: str, cwds: list[Path] | None = None) -> list[subprocess.Popen]:
+    """The command on ``nproc`` ranks started here, as torchrun would start them."""
+    port = _free_port()
+    procs = []
+    for rank in range(nproc):
+        env = {
+            **ENV, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc),
+            "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+        }  # fmt: skip
+        cwd = cwds[rank] if cwds else None
+        cmd = [sys.executable, "-m", "llamalab", *args]
+        procs.append(subprocess.Popen(cmd, stdout=PIPE, stderr=PIPE, text=True, env=env, cwd=cwd))
+    return procs
+
+
+def finish(procs: list[subprocess.Popen], timeout: float) -> list[tuple[int, str, str]]:
+    """Each rank's (exit status, stdout, stderr); every rank must end within ``timeout``."""
+    deadline = time.monotonic() + timeout
+    results = []
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            results.append((p.returncode, out, err))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return results
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory, smollm2_path) -> Path:
+    """A 1-layer random float model (4 heads) with SmolLM2's tokenizer."""
+    from conftest import write_tiny_gguf
+
+    return write_tiny_gguf(tmp_path_factory.mktemp("tp") / "tiny.gguf", smollm2_path,
+                           context_length=4096)  # fmt: skip
+
+
+def _one_error_line(stderr: str) -> list[str]:
+    """llamalab's error lines; no traceback anywhere in the output of our ranks."""
+    assert "Traceback" not in stderr, stderr[-3000:]
+    return [line for line in stderr.splitlines() if line.startswith("llamalab: error:")]
+
+
+# ---------------------------------------------------------------- equal to one process
+
+
+@pytest.mark.slow
+def test_smollm2_on_3_ranks_generates_the_tokens_of_one_process(smollm2_path) -> None:
+    """SmolLM2 (9 query heads, 3 KV heads) on 3 ranks in float32: the 64 greedy tokens of
+    one process, and only rank 0 prints."""
+    args = ["generate", "--model", str(smollm2_path), "--dtype", "float32", "--temperature",
+            "0", "--max-tokens", "64", "--json", "Tell me about the history of Paris."]  # fmt: skip
+    one = llamalab(*args)
+    assert one.returncode == 0, one.stderr
+    ranks = torchrun(3, *args)
+    assert ranks.returncode == 0, ranks.stderr[-3000:]
+    want, got = json.loads(one.stdout), json.loads(ranks.stdout)  # exactly one JSON object
+    assert len(want["ids"]) == 64
+    assert got["ids"] == want["ids"]
+    assert got["text"] == want["text"]
+
+
+def test_eval_on_2_ranks_scores_every_item_as_one_process(tmp_path: Path, tiny_gguf) -> None:
+    """MMLU items scored on 2 ranks: the same prediction item by item, the same
+    log-likelihoods within float32 rounding."""
+    args = ["eval", "--model", str(tiny_gguf), "--dtype", "float32", "--task", "mmlu",
+            "--subjects", "abstract_algebra,astronomy", "--limit", "10", "--json"]  # fmt: skip
+    one = llamalab(*args, "--output", str(tmp_path / "one.jsonl"))
+    assert one.returncode == 0, one.stderr
+    ranks = torchrun(2, *args, "--output", str(tmp_path / "ranks.jsonl"))
+    assert ranks.returncode == 0, ranks.stderr[-3000:]
+    want = [json.loads(line) for line in (tmp_path / "one.jsonl").read_text().splitlines()]
+    got = [json.loads(line) for line in (tmp_path / "ranks.jsonl").read_text().splitlines()]
+    assert len(want) == len(got) == 20
+    for a, b in zip(want, got, strict=True):
+        assert (a["id"], a["subject"], a["prediction"]) == (b["id"], b["subject"], b["prediction"])
+        assert max(abs(x - y) for x, y in zip(a["logprobs"], b["logprobs"], strict=True)) < 1e-4
+    assert json.loads(ranks.stdout)["value"] == json.loads(one.stdout)["value"]
+
+
+# ---------------------------------------------------------------- faults
+
+
+def test_a_degree_that_does_not_divide_the_heads_is_one_error(tiny_gguf) -> None:
+    """4 heads on 3 ranks: every rank exits 1, and the job says why once."""
+    procs = spawn_ranks(3, "generate", "--model", str(tiny_gguf), "--max-tokens", "4", "Hi")
+    results = finish(procs, LAUNCH_TIMEOUT)
+    assert [rc for rc, _, _ in results] == [1, 1, 1]
+    lines = [line for _, _, err in results for line in _one_error_line(err)]
+    assert len(lines) == 1, lines
+    assert "tensor-parallel degree 3 does not divide its 4 attention heads" in lines[0]
+    assert all(out == "" for _, out, _ in results)
+
+
+def test_ranks_holding_different_model_files_are_refused(tmp_path: Path, tiny_gguf) -> None:
+    """The same relative path names different files in the two ranks' working folders."""
+    first, second = tmp_path / "a", tmp_path / "b"
+    first.mkdir()
+    second.mkdir()
+    (first / "model.gguf").write_bytes(tiny_gguf.read_bytes())
+    changed = bytearray(tiny_gguf.read_bytes())
+    changed[-1] ^= 0xFF  # one weight byte differs: the same header, another model
+    (second / "model.gguf").write_bytes(bytes(changed))
+    procs = spawn_ranks(2, "generate", "--model", "model.gguf", "Hi", cwds=[first, second])
+    results = finish(procs, LAUNCH_TIMEOUT)
+    assert [rc for rc, _, _ in results] == [1, 1]
+    lines = [line for _, _, err in results for line in _one_error_line(err)]
+    assert len(lines) == 1, lines
+    assert "the ranks hold different model files at model.gguf: rank 1 differs" in lines[0]
+
+
+def _start_generating(tiny_gguf: Path, timeout: float) -> list[subprocess.Popen]:
+    """Two ranks generating a long reply; returns once rank 0 has printed text."""
+    procs = spawn_ranks(
+        2, "generate", "--model", str(tiny_gguf), "--max-tokens", "3500", "--dist-timeout",
+        str(timeout), "--temperature", "0", "Once upon a time",
+    )  # fmt: skip
+    os.set_blocking(procs[0].stdout.fileno(), False)
+    deadline = time.monotonic() + LAUNCH_TIMEOUT
+    while time.monotonic() < deadline:
+        if procs[0].poll() is not None:
+            pytest.fail(f"rank 0 ended early: {procs[0].stderr.read()[-2000:]}")
+        chunk = procs[0].stdout.read(1)
+        if chunk:
+            return procs
+        time.sleep(0.05)
+    pytest.fail("rank 0 printed nothing")
+
+
+def test_a_killed_rank_ends_the_job_with_one_error(tiny_gguf) -> None:
+    """kill -9 of rank 1 mid-generation: rank 0 exits 1 at once with one clear line."""
+    procs = _start_generating(tiny_gguf, timeout=30)
+    os.set_blocking(procs[0].stdout.fileno(), True)
+    procs[1].send_signal(signal.SIGKILL)
+    t0 = time.monotonic()
+    (rc, _, err), _ = finish(procs, timeout=45)
+    assert rc == 1
+    assert time.monotonic() - t0 < 45
+    lines = _one_error_line(err)
+    assert len(lines) == 1 and "the ranks lost touch" in lines[0], err[-2000:]
+
+
+def test_a_hung_rank_ends_the_job_within_the_timeout(tiny_gguf) -> None:
+    """A stopped rank 1 (SIGSTOP): rank 0 gives up after --dist-timeout with one line."""
+    procs = _start_generating(tiny_gguf, timeout=5)
+    os.set_blocking(procs[0].stdout.fileno(), True)
+    procs[1].send_signal(signal.SIGSTOP)
+    t0 = time.monotonic()
+    try:
+        rc, _, err = finish(procs[:1], timeout=5 + 40)[0]
+    finally:
+        procs[1].send_signal(signal.SIGCONT)
+        finish(procs[1:], timeout=60)
+    assert rc == 1
+    assert time.monotonic() - t0 < 45
+    lines = _one_error_line(err)
+    assert len(lines) == 1 and ("lost touch" in lines[0] or "hangs" in lines[0]), err[-2000:]
+
+
+def test_a_split_that_cuts_a_quantization_block_is_refused(tmp_path: Path) -> None:
+    """Q8_0 blocks hold 32 values; 4 ranks would cut wo's 64 columns into 16s."""
+    import gguf
+    import torch
+
+    from llamalab.checkpoint import names as tensor_names
+    from llamalab.checkpoint.gguf_format import add_model_metadata
+    from llamalab.checkpoint.load import open_checkpoint
+    from llamalab.checkpoint.names import expected_shapes
+    from llamalab.config import ModelConfig
+    from llamalab.errors import LlamalabError
+    from llamalab.gguf.dequant import quantize_q8_0
+    from llamalab.parallel.loading import check_blocks
+
+    config = ModelConfig(name="q8", dim=64, n_layers=1, n_heads=4, n_kv_heads=4,
+                         vocab_size=64, ffn_hidden_dim=128)  # fmt: skip
+    path = tmp_path / "q8.gguf"
+    writer = gguf.GGUFWriter(path, "llama")
+    add_model_metadata(writer, config)
+    for name, shape in expected_shapes(config).items():
+        gguf_name = tensor_names.to_format(name, "gguf")
+        if len(shape) == 1:
+            writer.add_tensor(gguf_name, torch.ones(shape).numpy())
+        else:
+            data = quantize_q8_0(torch.randn(shape))
+            writer.add_tensor(gguf_name, data, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    reader = open_checkpoint(path)
+    check_blocks(reader, 2)  # 32 columns each: whole blocks
+    with pytest.raises(LlamalabError, match=r"blk\.0\.attn_output\.weight \(Q8_0, blocks of 32"):
+        check_blocks(reader, 4)
