@@ -363,8 +363,9 @@ class Scheduler:
     def _end(self, ticket: Ticket) -> None:
         ticket.done = True
         self._ended += 1
-        if ticket.generation is not None:
-            timing = ticket.generation.timing
+        # A stand-in engine's generations may keep no timing.
+        timing = getattr(ticket.generation, "timing", None)
+        if timing is not None:
             # Accepted first: a scrape between the two sees a rate of at most 1.
             self.accepted_draft_tokens += timing.accepted_tokens
             self.draft_tokens += timing.draft_tokens
