@@ -8,12 +8,14 @@ windows of ``--window`` tokens, for every position:
 - the perplexity of the text under the path;
 - how often the path's top token is the reference's.
 
-Paths: llamalab ``auto`` as prefill runs it (whole windows), llamalab ``auto`` as decode
-runs it (one token at a time through the KV cache: the native step on CPUs with AVX-512
-VNNI, else the compiled block), the same with torch's
-int4 kernel instead of llamalab's VNNI one (``LLAMALAB_VNNI=0``), llamalab with the fp16
-kernel (``LLAMALAB_VNNI=0 LLAMALAB_INT4=0``), and llama.cpp (llama-cpp-python, ``logits_all=True``,
-its defaults otherwise: f16 KV cache, 8-bit activations for 4-bit matmuls).
+Paths: llamalab ``auto`` as prefill runs it (whole windows) and as decode runs it (one
+token at a time through the KV cache: the native step), on every instruction-set build of
+llamalab's kernels this CPU runs (``LLAMALAB_ISA=avx512|avxvnni|avx2``); the kernels as
+``llamalab eval`` runs them (two int8 passes over activations, prefill); torch's int4
+kernel (``LLAMALAB_ISA=torch``, where the CPU has AVX-512 BF16) and its fp16 one
+(``LLAMALAB_ISA=torch LLAMALAB_INT4=0``); and llama.cpp (llama-cpp-python,
+``logits_all=True``, its defaults otherwise: f16 KV cache, 8-bit activations for 4-bit
+matmuls).
 
     python bench/bench_quality.py [--model FILE] [--text FILE_OR_DIR] [--tokens 4096]
 
@@ -57,6 +59,10 @@ def llamalab_logits(model_path: str, chunks: list[list[int]], how: str):
 
     dtype = "float32" if how == "float32" else "auto"
     model, _ = load_runtime(model_path, dtype, progress=False, compile=how == "decode")
+    if how == "eval":
+        from llamalab.kernels.native import set_activation_passes
+
+        set_activation_passes(2)
     out = []
     with torch.inference_mode():
         for ids in chunks:
@@ -137,18 +143,21 @@ def main() -> None:
     n = sum(len(c) for c in chunks)
     tmp = Path(tempfile.mkdtemp(prefix="bench-quality-"))
     (tmp / "ids.json").write_text(json.dumps(chunks))
-    paths = {
-        "float32": {},
-        "llamalab auto (prefill)": {"how": "prefill"},
-        "llamalab auto (decode)": {"how": "decode"},
-        "llamalab int4 kernel (decode)": {"how": "decode", "env": {"LLAMALAB_VNNI": "0"}},
-        "llamalab fp16 kernel": {
-            "how": "prefill",
-            "env": {"LLAMALAB_VNNI": "0", "LLAMALAB_INT4": "0"},
-        },
-        "llama.cpp": {"how": "llama.cpp"},
+    from llamalab.kernels.cpu import ISAS, has_native_bf16, isa_runs
+
+    paths = {"float32": {}}
+    for isa in (i for i in ISAS if isa_runs(i)):
+        for how in ("prefill", "decode"):
+            paths[f"llamalab {isa} ({how})"] = {"how": how, "env": {"LLAMALAB_ISA": isa}}
+    paths["llamalab eval (2 passes, prefill)"] = {"how": "eval"}
+    if has_native_bf16():
+        paths["llamalab torch int4 (decode)"] = {"how": "decode", "env": {"LLAMALAB_ISA": "torch"}}
+    paths["llamalab torch fp16 (prefill)"] = {
+        "how": "prefill",
+        "env": {"LLAMALAB_ISA": "torch", "LLAMALAB_INT4": "0"},
     }
-    ours = ("OMP_WAIT_POLICY", "LLAMALAB_INT4", "LLAMALAB_VNNI")
+    paths["llama.cpp"] = {"how": "llama.cpp"}
+    ours = ("OMP_WAIT_POLICY", "LLAMALAB_INT4", "LLAMALAB_VNNI", "LLAMALAB_ISA")
     plain = {k: v for k, v in os.environ.items() if k not in ours}
     results = {}
     for name, spec in paths.items():
