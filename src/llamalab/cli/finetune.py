@@ -2,13 +2,15 @@
 
     llamalab finetune configs/finetune/lora.toml --set model=MODEL --set data=items.jsonl
     llamalab finetune configs/finetune/full.toml --set out_dir=runs/full
+    torchrun --standalone --nproc_per_node 2 -m llamalab finetune configs/finetune/lora.toml
 
 MODEL is any checkpoint llamalab loads (GGUF file, Hugging Face or Meta folder); a GGUF
 base stays packed in its stored quantization while the adapters train (base = "float"
 dequantizes it). data is a JSONL file of chat ({"messages": [...]}), Alpaca
 (instruction/input/output), ShareGPT ({"conversations": [...]}) or {"text": ...} items;
 chats are rendered with the model's chat template and only the assistant's tokens are
-trained. val_fraction of the items are held out; their loss is reported every eval_every
+trained. Items are packed into rows of seq_len, each attending only to itself
+(packing = false: one item per row). val_fraction of the items are held out; their loss is reported every eval_every
 steps. Every input is checked before training starts, and nothing is overwritten.
 
 out_dir gets finetune.json (the run), metrics.jsonl, loss.png, checkpoints/ and
@@ -17,11 +19,13 @@ rewritten with each checkpoint, which `llamalab generate --lora OUT_DIR/adapter`
 peft.PeftModel.from_pretrained load. A full fine-tune writes export/, a Meta folder,
 at the end. Running the same command again resumes from the newest checkpoint
 (SIGINT/SIGTERM save one and stop); an out_dir holding another run is refused.
+Under torchrun each process holds the model, takes its share of every step's
+micro-batches and averages the gradients with the others; rank 0 writes the outputs.
 
 --set KEY=VALUE overrides a config key: model, data, out_dir, method (lora|full), rank,
 alpha, dropout, targets (["wq","wv"], among wq wk wv wo w1 w2 w3 output), lr,
 max_steps or epochs, batch_tokens, seq_len, micro_batch_size, seed, checkpoint_every,
-eval_every, val_fraction, base (auto|packed|float), threads ...
+eval_every, val_fraction, base (auto|packed|float), packing (true|false), threads ...
 """
 
 from __future__ import annotations
