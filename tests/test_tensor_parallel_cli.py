@@ -103,7 +103,7 @@ def test_smollm2_on_3_ranks_generates_the_tokens_of_one_process(smollm2_path) ->
     """SmolLM2 (9 query heads, 3 KV heads) on 3 ranks in float32: the 64 greedy tokens of
     one process, and only rank 0 prints."""
     args = ["generate", "--model", str(smollm2_path), "--dtype", "float32", "--temperature",
-            "0", "--max-tokens", "64", "--json", "Tell me about the history of Paris."]  # fmt: skip
+            "0", "--max-tokens", "64", "--json", "--chat", "Tell me about the history of Paris."]  # fmt: skip
     one = llamalab(*args)
     assert one.returncode == 0, one.stderr
     ranks = torchrun(3, *args)
@@ -245,3 +245,25 @@ def test_a_split_that_cuts_a_quantization_block_is_refused(tmp_path: Path) -> No
     check_blocks(reader, 2)  # 32 columns each: whole blocks
     with pytest.raises(LlamalabError, match=r"blk\.0\.attn_output\.weight \(Q8_0, blocks of 32"):
         check_blocks(reader, 4)
+
+
+# ---------------------------------------------------------------- NCCL
+
+
+def _gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(_gpus() < 2, reason="NCCL ranks need two CUDA devices (one per rank)")
+def test_nccl_ranks_generate_the_tokens_of_one_gpu(tiny_gguf) -> None:
+    """Two NCCL ranks, one GPU each, float32: the greedy tokens of one process on one GPU."""
+    args = ["generate", "--model", str(tiny_gguf), "--device", "cuda", "--dtype", "float32",
+            "--temperature", "0", "--max-tokens", "32", "--json", "Once upon a time"]  # fmt: skip
+    one = llamalab(*args)
+    assert one.returncode == 0, one.stderr
+    ranks = torchrun(2, *args)
+    assert ranks.returncode == 0, ranks.stderr[-3000:]
+    assert json.loads(ranks.stdout)["ids"] == json.loads(one.stdout)["ids"]
