@@ -197,11 +197,11 @@ class DecodePath:
     """
 
     def __init__(
-        self, model: nn.Module, native_step: NativeStep | None, native_attention: bool
+        self, model: nn.Module, native_step: NativeStep | None, attends_natively: bool
     ) -> None:
         self._model = model
         self.native_step = native_step  # None: no pass runs natively (an adapter needs its modules)
-        self.native_attention = native_attention
+        self.attends_natively = attends_natively  # the blocks' attention is native_attention
         self.compiled_block: Any = None  # set by compile(); None again if compiling fails
 
     @property
@@ -257,7 +257,7 @@ class DecodePath:
         return {
             "isa": self.isa,
             "step": self.step,
-            "attention": "native" if self.native_attention else "torch",
+            "attention": "native" if self.attends_natively else "torch",
             "linear": dict(sorted(kernels.items())),
         }
 
