@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -87,6 +88,20 @@ def test_lora_on_two_processes_equals_one_and_resumes_under_torchrun(tiny, tmp_p
         "rng-0.pt",
         "rng-1.pt",
     ]
+
+    # The replicated tensors are written once, shared out between the ranks' files.
+    def stored(out: Path) -> int:
+        return sum(
+            f.stat().st_size for f in (out / "checkpoints" / "step-00000006").glob("*.distcp")
+        )
+
+    assert abs(stored(two) - stored(one)) <= 0.02 * stored(one)
+    # One process resumes the 2-process checkpoint of step 3 and takes the same steps.
+    resumed = tmp_path / "resumed"
+    shutil.copytree(two, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step-00000006")
+    assert run_here(LORA, model, data, resumed, "max_steps=6", *FLAT)["steps_run"] == 3
+    assert_same_run(one, resumed, 6)
     x = load_file(one / "adapter" / "adapter_model.safetensors")
     y = load_file(two / "adapter" / "adapter_model.safetensors")
     assert x.keys() == y.keys()
