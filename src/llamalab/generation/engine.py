@@ -43,10 +43,10 @@ from llamalab.generation.speculative import (
     ModelDrafter,
     PassCost,
     Speculation,
-    exact_pass_tokens,
     verifies_exactly,
 )
 from llamalab.generation.stopping import StopStringMatcher
+from llamalab.kernels.decode_path import native_pass_tokens
 from llamalab.kv_cache import CacheView, Segments, cache_view
 
 if TYPE_CHECKING:
@@ -651,7 +651,7 @@ class Engine:
             min(self.max_seq_len - 1 - s.pos, s.request.max_tokens - len(s.ids) - 1)
             for s in running
         ]
-        room = exact_pass_tokens(self.model)
+        room = native_pass_tokens(self.model)  # the most tokens a pass verifies exactly
         if len(running) == 1:
             spec = running[0].speculation
             assert spec is not None

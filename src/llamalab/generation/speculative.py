@@ -93,12 +93,7 @@ def accept_point_draft(
 def verifies_exactly(model: torch.nn.Module, n_tokens: int) -> bool:
     """Whether a pass of ``n_tokens`` gives each token the same logits, bit for bit, as
     one-token steps would: only llamalab's native step promises that (see the module)."""
-    return n_tokens <= exact_pass_tokens(model)
-
-
-def exact_pass_tokens(model: torch.nn.Module) -> int:
-    """The most tokens a pass may hold and still verify exactly (0: none may)."""
-    return native_pass_tokens(model)
+    return n_tokens <= native_pass_tokens(model)
 
 
 class PromptLookup:
