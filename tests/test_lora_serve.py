@@ -174,3 +174,19 @@ def test_the_server_picks_the_adapter_by_model_name(smollm2_path, tmp_path, caps
         assert status == 404 and reply["error"]["code"] == "model_not_found"
     finally:
         server.stop()
+
+
+def test_passes_of_base_rows_alone_skip_the_adapters(setup, monkeypatch):
+    from llamalab.train.lora import LoRAAdapter
+
+    model = llamalab.load_model(setup["model"])
+    rows = serve_adapters(model, [(n, p, 1.0) for n, p in setup["adapters"].items()])
+    engine = Engine(model, llamalab.load_tokenizer(setup["model"]), max_batch=2, max_seq_len=64)
+    calls = []
+    real = LoRAAdapter.forward
+    monkeypatch.setattr(LoRAAdapter, "forward", lambda self, x: calls.append(1) or real(self, x))
+    base = Request(setup["ids"][0], max_tokens=4, sampling=GREEDY, lookup=None)
+    engine.generate_batch([base, base])
+    assert calls == []
+    engine.generate_batch([base, Request(base.prompt_ids, max_tokens=4, adapter=rows.index("mlp"))])
+    assert calls

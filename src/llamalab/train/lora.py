@@ -80,6 +80,14 @@ class LoRAAdapter(nn.Module):
                 h = h * mask.view(*h.shape[:-1], -1)
         return (h @ self.lora_B.T) * self.scaling
 
+    def idle(self) -> bool:
+        """Whether no token of the running pass uses this adapter (serving several: a pass
+        of base rows alone skips every adapter)."""
+        selection = self.__dict__.get("selection")
+        if selection is None:
+            return False
+        return not (selection.output_on if self.__dict__.get("is_output") else selection.blocks_on)
+
     def delta_weight(self) -> torch.Tensor:
         """``B @ A * scaling``, the (out, in) change the adapter makes to the weight."""
         return (self.lora_B @ self.lora_A) * self.scaling
@@ -98,6 +106,8 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
+        if self.adapter.idle():
+            return y
         return y + self.adapter(x).to(y.dtype)
 
 
@@ -112,6 +122,8 @@ class LoRAFused(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
+        if all(a.idle() for a in self.adapters.values()):
+            return y
         pieces = list(y.split(list(self.parts.values()), dim=-1))
         for i, name in enumerate(self.parts):
             if name in self.adapters:
@@ -506,6 +518,7 @@ class _Selection:
 
     blocks: torch.Tensor | None = None
     output: torch.Tensor | None = None
+    blocks_on = output_on = False  # whether any token keeps a column (else: skipped)
 
 
 class AdapterRows:
@@ -591,9 +604,12 @@ def serve_adapters(model: nn.Module, named: Iterable[tuple[str, str | Path, floa
                 )
                 at += B * T
             per_token = torch.cat(parts)
-        blocks = rows.columns[per_token].to(module.norm.weight.device)
-        selection.blocks = blocks
-        selection.output = blocks if keep is None else blocks[keep]
+        picked = per_token if keep is None else per_token[keep]
+        selection.blocks_on = bool(per_token.any())
+        selection.output_on = bool(picked.any())
+        device = module.norm.weight.device
+        selection.blocks = rows.columns[per_token].to(device) if selection.blocks_on else None
+        selection.output = rows.columns[picked].to(device) if selection.output_on else None
 
     model.register_forward_pre_hook(choose, with_kwargs=True)
     model.lora_rows = rows
