@@ -132,6 +132,76 @@ def test_eval_on_2_ranks_scores_every_item_as_one_process(tmp_path: Path, tiny_g
     assert json.loads(ranks.stdout)["value"] == json.loads(one.stdout)["value"]
 
 
+def _serve_replies(port: int) -> dict:
+    """Greedy replies of the official openai client: plain and streamed, 4 at a time."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+    model = client.models.list().data[0].id
+    prompts = ["Once upon a time", "The capital of France is", "1, 2, 3,", "Hello"]
+
+    def plain(prompt: str) -> str:
+        reply = client.completions.create(model=model, prompt=prompt, max_tokens=16, temperature=0)
+        return reply.choices[0].text
+
+    def streamed(prompt: str) -> str:
+        chunks = client.completions.create(
+            model=model, prompt=prompt, max_tokens=16, temperature=0, stream=True
+        )
+        return "".join(c.choices[0].text for c in chunks)
+
+    with ThreadPoolExecutor(4) as pool:
+        return {
+            "plain": list(pool.map(plain, prompts)),
+            "streamed": list(pool.map(streamed, prompts)),
+        }
+
+
+def _wait_for_health(port: int, procs: list[subprocess.Popen]) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + LAUNCH_TIMEOUT
+    while time.monotonic() < deadline:
+        if any(p.poll() is not None for p in procs):
+            pytest.fail(f"a rank ended: {[p.stderr.read()[-2000:] for p in procs]}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+                return
+        except OSError:
+            time.sleep(0.5)
+    pytest.fail("the server did not start")
+
+
+@pytest.mark.slow
+def test_serve_on_2_ranks_answers_as_one_process(tiny_gguf) -> None:
+    """The openai client gets the same greedy replies (streamed and not, concurrent) from
+    2 ranks as from one process; SIGTERM (torchrun sends it to every rank) drains and
+    ends every rank."""
+    replies = []
+    for nproc in (1, 2):
+        port = _free_port()
+        args = ["serve", "--model", str(tiny_gguf), "--dtype", "float32", "--port", str(port)]
+        if nproc == 1:
+            procs = [subprocess.Popen([sys.executable, "-m", "llamalab", *args], stdout=PIPE,
+                                      stderr=PIPE, text=True, env=ENV)]  # fmt: skip
+        else:
+            procs = spawn_ranks(nproc, *args)
+        try:
+            _wait_for_health(port, procs)
+            replies.append(_serve_replies(port))
+        finally:
+            for p in procs:
+                p.send_signal(signal.SIGTERM)
+            results = finish(procs, timeout=60)
+        if nproc == 2:
+            assert all(rc == 128 + signal.SIGTERM for rc, _, _ in results), results
+            assert not [line for _, _, err in results for line in _one_error_line(err)]
+    assert replies[1] == replies[0]
+    assert len(replies[0]["plain"][0]) > 0
+
+
 # ---------------------------------------------------------------- faults
 
 

@@ -1,22 +1,23 @@
-"""Commands under ``torchrun``: tensor-parallel ranks for ``generate`` and ``eval``.
+"""Commands under ``torchrun``: tensor-parallel ranks for ``generate``, ``eval`` and ``serve``.
 
 ``run_command`` runs any command. Outside a multi-rank launch (``$WORLD_SIZE`` unset or
-1) it only calls the command. Under one, ``generate`` and ``eval`` join the other ranks
-(``parallel/launch.py``): rank 0 runs the command, each other rank follows it, holding its
-slices of the model. Other commands that run a model are refused there; the rest
-(``train``, ``finetune``) keep their own torchrun handling.
+1) it only calls the command. Under one, ``generate``, ``eval`` and ``serve`` join the
+other ranks (``parallel/launch.py``): rank 0 runs the command (and owns the server's
+socket), each other rank follows it, holding its slices of the model. ``chat`` is refused
+there; the rest (``train``, ``finetune``) keep their own torchrun handling.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
 from llamalab.errors import LlamalabError
 
-RANKED = ("generate", "eval")  # commands that run on tensor-parallel ranks
-NOT_YET = ("chat", "serve")  # model commands that do not run on ranks yet
+RANKED = ("generate", "eval", "serve")  # commands that run on tensor-parallel ranks
+NOT_YET = ("chat",)  # model commands that do not run on ranks yet
 
 
 def add_distributed_options(p: argparse.ArgumentParser) -> None:
@@ -55,6 +56,10 @@ def _factories() -> dict:
     return {"scorer": scorer}
 
 
+def _exit_on_sigterm(signum, frame) -> None:
+    raise SystemExit(128 + signal.SIGTERM)
+
+
 def run_command(args: argparse.Namespace) -> int:
     """Run ``args.func(args)``: in this process, or as one of torchrun's ranks."""
     from llamalab.parallel.launch import world_size
@@ -68,9 +73,13 @@ def run_command(args: argparse.Namespace) -> int:
         )
     from llamalab.parallel import launch
 
-    session = launch.start(timeout=args.dist_timeout, device=getattr(args, "device", None))
+    timeout = getattr(args, "dist_timeout", launch.DEFAULT_TIMEOUT)
+    session = launch.start(timeout=timeout, device=getattr(args, "device", None))
     if session.rank != 0:
         return session.follow(_factories())
+    # SIGTERM ends rank 0 through its `finally`, which tells the other ranks to stop (a
+    # server re-raises it once drained; the default action would end this process first).
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     status = 1
     try:
         status = args.func(args)
@@ -83,6 +92,9 @@ def run_command(args: argparse.Namespace) -> int:
         os._exit(1)
     except KeyboardInterrupt:
         status = 130
+        raise
+    except SystemExit as exc:  # SIGTERM: the other ranks end with the same status
+        status = exc.code if isinstance(exc.code, int) else 1
         raise
     finally:
         session.close(status)

@@ -45,6 +45,7 @@ import dataclasses
 import hashlib
 import os
 import queue
+import signal
 import sys
 import threading
 import time
@@ -223,6 +224,7 @@ class Session:
         self.model = None
         self.objects: dict[str, Any] = {}
         self._depth = 0  # > 0 inside a mirrored call: nested calls are not sent again
+        self._calls = threading.RLock()
         self._broken: str | None = None
         self.watchdog = _Watchdog(timeout + GRACE, self.report)
         if self.rank == 0:
@@ -376,18 +378,21 @@ class Session:
             original = getattr(obj, method)
 
             def call(*args, _method=method, _original=original, **kwargs):
-                if self._depth:
-                    return _original(*args, **kwargs)
-                self._depth += 1  # before the message leaves: no heartbeat after it
-                try:
-                    self.send("call", name, _method, args, kwargs)
-                    return _original(*args, **kwargs)
-                except Exception as exc:
-                    if _is_comm_error(exc):
-                        raise self.lost(exc, f"in {name}.{_method}") from None
-                    raise
-                finally:
-                    self._depth -= 1
+                # One call at a time (a server's threads take turns): the followers make
+                # them in the order they are sent. Calls nested in one are not sent.
+                with self._calls:
+                    if self._depth:
+                        return _original(*args, **kwargs)
+                    self._depth += 1  # before the message leaves: no heartbeat after it
+                    try:
+                        self.send("call", name, _method, args, kwargs)
+                        return _original(*args, **kwargs)
+                    except Exception as exc:
+                        if _is_comm_error(exc):
+                            raise self.lost(exc, f"in {name}.{_method}") from None
+                        raise
+                    finally:
+                        self._depth -= 1
 
             # An instance attribute: nn.Module.__call__ finds it before the class's forward.
             object.__setattr__(obj, method, call)
@@ -411,6 +416,10 @@ class Session:
 
         warnings.filterwarnings("ignore")
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (the rank's output goes nowhere)
+        # torchrun passes SIGTERM and SIGINT to every rank: rank 0 decides (a server
+        # drains first) and its stop message ends this loop; a lost rank 0 ends it too.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         while True:
             box: list[Any] = [None]
             try:
