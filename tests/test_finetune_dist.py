@@ -80,6 +80,7 @@ def test_lora_on_two_processes_equals_one_and_resumes_under_torchrun(tiny, tmp_p
     assert [s for s, _ in list_checkpoints(two)] == [3]
     second = torchrun(LORA, model, data, two, "max_steps=6", *FLAT)
     assert "resuming from step-00000003" in second.stderr, second.stderr[-3000:]
+    assert second.stderr.count("llamalab finetune: step 6, loss") == 1  # rank 0's summary
     assert_same_run(one, two, 6)
     assert [s for s, _ in list_checkpoints(two)] == [3, 6]
     assert top_level(two) == top_level(one)

@@ -42,12 +42,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import signal
     import sys
 
     from llamalab.train.finetune import finetune, load_finetune_config
 
     cfg = load_finetune_config(args.config, args.overrides)
     summary = finetune(cfg, progress=progress_from_args(args))
+    if summary["rank"] != 0:  # under torchrun, rank 0 speaks for the job
+        return 128 + int(getattr(signal, summary["stopped_by"])) if summary.get("stopped_by") else 0
     if summary["already_finished"]:
         print(
             f"llamalab finetune: {cfg.out_dir} already finished at step {summary['step']}; "

@@ -444,8 +444,9 @@ def _finetune(cfg: FinetuneConfig, world: Any, progress: bool | None) -> dict[st
         if world.is_main and not (out / _export_name(cfg)).is_dir():
             export()
         barrier(world)
-        return {"step": step, "stop_step": stop_step, "already_finished": True,
-                "out_dir": str(out), "export": str(out / _export_name(cfg))}  # fmt: skip
+        return {"rank": world.rank, "step": step, "stop_step": stop_step,
+                "already_finished": True, "out_dir": str(out),
+                "export": str(out / _export_name(cfg))}  # fmt: skip
 
     say(f"{data.summary()}; {len(train_items)} train, {len(val_items)} validation")
     if cfg.packing:
@@ -502,6 +503,7 @@ def _finetune(cfg: FinetuneConfig, world: Any, progress: bool | None) -> dict[st
         else:
             exported = out / ADAPTER
     return {
+        "rank": world.rank,
         **steps.summary(),
         "export": str(exported) if exported else None,
         "out_dir": str(out),
