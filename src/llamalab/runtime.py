@@ -129,7 +129,8 @@ def load_runtime(
     check_threads(threads)
     session = current()
     if session is not None:  # a tensor-parallel rank under torchrun: every rank loads a slice
-        return session.load_runtime(ref, dtype, threads=threads, announce=announce)
+        path = resolve_model_ref(ref)
+        return session.load_runtime(path, dtype, threads=threads, announce=announce)
     # torch takes 1.5 s to import on its own: it imports in the background while this
     # thread does what needs no torch (the tokenizer, the model file's header, the check
     # of its packed-weight cache file).

@@ -242,6 +242,15 @@ class Session:
             sys.stderr.write(f"llamalab: error: {who}{message}\n")
             sys.stderr.flush()
 
+    def die(self, message: str) -> None:
+        """Print ``message`` as this rank's one error line and end the process now: a
+        broken process group can wait on the lost rank when it is left or destroyed."""
+        self._broken = message
+        self.report(message)
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+        os._exit(1)
+
     def lost(self, exc: BaseException, during: str) -> RanksLost:
         """The error for a failed collective: the ranks cannot go on together."""
         self._broken = f"the ranks lost touch {during} ({_short(exc)}); every rank stops"
@@ -329,8 +338,8 @@ class Session:
             try:
                 dist.broadcast_object_list([message], src=0, group=self.control)
             except Exception as exc:  # noqa: BLE001 (a follower is gone)
-                self._broken = f"the ranks lost touch ({_short(exc)}); every rank stops"
-                return
+                # Whatever rank 0 is doing (a server waiting for requests), it cannot go on.
+                self.die(f"the ranks lost touch ({_short(exc)}); every rank stops")
             if message[0] == "stop":
                 return
 
@@ -340,10 +349,9 @@ class Session:
             raise RanksLost(self._broken)
         self._queue.put(_portable(message))
 
-    def load_runtime(self, ref, dtype: str, *, threads: int | None = None, announce=False):
-        """The leader's ``(model, tokenizer)``: the tokenizer here, the model split across
-        every rank (each loading its own slices of the same file)."""
-        from llamalab.runtime import resolve_model_ref
+    def load_runtime(self, path: Path, dtype: str, *, threads: int | None = None, announce=False):
+        """The leader's ``(model, tokenizer)`` for the checkpoint at ``path``: the tokenizer
+        here, the model split across every rank (each loading its slices of the same file)."""
         from llamalab.tokenizer import load_tokenizer
 
         if self.model is not None:
@@ -351,7 +359,6 @@ class Session:
                 "tensor parallelism runs one model: a second one (--draft) is not available "
                 "under torchrun"
             )
-        path = resolve_model_ref(ref)
         tokenizer = load_tokenizer(path)
         if announce:
             kind = "NCCL" if self.device.type == "cuda" else "gloo"
@@ -389,7 +396,8 @@ class Session:
                         return _original(*args, **kwargs)
                     except Exception as exc:
                         if _is_comm_error(exc):
-                            raise self.lost(exc, f"in {name}.{_method}") from None
+                            # From any thread (a server's engine thread): the job ends here.
+                            self.die(str(self.lost(exc, "during a model step")))
                         raise
                     finally:
                         self._depth -= 1
@@ -426,8 +434,7 @@ class Session:
                 with self.watchdog.guard("waiting for rank 0"):
                     dist.broadcast_object_list(box, src=0, group=self.control)
             except Exception as exc:  # noqa: BLE001 (the leader is gone)
-                self.report(f"lost rank 0 ({_short(exc)})")
-                return 1
+                self.die(f"lost rank 0 ({_short(exc)})")
             except KeyboardInterrupt:
                 return 130
             kind, *rest = _portable(box[0], self.device)
@@ -443,8 +450,7 @@ class Session:
                 return 1
             except Exception as exc:  # noqa: BLE001 (the leader met the same; it reports)
                 if _is_comm_error(exc):
-                    self.report(f"the ranks lost touch during a model step ({_short(exc)})")
-                    return 1
+                    self.die(str(self.lost(exc, "during a model step")))
             except KeyboardInterrupt:
                 return 130
 
