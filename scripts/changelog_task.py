@@ -435,8 +435,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             (out / "stats.json").write_text(json.dumps(stats, indent=1) + "\n")
             print(json.dumps(stats))
             return 0
-        if args.limit is not None and args.limit < 1:
-            raise TaskError(f"--limit must be at least 1, got {args.limit}")
+        for name in ("limit", "batch_size", "max_tokens"):
+            value = getattr(args, name)
+            if value is not None and value < 1:
+                flag = "--" + name.replace("_", "-")
+                raise TaskError(f"{flag} must be at least 1, got {value}")
         from llamalab.cli.options import lora_from_args
 
         # The same PATH[:SCALE] reading and checks as `llamalab generate --lora`.

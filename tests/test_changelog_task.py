@@ -275,6 +275,10 @@ def test_cli_errors_are_one_line(task, tmp_path, capsys):
     )
     assert task.main(["score", str(ok), "--lora", str(tmp_path / "missing")]) == 1
     assert "--lora" in capsys.readouterr().err
+    assert task.main(["score", str(ok), "--batch-size", "0"]) == 1
+    assert (
+        capsys.readouterr().err == "changelog_task: error: --batch-size must be at least 1, got 0\n"
+    )
 
 
 def test_greedy_replies_equal_llama_cpp(task, smollm2_path, smollm2_tokenizer):
