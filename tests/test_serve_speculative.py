@@ -319,3 +319,59 @@ def test_eval_json_reports_the_drafts(tmp_path) -> None:
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
     assert set(summary["speculation"]) == {"draft_tokens", "accepted_draft_tokens"}
+
+
+# ------------------------------------------------------------------ replies independent of timing
+def _long_prompts(tok) -> list[list[int]]:
+    """Eight chat prompts of 100 to 400 tokens: long enough to be prefilled in chunks."""
+    prompts = []
+    for i in range(8):
+        notes = "\n".join(
+            f"Line {j}: crate {(j * 7 + i) % 13} holds {j * 3 + i} apples."
+            for j in range(5 + 2 * i)
+        )
+        ask = "Copy the last three lines exactly." if i % 2 else "Which crate holds most apples?"
+        prompts.append(tok.encode_chat([{"role": "user", "content": f"{notes}\n\n{ask}"}]))
+    return prompts
+
+
+def _arrivals(model, tok, prompts, arrive, lookup, **engine) -> list[list[int]]:
+    """Greedy replies of ``prompts`` in one 8-row engine, prompt i added at step ``arrive[i]``."""
+    eng = Engine(model, tok, max_batch=8, max_seq_len=512, **engine)
+    seqs: dict[int, object] = {}
+    step = 0
+    while len(seqs) < len(prompts) or not all(s.finished for s in seqs.values()):
+        for i, at in enumerate(arrive):
+            if at == step:
+                request = Request(prompts[i], max_tokens=32, sampling=GREEDY, lookup=lookup)
+                seqs[i] = eng.add(request)
+        eng.step()
+        step += 1
+    return [seqs[i].ids for i in range(len(prompts))]
+
+
+def test_concurrent_greedy_replies_do_not_depend_on_timing_or_lookup(smollm2) -> None:
+    model, tok = smollm2
+    prompts = _long_prompts(tok)
+    assert 100 <= min(map(len, prompts)) and max(map(len, prompts)) <= 400
+    # Each alone, as `llamalab generate` runs it (Engine.submit prefills the whole prompt).
+    alone = []
+    for p in prompts:
+        solo = Engine(model, tok, max_batch=1, max_seq_len=512)
+        alone.append([e.token_id for e in solo.generate(
+            Request(p, max_tokens=32, sampling=GREEDY, lookup=None)
+        ) if e.token_id is not None])  # fmt: skip
+    # Chunks of a fixed 128 tokens beside all 8 decode rows; then chunks sized by the
+    # measured step times with staggered arrivals; then small chunks with lookup on.
+    together = _arrivals(model, tok, prompts, [0] * 8, None, prefill_chunk=128, prefill_share=None)
+    staggered = _arrivals(model, tok, prompts, [0, 1, 2, 4, 7, 11, 16, 22], None)
+    fast = _arrivals(
+        model, tok, prompts, [3, 0, 9, 1, 5, 0, 14, 2], LookupParams(),
+        prefill_chunk=37, prefill_share=None,
+    )  # fmt: skip
+    for i, expected in enumerate(alone):
+        # A stop token ends a reply without joining ids; the event stream carries it.
+        expected = [t for t in expected if t not in tok.stop_ids]
+        assert together[i] == expected, i
+        assert staggered[i] == expected, i
+        assert fast[i] == expected, i

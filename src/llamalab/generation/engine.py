@@ -381,10 +381,13 @@ class Engine:
             bar = tqdm(
                 total=len(seq.prompt) - seq.prefilled, desc="prefill", unit="tok", leave=False
             )
+        # On the native step, passes of its size: every prompt token then comes out bit for
+        # bit as in the server's chunks, whatever their size (see _native_room).
+        budget = native_pass_tokens(self.model) or IDLE_PREFILL_CHUNK
         try:
             while True:
                 done = seq.prefilled
-                logits = self._prefill_chunk(seq, IDLE_PREFILL_CHUNK)
+                logits = self._prefill_chunk(seq, budget)
                 if bar is not None:
                     bar.update(seq.prefilled - done)
                 if logits is not None:
@@ -496,8 +499,9 @@ class Engine:
                 return events
         # The first time both kinds of work meet, they run apart: that times a decode
         # step on its own, which the chunk budget is measured against from then on.
-        if running and self._prefilling and self._decode_step_s is not None:
-            events = self._decode_and_prefill(running, self._prefilling[0])
+        room = self._native_room(running)
+        if running and self._prefilling and self._decode_step_s is not None and room != 0:
+            events = self._decode_and_prefill(running, self._prefilling[0], room)
             if events is not None:
                 return events
             # The packed pass failed: run its parts apart, so the failure lands on its owner.
@@ -509,6 +513,9 @@ class Engine:
         if self._prefilling:
             seq = self._prefilling[0]
             budget = self.chunk_budget() if running else IDLE_PREFILL_CHUNK
+            native = native_pass_tokens(self.model)
+            if native:  # a pass of its own, on the native step
+                budget = min(budget, native)
             try:
                 t0, done = time.perf_counter(), seq.prefilled
                 logits = self._prefill_chunk(seq, budget)
@@ -521,6 +528,26 @@ class Engine:
             except Exception as exc:  # noqa: BLE001 (isolation: only this sequence fails)
                 events.append((seq, self._fail(seq, exc, "prefill")))
         return events
+
+    def _native_room(self, running: list[Generation]) -> int | None:
+        """How many prompt tokens a pass beside ``running``'s decode rows may carry and
+        stay on the native step; None where the model has no native step (any number).
+
+        The native step computes each token of a pass bit for bit as a pass of that token
+        alone would, while a pass too long for it runs the model's blocks, whose results
+        differ in the last bits. Keeping every pass on the native step makes each token's
+        result a function of its request alone, not of the chunk sizes that timing chose
+        or of the rows that shared its pass, so greedy replies do not vary between runs.
+        It costs prefill nothing: on SmolLM2 Q4_1 (the shared 2-vCPU machine, best of 2-6
+        runs) 63-token native passes took 1.1, 2.6 and 1.2 ms a prompt token on prompts of
+        512, 1,800 and 4,000 tokens, the blocks' 512-token passes 2.2, 3.6 and 3.0 (and
+        1.3-1.5 in passes of 64-256 tokens on the 512-token prompt).
+        """
+        native = native_pass_tokens(self.model)
+        if not native:
+            return None
+        span = max(s.row for s in running) - min(s.row for s in running) + 1 if running else 0
+        return max(native - span, 0)
 
     def chunk_budget(self) -> int:
         """Prompt tokens the next step prefills beside the running sequences' decode step."""
@@ -575,14 +602,16 @@ class Engine:
         return self._accept_decoded(running, lo, logits, elapsed)
 
     def _decode_and_prefill(
-        self, running: list[Generation], seq: Generation
+        self, running: list[Generation], seq: Generation, room: int | None = None
     ) -> list[tuple[Generation, GenerationEvent]] | None:
-        """One packed pass: the running rows' decode step and ``seq``'s next prompt chunk.
+        """One packed pass: the running rows' decode step and ``seq``'s next prompt chunk,
+        of at most ``room`` tokens where that is given (see :meth:`_native_room`).
 
         Returns None, having changed nothing a retry would not redo, if the pass failed.
         """
         tokens, decode_view, lo = self._decode_inputs(running)
-        chunk, chunk_view, end = self._chunk_inputs(seq, self.chunk_budget())
+        budget = self.chunk_budget() if room is None else min(self.chunk_budget(), room)
+        chunk, chunk_view, end = self._chunk_inputs(seq, budget)
         n = chunk.shape[1]
         packed = torch.cat([tokens.view(1, -1), chunk], dim=1)
         # Decode rows first: a throwaway token of seq's row (if inside the decode span) is
