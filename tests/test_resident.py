@@ -276,3 +276,28 @@ def test_the_opt_out_never_probes(opt_out, tmp_path):
     listener.sock.close()
     # Without an opt-out the address is probed (and, answering nothing, passed over).
     assert listener.connections == (1 if opt_out is None else 0)
+
+
+QUOTE = "Copy this line exactly: the quick brown fox jumps over the lazy dog, twice over."
+
+
+@pytest.mark.parametrize(
+    ("lookup", "drafts"),
+    [(["--no-lookup"], False), (["--lookup", "--lookup-ngram", "2", "--draft-max", "4"], True)],
+)
+def test_lookup_options_travel_to_the_server(lookup, drafts, server, smollm2_path, capsys):
+    args = ["--model", str(smollm2_path), "-n", "24", "--temperature", "0", "--chat", QUOTE]
+    here = in_process(capsys, "--no-lookup", *args)
+    done = cli("generate", "--json", "--server", server.url, *lookup, *args)
+    assert done.returncode == 0, done.stderr
+    there = json.loads(done.stdout)
+    assert there["ids"] == here["ids"] and there["text"] == here["text"]
+    # The server's default is lookup on: no drafts at all means --no-lookup reached it.
+    assert (there["timing"]["draft_tokens"] > 0) is drafts
+
+
+def test_a_draft_model_is_refused_with_a_server(server, smollm2_path):
+    done = cli("generate", "--server", server.url, "--model", str(smollm2_path), "--draft",
+               str(smollm2_path), "Hi")  # fmt: skip
+    assert done.returncode == 1
+    assert "--draft is not sent to a server" in done.stderr and done.stderr.count("\n") == 1

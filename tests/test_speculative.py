@@ -255,13 +255,13 @@ def test_bad_lookup_options_get_one_clear_error(args, message) -> None:
     assert "Traceback" not in result.stderr
 
 
-def test_lookup_options_are_not_handed_to_a_server() -> None:
-    """A resident server's requests carry no lookup settings: asking for them means "here"."""
+def test_a_draft_model_is_not_handed_to_a_server() -> None:
+    """A server drafts with its own --draft (lookup's options travel: test_resident.py)."""
     from conftest import run_cli
 
-    result = run_cli("generate", "--server", "http://127.0.0.1:1", "--draft-max", "4", "Hi")
+    result = run_cli("generate", "--server", "http://127.0.0.1:1", "--draft", "x.gguf", "Hi")
     assert result.returncode == 1
-    assert "--draft-max is not sent to a server" in result.stderr
+    assert "--draft is not sent to a server" in result.stderr
 
 
 def test_lookup_is_on_by_default(smollm2) -> None:

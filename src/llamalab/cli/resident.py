@@ -88,23 +88,10 @@ def find_server(args: argparse.Namespace) -> Server | None:
             f"{' and '.join(local)} {'is' if len(local) == 1 else 'are'} set when the server "
             "starts; leave it out, or use --no-server to run the model here"
         )
-    lookup = getattr(args, "lookup", None)
-    drafting = [
-        flag
-        for flag, value in (
-            ("--lookup" if lookup else "--no-lookup", lookup),
-            ("--lookup-ngram", getattr(args, "lookup_ngram", None)),
-            ("--draft-max", getattr(args, "draft_max", None)),
-            ("--draft", getattr(args, "draft", None)),
-        )
-        if value is not None
-    ]
-    if drafting:
-        # Speculation runs in the engine that decodes; a server's requests do not carry it.
-        return refuse(
-            f"{' and '.join(drafting)} {'is' if len(drafting) == 1 else 'are'} not sent to a "
-            "server; leave it out, or use --no-server to run the model here"
-        )
+    if getattr(args, "draft", None) is not None:
+        # A draft model is loaded by the process that decodes: a server drafts with its
+        # own --draft. Prompt lookup's options travel with the request (request_body).
+        return refuse("--draft is not sent to a server; leave it out, or use --no-server")
     if getattr(args, "lora", None):
         # The adapters are put on the model this process loads; a server runs its own.
         return refuse("--lora is not sent to a server; leave it out, or use --no-server")
@@ -163,6 +150,14 @@ def request_body(
     }
     if grammar is not None:
         body["json_schema" if grammar.kind == "json_schema" else "grammar"] = grammar.text
+    # Prompt lookup as the command says; what it leaves out is the server's default. The
+    # reply is the same either way, only its speed differs.
+    lookup = getattr(args, "lookup", None)
+    if lookup is not None:
+        body["lookup"] = lookup
+    for option in ("lookup_ngram", "draft_max"):
+        if getattr(args, option, None) is not None:
+            body[option] = getattr(args, option)
     return body
 
 
