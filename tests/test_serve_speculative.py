@@ -375,3 +375,33 @@ def test_concurrent_greedy_replies_do_not_depend_on_timing_or_lookup(smollm2) ->
         assert together[i] == expected, i
         assert staggered[i] == expected, i
         assert fast[i] == expected, i
+
+
+def test_eval_lookup_options_keep_every_reply(tmp_path) -> None:
+    _eval_items(tmp_path / "items.jsonl")
+    common = ("eval", "--task", str(tmp_path / "items.jsonl"), "--json", "--limit", "3",
+              "--max-tokens", "24", "--stop", "\n\n")  # fmt: skip
+    runs = {}
+    for name, flags in (("off", ["--no-lookup"]), ("on", ["--lookup", "--draft-max", "6"])):
+        out = tmp_path / f"{name}.jsonl"
+        result = run_cli(*common, *flags, "--output", str(out))
+        assert result.returncode == 0, result.stderr
+        lines = out.read_text(encoding="utf-8").splitlines()
+        runs[name] = (json.loads(result.stdout), [json.loads(line) for line in lines])
+    (off, off_records), (on, on_records) = runs["off"], runs["on"]
+    assert [r["reply"] for r in on_records] == [r["reply"] for r in off_records]
+    assert on["value"] == off["value"]
+    assert off["speculation"]["draft_tokens"] == 0
+    assert on["speculation"]["accepted_draft_tokens"] > 0  # the replies copy their prompts
+
+
+def test_eval_lookup_options_are_refused_where_nothing_is_generated(tmp_path) -> None:
+    items = tmp_path / "choice.jsonl"
+    items.write_text(json.dumps({"context": "1 + 1 =", "choices": ["2", "3"], "label": 0}) + "\n")
+    result = run_cli("eval", "--task", str(items), "--no-lookup")
+    assert result.returncode == 1
+    assert result.stderr == (
+        "llamalab: error: --lookup/--no-lookup applies to generation tasks only\n"
+    )
+    result = run_cli("eval", "--task", str(items), "--draft-max", "0")
+    assert result.returncode == 1 and "--draft-max: the most tokens drafted" in result.stderr

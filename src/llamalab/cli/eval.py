@@ -16,10 +16,12 @@ import sys
 
 from llamalab.cli.distributed import add_distributed_options, shared_scorer
 from llamalab.cli.options import (
+    add_lookup_options,
     add_lora_option,
     add_runtime_options,
     finite_float,
     load_runtime_from_args,
+    lookup_from_args,
     lora_from_args,
     positive_int,
     seed_int,
@@ -31,6 +33,10 @@ DESCRIPTION = (
     + (__doc__.split("\n\n", 1)[1])
 )
 NORM_CHOICES = ("raw", "char", "answer")
+_LOOKUP_FLAGS = (
+    ("--lookup/--no-lookup", "lookup"), ("--lookup-ngram", "lookup_ngram"),
+    ("--draft-max", "draft_max"), ("--draft", "draft"),
+)  # fmt: skip
 DEFAULT_CTX = 2048  # the window when --ctx is not given, if the model's context is longer
 GENERATE_BATCH = 4  # --batch-size for generation tasks
 # Cache rows for multiple choice: 8 items of a 5-shot MMLU subject per pass. The cache is
@@ -48,6 +54,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_runtime_options(p)
     add_distributed_options(p)
     add_lora_option(p)
+    add_lookup_options(p)  # generation tasks: the same replies, sooner where they quote
     # No fixed default: the window is the model's context, capped (see used_context).
     p.set_defaults(ctx=None)
     for action in p._actions:
@@ -160,6 +167,7 @@ def run(args: argparse.Namespace) -> int:
 
     check_arguments(args)
     adapters = lora_from_args(args)
+    lookup = lookup_from_args(args)
     progress = sys.stderr.isatty()
     output = Path(args.output) if args.output else None
     task = files = None
@@ -185,6 +193,10 @@ def run(args: argparse.Namespace) -> int:
         )
         if not task.items:
             raise LlamalabError(f"task {task.name}: no items to score")
+    given = [flag for flag, attr in _LOOKUP_FLAGS if getattr(args, attr) is not None]
+    if given and (task is None or task.kind == "choice"):
+        # Likelihood scoring generates nothing, so nothing is drafted.
+        raise LlamalabError(f"{given[0]} applies to generation tasks only")
     model, tokenizer = load_runtime_from_args(args, load=runner.load_for_eval)
     if adapters:
         from llamalab.train.lora import load_adapters
@@ -216,11 +228,19 @@ def run(args: argparse.Namespace) -> int:
         from llamalab.generation import Engine
 
         args.batch_size = args.batch_size or GENERATE_BATCH
-        engine = Engine(model, tokenizer, max_batch=args.batch_size, max_seq_len=ctx)
+        draft = draft_tokenizer = None
+        if args.draft is not None and lookup is not None:
+            from llamalab.runtime import load_runtime
+
+            draft, draft_tokenizer = load_runtime(args.draft, args.dtype, device=args.device)
+        engine = Engine(
+            model, tokenizer, max_batch=args.batch_size, max_seq_len=ctx, draft=draft,
+            draft_tokenizer=draft_tokenizer,
+        )  # fmt: skip
         if task.kind == "code":
             result = runner.run_code(
                 task, engine, tokenizer, samples=args.samples, temperature=args.temperature,
-                batch_size=args.batch_size, seed=args.seed, progress=progress,
+                batch_size=args.batch_size, seed=args.seed, progress=progress, lookup=lookup,
             )  # fmt: skip
         else:
             extract = None
@@ -228,7 +248,7 @@ def run(args: argparse.Namespace) -> int:
                 from llamalab.eval.tasks.gsm8k import extract_answer as extract
             result = runner.run_generate(
                 task, engine, tokenizer, batch_size=args.batch_size, progress=progress,
-                extract=extract,
+                extract=extract, lookup=lookup,
             )  # fmt: skip
     if output is not None:
         write_records(output, result.records)
