@@ -209,7 +209,7 @@ def test_a_degree_that_does_not_divide_the_heads_is_one_error(tiny_gguf) -> None
     """4 heads on 3 ranks: every rank exits 1, and the job says why once."""
     procs = spawn_ranks(3, "generate", "--model", str(tiny_gguf), "--max-tokens", "4", "Hi")
     results = finish(procs, LAUNCH_TIMEOUT)
-    assert [rc for rc, _, _ in results] == [1, 1, 1]
+    assert [rc for rc, _, _ in results] == [1, 1, 1], results
     lines = [line for _, _, err in results for line in _one_error_line(err)]
     assert len(lines) == 1, lines
     assert "tensor-parallel degree 3 does not divide its 4 attention heads" in lines[0]
@@ -227,7 +227,7 @@ def test_ranks_holding_different_model_files_are_refused(tmp_path: Path, tiny_gg
     (second / "model.gguf").write_bytes(bytes(changed))
     procs = spawn_ranks(2, "generate", "--model", "model.gguf", "Hi", cwds=[first, second])
     results = finish(procs, LAUNCH_TIMEOUT)
-    assert [rc for rc, _, _ in results] == [1, 1]
+    assert [rc for rc, _, _ in results] == [1, 1], results
     lines = [line for _, _, err in results for line in _one_error_line(err)]
     assert len(lines) == 1, lines
     assert "the ranks hold different model files at model.gguf: rank 1 differs" in lines[0]

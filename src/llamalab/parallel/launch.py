@@ -415,8 +415,9 @@ class Session:
 
     # ------------------------------------------------------------------ a follower
     def follow(self, factories: dict[str, Callable[..., Any]]) -> int:
-        """Do what the leader sends until it stops; return its exit status (1 where the
-        ranks lost touch). Prints nothing but a lost leader's error."""
+        """Do what the leader sends until it stops, then end this process with the
+        leader's exit status (1 where the ranks lost touch, 130 on an interrupt before
+        the first message). Prints nothing but a lost leader's error."""
         import warnings
 
         import torch
@@ -441,8 +442,11 @@ class Session:
             if kind == "beat":
                 continue
             if kind == "stop":
-                self._leave()
-                return int(rest[0])
+                # Out at once, without leaving the group: gloo can abort a process whose
+                # peers close their connections while it tears its own down.
+                with contextlib.suppress(Exception):
+                    sys.stderr.flush()
+                os._exit(int(rest[0]))
             try:
                 with torch.inference_mode():  # the leader's calls all run without autograd
                     self._do(kind, rest, factories)
