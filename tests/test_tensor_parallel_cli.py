@@ -317,6 +317,19 @@ def test_a_split_that_cuts_a_quantization_block_is_refused(tmp_path: Path) -> No
         check_blocks(reader, 4)
 
 
+def test_chat_and_a_bad_world_size_are_refused_before_any_rank_joins(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    from llamalab.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["chat", "--model", "x.gguf"]) == 1
+    assert "chat does not run on tensor-parallel ranks yet" in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    assert main(["generate", "--model", "x.gguf", "Hi"]) == 1
+    assert "WORLD_SIZE must be a whole number, got 'two'" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------- NCCL
 
 
