@@ -282,18 +282,33 @@ QUOTE = "Copy this line exactly: the quick brown fox jumps over the lazy dog, tw
 
 
 @pytest.mark.parametrize(
-    ("lookup", "drafts"),
-    [(["--no-lookup"], False), (["--lookup", "--lookup-ngram", "2", "--draft-max", "4"], True)],
+    "lookup", [["--no-lookup"], ["--lookup", "--lookup-ngram", "2", "--draft-max", "4"]]
 )
-def test_lookup_options_travel_to_the_server(lookup, drafts, server, smollm2_path, capsys):
+def test_lookup_options_travel_to_the_server(lookup, server, smollm2_path, capsys):
     args = ["--model", str(smollm2_path), "-n", "24", "--temperature", "0", "--chat", QUOTE]
     here = in_process(capsys, "--no-lookup", *args)
     done = cli("generate", "--json", "--server", server.url, *lookup, *args)
     assert done.returncode == 0, done.stderr
     there = json.loads(done.stdout)
     assert there["ids"] == here["ids"] and there["text"] == here["text"]
-    # The server's default is lookup on: no drafts at all means --no-lookup reached it.
-    assert (there["timing"]["draft_tokens"] > 0) is drafts
+    if lookup == ["--no-lookup"]:  # the server's default is lookup on
+        assert there["timing"]["draft_tokens"] == 0
+
+
+def test_the_request_body_carries_the_lookup_options():
+    from llamalab.cli import build_parser
+    from llamalab.cli.options import sampling_from_args
+    from llamalab.cli.resident import request_body
+
+    def body(*flags):
+        args = build_parser().parse_args(["generate", *flags, "Hi"])
+        return request_body(args, sampling_from_args(args), None)
+
+    assert not {"lookup", "lookup_ngram", "draft_max"} & set(body())  # the server's default
+    assert body("--no-lookup")["lookup"] is False
+    sized = body("--lookup", "--lookup-ngram", "2", "--draft-max", "4")
+    assert (sized["lookup"], sized["lookup_ngram"], sized["draft_max"]) == (True, 2, 4)
+    assert body("--draft-max", "5")["draft_max"] == 5 and "lookup" not in body("--draft-max", "5")
 
 
 def test_a_draft_model_is_refused_with_a_server(server, smollm2_path):
