@@ -82,6 +82,19 @@ def world_size() -> int:
     return world
 
 
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    try:
+        number = int(value)
+    except ValueError:
+        raise LlamalabError(f"{name} must be a whole number, got {value!r}") from None
+    if number < 0:
+        raise LlamalabError(f"{name} must not be negative, got {number}")
+    return number
+
+
 def current() -> Session | None:
     """The session this process runs in as a tensor-parallel rank (None: one process)."""
     return _session
@@ -199,9 +212,11 @@ class Session:
 
         self.timeout = timeout
         self.world = world_size()
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", str(self.rank)))
-        self.local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(self.world)))
+        self.rank = _env_int("RANK", 0)
+        self.local_rank = _env_int("LOCAL_RANK", self.rank)
+        self.local_world = _env_int("LOCAL_WORLD_SIZE", self.world)
+        if not 0 <= self.rank < self.world:
+            raise LlamalabError(f"RANK must be 0 to {self.world - 1}, got {self.rank}")
         if device == "cuda" and not torch.cuda.is_available():
             raise LlamalabError("--device cuda: this torch build sees no CUDA device")
         cuda = device == "cuda" or (device in (None, "auto") and torch.cuda.is_available())
