@@ -405,3 +405,28 @@ def test_eval_lookup_options_are_refused_where_nothing_is_generated(tmp_path) ->
     )
     result = run_cli("eval", "--task", str(items), "--draft-max", "0")
     assert result.returncode == 1 and "--draft-max: the most tokens drafted" in result.stderr
+
+
+def test_every_pass_stays_on_the_native_step(smollm2) -> None:
+    from llamalab.kernels.decode_path import native_pass_tokens
+
+    model, tok = smollm2
+    sizes: list[int] = []
+    hook = model.register_forward_pre_hook(lambda _, args: sizes.append(args[0].numel()))
+    try:
+        engine = Engine(model, tok, max_batch=8, max_seq_len=512, prefill_chunk=128,
+                        prefill_share=None)  # fmt: skip
+        short = [engine.add(Request([1, 9690, 198, 20 + i], max_tokens=40, lookup=None))
+                 for i in range(7)]  # fmt: skip
+        engine.step()
+        long = engine.add(Request(list(range(100, 400)), max_tokens=4, lookup=None))
+        while not long.finished or not all(s.finished for s in short):
+            engine.step()
+        solo = Engine(model, tok, max_seq_len=512)
+        for _ in solo.generate(Request(list(range(100, 400)), max_tokens=2)):
+            pass
+    finally:
+        hook.remove()
+    # 300 prompt tokens beside 7 decoding rows, and alone: never a pass the blocks run.
+    assert max(sizes) <= native_pass_tokens(model) == 63
+    assert sum(n > 8 for n in sizes) >= 300 // 63  # the prompt went in large chunks

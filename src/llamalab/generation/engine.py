@@ -17,6 +17,11 @@ Two ways in:
   the engine runs), so a step that carries one is about twice as long as one that does
   not, whatever the machine, the model or the load.
 
+On a model with llamalab's native step (``kernels/decode_path.py``) no pass, prompt chunk
+or decode step, ever holds more tokens than that step takes (63), so each token is
+computed bit for bit as it would be alone: a reply does not depend on how timing cut its
+prompt or on which rows shared its passes (see ``_native_room``).
+
 Per step the decode work is one forward pass over the running rows (tokens (B, 1)), then
 for each row a pure sampling function, the incremental detokenizer and the stop-string
 matcher. A failure in one row's share of that work ends that row only, with an event
