@@ -272,7 +272,8 @@ class Engine:
             context length.
         prefill_chunk: the most prompt tokens a :meth:`step` computes while other
             sequences decode: smaller keeps their token gaps even, larger admits a
-            prompt sooner.
+            prompt sooner. On a model with a native step, a chunk is also cut to what
+            fits beside the decode rows in one native pass (:meth:`_native_room`).
         prefill_share: size each such chunk to take about this many decode steps' time
             (measured as the engine runs), within ``MIN_PREFILL_CHUNK .. prefill_chunk``
             tokens; ``None`` makes every chunk ``prefill_chunk`` tokens.
