@@ -249,6 +249,107 @@ def test_sharded_loading_gives_the_logits_of_the_whole_model(
             assert "degree 2 does not divide its 9 attention heads" in got["gguf_error"]
 
 
+# ---------------------------------------------------------------- packed GGUF weights
+
+
+def write_quantized_gguf(path: Path, config: ModelConfig, qtype: str, seed: int) -> Path:
+    """A random GGUF model whose matrices (embedding included) are stored as ``qtype``,
+    quantized by gguf-py (the reference writer); the norms stay float32."""
+    import gguf
+    import numpy as np
+
+    from llamalab.checkpoint import names as tensor_names
+    from llamalab.checkpoint.gguf_format import add_model_metadata
+    from llamalab.checkpoint.names import expected_shapes
+
+    writer = gguf.GGUFWriter(path, "llama")
+    add_model_metadata(writer, config)
+    rng = np.random.default_rng(seed)
+    kind = gguf.GGMLQuantizationType[qtype]
+    for name, shape in expected_shapes(config).items():
+        gguf_name = tensor_names.to_format(name, "gguf")
+        if len(shape) == 1:
+            writer.add_tensor(gguf_name, rng.uniform(0.5, 1.5, shape).astype(np.float32))
+        else:
+            array = (rng.standard_normal(shape) * 0.15).astype(np.float32)
+            writer.add_tensor(gguf_name, gguf.quants.quantize(array, kind), raw_dtype=kind)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+# Quantized models whose splits fall on whole 32-value blocks on 2 ranks: GQA with fewer
+# KV heads than ranks, a tied output and a vocabulary that does not split evenly.
+PACKED_CASES = [
+    ({"dim": 128, "n_heads": 4, "n_kv_heads": 1, "ffn_hidden_dim": 256}, "Q4_1"),
+    ({"dim": 128, "n_heads": 4, "n_kv_heads": 2, "ffn_hidden_dim": 192, "vocab_size": 321,
+      "tie_embeddings": True}, "Q8_0"),
+    ({"dim": 64, "n_heads": 4, "n_kv_heads": 4, "ffn_hidden_dim": 128}, "Q4_0"),
+]  # fmt: skip
+# The packed kernels against themselves: the packed model's cached passes (the native
+# step) against its eager full sequence differ by up to 2.4e-6 on these cases. The ranks
+# run the same kernels on the same blocks (the vnni kernel's int8 activation blocks of 16
+# fall inside a rank's whole 32-value blocks) and only add the row splits' partial sums
+# in another order, so they are held to the float path's 1e-5.
+PACKED_BOUND = 1e-5
+
+
+def test_packed_ranks_give_the_logits_of_one_packed_process(tmp_path: Path) -> None:
+    """Quantized GGUF models on 2 ranks, every linear and the embedding kept packed on
+    each rank (the rank's block-aligned bytes): the logits of the packed model in one
+    process, within the packed kernels' own spread; a rank holds half the packed bytes."""
+    from llamalab.checkpoint.load import load_model
+    from llamalab.quant.linear import QuantizedLinear
+
+    cases, expected, spread, sizes = [], [], [], []
+    for i, (kw, qtype) in enumerate(PACKED_CASES):
+        config = _config(**kw)
+        path = write_quantized_gguf(tmp_path / f"q{i}.gguf", config, qtype, seed=i)
+        one = load_model(path, packed=True)
+        assert all(isinstance(one.get_submodule(n), QuantizedLinear) for n in ("output",))
+        tokens = _tokens(config, seed=i)
+        want = run_model(one, tokens)
+        expected.append(want)
+        # The packed model against itself: the cached passes against the full sequence.
+        spread.append(
+            max(
+                (want[f"decode{s}"][:, 0] - want["full"][:, PROMPT + s]).abs().max().item()
+                for s in range(DECODE)
+            )
+        )
+        sizes.append(_packed_bytes(one))
+        cases.append({"gguf": str(path), "seed": i})
+    assert max(spread) <= PACKED_BOUND, spread
+    out = launch(tmp_path, 2, {"kind": "packed", "cases": cases})
+    for rank in range(2):
+        got = torch.load(out / f"rank{rank}.pt")
+        for i, want in enumerate(expected):
+            result = got[i]
+            assert result["kernels"] == {"QuantizedLinear"}, result["kernels"]
+            for key, logits in want.items():
+                err = (result[key] - logits).abs().max().item()
+                assert err <= PACKED_BOUND, f"rank {rank}, {PACKED_CASES[i]}, {key}: {err}"
+            assert torch.equal(result["argmax"], want["full"].argmax(-1)), (rank, i)
+            # Each rank holds half the packed bytes (norms are float and whole).
+            assert 0.45 * sizes[i] <= result["bytes"] <= 0.6 * sizes[i], (result["bytes"], sizes[i])
+
+
+def _packed_bytes(model: torch.nn.Module) -> int:
+    """Bytes held by a model's packed layers and embedding (packed or float)."""
+    total = 0
+    for module in model.modules():
+        for value in vars(module).values():
+            parts = value if isinstance(value, tuple) else (value,)
+            for part in parts:
+                if isinstance(part, torch.Tensor):
+                    total += part.numel() * part.element_size()
+        if isinstance(module, torch.nn.Embedding):
+            total += module.weight.numel() * module.weight.element_size()
+    return total
+
+
 # ---------------------------------------------------------------- the worker
 
 
@@ -270,6 +371,19 @@ def _worker(job: dict) -> None:
             model = Transformer(config).eval()
             model.load_state_dict(torch.load(case["weights"]))
             apply_tp(model, mesh)
+        elif job["kind"] == "packed":
+            model = load_sharded(case["gguf"], mesh, packed=True)
+            result = run_model(model, _tokens(model.config, case["seed"]))
+            result["argmax"] = result["full"].argmax(-1)
+            result["bytes"] = _packed_bytes(model)
+            result["kernels"] = {
+                type(m.inner if hasattr(m, "inner") else m).__name__
+                for name, m in model.named_modules()
+                if name.split(".")[-1] in ("wqkv", "wq", "wk", "wv", "wo", "w13", "w1", "w3", "w2")
+                or name == "output"
+            }
+            results.append(result)
+            continue
         else:
             model = load_sharded(case["folder"], mesh)
             config = model.config

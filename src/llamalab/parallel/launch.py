@@ -129,6 +129,12 @@ def file_identity(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _packed_kernels_available() -> bool:
+    from llamalab.quant.linear import fp16_kernel_available
+
+    return fp16_kernel_available()
+
+
 def _short(exc: BaseException) -> str:
     """A communication error in one line: gloo's message without its source location."""
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -328,9 +334,14 @@ class Session:
             model_dtype = torch.float32
         else:
             model_dtype = torch.bfloat16
+        # As in one process (runtime.py): --dtype auto on CPUs keeps the linear layers
+        # packed, GGUF weights in their stored type; --dtype float32 is the float path.
+        packed = dtype == "auto" and self.device.type == "cpu" and _packed_kernels_available()
 
         def load():
-            return load_sharded(path, self.mesh, dtype=model_dtype, device=self.device)
+            return load_sharded(
+                path, self.mesh, dtype=model_dtype, device=self.device, packed=packed
+            )
 
         self.model = self._agree("loading the model", load)
         self.objects["model"] = self.model

@@ -22,6 +22,12 @@ read (``wk`` and ``wv`` are then plain local slices, since no rank needs another
 Which slice of every full tensor a rank holds is said once, by :func:`shard_spec`; the
 same table serves a model already in memory (:func:`apply_tp`) and a checkpoint read
 slice by slice (``parallel/loading.py``).
+
+Packed (quantized) layers split the same way, without DTensor, which cannot wrap them:
+:func:`wire_packed` keeps each rank's column-split layers as plain local modules and
+wraps the row-split ones (:class:`RowParallel`), the embedding
+(:class:`VocabParallelEmbedding`) and the output (:class:`VocabParallelOutput`) with the
+same collectives, called explicitly.
 """
 
 from __future__ import annotations
@@ -131,7 +137,8 @@ def _refuse_unsupported(model: nn.Module) -> None:
     ]
     if packed or model.decode_path is not None:
         raise LlamalabError(
-            "tensor parallelism runs float models only, eager: load the model unpacked"
+            "apply_tp splits float models only, eager: load the model unpacked, or load "
+            "packed layers already split with llamalab.parallel.loading.load_sharded"
             + (f" ({packed[0]} is packed)" if packed else "")
         )
 
@@ -240,3 +247,96 @@ def _wait_for_logits(module: nn.Module, args, out: torch.Tensor) -> torch.Tensor
     from torch.distributed._functional_collectives import AsyncCollectiveTensor
 
     return out.wait() if isinstance(out, AsyncCollectiveTensor) else out
+
+
+# ---------------------------------------------------------------- packed layers, no DTensor
+
+
+def _group(mesh):
+    return mesh.get_group()
+
+
+class RowParallel(nn.Module):
+    """A linear split by rows (``wo``, ``w2``) as a plain local module: this rank's input
+    columns give a partial product, and one all-reduce makes the sum on every rank."""
+
+    def __init__(self, inner: nn.Module, mesh) -> None:
+        super().__init__()
+        self.inner = inner
+        self.group = _group(mesh)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        y = self.inner(x).contiguous()
+        dist.all_reduce(y, group=self.group)
+        return y
+
+
+class VocabParallelEmbedding(nn.Module):
+    """The embedding split along the vocabulary: this rank looks up the tokens in its rows
+    ``start .. stop``, gives zeros for the others, and an all-reduce joins them (exactly:
+    every token's row comes from one rank, the others add zeros)."""
+
+    def __init__(self, inner: nn.Module, start: int, stop: int, mesh) -> None:
+        super().__init__()
+        self.inner = inner
+        self.start, self.stop = start, stop
+        self.group = _group(mesh)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        local = tokens - self.start
+        outside = (local < 0) | (local >= self.stop - self.start)
+        rows = self.inner(local.masked_fill(outside, 0))
+        rows = rows.masked_fill(outside.unsqueeze(-1), 0.0).contiguous()
+        dist.all_reduce(rows, group=self.group)
+        return rows
+
+
+class VocabParallelOutput(nn.Module):
+    """The output layer split along the vocabulary: this rank's logits, all-gathered into
+    the full row on every rank (the last rank's part padded where the split is uneven)."""
+
+    def __init__(self, inner: nn.Module, vocab_size: int, mesh) -> None:
+        super().__init__()
+        self.inner = inner
+        self.vocab_size = vocab_size
+        self.world = mesh.size()
+        self.step = -(-vocab_size // self.world)  # torch.chunk's split, as shard_spec's
+        self.group = _group(mesh)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        y = self.inner(x)
+        if y.shape[-1] < self.step:  # gloo and NCCL gather equal parts
+            y = torch.nn.functional.pad(y, (0, self.step - y.shape[-1]))
+        y = y.contiguous()
+        parts = [torch.empty_like(y) for _ in range(self.world)]
+        dist.all_gather(parts, y, group=self.group)
+        return torch.cat(parts, dim=-1)[..., : self.vocab_size]
+
+
+def wire_packed(model: nn.Module, mesh) -> nn.Module:
+    """Wire a model whose modules already hold this rank's slices as plain local modules
+    (packed layers built by ``parallel/loading.py``): row-split linears, the embedding and
+    the output get their collectives, and attention runs on the local heads. Returns
+    ``model``; its forward pass gives the full logits on every rank."""
+    config: ModelConfig = model.config
+    world, rank = mesh.size(), mesh.get_local_rank()
+    check_degree(config, world)
+    vocab = shard_spec(config, world, rank)["tok_embeddings.weight"]
+    model.tok_embeddings = VocabParallelEmbedding(
+        model.tok_embeddings, vocab.start, vocab.stop, mesh
+    )
+    model.output = VocabParallelOutput(model.output, config.vocab_size, mesh)
+    heads, kv, _ = local_heads(config, world, rank)
+    for layer in model.layers:
+        attention, ffn = layer.attention, layer.feed_forward
+        attention.wo = RowParallel(attention.wo, mesh)  # the all-reduce after attention
+        ffn.w2 = RowParallel(ffn.w2, mesh)  # the all-reduce after the feed-forward
+        attention.n_heads, attention.n_kv_heads = heads, kv
+    model.tp_mesh = mesh
+    return model
