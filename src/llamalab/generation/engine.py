@@ -547,7 +547,10 @@ class Engine:
         It costs prefill nothing: on SmolLM2 Q4_1 (the shared 2-vCPU machine, best of 2-6
         runs) 63-token native passes took 1.1, 2.6 and 1.2 ms a prompt token on prompts of
         512, 1,800 and 4,000 tokens, the blocks' 512-token passes 2.2, 3.6 and 3.0 (and
-        1.3-1.5 in passes of 64-256 tokens on the 512-token prompt).
+        1.3-1.5 in passes of 64-256 tokens on the 512-token prompt). A chunk that does not
+        fit is cut rather than run in a pass of its own: beside 8 decoding rows a 400-token
+        prompt went in in 0.57 s with 94 tokens decoded meanwhile, against 0.62 s and 86
+        tokens as two passes a step (decode rows, then 63 prompt tokens).
         """
         native = native_pass_tokens(self.model)
         if not native:
