@@ -90,3 +90,100 @@ def test_a_target_far_below_the_top_logit_keeps_a_finite_exact_loss():
     ref = _reference(h, w, t)
     assert torch.isfinite(loss) and ref.item() > 70
     torch.testing.assert_close(loss, ref)
+
+
+# -- the model's loss: trained positions only, any output head ---------------------------
+
+
+class _Counting(torch.nn.Module):
+    """A head (a LoRA-wrapped one, say) that records how many rows it multiplies."""
+
+    def __init__(self, weight):
+        super().__init__()
+        self.weight = torch.nn.Parameter(weight.detach().clone())
+        self.rows = []
+
+    def forward(self, x):
+        self.rows.append(x.flatten(0, -2).shape[0])
+        return x @ self.weight.T
+
+
+def test_output_loss_skips_untrained_positions_for_any_head():
+    from llamalab.loss import output_cross_entropy
+
+    h, w, t = _case(3)
+    head = _Counting(w)
+    ref = F.cross_entropy(head(h).flatten(0, 1), t.flatten(), ignore_index=-100)
+    ref_h, ref_w = torch.autograd.grad(ref * 1.5, (h, head.weight))
+    head.rows.clear()
+    out = output_cross_entropy(h, head, t)
+    out_h, out_w = torch.autograd.grad(out * 1.5, (h, head.weight))
+    assert head.rows == [int((t != -100).sum())]  # 290 of 300: the head never sees the rest
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out_h, ref_h, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(out_w, ref_w, rtol=1e-5, atol=1e-7)
+    with torch.no_grad():
+        assert torch.isnan(output_cross_entropy(h, head, torch.full_like(t, -100)))
+
+
+@pytest.mark.parametrize("kernel", ["float32", "fp16", "vnni"])
+def test_output_loss_on_a_packed_head_never_runs_it_on_every_position(monkeypatch, kernel):
+    """A packed head (a GGUF base's output layer) gives torch's loss and hidden-state
+    gradient of its own weight, without producing logits for every position: its forward
+    is never called."""
+    from llamalab.loss import output_cross_entropy
+    from llamalab.quant.linear import QuantizedLinear, fp16_kernel_available, vnni_available
+
+    if kernel == "fp16" and not fp16_kernel_available() or kernel == "vnni" and not (
+        vnni_available()
+    ):
+        pytest.skip(f"no {kernel} kernel here")
+    h, w, t = _case(4, vocab=1024)
+    if kernel == "vnni":
+        import numpy as np
+        from gguf import GGMLQuantizationType, quants
+
+        raw = quants.quantize(w.detach().numpy().astype(np.float32), GGMLQuantizationType.Q8_0)
+        head = QuantizedLinear.from_gguf(raw, GGMLQuantizationType.Q8_0, (1024, 64), kernel="vnni")
+    else:
+        head = QuantizedLinear.from_float(w, kernel=kernel)
+    weight = head.dequantized_weight()
+    ref = _reference(h, weight, t)
+    (ref_h,) = torch.autograd.grad(ref, (h,))
+
+    def refuse(self, x):
+        raise AssertionError("the packed head ran on every position")
+
+    monkeypatch.setattr(QuantizedLinear, "forward", refuse)
+    out = output_cross_entropy(h, head, t)
+    (out_h,) = torch.autograd.grad(out, (h,))
+    # vnni: the weight in bfloat16 (where the CPU has it), as that layer's backward uses it.
+    exact = head.dequantized_weight_for_grad().dtype == torch.float32
+    tol = 1e-5 if exact else 2**-7
+    torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
+    assert (out_h - ref_h).norm() / ref_h.norm() < (1e-5 if exact else 2**-7)
+
+
+def test_model_loss_runs_its_head_on_trained_positions_only():
+    """The model's loss (a packed or LoRA-wrapped head included) multiplies the hidden
+    states of trained positions alone by the vocabulary-sized head."""
+    from llamalab.config import ModelConfig
+    from llamalab.model import Transformer
+
+    torch.manual_seed(1)
+    cfg = ModelConfig(
+        dim=64, n_layers=2, n_heads=4, vocab_size=500, ffn_hidden_dim=128, context_length=32
+    )
+    model = Transformer(cfg)
+    tokens = torch.randint(0, 500, (2, 17))
+    targets = tokens[:, 1:].clone()
+    targets[:, :10] = -100  # a prompt: 12 of 32 positions trained
+    with torch.no_grad():
+        logits = model(tokens[:, :-1])
+    ref = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+    model.output = _Counting(model.output.weight)
+    loss = model(tokens[:, :-1], targets=targets)
+    assert model.output.rows == [12]
+    torch.testing.assert_close(loss, ref)
+    loss.backward()
+    assert model.output.weight.grad is not None

@@ -15,6 +15,8 @@ autocast is on, the softmax in float32); only the order of the sums differs.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 IGNORE_INDEX = -100
 
@@ -41,6 +43,40 @@ def linear_cross_entropy(
     ignore_index=-100)`` up to rounding, with gradients for ``hidden`` and ``weight``.
     """
     return _LinearCrossEntropy.apply(hidden.flatten(0, -2), weight, targets.flatten())
+
+
+def output_cross_entropy(
+    hidden: torch.Tensor, output: nn.Module, targets: torch.Tensor
+) -> torch.Tensor:
+    """Mean cross-entropy of ``output(hidden)`` against ``targets``, at trained positions only.
+
+    Args:
+        hidden: (..., dim) final hidden states (after the final norm).
+        output: the output projection: an ``nn.Linear``, a packed layer
+            (``quant.linear.QuantizedLinear``) or any module mapping dim to vocab
+            (a LoRA-wrapped head).
+        targets: (...) next-token ids; positions equal to -100 are left out of the mean.
+
+    Positions whose target is -100 (a prompt, padding) cost nothing: their hidden states
+    are dropped before the vocabulary-sized product, which is most of the head's work
+    when the loss covers an answer alone. A float head runs :func:`linear_cross_entropy`;
+    a packed one the same, on its weight dequantized for this call (one transient copy,
+    in bfloat16 where the CPU has bfloat16 arithmetic and the layer's own kernel is no
+    finer, so its logits stay as precise as its packed forward); any other module gets
+    its logits for the trained positions only.
+    """
+    from llamalab.quant.linear import QuantizedLinear
+
+    flat = targets.flatten()
+    picked = (flat != IGNORE_INDEX).nonzero().squeeze(1)
+    h = hidden.flatten(0, -2).index_select(0, picked)
+    t = flat.index_select(0, picked)
+    if isinstance(output, nn.Linear):
+        return _LinearCrossEntropy.apply(h, output.weight, t)
+    if isinstance(output, QuantizedLinear):
+        weight = output.dequantized_weight_for_grad()
+        return _LinearCrossEntropy.apply(h, weight, t)
+    return F.cross_entropy(output(h).float(), t)  # NaN when nothing is trained, as above
 
 
 def _compute_dtype(weight: torch.Tensor) -> torch.dtype:

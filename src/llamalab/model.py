@@ -23,7 +23,7 @@ from torch import nn
 from llamalab.config import ModelConfig
 from llamalab.kernels.decode_path import cached_attention, packed_pass
 from llamalab.kv_cache import CacheView, KVCache, Segments
-from llamalab.loss import linear_cross_entropy
+from llamalab.loss import output_cross_entropy
 from llamalab.rope import rope_cache
 
 
@@ -357,13 +357,10 @@ class Transformer(nn.Module):
         h = self.run_blocks(self.tok_embeddings(tokens), rope, cache, mask)  # (B, T, dim)
         if cache is not None and cache.last_only:  # a prefill needs only the next token's logits
             h = h[:, -1:]
-        if targets is not None and isinstance(self.output, nn.Linear):
-            # Training and evaluation: the loss without materialising every logit.
-            return linear_cross_entropy(self.norm(h), self.output.weight, targets)
-        logits = self.output(self.norm(h))  # (B, T, vocab)
-        if targets is None:
-            return logits
-        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+        if targets is not None:
+            # Training and evaluation: the loss at trained positions, never every logit.
+            return output_cross_entropy(self.norm(h), self.output, targets)
+        return self.output(self.norm(h))  # (B, T, vocab)
 
     def run_blocks(
         self,
