@@ -134,9 +134,8 @@ def test_output_loss_on_a_packed_head_never_runs_it_on_every_position(monkeypatc
     from llamalab.loss import output_cross_entropy
     from llamalab.quant.linear import QuantizedLinear, fp16_kernel_available, vnni_available
 
-    if kernel == "fp16" and not fp16_kernel_available() or kernel == "vnni" and not (
-        vnni_available()
-    ):
+    available = {"float32": True, "fp16": fp16_kernel_available(), "vnni": vnni_available()}
+    if not available[kernel]:
         pytest.skip(f"no {kernel} kernel here")
     h, w, t = _case(4, vocab=1024)
     if kernel == "vnni":
