@@ -204,8 +204,62 @@ def test_hf_slices_are_read_without_the_whole_tensor(
             assert torch.equal(read_slice(reader, name, cut), want), (rank, name)
 
 
-# The tiny Hugging Face variants of conftest.py, each on 2 and 4 ranks.
-LOAD_CASES = {2: ["grouped-query", "tied-output", "multi-head"], 4: ["grouped-query"]}
+def write_meta(folder: Path, variant: str, seed: int, shards: int) -> Path:
+    """conftest.py's tiny Hugging Face ``variant`` written as Meta's ``shards`` files by
+    ``llamalab convert --to meta --shards``."""
+    from conftest import make_hf_model
+
+    from llamalab.checkpoint.convert import convert
+
+    hf = folder.with_name(folder.name + "-hf")
+    make_hf_model(variant, seed=seed).save_pretrained(hf)
+    return convert(hf, folder, to="meta", shards=shards)
+
+
+@pytest.mark.parametrize(
+    ("variant", "mp", "rows"),
+    [("grouped-query", 2, False), ("multi-head", 4, False), ("tied-output", 2, True)],
+)
+def test_meta_slices_of_any_model_parallel_degree(
+    tmp_path: Path, variant: str, mp: int, rows: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each rank's part of a tensor in Meta's shards (MP = 2 or 4, the embedding split by
+    columns as in LLaMA 1/2 or by rows as in Llama 3) read for 1, 2 and 4 ranks: it
+    equals the same rows or columns of the tensor merged whole, and no tensor is merged
+    whole to get it."""
+    from llamalab.checkpoint.load import open_checkpoint
+    from llamalab.parallel.loading import read_slice
+
+    folder = write_meta(tmp_path / "meta", variant, 0, mp)
+    if rows:  # Llama 3's split of the embedding: by vocabulary rows
+        whole = open_checkpoint(folder).load("tok_embeddings.weight")
+        for rank, path in enumerate(sorted(folder.glob("consolidated.*.pth"))):
+            shard = torch.load(path, weights_only=True)
+            shard["tok_embeddings.weight"] = whole.chunk(mp, dim=0)[rank].clone()
+            torch.save(shard, path)
+    reader = open_checkpoint(folder)
+    assert reader.num_shards == mp and reader._tok_dim == (0 if rows else 1)
+    merged = {name: reader.load(name).clone() for name in reader.names()}
+    monkeypatch.setattr(reader, "load", lambda name: pytest.fail(f"{name} merged whole"))
+    for world in (1, 2, 4):
+        for rank in range(world):
+            for name, cut in shard_spec(reader.config, world, rank).items():
+                if name not in merged:
+                    continue  # a tied output
+                want = (
+                    merged[name]
+                    if cut is None
+                    else merged[name].narrow(cut.dim, cut.start, cut.stop - cut.start)
+                )
+                assert torch.equal(read_slice(reader, name, cut), want), (world, rank, name)
+
+
+# The tiny Hugging Face variants of conftest.py, each on 2 and 4 ranks; "meta:" the variant
+# written as Meta's 2 model-parallel shards (loaded on 2 and on 4 ranks).
+LOAD_CASES = {
+    2: ["grouped-query", "tied-output", "multi-head", "meta:grouped-query"],
+    4: ["grouped-query", "meta:multi-head"],
+}
 
 
 @pytest.mark.parametrize("nproc", [2, 4])
@@ -220,8 +274,11 @@ def test_sharded_loading_gives_the_logits_of_the_whole_model(
 
     cases, expected, sizes = [], [], []
     for i, variant in enumerate(LOAD_CASES[nproc]):
-        folder = tmp_path / variant
-        make_hf_model(variant, seed=i).save_pretrained(folder)
+        if variant.startswith("meta:"):
+            folder = write_meta(tmp_path / f"meta{i}", variant[5:], seed=i, shards=2)
+        else:
+            folder = tmp_path / variant
+            make_hf_model(variant, seed=i).save_pretrained(folder)
         whole = load_model(folder)
         tokens = _tokens(whole.config, seed=i)
         cases.append({"folder": str(folder), "seed": i})

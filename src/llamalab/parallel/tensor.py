@@ -252,8 +252,9 @@ def _wait_for_logits(module: nn.Module, args, out: torch.Tensor) -> torch.Tensor
 # ---------------------------------------------------------------- packed layers, no DTensor
 
 
-def _group(mesh):
-    return mesh.get_group()
+# The modules below keep the mesh and look its process group up at each call: holding
+# the group object would keep it alive past ``destroy_process_group``, and gloo aborts
+# the process ("terminate called without an active exception") when it is freed at exit.
 
 
 class RowParallel(nn.Module):
@@ -263,13 +264,13 @@ class RowParallel(nn.Module):
     def __init__(self, inner: nn.Module, mesh) -> None:
         super().__init__()
         self.inner = inner
-        self.group = _group(mesh)
+        self.mesh = mesh
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         import torch.distributed as dist
 
         y = self.inner(x).contiguous()
-        dist.all_reduce(y, group=self.group)
+        dist.all_reduce(y, group=self.mesh.get_group())
         return y
 
 
@@ -282,7 +283,7 @@ class VocabParallelEmbedding(nn.Module):
         super().__init__()
         self.inner = inner
         self.start, self.stop = start, stop
-        self.group = _group(mesh)
+        self.mesh = mesh
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         import torch.distributed as dist
@@ -291,7 +292,7 @@ class VocabParallelEmbedding(nn.Module):
         outside = (local < 0) | (local >= self.stop - self.start)
         rows = self.inner(local.masked_fill(outside, 0))
         rows = rows.masked_fill(outside.unsqueeze(-1), 0.0).contiguous()
-        dist.all_reduce(rows, group=self.group)
+        dist.all_reduce(rows, group=self.mesh.get_group())
         return rows
 
 
@@ -305,7 +306,7 @@ class VocabParallelOutput(nn.Module):
         self.vocab_size = vocab_size
         self.world = mesh.size()
         self.step = -(-vocab_size // self.world)  # torch.chunk's split, as shard_spec's
-        self.group = _group(mesh)
+        self.mesh = mesh
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         import torch.distributed as dist
@@ -315,7 +316,7 @@ class VocabParallelOutput(nn.Module):
             y = torch.nn.functional.pad(y, (0, self.step - y.shape[-1]))
         y = y.contiguous()
         parts = [torch.empty_like(y) for _ in range(self.world)]
-        dist.all_gather(parts, y, group=self.group)
+        dist.all_gather(parts, y, group=self.mesh.get_group())
         return torch.cat(parts, dim=-1)[..., : self.vocab_size]
 
 
