@@ -10,6 +10,7 @@ there; the rest (``train``, ``finetune``) keep their own torchrun handling.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import sys
@@ -83,18 +84,30 @@ def run_command(args: argparse.Namespace) -> int:
     status = 1
     try:
         status = args.func(args)
-        return status
     except launch.RanksLost as exc:
         # Nothing can be said to the other ranks any more: one line, and out at once
         # (leaving a broken process group can wait on the lost rank).
         session.report(str(exc))
         sys.stdout.flush()
         os._exit(1)
+    except LlamalabError as exc:
+        session.report(str(exc))  # as cli.main would print it: this process ends here
+        status = 1
     except KeyboardInterrupt:
+        print("llamalab: interrupted", file=sys.stderr)
         status = 130
-        raise
+    except BrokenPipeError:  # the reader went away: quietly, as cli.main does
+        status = 0
     except SystemExit as exc:  # SIGTERM: the other ranks end with the same status
         status = exc.code if isinstance(exc.code, int) else 1
+    except BaseException:
+        session.close(status)  # a defect: its traceback, after the other ranks stop
         raise
-    finally:
-        session.close(status)
+    # Out at once once the others are told, as they go: tearing the process group down
+    # (or freeing it at interpreter exit) while the peers close their connections can make
+    # gloo abort this process ("terminate called without an active exception").
+    session.close(status, leave=False)
+    with contextlib.suppress(Exception):
+        sys.stdout.flush()
+        sys.stderr.flush()
+    os._exit(status)

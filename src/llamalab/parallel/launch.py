@@ -431,13 +431,15 @@ class Session:
             # An instance attribute: nn.Module.__call__ finds it before the class's forward.
             object.__setattr__(obj, method, call)
 
-    def close(self, status: int) -> None:
-        """Tell the followers the command ended (with ``status``) and leave the group."""
+    def close(self, status: int, *, leave: bool = True) -> None:
+        """Tell the followers the command ended (with ``status``) and leave the group
+        (``leave=False``: a process about to end at once keeps it, see ``cli/distributed``)."""
         if self._broken is None:
             self._queue.put(("stop", status))
             with self.watchdog.guard("telling the other ranks to stop"):
                 self._sender.join()
-        self._leave()
+        if leave:
+            self._leave()
 
     # ------------------------------------------------------------------ a follower
     def follow(self, factories: dict[str, Callable[..., Any]]) -> int:
