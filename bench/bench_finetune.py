@@ -11,13 +11,14 @@ seeded order), peft in file order. The reference is the loop a peft user writes:
 ``clip_grad_norm_``, ``optimizer.step()``.
 
 Each run is a fresh process; the sides alternate within each round (llamalab packed,
-llamalab float, peft), rounds repeat ``--runs`` times per thread count. A run's speed is
-its median tokens/s (rows × ``seq_len`` per step over the step's time, as ``metrics.jsonl``
+packed with ``recompute = true``, llamalab float, peft), rounds repeat ``--runs`` times
+per thread count. A run's speed is its median tokens/s (rows × ``seq_len`` per step over the step's time, as ``metrics.jsonl``
 counts them) over the steps after ``--warmup``; its memory is the process's peak RSS.
 Reported: median [min, max] over runs, and the ratios of medians.
 
     .venv/bin/python bench/bench_finetune.py [--data train.jsonl] [--runs 3] [--steps 8]
         [--threads 1 2] [--rank 16] [--targets wq wk wv wo w1 w2 w3] [--seq-len 256]
+        [--sides packed packed-recompute float float-recompute peft]
 
 Without ``--data`` it builds the Debian changelog task (scripts/changelog_task.py) from
 /usr/share/doc into a temporary folder.
@@ -49,6 +50,7 @@ HF_TARGETS = {
     "output": "lm_head",
 }
 LR = 1e-3
+SIDES = ("packed", "packed-recompute", "float", "float-recompute", "peft")
 
 
 def peak_rss_mb() -> float:
@@ -69,6 +71,7 @@ def worker_llamalab(model: str, data: str, out: str, settings: dict) -> dict:
         f"batch_tokens={s['rows'] * s['seq_len']}", f"micro_batch_size={s['micro']}",
         "packing=false", "overflow=drop", "val_fraction=0", f"threads={s['threads']}",
         "eval_every=0", "checkpoint_every=100000", "plot_every=0", "log_every=100000",
+        f"recompute={'true' if s.get('recompute') else 'false'}",
     ]  # fmt: skip
     finetune(
         load_finetune_config(REPO / "configs" / "finetune" / "lora.toml", sets), progress=False
@@ -212,7 +215,14 @@ def main() -> int:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--rows", type=int, default=8, help="rows (items) per step")
     parser.add_argument("--micro", type=int, default=8, help="rows per forward pass")
-    parser.add_argument("--sides", nargs="+", default=["packed", "float", "peft"])
+    parser.add_argument(
+        "--sides",
+        nargs="+",
+        choices=SIDES,
+        default=["packed", "packed-recompute", "float", "peft"],
+        help="-recompute: llamalab with recompute = true (each block's activations "
+        "recomputed in backward)",
+    )
     parser.add_argument("--json", type=Path, help="also write every run's figures here")
     args = parser.parse_args()
     if args.warmup >= args.steps:
@@ -245,8 +255,9 @@ def main() -> int:
                         got = in_process("peft", str(hf), str(rows), settings)
                     else:
                         out = str(tmp / f"run-{side}-{threads}-{run}")
-                        ref = model if side == "packed" else str(hf)
-                        got = in_process("llamalab", ref, str(items), out, settings)
+                        ref = model if side.startswith("packed") else str(hf)
+                        mine = {**settings, "recompute": side.endswith("-recompute")}
+                        got = in_process("llamalab", ref, str(items), out, mine)
                     got["median_tokens_per_s"] = statistics.median(
                         got["tokens_per_s"][args.warmup :]
                     )
@@ -267,10 +278,10 @@ def main() -> int:
             speed = [r["median_tokens_per_s"] for r in runs]
             rss = [r["peak_rss_mb"] for r in runs]
             medians[side] = (statistics.median(speed), statistics.median(rss))
-            print(f"  {side:7s} {summary(speed)} tok/s, peak RSS {summary(rss)} MB")
+            print(f"  {side:16s} {summary(speed)} tok/s, peak RSS {summary(rss)} MB")
         if "peft" in medians:
-            for side in ("packed", "float"):
-                if side in medians:
+            for side in args.sides:
+                if side != "peft":
                     print(
                         f"  {side} / peft: speed {medians[side][0] / medians['peft'][0]:.2f}×, "
                         f"peak RSS {medians[side][1] / medians['peft'][1]:.2f}×"
