@@ -23,6 +23,7 @@ Run::
 
     .venv/bin/python bench/bench_tp.py                       # the 0.9B random model, 2 ranks
     .venv/bin/python bench/bench_tp.py --ranks 4 --dtype bfloat16 --json /tmp/tp.json
+    .venv/bin/python bench/bench_tp.py --packed --model artifacts/bench-models/random-0.9b-Q4_0.gguf
 """
 
 from __future__ import annotations
@@ -48,6 +49,31 @@ def _status(field: str) -> int:
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 
+def _bytes_held(model) -> int:
+    """Bytes of the model's weights: its parameters (a DTensor's local shard) and the
+    tensors packed layers keep as plain attributes (each storage counted once)."""
+    import torch
+
+    seen, total = set(), 0
+
+    def add(t: torch.Tensor) -> None:
+        nonlocal total
+        t = t.to_local() if hasattr(t, "to_local") else t
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel())
+        if key not in seen:
+            seen.add(key)
+            total += t.nbytes
+
+    for p in model.parameters():
+        add(p)
+    for module in model.modules():
+        for value in vars(module).values():
+            for part in value if isinstance(value, tuple) else (value,):
+                if isinstance(part, torch.Tensor) and not isinstance(part, torch.nn.Parameter):
+                    add(part)
+    return total
+
+
 def worker(args: argparse.Namespace) -> None:
     """One measured process: the single one, or one rank (``$WORLD_SIZE`` set)."""
     import torch
@@ -67,9 +93,9 @@ def worker(args: argparse.Namespace) -> None:
     base = _status("VmRSS")
     t0 = time.perf_counter()
     if ranked:
-        model = load_sharded(args.model, mesh, dtype=dtype)
+        model = load_sharded(args.model, mesh, dtype=dtype, packed=args.packed)
     else:
-        model = load_model(args.model, dtype=dtype)
+        model = load_model(args.model, dtype=dtype, packed=args.packed)
     load_s = time.perf_counter() - t0
     vocab = model.config.vocab_size
     tokens = torch.arange(args.prompt).remainder(vocab).unsqueeze(0)
@@ -81,7 +107,7 @@ def worker(args: argparse.Namespace) -> None:
             pos = args.prompt + step
             model(tokens[:, :1], cache_view(torch.tensor([pos])))
         decode_s = time.perf_counter() - t0
-    held = sum((p.to_local() if hasattr(p, "to_local") else p).nbytes for p in model.parameters())
+    held = _bytes_held(model)
     result = {
         "rank": int(os.environ.get("RANK", "0")),
         "baseline": base,
@@ -103,6 +129,7 @@ def _launch(args: argparse.Namespace, out: Path, ranks: int) -> None:
     inner = [
         __file__, "--worker", "--model", str(args.model), "--dtype", args.dtype,
         "--prompt", str(args.prompt), "--decode", str(args.decode), "--out", str(out),
+        *(["--packed"] if args.packed else []),
     ]  # fmt: skip
     if ranks == 1:
         env.pop("WORLD_SIZE", None)
@@ -120,6 +147,9 @@ def main() -> None:
     p.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     p.add_argument("--ranks", type=int, default=2)
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument(
+        "--packed", action="store_true", help="keep the linear layers packed (CPU; GGUF blocks)"
+    )
     p.add_argument("--prompt", type=int, default=16, help="prefill tokens")
     p.add_argument("--decode", type=int, default=8, help="decode steps timed")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
@@ -136,7 +166,8 @@ def main() -> None:
         single = json.loads((out / "single.json").read_text())
         ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(args.ranks)]
     gb = 1e9
-    print(f"{args.model.name}, {args.dtype}, {args.ranks} gloo ranks against one process")
+    form = "packed" if args.packed else args.dtype
+    print(f"{args.model.name}, {form}, {args.ranks} gloo ranks against one process")
     print(f"{'':10} {'peak GB':>8} {'x one':>6} {'base GB':>8} {'peak-base':>9} {'x one':>6} "
           f"{'weights GB':>10} {'load s':>7} {'ms/token':>9}")  # fmt: skip
     for label, r in [("one", single)] + [(f"rank {x['rank']}", x) for x in ranks]:
