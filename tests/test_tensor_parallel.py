@@ -393,6 +393,28 @@ def test_packed_ranks_give_the_logits_of_one_packed_process(tmp_path: Path) -> N
             assert 0.45 * sizes[i] <= result["bytes"] <= 0.6 * sizes[i], (result["bytes"], sizes[i])
 
 
+def test_a_large_slice_is_packed_in_bands_as_one_whole(tmp_path: Path) -> None:
+    """A rank's large vnni weight is packed 1,024 rows at a time (bounding the packing's
+    transients); the joined buffer is the one packing it whole gives, byte for byte."""
+    import gguf
+
+    from llamalab.kernels.native import vnni_available
+    from llamalab.parallel.loading import _banded_linear
+    from llamalab.quant.linear import GGUFWeight, QuantizedLinear
+
+    if not vnni_available():
+        pytest.skip("the vnni kernel does not run here")
+    kind = gguf.GGMLQuantizationType.Q4_1
+    array = torch.randn(2064, 64, generator=torch.Generator().manual_seed(0)).numpy()
+    data = gguf.quants.quantize(array, kind).reshape(-1)
+    banded = _banded_linear(GGUFWeight(data, kind, (2064, 64)), None)
+    whole = QuantizedLinear.from_gguf(data, kind, (2064, 64))
+    assert banded.kernel == whole.kernel == "vnni"
+    assert torch.equal(banded._vnni[0], whole._vnni[0])
+    x = torch.randn(3, 64)
+    assert torch.equal(banded(x), whole(x))
+
+
 def _packed_bytes(model: torch.nn.Module) -> int:
     """Bytes held by a model's packed layers and embedding (packed or float)."""
     total = 0

@@ -27,7 +27,12 @@ import numpy as np
 import torch
 
 from llamalab.checkpoint import names as tensor_names
-from llamalab.checkpoint.load import open_checkpoint, resolve_placement, validate
+from llamalab.checkpoint.load import (
+    _release_freed_memory,
+    open_checkpoint,
+    resolve_placement,
+    validate,
+)
 from llamalab.checkpoint.reader import CheckpointReader
 from llamalab.errors import LlamalabError
 from llamalab.parallel.tensor import (
@@ -233,6 +238,36 @@ def load_sharded(
     return model.eval()
 
 
+_BAND = 1024  # output rows packed at a time for a large vnni weight (a multiple of its 16)
+
+
+def _banded_linear(source, kernel):
+    """``QuantizedLinear.from_gguf`` of a slice, a band of :data:`_BAND` rows at a time where
+    the vnni kernel takes it: packing a band of 4,096 rows costs about 0.2 GB of transients
+    (2,048 columns), which was most of a packed rank's peak over its weights (the output
+    layer). The bands' buffers are whole tiles of 16 rows, so they join as stored."""
+    from llamalab.kernels.native import vnni_available
+    from llamalab.quant.linear import QuantizedLinear
+    from llamalab.quant.plan import vnni_takes
+
+    rows, cols = source.shape
+    qtype = source.qtype
+    whole = kernel in (None, "vnni") and vnni_takes(qtype.name, source.shape)
+    if rows <= _BAND or not whole or not vnni_available():
+        return QuantizedLinear.from_gguf(source.data, qtype, source.shape, kernel=kernel)
+    row_bytes = source.data.size // rows
+    data = source.data.reshape(rows, row_bytes)
+    parts = []
+    for start in range(0, rows, _BAND):
+        band = data[start : start + _BAND]
+        layer = QuantizedLinear.from_gguf(band.reshape(-1), qtype, (band.shape[0], cols))
+        if layer.kernel != "vnni":  # scales beyond float16: one process's choice, whole
+            return QuantizedLinear.from_gguf(source.data, qtype, source.shape, kernel=kernel)
+        parts.append(layer._vnni)
+    buffer = torch.cat([buffer for buffer, _ in parts])
+    return QuantizedLinear(cols, rows, None, None, qtype.name, vnni=(buffer, parts[0][1]))
+
+
 def _kernel_of_one_process(qtype, full: tuple[int, int], local: tuple[int, int]):
     """The kernel for a rank's slice: the one that one process picks for the whole weight
     (None: the default choice), so that the ranks compute what one process computes.
@@ -281,13 +316,15 @@ def _fill_packed(model: torch.nn.Module, reader: CheckpointReader, mesh, dtype) 
         if gguf:
             full = tuple(model.get_submodule(module_name).weight.shape)
             kernel = _kernel_of_one_process(source.qtype, full, source.shape)
-            layer = QuantizedLinear.from_gguf(
-                source.data, source.qtype, source.shape, kernel=kernel
-            )
+            layer = _banded_linear(source, kernel)
         else:
             layer = QuantizedLinear.from_float(source)
         parent, _, child = module_name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, layer)
+        del source
+        # Each layer's read buffer and packing transients are freed, but glibc keeps the
+        # pages: handed back layer by layer, they never pile up into the rank's peak.
+        _release_freed_memory()
     cut = spec["tok_embeddings.weight"]
     embedding = stored("tok_embeddings.weight", cut)
     if gguf and embedding.qtype != GGMLQuantizationType.F32:
@@ -303,3 +340,4 @@ def _fill_packed(model: torch.nn.Module, reader: CheckpointReader, mesh, dtype) 
             tensor = read_slice(reader, name, None).to(dtype=dtype).clone()
             setattr(model.get_submodule(owner), attr, torch.nn.Parameter(tensor, False))
     fuse_projections(model)
+    _release_freed_memory()
