@@ -382,7 +382,6 @@ def _finetune(cfg: FinetuneConfig, world: Any, progress: bool | None) -> dict[st
     resuming = _check_out_dir(out, record)
 
     # ---- the model and what trains
-    return_freed_memory()
     model = load_model(model_path, dtype=torch.float32, packed=packed_base)
     if cfg.method == "lora":
         from llamalab.train.lora import apply_lora, lora_adapters
@@ -522,29 +521,6 @@ def _finetune(cfg: FinetuneConfig, world: Any, progress: bool | None) -> dict[st
         "export": str(exported) if exported else None,
         "out_dir": str(out),
     }
-
-
-def return_freed_memory() -> None:
-    """Have glibc's malloc give every block of 1 MiB or more back to the system when it is
-    freed (``M_MMAP_THRESHOLD``; a no-op elsewhere).
-
-    By default that threshold rises to 32 MiB after the first large free, so the
-    activations of a step (tensors of 4-25 MB at 8 × 256 positions on SmolLM2) come
-    from the heap, whose freed holes stay resident: a LoRA step on the packed SmolLM2
-    peaked at 5.1 GB of RSS that way against 3.2 GB with this, about equally fast
-    (a new page per large tensor, a few percent of a step).
-    """
-    import ctypes
-    import platform
-
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    m_mmap_threshold = -3  # malloc.h
-    libc.mallopt(m_mmap_threshold, 1 << 20)
 
 
 def recompute_blocks(model: torch.nn.Module, documents: DocumentMasked | None = None) -> None:
