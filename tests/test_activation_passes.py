@@ -8,6 +8,8 @@ rounding residual again, so what is left is at most half the residual's own step
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -88,14 +90,28 @@ def test_only_one_or_two_passes() -> None:
             native.set_activation_passes(bad)
 
 
-def test_eval_loads_with_two_passes_and_float32_with_none(smollm2_path) -> None:
-    from llamalab.eval.runner import load_for_eval
-    from llamalab.kernels import native
+def test_eval_scores_with_two_passes_and_leaves_the_setting_after(smollm2_path) -> None:
+    """``llamalab eval`` (in this process) scores with two passes, and afterwards the
+    process is back at one: a later command or library call in it is unchanged."""
+    from unittest import mock
 
-    try:
-        load_for_eval(str(smollm2_path), "float32", device="cpu", threads=1)
-        assert native.set_activation_passes(1) == 1  # float32 leaves the kernels alone
-        load_for_eval(str(smollm2_path), "auto", device="cpu", threads=1)
-        assert native.set_activation_passes(1) == (2 if native.vnni_available() else 1)
-    finally:
-        native.set_activation_passes(1)
+    from llamalab.cli import main
+    from llamalab.eval import runner
+    from llamalab.kernels import native
+    from llamalab.runtime import load_runtime
+
+    seen = []
+    real = runner.run_choice
+
+    def spy(*args, **kwargs):
+        seen.append(native.set_activation_passes(2))  # the setting while it scores
+        return real(*args, **kwargs)
+
+    fixture = str(Path(__file__).resolve().parent / "fixtures" / "eval" / "mc.jsonl")
+    with mock.patch.object(runner, "run_choice", spy):
+        assert main(["eval", "-m", str(smollm2_path), "--task", fixture, "--json"]) == 0
+    assert seen == [2 if native.vnni_available() else 1]
+    assert native.set_activation_passes(1) == 1  # set back after the command
+    model, _ = load_runtime(str(smollm2_path), "float32", device="cpu", threads=1)
+    with runner.scoring_kernels(model):  # float32: the kernels are not in the way
+        assert native.set_activation_passes(1) == 1

@@ -1,7 +1,7 @@
 """Every evaluation task on the path users run: ``--dtype auto``, which on a CPU with
 AVX-512 VNNI, AVX-VNNI or AVX2 is llamalab's packed integer kernel and its native decode
-step, loaded as ``llamalab eval`` loads it (``runner.load_for_eval``: two int8 passes
-over each activation row).
+step, under the kernel setting ``llamalab eval`` runs under (``runner.scoring_kernels``:
+two int8 passes over each activation row).
 
 That path may differ from float32 (the reference maths) in the last bits: it rounds
 activations to 8 bits twice (the value, then its residual). So each test bounds the
@@ -44,16 +44,19 @@ def needs(*names):
 @pytest.fixture(scope="module")
 def packed(smollm2_path):
     """The default model as ``llamalab eval`` loads it by default (``--dtype auto``)."""
-    from llamalab.eval.runner import load_for_eval
+    from llamalab.eval.runner import scoring_kernels
     from llamalab.kernels import isa_in_use
     from llamalab.kernels.native import set_activation_passes, vnni_available
+    from llamalab.runtime import load_runtime
 
-    model, tokenizer = load_for_eval(str(smollm2_path), "auto", device="cpu", threads=2)
+    model, tokenizer = load_runtime(str(smollm2_path), "auto", device="cpu", threads=2)
     if vnni_available():  # on this kind of CPU the default is the packed kernel: test it
         assert isa_in_use(model) != "torch"
-        assert set_activation_passes(2) == 2  # what load_for_eval set
-    yield model, tokenizer
-    set_activation_passes(1)  # the setting is the process's: leave other tests at one
+    with scoring_kernels(model):  # for this module's tests only
+        if vnni_available():
+            assert set_activation_passes(2) == 2  # what scoring_kernels set
+        yield model, tokenizer
+    assert set_activation_passes(1) == 1  # and set back after them
 
 
 @pytest.fixture(scope="module")

@@ -94,7 +94,8 @@ def test_shipped_tasks_run_offline_with_llamalabs_prompts(tmp_path, smollm2_path
         ("llamalab_mmlu_anatomy", load_task("mmlu", subjects=["anatomy"], limit=2)),
     ):
         picks = lm_eval_picks(samples[name])
-        ours = runner.run_choice(task, scorer, tokenizer)
+        with runner.scoring_kernels(model):  # the kernels' setting as both commands run them
+            ours = runner.run_choice(task, scorer, tokenizer)
         for item, record in zip(task.items, ours.records, strict=True):
             assert picks[item.id]["context"] == item.context
             # Same model code, same path, same tokens: the same log-likelihoods.

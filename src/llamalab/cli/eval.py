@@ -197,59 +197,60 @@ def run(args: argparse.Namespace) -> int:
     if given and (task is None or task.kind == "choice"):
         # Likelihood scoring generates nothing, so nothing is drafted.
         raise LlamalabError(f"{given[0]} applies to generation tasks only")
-    model, tokenizer = load_runtime_from_args(args, load=runner.load_for_eval)
+    model, tokenizer = load_runtime_from_args(args)
     if adapters:
         from llamalab.train.lora import load_adapters
 
         load_adapters(model, adapters)
     ctx = used_context(args.ctx, model.config.context_length)
-    if task is None:
-        window = ctx
-        stride = args.stride or max(1, window // 2)
-        if not 1 <= stride < window:
-            raise LlamalabError(
-                f"--stride must be 1 to {window - 1} (less than the window of {window} tokens)"
+    with runner.scoring_kernels(model):
+        if task is None:
+            window = ctx
+            stride = args.stride or max(1, window // 2)
+            if not 1 <= stride < window:
+                raise LlamalabError(
+                    f"--stride must be 1 to {window - 1} (less than the window of {window} tokens)"
+                )
+            scorer = shared_scorer(model, max_seq_len=window, max_rows=1)
+            result = runner.run_perplexity(
+                files, scorer, tokenizer, window=window, stride=stride, progress=progress
             )
-        scorer = shared_scorer(model, max_seq_len=window, max_rows=1)
-        result = runner.run_perplexity(
-            files, scorer, tokenizer, window=window, stride=stride, progress=progress
-        )
-    elif task.kind == "choice":
-        scorer = shared_scorer(model, max_seq_len=ctx, max_rows=args.batch_size or CHOICE_ROWS)
-        result = runner.run_choice(task, scorer, tokenizer, progress=progress)
-        cut = sum(1 for r in result.records if r.get("context_tokens_dropped"))
-        if cut:  # lm-eval does this silently; a user should know the prompts were cut
-            print(
-                f"llamalab: note: {cut} of {result.n} prompts lost their oldest tokens to fit "
-                f"the window of {ctx} tokens (--ctx)",
-                file=sys.stderr,
-            )
-    else:
-        from llamalab.generation import Engine
-
-        args.batch_size = args.batch_size or GENERATE_BATCH
-        draft = draft_tokenizer = None
-        if args.draft is not None and lookup is not None:
-            from llamalab.runtime import load_runtime
-
-            draft, draft_tokenizer = load_runtime(args.draft, args.dtype, device=args.device)
-        engine = Engine(
-            model, tokenizer, max_batch=args.batch_size, max_seq_len=ctx, draft=draft,
-            draft_tokenizer=draft_tokenizer,
-        )  # fmt: skip
-        if task.kind == "code":
-            result = runner.run_code(
-                task, engine, tokenizer, samples=args.samples, temperature=args.temperature,
-                batch_size=args.batch_size, seed=args.seed, progress=progress, lookup=lookup,
-            )  # fmt: skip
+        elif task.kind == "choice":
+            scorer = shared_scorer(model, max_seq_len=ctx, max_rows=args.batch_size or CHOICE_ROWS)
+            result = runner.run_choice(task, scorer, tokenizer, progress=progress)
+            cut = sum(1 for r in result.records if r.get("context_tokens_dropped"))
+            if cut:  # lm-eval does this silently; a user should know the prompts were cut
+                print(
+                    f"llamalab: note: {cut} of {result.n} prompts lost their oldest tokens to fit "
+                    f"the window of {ctx} tokens (--ctx)",
+                    file=sys.stderr,
+                )
         else:
-            extract = None
-            if task.name == "gsm8k":
-                from llamalab.eval.tasks.gsm8k import extract_answer as extract
-            result = runner.run_generate(
-                task, engine, tokenizer, batch_size=args.batch_size, progress=progress,
-                extract=extract, lookup=lookup,
+            from llamalab.generation import Engine
+
+            args.batch_size = args.batch_size or GENERATE_BATCH
+            draft = draft_tokenizer = None
+            if args.draft is not None and lookup is not None:
+                from llamalab.runtime import load_runtime
+
+                draft, draft_tokenizer = load_runtime(args.draft, args.dtype, device=args.device)
+            engine = Engine(
+                model, tokenizer, max_batch=args.batch_size, max_seq_len=ctx, draft=draft,
+                draft_tokenizer=draft_tokenizer,
             )  # fmt: skip
+            if task.kind == "code":
+                result = runner.run_code(
+                    task, engine, tokenizer, samples=args.samples, temperature=args.temperature,
+                    batch_size=args.batch_size, seed=args.seed, progress=progress, lookup=lookup,
+                )  # fmt: skip
+            else:
+                extract = None
+                if task.name == "gsm8k":
+                    from llamalab.eval.tasks.gsm8k import extract_answer as extract
+                result = runner.run_generate(
+                    task, engine, tokenizer, batch_size=args.batch_size, progress=progress,
+                    extract=extract, lookup=lookup,
+                )  # fmt: skip
     if output is not None:
         write_records(output, result.records)
     if args.json:

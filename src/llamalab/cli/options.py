@@ -68,11 +68,8 @@ def add_runtime_options(p: argparse.ArgumentParser) -> None:
     )
 
 
-def load_runtime_from_args(
-    args: argparse.Namespace, *, compile_by_default: bool = False, load=None
-):
-    """``(model, tokenizer)`` for a command's runtime options, loaded by ``load``
-    (default ``runtime.load_runtime``, whose arguments it takes).
+def load_runtime_from_args(args: argparse.Namespace, *, compile_by_default: bool = False):
+    """``(model, tokenizer)`` for a command's runtime options.
 
     ``--compile`` / ``--no-compile`` decide whether the decode step is compiled; without
     either, ``$LLAMALAB_COMPILE`` (1 or 0), else ``compile_by_default``.
@@ -88,7 +85,7 @@ def load_runtime_from_args(
     if compile is None:
         env = os.environ.get("LLAMALAB_COMPILE")
         compile = compile_by_default if env is None else env != "0"
-    return (load or load_runtime)(
+    return load_runtime(
         args.model,
         args.dtype,
         device=args.device,

@@ -17,6 +17,8 @@ This module imports lm-eval when it is imported: import it only when lm-eval is 
 
 from __future__ import annotations
 
+import functools
+
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import model_registry, register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
@@ -25,6 +27,20 @@ from tqdm import tqdm
 from llamalab.eval.likelihood import LikelihoodScorer, document_start
 
 MODEL_NAME = "llamalab"
+
+
+def _on_scoring_kernels(method):
+    """Run an lm-eval request method under evaluation's kernel setting
+    (``runner.scoring_kernels``), as ``llamalab eval`` runs its tasks."""
+
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        from llamalab.eval.runner import scoring_kernels
+
+        with scoring_kernels(self._model):
+            return method(self, *args, **kwargs)
+
+    return run
 
 
 def _int_or_none(value) -> int | None:
@@ -60,10 +76,10 @@ class LlamalabLM(TemplateLM):
         **kwargs,  # what lm-eval passes to every model (max_batch_size, ...), unused here
     ) -> None:
         super().__init__()
-        from llamalab.eval.runner import load_for_eval
+        from llamalab.runtime import load_runtime
 
         device = _device(device)
-        self._model, self.tokenizer = load_for_eval(
+        self._model, self.tokenizer = load_runtime(
             model, dtype, device=device, threads=_int_or_none(threads), progress=False
         )
         self.ctx = int(ctx)
@@ -101,6 +117,7 @@ class LlamalabLM(TemplateLM):
         return self.tokenizer.decode(tokens)
 
     # ------------------------------------------------------------------ scoring
+    @_on_scoring_kernels
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
         """(log P(continuation | context), greedy?) per request; requests that share a
         context are scored together, the context run once, and contexts that open alike
@@ -120,6 +137,7 @@ class LlamalabLM(TemplateLM):
                     self.cache_hook.add_partial("loglikelihood", requests[i][0], result)
         return results
 
+    @_on_scoring_kernels
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         """Log-likelihood of whole texts, in windows of at most ``max_length`` tokens."""
         out = []
@@ -143,6 +161,7 @@ class LlamalabLM(TemplateLM):
         return out
 
     # ------------------------------------------------------------------ generation
+    @_on_scoring_kernels
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """Replies from llamalab's Engine (greedy unless ``do_sample``), cut at ``until``."""
         from llamalab.generation import Engine, Request

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,22 +22,25 @@ METRIC_OF_NORM = {"raw": "acc", "char": "acc_char", "answer": "acc_answer"}
 PASS_AT = (1, 10, 100)
 
 
-def load_for_eval(ref: str, dtype: str, **options):
-    """Load a model and its tokenizer for evaluation (``runtime.load_runtime``'s options).
+def scoring_kernels(model) -> AbstractContextManager:
+    """The kernel setting evaluation scores and generates under, for as long as the
+    ``with`` block lasts: on llamalab's packed kernels, a second int8 pass over every
+    activation row (its rounding residual; ``kernels.native.activation_passes``).
 
-    On the packed kernels (``dtype`` auto), activations get a second int8 pass, their
-    rounding residual: scores decide between near ties, and one pass moved SmolLM2's MMLU
-    log-likelihoods by up to 0.10 from float32, flipping 4.5% of its picks; with two,
-    0.0006 and none of 200. The setting is the process's (see
-    ``kernels.native.set_activation_passes``)."""
-    from llamalab.runtime import load_runtime
+    Scores decide between near ties, and one pass moved SmolLM2's MMLU log-likelihoods
+    by up to 0.10 from float32, flipping 9 of 200 5-shot picks; with two, 0.0006 and
+    none. Elsewhere (float32, torch's kernels, a GPU) and on tensor-parallel ranks (whose
+    other ranks would not follow the setting) nothing changes."""
+    import contextlib
+    import os
 
-    loaded = load_runtime(ref, dtype, **options)
-    if dtype == "auto" and loaded[0].device.type == "cpu":
-        from llamalab.kernels.native import set_activation_passes
+    from llamalab.kernels import isa_in_use
 
-        set_activation_passes(2)
-    return loaded
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 or isa_in_use(model) == "torch":
+        return contextlib.nullcontext()
+    from llamalab.kernels.native import activation_passes
+
+    return activation_passes(2)
 
 
 @dataclass

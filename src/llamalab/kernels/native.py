@@ -15,6 +15,7 @@ and the packed layers use torch's kernels instead.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -24,6 +25,7 @@ import sys
 import tempfile
 import threading
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -162,6 +164,17 @@ def set_activation_passes(passes: int, isa: str | None = None) -> int:
         return 1
     with _lock:
         return ctypes.CDLL(str(_library(isa))).llamalab_set_activation_passes(passes)
+
+
+@contextlib.contextmanager
+def activation_passes(passes: int, isa: str | None = None) -> Iterator[None]:
+    """``set_activation_passes(passes, isa)`` for the ``with`` block, then the setting
+    before it."""
+    previous = set_activation_passes(passes, isa)
+    try:
+        yield
+    finally:
+        set_activation_passes(previous, isa)
 
 
 def _register_fake() -> None:
