@@ -39,8 +39,9 @@ def test_recomputed_activations_give_the_same_run(tiny_gguf, tmp_path, which):
 
 
 def test_recompute_must_be_a_boolean(tiny_gguf, tmp_path, capsys):
-    from llamalab.cli import main
     from test_finetune import sets
+
+    from llamalab.cli import main
 
     model, _, data = tiny_gguf
     out = tmp_path / "run"
