@@ -37,18 +37,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from llamalab.checkpoint.lora_files import HF_MODULES  # target name -> transformers module
+
 REPO = Path(__file__).resolve().parents[1]
-# llamalab's target names and the modules of transformers' LlamaForCausalLM they are.
-HF_TARGETS = {
-    "wq": "q_proj",
-    "wk": "k_proj",
-    "wv": "v_proj",
-    "wo": "o_proj",
-    "w1": "gate_proj",
-    "w2": "down_proj",
-    "w3": "up_proj",
-    "output": "lm_head",
-}
 LR = 1e-3
 SIDES = ("packed", "packed-recompute", "float", "float-recompute", "peft")
 
@@ -101,7 +92,7 @@ def worker_peft(hf: str, rows_file: str, settings: dict) -> dict:
         r=s["rank"],
         lora_alpha=2 * s["rank"],
         lora_dropout=0.0,
-        target_modules=[HF_TARGETS[t] for t in s["targets"]],
+        target_modules=[HF_MODULES[t] for t in s["targets"]],
         task_type="CAUSAL_LM",
     )
     model = get_peft_model(model, config).train()
@@ -227,9 +218,9 @@ def main() -> int:
     args = parser.parse_args()
     if args.warmup >= args.steps:
         raise SystemExit("--warmup must be below --steps")
-    unknown = [t for t in args.targets if t not in HF_TARGETS]
+    unknown = [t for t in args.targets if t not in HF_MODULES]
     if unknown:
-        raise SystemExit(f"unknown target {unknown[0]!r}; choose among {' '.join(HF_TARGETS)}")
+        raise SystemExit(f"unknown target {unknown[0]!r}; choose among {' '.join(HF_MODULES)}")
     from llamalab.default_model import default_model_path
 
     model = str(Path(args.model) if args.model else default_model_path())

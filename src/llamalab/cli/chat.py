@@ -21,6 +21,7 @@ from llamalab.cli.options import (
     add_runtime_options,
     add_sampling_options,
     check_text_argument,
+    draft_from_args,
     grammar_from_args,
     load_runtime_from_args,
     lookup_from_args,
@@ -161,11 +162,7 @@ def run(args: argparse.Namespace) -> int:
         load_adapters(model, adapters)
     if tokenizer.chat_template is None:
         raise LlamalabError("this model has no chat template; use `llamalab generate` instead")
-    draft = draft_tokenizer = None
-    if args.draft is not None and lookup is not None:
-        from llamalab.runtime import load_runtime
-
-        draft, draft_tokenizer = load_runtime(args.draft, args.dtype, device=args.device)
+    draft, draft_tokenizer = draft_from_args(args, lookup)
     # One cache row, kept between turns: each turn prefills only the new messages.
     engine = Engine(
         model,

@@ -19,6 +19,7 @@ from llamalab.cli.options import (
     add_lookup_options,
     add_lora_option,
     add_runtime_options,
+    draft_from_args,
     finite_float,
     load_runtime_from_args,
     lookup_from_args,
@@ -229,11 +230,7 @@ def run(args: argparse.Namespace) -> int:
             from llamalab.generation import Engine
 
             args.batch_size = args.batch_size or GENERATE_BATCH
-            draft = draft_tokenizer = None
-            if args.draft is not None and lookup is not None:
-                from llamalab.runtime import load_runtime
-
-                draft, draft_tokenizer = load_runtime(args.draft, args.dtype, device=args.device)
+            draft, draft_tokenizer = draft_from_args(args, lookup)
             engine = Engine(
                 model, tokenizer, max_batch=args.batch_size, max_seq_len=ctx, draft=draft,
                 draft_tokenizer=draft_tokenizer,

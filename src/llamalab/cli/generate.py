@@ -14,6 +14,7 @@ from llamalab.cli.options import (
     add_sampling_options,
     check_text_argument,
     context_in_use,
+    draft_from_args,
     grammar_from_args,
     load_runtime_from_args,
     lookup_from_args,
@@ -134,11 +135,7 @@ def _run_here(
         prompt_ids = tokenizer.encode_chat(build_messages(prompt, args.system))
     else:
         prompt_ids = tokenizer.encode(prompt, special=True)
-    draft = draft_tokenizer = None
-    if args.draft is not None and lookup is not None:
-        from llamalab.runtime import load_runtime
-
-        draft, draft_tokenizer = load_runtime(args.draft, args.dtype, device=args.device)
+    draft, draft_tokenizer = draft_from_args(args, lookup)
     engine = Engine(
         model,
         tokenizer,

@@ -292,6 +292,16 @@ def lookup_from_args(args: argparse.Namespace):
     return LookupParams(**sizes)
 
 
+def draft_from_args(args: argparse.Namespace, lookup) -> tuple:
+    """``(draft model, its tokenizer)`` for ``--draft REF`` where speculation is on
+    (``lookup`` not None), else ``(None, None)``."""
+    if args.draft is None or lookup is None:
+        return None, None
+    from llamalab.runtime import load_runtime
+
+    return load_runtime(args.draft, args.dtype, device=args.device)
+
+
 def add_lora_option(p: argparse.ArgumentParser) -> None:
     """``--lora PATH[:SCALE]`` (repeatable): LoRA adapters run on top of the model, unmerged."""
     p.add_argument(
