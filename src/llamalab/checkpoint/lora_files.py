@@ -402,16 +402,6 @@ class _MergedReader(CheckpointReader):
     def raw(self, name: str):
         return self.load(name) if name in self._deltas else self._reader.raw(name)
 
-    def stored_types(self) -> dict[str, int]:
-        counts: dict[str, int] = {}
-        for name in self.names():
-            kind = self.info(name).stored_type
-            counts[kind] = counts.get(kind, 0) + 1
-        return counts
-
-    def weights_nbytes(self) -> int:
-        return sum(self.info(name).nbytes for name in self.names())
-
     def tokenizer_kind(self) -> str | None:
         return self._reader.tokenizer_kind()
 
