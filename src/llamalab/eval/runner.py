@@ -32,11 +32,11 @@ def scoring_kernels(model) -> AbstractContextManager:
     none. Elsewhere (float32, torch's kernels, a GPU) and on tensor-parallel ranks (whose
     other ranks would not follow the setting) nothing changes."""
     import contextlib
-    import os
 
     from llamalab.kernels import isa_in_use
+    from llamalab.parallel.launch import world_size
 
-    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 or isa_in_use(model) == "torch":
+    if world_size() > 1 or isa_in_use(model) == "torch":
         return contextlib.nullcontext()
     from llamalab.kernels.native import activation_passes
 

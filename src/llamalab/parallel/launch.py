@@ -70,19 +70,10 @@ class RanksLost(BaseException):
 
 def world_size() -> int:
     """The number of ranks the launcher started (``$WORLD_SIZE``; 1 without one)."""
-    value = os.environ.get("WORLD_SIZE")
-    if value is None:
-        return 1
-    try:
-        world = int(value)
-    except ValueError:
-        raise LlamalabError(f"WORLD_SIZE must be a whole number, got {value!r}") from None
-    if world < 1:
-        raise LlamalabError(f"WORLD_SIZE must be at least 1, got {world}")
-    return world
+    return _env_int("WORLD_SIZE", 1, minimum=1)
 
 
-def _env_int(name: str, default: int) -> int:
+def _env_int(name: str, default: int, minimum: int = 0) -> int:
     value = os.environ.get(name)
     if value is None:
         return default
@@ -90,8 +81,10 @@ def _env_int(name: str, default: int) -> int:
         number = int(value)
     except ValueError:
         raise LlamalabError(f"{name} must be a whole number, got {value!r}") from None
-    if number < 0:
-        raise LlamalabError(f"{name} must not be negative, got {number}")
+    if number < minimum:
+        if minimum == 0:
+            raise LlamalabError(f"{name} must not be negative, got {number}")
+        raise LlamalabError(f"{name} must be at least {minimum}, got {number}")
     return number
 
 
