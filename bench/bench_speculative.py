@@ -35,8 +35,15 @@ accepted tokens come from the server's ``/metrics``.
 (``artifacts/bench-models/random-0.9b-Q4_0.gguf``, written by ``bench/random_model.py``;
 its text is noise, so its acceptance says nothing about real text).
 
+``--draft PATH`` adds the engine llamalab-draft: the ``--model`` file speculating with
+this smaller model as its drafter (same vocabulary) instead of prompt lookup, e.g. the
+SmolLM2 Q4_1 file drafting for a float32 copy of itself
+(``llamalab convert SMOLLM2.gguf smollm2-f32.gguf --to gguf --dtype f32``).
+
     python bench/bench_speculative.py --rounds 3 --prompts 20 [--max-tokens 128] [--json out.json]
     python bench/bench_speculative.py --server --rounds 3 --prompts 20 [--model PATH]
+    python bench/bench_speculative.py --model F32.gguf --draft Q4_1.gguf \
+        --engines llamalab,llamalab-lookup,llamalab-draft [--workloads grounded]
 """
 
 from __future__ import annotations
@@ -59,6 +66,7 @@ from collections import Counter
 from pathlib import Path
 
 ENGINES = ("llamalab", "llamalab-lookup", "llama.cpp", "llama.cpp-lookup")
+DRAFT_ENGINE = "llamalab-draft"  # with --draft: the draft model instead of prompt lookup
 CHAT = [
     "Write a short story about a lighthouse keeper who finds a message in a bottle.",
     "Explain why the sky is blue to a ten-year-old.",
@@ -181,20 +189,31 @@ def _timed(stream) -> tuple[list[int], float]:
 
 
 def worker_llamalab(
-    prompts: list[str], max_tokens: int, lookup: bool, model_path: str | None = None
+    prompts: list[str],
+    max_tokens: int,
+    lookup: bool,
+    model_path: str | None = None,
+    draft_path: str | None = None,
 ) -> list[dict]:
     from llamalab.generation import GREEDY, Engine, Request
     from llamalab.generation.params import LookupParams
     from llamalab.runtime import load_runtime
 
     model, tok = load_runtime(model_path)
+    draft, draft_tok = load_runtime(draft_path) if draft_path else (None, None)
     out = []
     for text in prompts:
         if tok.chat_template is not None:
             ids = tok.encode_chat([{"role": "user", "content": text}])
         else:
             ids = tok.encode(text)
-        engine = Engine(model, tok, max_seq_len=min(2048, len(ids) + max_tokens + 64))
+        engine = Engine(
+            model,
+            tok,
+            max_seq_len=min(2048, len(ids) + max_tokens + 64),
+            draft=draft,
+            draft_tokenizer=draft_tok,
+        )
         request = Request(
             ids, max_tokens=max_tokens, sampling=GREEDY, lookup=LookupParams() if lookup else None
         )
@@ -221,7 +240,11 @@ def worker_llamalab(
 
 
 def worker_llamacpp(
-    prompts: list[str], max_tokens: int, lookup: bool, model_path: str | None = None
+    prompts: list[str],
+    max_tokens: int,
+    lookup: bool,
+    model_path: str | None = None,
+    draft_path: str | None = None,
 ) -> list[dict]:
     from llama_cpp import Llama
     from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
@@ -252,7 +275,13 @@ def worker_llamacpp(
     return out
 
 
-def run_worker(engine: str, prompts: list[str], max_tokens: int, model: str | None = None) -> dict:
+def run_worker(
+    engine: str,
+    prompts: list[str],
+    max_tokens: int,
+    model: str | None = None,
+    draft: str | None = None,
+) -> dict:
     """Run ``engine`` on ``prompts`` in a fresh process; its results and the load beside."""
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(prompts, f)
@@ -260,7 +289,8 @@ def run_worker(engine: str, prompts: list[str], max_tokens: int, model: str | No
         load = Path("/proc/loadavg").read_text().split()[0]
         done = subprocess.run(
             [sys.executable, __file__, "--worker", engine, "--prompts-file", f.name,
-             "--max-tokens", str(max_tokens), *(["--model", model] if model else [])],
+             "--max-tokens", str(max_tokens), *(["--model", model] if model else []),
+             *(["--draft", draft] if draft and engine == DRAFT_ENGINE else [])],
             capture_output=True, text=True, check=False,
         )  # fmt: skip
     finally:
@@ -421,17 +451,20 @@ def main() -> None:
     ap.add_argument("--engines", default=",".join(ENGINES))
     ap.add_argument("--json", default=None, help="write every run's figures here")
     ap.add_argument("--model", default=None, help="a GGUF file (default: SmolLM2-135M Q4_1)")
+    ap.add_argument("--draft", default=None, help="a draft model's GGUF file: adds llamalab-draft")
+    ap.add_argument("--workloads", default="grounded,chat", help="which of grounded, chat")
     ap.add_argument("--server", action="store_true", help="the server workload instead")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--prompts-file", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         prompts = json.loads(Path(args.prompts_file).read_text())
-        lookup = args.worker.endswith("-lookup")
+        lookup = args.worker.endswith(("-lookup", "-draft"))
         work = worker_llamalab if args.worker.startswith("llamalab") else worker_llamacpp
-        print(json.dumps(work(prompts, args.max_tokens, lookup, args.model)))
+        print(json.dumps(work(prompts, args.max_tokens, lookup, args.model, args.draft)))
         return
     sets = workloads(args.prompts)
+    sets = {w: sets[w] for w in args.workloads.split(",")}
     if args.server:
         # Grounded and chat prompts alternate, so every batch holds both kinds.
         mixed = [p for pair in zip(sets["grounded"], sets["chat"], strict=False) for p in pair]
@@ -440,12 +473,16 @@ def main() -> None:
             Path(args.json).write_text(json.dumps(runs))
         return
     engines = args.engines.split(",")
+    if args.draft and DRAFT_ENGINE not in engines:
+        engines.append(DRAFT_ENGINE)
+    if DRAFT_ENGINE in engines and not args.draft:
+        raise SystemExit(f"{DRAFT_ENGINE} needs --draft")
     runs: dict[str, dict[str, list[dict]]] = {w: {e: [] for e in engines} for w in sets}
     for r in range(args.rounds):
         order = engines[r % len(engines) :] + engines[: r % len(engines)]
         for workload, prompts in sets.items():
             for engine in order:
-                result = run_worker(engine, prompts, args.max_tokens, args.model)
+                result = run_worker(engine, prompts, args.max_tokens, args.model, args.draft)
                 runs[workload][engine].append(result)
                 print(
                     f"round {r + 1} {workload:8} {engine:16} {rate(result['prompts']):6.1f} tok/s"
@@ -453,6 +490,7 @@ def main() -> None:
                     file=sys.stderr,
                 )
     name = Path(args.model).name if args.model else "SmolLM2-135M-Instruct Q4_1"
+    name += f", draft {Path(args.draft).name}" if args.draft else ""
     print(f"{name}, {os.cpu_count()} cores, {args.rounds} rounds, "
           f"{args.prompts} prompts per workload, at most {args.max_tokens} tokens each")  # fmt: skip
     print(
@@ -474,11 +512,13 @@ def main() -> None:
                 f"{workload:9} {engine:17} {med:6.1f} [{min(rates):6.1f}-{max(rates):6.1f}]{speedup:9}"
                 f" {ratio:17} {statistics.median(loads):.2f} [{min(loads):.2f}-{max(loads):.2f}]"
             )
-        if "llamalab" in engines and "llamalab-lookup" in engines:
+        for fast_engine in ("llamalab-lookup", DRAFT_ENGINE):
+            if "llamalab" not in engines or fast_engine not in engines:
+                continue
             plain = [p["ids"] for x in runs[workload]["llamalab"] for p in x["prompts"]]
-            fast = [p["ids"] for x in runs[workload]["llamalab-lookup"] for p in x["prompts"]]
+            fast = [p["ids"] for x in runs[workload][fast_engine] for p in x["prompts"]]
             same = sum(a == b for a, b in zip(plain, fast, strict=True))
-            print(f"{workload:9} llamalab-lookup's text equals llamalab's: {same}/{len(plain)}")
+            print(f"{workload:9} {fast_engine}'s text equals llamalab's: {same}/{len(plain)}")
     if args.json:
         Path(args.json).write_text(json.dumps(runs))
 

@@ -68,6 +68,8 @@ def test_bad_lookup_sizes_are_refused(kwargs) -> None:
 def test_drafting_stops_where_drafts_miss_and_resumes_where_they_hit() -> None:
     spec = Speculation(LookupParams(ngram=1, draft_max=8), [1, 2, 3, 1])
     cost = PassCost()
+    assert spec.draft(8, cost) == []  # no one-token step timed yet: a plain step first
+    cost.observe(1, 0.010)
     assert spec.draft(8, cost) == [2, 3]  # the prior's acceptance (0.5): two tokens pay
     rng = random.Random(0)
     for _ in range(80):  # text that barely repeats: about one prediction in ten hits
@@ -100,6 +102,40 @@ def test_drafting_stops_where_verifications_are_slower_than_predicted() -> None:
         spec.verified(len(drafts), len(drafts), 0.2, cost)  # ... at 20 single passes' time
     assert spec.draft(4, cost) == []
     assert spec.calibration < 0.5
+
+
+class _TimedDrafter:
+    """A drafter that always drafts the right tokens, each call taking ``call_s``."""
+
+    def __init__(self, text: list[int], call_s: float) -> None:
+        self.text, self.call_s = text, call_s
+
+    def draft(self, tokens, k: int) -> list[int]:
+        return self.text[len(tokens) : len(tokens) + k]
+
+
+@pytest.mark.parametrize(("call_share", "drafts"), [(0.05, True), (1.0, False)])
+def test_a_draft_model_drafts_only_while_its_steps_are_cheap(call_share, drafts) -> None:
+    """Every draft hits; a draft model whose steps cost as much as the target's cannot pay
+    (each drafted token costs a step of each model), so after its first draft it only
+    probes now and then: a tenth of the steps or fewer draft."""
+    text = list(range(1000))
+    spec = Speculation(LookupParams(draft_max=4), text[:10])
+    spec.drafter = _TimedDrafter(text, call_share * 0.010)
+    cost = PassCost()
+    cost.observe(1, 0.010)
+    drafting_steps = 0
+    while len(spec.lookup.tokens) < 400:
+        d = spec.draft(4, cost)
+        drafting_steps += bool(d)
+        for t in [*d, text[len(spec.lookup.tokens) + len(d)]]:
+            spec.push(t)
+        if d:
+            spec.verified(len(d), len(d), 0.010 * (1 + cost.extra * len(d)), cost)
+    if drafts:
+        assert drafting_steps > 50  # about 400 / 5 steps, each drafting four tokens
+    else:
+        assert drafting_steps <= 400 / 10
 
 
 # ------------------------------------------------------------------ rejection sampling
@@ -342,6 +378,18 @@ def test_a_good_draft_model_is_accepted_and_a_random_one_turned_off(smollm2, smo
     random_draft = _random_draft(smollm2[0].config.vocab_size)
     _, bad = _drafted(smollm2, random_draft, FREE, max_tokens=60, sampling=GREEDY)
     assert bad.timing.draft_tokens < 20  # a probe every few steps, not a draft per step
+
+
+def test_the_draft_model_reads_the_prompt_in_the_prefill(smollm2) -> None:
+    """The draft model's cache holds the prompt before the first token is chosen, so a
+    long prompt is not read at the first draft, on the reply's time."""
+    model, tok = smollm2
+    ids = tok.encode_chat([{"role": "user", "content": REPEAT}])
+    draft = _random_draft(model.config.vocab_size)
+    engine = Engine(model, tok, max_seq_len=512, draft=draft)
+    seq, _ = engine.submit(Request(ids, max_tokens=2, lookup=LookupParams()))
+    assert seq.speculation is not None
+    assert seq.speculation.drafter.cached == ids[:-1]
 
 
 def test_a_draft_with_another_vocabulary_or_larger_is_refused(smollm2, smollm2_path) -> None:

@@ -398,6 +398,13 @@ class Engine:
                     bar.update(seq.prefilled - done)
                 if logits is not None:
                     break
+            spec = seq.speculation
+            if spec is not None and spec.drafter is not None:
+                # The draft model reads the prompt with it, as part of the prefill, rather
+                # than at its first draft, where it would cost the reply's first tokens.
+                t0 = time.perf_counter()
+                spec.drafter.sync(seq.prompt)
+                seq.timing.prefill_s += time.perf_counter() - t0
             event = self._first_token(seq, logits)
         except BaseException:
             self._release(seq)

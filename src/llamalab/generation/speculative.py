@@ -72,6 +72,8 @@ CALIBRATION_RANGE = (0.25, 1.5)
 # pass of it): after this many steps without a draft, one token is drafted to look again.
 PROBE_EVERY = 16
 DRAFT_PREFILL_CHUNK = 512  # tokens per pass where the draft model catches up with the text
+# A draft model's catch-up of at most this many tokens costs about one step of it.
+SHORT_CATCH_UP = 8
 
 
 def accept_point_draft(
@@ -215,7 +217,9 @@ class Speculation:
             return self._model_draft(limit, cost)
         prediction, n = self.lookup.predict(self.params.draft_max)
         self._pending, self._match = prediction, n
-        if not prediction or limit < 1:
+        # Until a one-token step has been timed, nothing calibrates what drafts cost: a
+        # sequence that verified from its first step on would never learn it.
+        if not prediction or limit < 1 or cost.single_s is None:
             return []
         k, self._predicted = _best_length(
             self.acceptance(n), min(len(prediction), limit), cost, self.calibration
@@ -254,14 +258,15 @@ class Speculation:
         self._idle = 0 if k else self._idle + 1
         if not k and self._idle >= PROBE_EVERY and limit >= 1:
             k, self._idle = 1, 0
-        if not k:
+        if not k or cost.single_s is None:  # a plain step first: see draft()
             self._pending = []
             return []
         t0 = time.perf_counter()
         drafts = self.drafter.draft(self.lookup.tokens, k)
         self.draft_s = time.perf_counter() - t0
-        if drafts:
-            cost.observe_draft(len(drafts), self.draft_s)
+        if drafts and self.drafter.call_s is not None:
+            # A draft of k tokens calls the draft model k times (a catch-up, k - 1 steps).
+            cost.observe_draft(1, self.drafter.call_s)
         self._pending, self._match = list(drafts), 0
         return drafts
 
@@ -416,31 +421,57 @@ class ModelDrafter:
         self.max_seq_len = min(max_seq_len, model.config.context_length)
         model.setup_cache(1, self.max_seq_len)
         self.cached: list[int] = []  # the tokens whose keys and values its cache holds
+        self.fed = 0  # tokens the last catch-up fed
+        self.call_s: float | None = None  # what one call of it takes (see draft)
 
-    def draft(self, tokens: Sequence[int], k: int) -> list[int]:
-        """Up to ``k`` tokens the draft model expects after ``tokens``, greedily."""
+    def sync(self, tokens: Sequence[int]) -> None:
+        """Read ``tokens`` but the last into the cache (a prompt, ahead of its first
+        draft, whose pass re-reads the last token for its logits)."""
+        if len(tokens) > 1:
+            with torch.inference_mode():
+                self._feed(tokens[:-1])
+
+    def _feed(self, tokens: Sequence[int]) -> torch.Tensor | None:
+        """Feed ``tokens`` from where they part from the cached ones (at least the last
+        one); the last token's logits, or None where nothing was fed."""
         n = len(tokens)
-        k = min(k, self.max_seq_len - n + 1)
-        if k < 1 or n < 1:
-            return []
         start = 0
         for a, b in zip(self.cached, tokens, strict=False):
             if a != b:
                 break
             start += 1
-        start = min(start, n - 1)  # the last token's logits choose the first draft
+        start = min(start, n - 1)
+        self.fed = n - start
+        model, logits = self.model, None
+        while start < n:
+            end = min(start + DRAFT_PREFILL_CHUNK, n)
+            view = cache_view(
+                torch.arange(start, end).unsqueeze(0), kv_len=end, last_only=True,
+                dtype=model.dtype, device=model.device,
+            )  # fmt: skip
+            ids = torch.tensor([list(tokens[start:end])], dtype=torch.long)
+            logits = model(ids.to(model.device), cache=view)
+            start = end
+        self.cached = list(tokens)
+        return logits
+
+    def draft(self, tokens: Sequence[int], k: int) -> list[int]:
+        """Up to ``k`` tokens the draft model expects after ``tokens``, greedily.
+
+        Sets ``call_s``, the time of one call of the draft model, from this draft's
+        one-token steps, or from its catch-up pass where that fed a round's few tokens
+        (a pass of a few tokens costs about a step; a long catch-up is a prefill, which
+        says nothing of what drafting costs)."""
+        n = len(tokens)
+        k = min(k, self.max_seq_len - n + 1)
+        if k < 1 or n < 1:
+            return []
         model = self.model
         out: list[int] = []
         with torch.inference_mode():
-            while start < n:
-                end = min(start + DRAFT_PREFILL_CHUNK, n)
-                view = cache_view(
-                    torch.arange(start, end).unsqueeze(0), kv_len=end, last_only=True,
-                    dtype=model.dtype, device=model.device,
-                )  # fmt: skip
-                ids = torch.tensor([list(tokens[start:end])], dtype=torch.long)
-                logits = model(ids.to(model.device), cache=view)
-                start = end
+            t0 = time.perf_counter()
+            logits = self._feed(tokens)
+            t1 = time.perf_counter()
             for i in range(k):
                 token = int(torch.argmax(logits[0, -1, : self.vocab_size]))
                 out.append(token)
@@ -449,6 +480,11 @@ class ModelDrafter:
                 view = cache_view(torch.tensor([[n + i]]), dtype=model.dtype, device=model.device)
                 ids = torch.tensor([[token]], dtype=torch.long)
                 logits = model(ids.to(model.device), cache=view)
+            t2 = time.perf_counter()
+        if k > 1:
+            self.call_s = (t2 - t1) / (k - 1)
+        elif self.fed <= SHORT_CATCH_UP:
+            self.call_s = t1 - t0
         self.cached = [*tokens, *out[:-1]]
         return out
 
