@@ -47,6 +47,7 @@ import json
 import math
 import random
 import sys
+import weakref
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,6 +77,10 @@ if TYPE_CHECKING:
 
 METHODS = ("lora", "full")
 BASES = ("auto", "packed", "float")
+ACTIVATIONS = ("auto", "float32", "bfloat16")
+# Saved tensors smaller than this stay as they are: the adapters' own weights and their
+# low-rank products, whose rounding the gradients would feel, and too small to matter.
+COMPACT_MIN_NUMEL = 1 << 16
 RUN_RECORD = "finetune.json"
 ADAPTER = "adapter"
 # What makes a run this run: a resume may change how long it trains, how often it saves,
@@ -139,6 +144,10 @@ class FinetuneConfig:
     # far less memory (rows × seq_len × dim per block instead of ~25 times that), one more
     # forward pass of the blocks.
     recompute: bool = False
+    # What backward's saved activations are kept in: "auto" is bfloat16 on a packed base
+    # where the CPU has bfloat16 arithmetic (its backward multiplies in bfloat16 already),
+    # else float32. bfloat16 halves their memory, most of a step's.
+    activations: str = "auto"
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
     eval_every: int = 50
@@ -160,6 +169,7 @@ class FinetuneConfig:
         if not isinstance(self.recompute, bool):
             raise fail(f"recompute must be true or false, got {self.recompute!r}")
         check_choice(self, "precision", PRECISIONS, fail)
+        check_choice(self, "activations", ACTIVATIONS, fail)
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
             raise fail(f"rank must be a whole number ≥ 1, got {self.rank!r}")
         from llamalab.train.lora import TARGETS
@@ -402,6 +412,8 @@ def _finetune(cfg: FinetuneConfig, world: Any, progress: bool | None) -> dict[st
     stepper = replicate(runner) if world.distributed else runner
     dtype = resolve_precision(cfg.precision, world.device)
     autocast = torch.autocast("cpu", dtype=dtype) if dtype != torch.float32 else None
+    if _compact_activations(cfg, packed_base):
+        autocast = _Forward(autocast, BFloat16Activations())
     optimizer = build_optimizer(trainable, cfg)
     n_trainable = sum(p.numel() for p in trainable.parameters() if p.requires_grad)
 
@@ -521,6 +533,81 @@ def _finetune(cfg: FinetuneConfig, world: Any, progress: bool | None) -> dict[st
         "export": str(exported) if exported else None,
         "out_dir": str(out),
     }
+
+
+def _compact_activations(cfg: FinetuneConfig, packed_base: bool) -> bool:
+    """Whether backward's saved activations are kept in bfloat16 (the ``activations`` key)."""
+    if cfg.activations != "auto":
+        return cfg.activations == "bfloat16"
+    from llamalab.kernels.cpu import has_native_bf16
+
+    return packed_base and has_native_bf16()
+
+
+class BFloat16Activations:
+    """Keep the float32 activations that autograd saves for backward in bfloat16, and give
+    them back in float32 there: half their memory, at bfloat16's rounding of the inputs of
+    the gradients' products (the forward pass and the loss are unchanged). A context
+    manager around each forward pass (``torch.autograd.graph.saved_tensors_hooks``).
+
+    Parameters, non-float32 tensors and small ones (``COMPACT_MIN_NUMEL``) stay as they
+    are. One tensor saved by several operations (a block's normalised input feeds q, k and
+    v and their adapters) is converted once: the copies are remembered by the tensor's
+    identity, held weakly, for one forward pass.
+    """
+
+    def __init__(self) -> None:
+        self._copies: dict[int, tuple[weakref.ref, Any]] = {}
+        self._hooks = None
+
+    def __enter__(self) -> None:
+        import torch
+
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+        self._hooks.__enter__()
+
+    def __exit__(self, *exc) -> None:
+        self._copies.clear()
+        hooks, self._hooks = self._hooks, None
+        hooks.__exit__(*exc)
+
+    def _pack(self, t):
+        import torch
+
+        if (
+            t.dtype != torch.float32
+            or t.numel() < COMPACT_MIN_NUMEL
+            or isinstance(t, torch.nn.Parameter)
+            or (t.requires_grad and t.is_leaf)
+        ):
+            return t
+        seen = self._copies.get(id(t))
+        if seen is not None and seen[0]() is t:
+            return seen[1]
+        copy = t.to(torch.bfloat16)
+        self._copies[id(t)] = (weakref.ref(t), copy)
+        return copy
+
+    @staticmethod
+    def _unpack(t):
+        import torch
+
+        return t.float() if t.dtype == torch.bfloat16 else t
+
+
+class _Forward:
+    """Several context managers entered around each forward pass, as one."""
+
+    def __init__(self, *contexts) -> None:
+        self.contexts = [c for c in contexts if c is not None]
+
+    def __enter__(self) -> None:
+        for c in self.contexts:
+            c.__enter__()
+
+    def __exit__(self, *exc) -> None:
+        for c in reversed(self.contexts):
+            c.__exit__(*exc)
 
 
 def recompute_blocks(model: torch.nn.Module, documents: DocumentMasked | None = None) -> None:
