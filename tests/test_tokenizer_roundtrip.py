@@ -139,3 +139,20 @@ def test_bad_ids_are_clear_errors() -> None:
         tok.id_to_piece(tok.vocab_size)
     with pytest.raises(LlamalabError):
         tok.encode(b"bytes")  # type: ignore[arg-type]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=st.sampled_from(byte_to_char()) | st.characters(), max_size=12))
+def test_a_byte_level_piece_is_gpt2s_bytes_and_any_other_character_its_utf8(piece: str) -> None:
+    """``piece_to_bytes`` against GPT-2's own table (transformers' ``bytes_to_unicode``);
+    a character outside it (a malformed vocabulary) stands for its UTF-8 bytes, a lone
+    surrogate for those of Python's ``surrogatepass``."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    from llamalab.tokenizer.bytelevel import piece_to_bytes
+
+    decoder = {c: b for b, c in bytes_to_unicode().items()}
+    expected = b"".join(
+        bytes([decoder[c]]) if c in decoder else c.encode("utf-8", "surrogatepass") for c in piece
+    )
+    assert piece_to_bytes(piece) == expected

@@ -40,18 +40,37 @@ def bytes_to_piece(data: bytes) -> str:
     return "".join(table[b] for b in data)
 
 
+@cache
+def _latin1_table() -> dict[int, str]:
+    """``str.translate`` table: each character of the byte table → the Latin-1 character
+    of its byte, and each other character below U+0100 → its own UTF-8 bytes as Latin-1
+    characters, so that ``piece.translate(t).encode("latin-1")`` is :func:`piece_to_bytes`
+    for every piece whose characters are all below U+0144 (the table's last)."""
+    out = {ord(c): chr(b) for b, c in enumerate(byte_to_char())}
+    for code in range(256):
+        if code not in out:
+            out[code] = chr(code).encode("utf-8").decode("latin-1")
+    return out
+
+
 def piece_to_bytes(piece: str) -> bytes:
     """A byte-level vocabulary entry → its bytes.
 
     A character outside the table (a malformed vocabulary) stands for its own UTF-8
-    bytes rather than failing: decoding must not crash on one odd entry.
+    bytes rather than failing (a lone surrogate, which JSON can spell, for the bytes
+    Python's ``surrogatepass`` gives it): decoding must not crash on one odd entry.
     """
+    # One C-level pass for the usual piece (a whole vocabulary at start-up: 49k of them).
+    try:
+        return piece.translate(_latin1_table()).encode("latin-1")
+    except UnicodeEncodeError:  # a character past the table: its UTF-8 bytes, below
+        pass
     table = char_to_byte()
     out = bytearray()
     for ch in piece:
         b = table.get(ch)
         if b is None:
-            out += ch.encode("utf-8")
+            out += ch.encode("utf-8", "surrogatepass")
         else:
             out.append(b)
     return bytes(out)
