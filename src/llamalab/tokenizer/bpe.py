@@ -137,14 +137,15 @@ class ByteLevelBPETokenizer(Tokenizer):
         self._bpe.pre_tokenizer = make_pre_tokenizer(family)
         self._bpe.decoder = decoders.ByteLevel()
 
-        control = [i for i in range(n) if types[i] == TOKEN_CONTROL]
-        special = {tokens[i]: i for i in range(n) if types[i] in (TOKEN_CONTROL, TOKEN_UNKNOWN)}
-        always = {tokens[i]: i for i in range(n) if types[i] == TOKEN_USER_DEFINED}
+        # Whole-array tests, not one numpy scalar per token: this runs at every start.
+        control = np.flatnonzero(types == TOKEN_CONTROL).tolist()
+        special_ids = np.flatnonzero(np.isin(types, (TOKEN_CONTROL, TOKEN_UNKNOWN))).tolist()
+        special = {tokens[i]: i for i in special_ids}
+        always = {tokens[i]: i for i in np.flatnonzero(types == TOKEN_USER_DEFINED).tolist()}
+        byte_level = np.isin(types, (TOKEN_NORMAL, TOKEN_BYTE, TOKEN_UNUSED)).tolist()
         token_bytes = [
-            piece_to_bytes(t)
-            if types[i] in (TOKEN_NORMAL, TOKEN_BYTE, TOKEN_UNUSED)
-            else t.encode("utf-8")
-            for i, t in enumerate(tokens)
+            piece_to_bytes(t) if level else t.encode("utf-8", "surrogatepass")
+            for t, level in zip(tokens, byte_level, strict=True)
         ]
         bos, eos = _gguf_id(meta, "bos", n), _gguf_id(meta, "eos", n)
         add_bos = meta.get("tokenizer.ggml.add_bos_token", family in _ADD_BOS_BY_DEFAULT)
