@@ -14,6 +14,11 @@ floor that any torch program starts from, measured in the same interleaved run.
 llama.cpp (llama-cpp-python) runs where ``import llama_cpp`` works. The model file is in
 the page cache for every run of every engine. Runs alternate; medians with min/max.
 
+llamalab's modules are byte-compiled first, as ``pip install`` compiles every installed
+package's (llama-cpp-python's and torch's included): under ``PYTHONDONTWRITEBYTECODE``
+a source checkout would otherwise recompile its modules at every start, which no
+installed copy does.
+
     python bench/bench_coldstart.py [--model FILE] [--repeats 3]
 """
 
@@ -48,6 +53,10 @@ def main() -> None:
     if args.model is None:
         args.model = default_model()
     plain = plain_env()
+    import llamalab
+
+    package = str(Path(llamalab.__file__).parent)
+    subprocess.run([sys.executable, "-m", "compileall", "-q", package], check=True)
     llamalab_cmd = [llamalab_command(), "generate", "-m", args.model,
                     "-n", str(TOKENS), "--temperature", "0", "--no-server", "-p", PROMPT]  # fmt: skip
     llamacpp_cmd = [sys.executable, "-c", LLAMACPP, args.model, PROMPT, str(TOKENS)]
