@@ -156,3 +156,16 @@ def test_a_byte_level_piece_is_gpt2s_bytes_and_any_other_character_its_utf8(piec
         bytes([decoder[c]]) if c in decoder else c.encode("utf-8", "surrogatepass") for c in piece
     )
     assert piece_to_bytes(piece) == expected
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.text(alphabet=st.sampled_from(byte_to_char()) | st.characters(), max_size=6),
+        max_size=8,
+    )
+)
+def test_a_vocabulary_converted_at_once_equals_each_piece_converted(pieces: list[str]) -> None:
+    from llamalab.tokenizer.bytelevel import piece_to_bytes, pieces_to_bytes
+
+    assert pieces_to_bytes(pieces) == [piece_to_bytes(p) for p in pieces]

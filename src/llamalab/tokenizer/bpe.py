@@ -24,7 +24,7 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from llamalab.errors import LlamalabError
 from llamalab.tokenizer.base import SpecialTokens, Tokenizer, backend_failure, shown_token
-from llamalab.tokenizer.bytelevel import piece_to_bytes
+from llamalab.tokenizer.bytelevel import piece_to_bytes, pieces_to_bytes
 
 # GGUF token types (llama.cpp's llama_token_type).
 TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TOKEN_BYTE = (
@@ -117,7 +117,7 @@ class ByteLevelBPETokenizer(Tokenizer):
         # llama.cpp's token_to_id map: the last of duplicate texts wins.
         vocab = {t: i for i, t in enumerate(tokens)}
         merges: list[tuple[str, str]] = []
-        for m in merges_raw:
+        for at, m in enumerate(merges_raw):
             # Split at the first space after position 0, as llama.cpp does.
             cut = m.find(" ", 1)
             if cut < 0:
@@ -125,12 +125,20 @@ class ByteLevelBPETokenizer(Tokenizer):
             a, b = m[:cut], m[cut + 1 :]
             # A merge whose parts are not tokens can never fire; tokenizers refuses them.
             if a in vocab and b in vocab:
+                # One of two tokens must make a token: `tokenizers` panics on one that
+                # does not (it refuses such a merge in a tokenizer.json).
+                if a + b not in vocab:
+                    raise LlamalabError(
+                        f"{source}: merge {at} of tokenizer.ggml.merges, {shown_token(m)}, "
+                        f"makes {shown_token(a + b)}, which is not in the vocabulary"
+                    )
                 merges.append((a, b))
         try:
             self._bpe = HFTokenizer(
                 models.BPE(vocab=vocab, merges=merges, ignore_merges=ignore_merges)
             )
-        # load.check_gguf_vocabulary refuses what is known to panic before this runs; this
+        # The merges are checked above, and load.check_gguf_vocabulary refuses duplicate
+        # and empty tokens before this runs: what is known to panic. This
         # keeps a vocabulary built some other way from ending in a Rust panic.
         except BaseException as exc:  # noqa: BLE001
             raise backend_failure(exc, f"{source}: tokenizers cannot build this BPE") from None
@@ -142,11 +150,11 @@ class ByteLevelBPETokenizer(Tokenizer):
         special_ids = np.flatnonzero(np.isin(types, (TOKEN_CONTROL, TOKEN_UNKNOWN))).tolist()
         special = {tokens[i]: i for i in special_ids}
         always = {tokens[i]: i for i in np.flatnonzero(types == TOKEN_USER_DEFINED).tolist()}
-        byte_level = np.isin(types, (TOKEN_NORMAL, TOKEN_BYTE, TOKEN_UNUSED)).tolist()
-        token_bytes = [
-            piece_to_bytes(t) if level else t.encode("utf-8", "surrogatepass")
-            for t, level in zip(tokens, byte_level, strict=True)
-        ]
+        token_bytes = pieces_to_bytes(tokens)
+        # Control and user-defined tokens are their text's UTF-8 bytes, not byte-level.
+        other = np.flatnonzero(~np.isin(types, (TOKEN_NORMAL, TOKEN_BYTE, TOKEN_UNUSED)))
+        for i in other.tolist():
+            token_bytes[i] = tokens[i].encode("utf-8", "surrogatepass")
         bos, eos = _gguf_id(meta, "bos", n), _gguf_id(meta, "eos", n)
         add_bos = meta.get("tokenizer.ggml.add_bos_token", family in _ADD_BOS_BY_DEFAULT)
         super().__init__(

@@ -8,6 +8,7 @@ a space is ``Ġ`` (U+0120) and a newline ``Ċ`` (U+010A).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import cache
 
 
@@ -50,6 +51,25 @@ def _latin1_table() -> dict[int, str]:
     for code in range(256):
         if code not in out:
             out[code] = chr(code).encode("utf-8").decode("latin-1")
+    return out
+
+
+def pieces_to_bytes(pieces: Sequence[str]) -> list[bytes]:
+    """:func:`piece_to_bytes` of every piece: one translation of them all, cut back into
+    pieces (a vocabulary at every start), where each character stands for one byte."""
+    table = _latin1_table()
+    joined = "".join(pieces)
+    try:
+        data = joined.translate(table).encode("latin-1")
+    except UnicodeEncodeError:  # a character past the table: piece by piece
+        return [piece_to_bytes(p) for p in pieces]
+    if len(data) != len(joined):  # a character that stands for two bytes: piece by piece
+        return [piece_to_bytes(p) for p in pieces]
+    out, at = [], 0
+    for p in pieces:
+        end = at + len(p)
+        out.append(data[at:end])
+        at = end
     return out
 
 

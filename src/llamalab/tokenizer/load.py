@@ -207,10 +207,9 @@ def check_gguf_vocabulary(
 
     Checked: the value types of the keys the tokenizers read; a vocabulary that is not
     empty and has no duplicate tokens (llama.cpp names each empty token ``[EMPTY_<id>]``
-    and then stops on any duplicate, an assertion that ends the process); and, for a
-    ``gpt2`` vocabulary, that each merge of two tokens makes a token (`tokenizers` refuses
-    such a merge in a tokenizer.json, and panics when handed one directly). ``types`` is
-    what ``read_gguf_metadata`` fills in.
+    and then stops on any duplicate, an assertion that ends the process). A ``gpt2``
+    vocabulary's merges are checked where bpe.py splits them, in the same pass. ``types``
+    is what ``read_gguf_metadata`` fills in.
     """
     for key, (what, allowed) in _ARRAYS.items():
         if key in types and (types[key][0] != _ARRAY or types[key][1] not in allowed):
@@ -225,28 +224,6 @@ def check_gguf_vocabulary(
     # Equal texts, or an empty token whose llama.cpp name may equal a token: look closer.
     if len(vocabulary) != len(tokens) or "" in vocabulary:
         _refuse_duplicates(tokens, path)
-    merges = meta.get("tokenizer.ggml.merges")
-    if meta.get("tokenizer.ggml.model") != "gpt2" or merges is None:
-        return
-    # Split at the first space after position 0, as llama.cpp (and bpe.py) do. A merge of
-    # parts that are not tokens never fires, and is left out; one of two tokens must make
-    # one. (Its result is looked up first: nearly every merge makes a token.)
-    broken = (
-        n
-        for n, merge in enumerate(merges)
-        if (cut := merge.find(" ", 1)) > 0
-        and merge[:cut] + merge[cut + 1 :] not in vocabulary
-        and merge[:cut] in vocabulary
-        and merge[cut + 1 :] in vocabulary
-    )
-    n = next(broken, None)
-    if n is not None:
-        merge = merges[n]
-        cut = merge.find(" ", 1)
-        raise LlamalabError(
-            f"{path}: merge {n} of tokenizer.ggml.merges, {shown_token(merge)}, makes "
-            f"{shown_token(merge[:cut] + merge[cut + 1 :])}, which is not in the vocabulary"
-        )
 
 
 def _refuse_duplicates(tokens: list[str], path: Path) -> None:
