@@ -70,7 +70,10 @@ MIN_GAIN = 1.05
 CALIBRATION_RANGE = (0.25, 1.5)
 # A draft model's acceptance is measured only on the drafts it makes (drafting costs a
 # pass of it): after this many steps without a draft, one token is drafted to look again.
+# Each look that does not turn drafting back on doubles the wait, up to PROBE_MAX steps: a
+# draft model that cannot pay here (its steps cost nearly the target's) then costs ~1%.
 PROBE_EVERY = 16
+PROBE_MAX = 256
 DRAFT_PREFILL_CHUNK = 512  # tokens per pass where the draft model catches up with the text
 # A draft model's catch-up of at most this many tokens costs about one step of it.
 SHORT_CATCH_UP = 8
@@ -189,6 +192,8 @@ class Speculation:
         self._predicted = 0.0  # the predicted speed-up of the last draft
         self.draft_s = 0.0  # what the last draft took the draft model
         self._idle = 0  # steps since the draft model last drafted
+        self._probe_every = PROBE_EVERY  # steps without a draft before a look (see PROBE_MAX)
+        self._probing = False  # the last draft was such a look
 
     def acceptance(self, n: int) -> float:
         """The estimated chance that a token drafted from an n-gram match is chosen."""
@@ -255,9 +260,15 @@ class Speculation:
         k, self._predicted = _best_length(
             self.acceptance(0), min(self.params.draft_max, limit), cost, self.calibration
         )
-        self._idle = 0 if k else self._idle + 1
-        if not k and self._idle >= PROBE_EVERY and limit >= 1:
-            k, self._idle = 1, 0
+        if k:  # drafting pays
+            self._idle, self._probe_every, self._probing = 0, PROBE_EVERY, False
+        else:
+            if self._probing:  # a look just verified, and drafting still does not pay
+                self._probe_every = min(2 * self._probe_every, PROBE_MAX)
+                self._probing = False
+            self._idle += 1
+            if self._idle >= self._probe_every and limit >= 1:
+                k, self._idle, self._probing = 1, 0, True
         if not k or cost.single_s is None:  # a plain step first: see draft()
             self._pending = []
             return []
