@@ -70,10 +70,13 @@ MIN_GAIN = 1.05
 CALIBRATION_RANGE = (0.25, 1.5)
 # A draft model's acceptance is measured only on the drafts it makes (drafting costs a
 # pass of it): after this many steps without a draft, one token is drafted to look again.
-# Each look that does not turn drafting back on doubles the wait, up to PROBE_MAX steps: a
-# draft model that cannot pay here (its steps cost nearly the target's) then costs ~1%.
+# Each look that does not turn drafting back on doubles the wait, up to PROBE_MAX steps.
 PROBE_EVERY = 16
 PROBE_MAX = 256
+# A look costs the draft model a pass over every token it missed meanwhile. A draft model
+# whose measured steps could not beat plain decoding by this much even if every draft hit
+# (a drafter nearly as large as its target) stops for the rest of the sequence instead.
+MIN_DRAFTER_GAIN = 1.25
 DRAFT_PREFILL_CHUNK = 512  # tokens per pass where the draft model catches up with the text
 # A draft model's catch-up of at most this many tokens costs about one step of it.
 SHORT_CATCH_UP = 8
@@ -194,6 +197,7 @@ class Speculation:
         self._idle = 0  # steps since the draft model last drafted
         self._probe_every = PROBE_EVERY  # steps without a draft before a look (see PROBE_MAX)
         self._probing = False  # the last draft was such a look
+        self._stopped = False  # the draft model cannot pay: it drafts no more (see _model_draft)
 
     def acceptance(self, n: int) -> float:
         """The estimated chance that a token drafted from an n-gram match is chosen."""
@@ -257,6 +261,11 @@ class Speculation:
     def _model_draft(self, limit: int, cost: PassCost) -> list[int]:
         """The draft model's greedy continuation, as long as pays (point masses: the
         verification stays exact for any sampler)."""
+        if self._stopped:
+            return []
+        if cost.draft and _best(1.0, self.params.draft_max, cost)[1] < MIN_DRAFTER_GAIN:
+            self._stopped, self._pending = True, []
+            return []
         k, self._predicted = _best_length(
             self.acceptance(0), min(self.params.draft_max, limit), cost, self.calibration
         )
@@ -300,6 +309,14 @@ def _best_length(
     """The draft length k ≤ ``most`` that maximises the expected tokens per unit of time,
     (1 + a + … + a^k) / (1 + (extra + draft)·k), and that predicted speed-up; (0, 0.0)
     unless it, times ``calibration``, beats a plain step by ``MIN_GAIN``."""
+    best_k, best_rate = _best(a, most, cost)
+    if best_rate * calibration <= MIN_GAIN:
+        return 0, 0.0
+    return best_k, best_rate
+
+
+def _best(a: float, most: int, cost: PassCost) -> tuple[int, float]:
+    """:func:`_best_length`'s length and predicted speed-up, whatever that speed-up is."""
     best_k, best_rate = 0, 0.0
     expected, power = 1.0, 1.0
     for k in range(1, most + 1):
@@ -308,8 +325,6 @@ def _best_length(
         rate = expected / (1.0 + (cost.extra + cost.draft) * k)
         if rate > best_rate:
             best_k, best_rate = k, rate
-    if best_rate * calibration <= MIN_GAIN:
-        return 0, 0.0
     return best_k, best_rate
 
 
