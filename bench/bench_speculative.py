@@ -35,6 +35,11 @@ accepted tokens come from the server's ``/metrics``.
 (``artifacts/bench-models/random-0.9b-Q4_0.gguf``, written by ``bench/random_model.py``;
 its text is noise, so its acceptance says nothing about real text).
 
+``--paired`` runs llamalab alone, with and without prompt lookup in one process, the two
+modes alternating prompt by prompt (which goes first alternating too), on a fresh engine
+for every reply: no difference between processes (where a VM's speed can move by 20%
+from one process to the next) enters the ratio.
+
 ``--draft PATH`` adds the engine llamalab-draft: the ``--model`` file speculating with
 this smaller model as its drafter (same vocabulary) instead of prompt lookup, e.g. the
 SmolLM2 Q4_1 file drafting for a float32 copy of itself
@@ -42,6 +47,7 @@ SmolLM2 Q4_1 file drafting for a float32 copy of itself
 
     python bench/bench_speculative.py --rounds 3 --prompts 20 [--max-tokens 128] [--json out.json]
     python bench/bench_speculative.py --server --rounds 3 --prompts 20 [--model PATH]
+    python bench/bench_speculative.py --paired --rounds 2 --prompts 20 [--model PATH]
     python bench/bench_speculative.py --model F32.gguf --draft Q4_1.gguf \
         --engines llamalab,llamalab-lookup,llamalab-draft [--workloads grounded]
 """
@@ -188,6 +194,47 @@ def _timed(stream) -> tuple[list[int], float]:
     return ids, (last - first) if ids else 0.0
 
 
+def llamalab_reply(
+    model, tok, text: str, max_tokens: int, lookup: bool, draft=None, draft_tok=None
+) -> dict:
+    """One greedy reply on a fresh engine: its ids, its tokens after the first and their
+    seconds, and its drafted and accepted tokens."""
+    from llamalab.generation import GREEDY, Engine, Request
+    from llamalab.generation.params import LookupParams
+
+    if tok.chat_template is not None:
+        ids = tok.encode_chat([{"role": "user", "content": text}])
+    else:
+        ids = tok.encode(text)
+    engine = Engine(
+        model,
+        tok,
+        max_seq_len=min(2048, len(ids) + max_tokens + 64),
+        draft=draft,
+        draft_tokenizer=draft_tok,
+    )
+    request = Request(
+        ids, max_tokens=max_tokens, sampling=GREEDY, lookup=LookupParams() if lookup else None
+    )
+    seq, first = engine.submit(request)
+
+    def tokens():
+        yield first.token_id
+        while not seq.finished:
+            for _, event in engine.step():
+                if event.token_id is not None:
+                    yield event.token_id
+
+    got, seconds = _timed(tokens())
+    return {
+        "ids": seq.ids,
+        "tokens": len(got),
+        "seconds": seconds,
+        "drafted": seq.timing.draft_tokens,
+        "accepted": seq.timing.accepted_tokens,
+    }
+
+
 def worker_llamalab(
     prompts: list[str],
     max_tokens: int,
@@ -195,48 +242,40 @@ def worker_llamalab(
     model_path: str | None = None,
     draft_path: str | None = None,
 ) -> list[dict]:
-    from llamalab.generation import GREEDY, Engine, Request
-    from llamalab.generation.params import LookupParams
     from llamalab.runtime import load_runtime
 
     model, tok = load_runtime(model_path)
     draft, draft_tok = load_runtime(draft_path) if draft_path else (None, None)
-    out = []
-    for text in prompts:
-        if tok.chat_template is not None:
-            ids = tok.encode_chat([{"role": "user", "content": text}])
-        else:
-            ids = tok.encode(text)
-        engine = Engine(
-            model,
-            tok,
-            max_seq_len=min(2048, len(ids) + max_tokens + 64),
-            draft=draft,
-            draft_tokenizer=draft_tok,
-        )
-        request = Request(
-            ids, max_tokens=max_tokens, sampling=GREEDY, lookup=LookupParams() if lookup else None
-        )
-        seq, first = engine.submit(request)
+    return [llamalab_reply(model, tok, t, max_tokens, lookup, draft, draft_tok) for t in prompts]
 
-        def tokens(seq=seq, first=first, engine=engine):
-            yield first.token_id
-            while not seq.finished:
-                for _, event in engine.step():
-                    if event.token_id is not None:
-                        yield event.token_id
 
-        got, seconds = _timed(tokens())
-        out.append(
-            {
-                "ids": seq.ids,
-                "tokens": len(got),
-                "seconds": seconds,
-                "drafted": seq.timing.draft_tokens,
-                "accepted": seq.timing.accepted_tokens,
-            }
+def paired(prompts: list[str], max_tokens: int, rounds: int, model_path: str | None) -> dict:
+    """llamalab without and with prompt lookup in this process, alternating prompt by
+    prompt: each mode's decode tokens/s per round, and whether their texts agree."""
+    from llamalab.runtime import load_runtime
+
+    model, tok = load_runtime(model_path)
+    rates: dict[str, list[float]] = {"llamalab": [], "llamalab-lookup": []}
+    same = total = 0
+    for r in range(rounds):
+        sums = {mode: [0, 0.0] for mode in rates}
+        for i, text in enumerate(prompts):
+            order = list(rates) if (i + r) % 2 == 0 else list(rates)[::-1]
+            texts = {}
+            for mode in order:
+                got = llamalab_reply(model, tok, text, max_tokens, mode == "llamalab-lookup")
+                sums[mode][0] += max(got["tokens"] - 1, 0)
+                sums[mode][1] += got["seconds"]
+                texts[mode] = got["ids"]
+            same += texts["llamalab"] == texts["llamalab-lookup"]
+            total += 1
+        for mode, (n, seconds) in sums.items():
+            rates[mode].append(n / seconds)
+        print(
+            f"round {r + 1} " + "  ".join(f"{m} {rates[m][-1]:6.1f} tok/s" for m in rates),
+            file=sys.stderr,
         )
-    return out
+    return {"rates": rates, "same": same, "total": total}
 
 
 def worker_llamacpp(
@@ -454,6 +493,9 @@ def main() -> None:
     ap.add_argument("--draft", default=None, help="a draft model's GGUF file: adds llamalab-draft")
     ap.add_argument("--workloads", default="grounded,chat", help="which of grounded, chat")
     ap.add_argument("--server", action="store_true", help="the server workload instead")
+    ap.add_argument(
+        "--paired", action="store_true", help="llamalab with and without lookup in one process"
+    )
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--prompts-file", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -465,6 +507,25 @@ def main() -> None:
         return
     sets = workloads(args.prompts)
     sets = {w: sets[w] for w in args.workloads.split(",")}
+    if args.paired:
+        name = Path(args.model).name if args.model else "SmolLM2-135M-Instruct Q4_1"
+        print(f"{name}, llamalab with and without prompt lookup in one process, alternating "
+              f"prompt by prompt; {args.rounds} rounds, {args.prompts} prompts per workload, "
+              f"at most {args.max_tokens} tokens each")  # fmt: skip
+        out = {}
+        for workload, prompts in sets.items():
+            out[workload] = got = paired(prompts, args.max_tokens, args.rounds, args.model)
+            plain, fast = got["rates"]["llamalab"], got["rates"]["llamalab-lookup"]
+            ratios = [b / a for a, b in zip(plain, fast, strict=True)]
+            print(
+                f"{workload:9} no lookup {statistics.median(plain):6.1f} "
+                f"[{min(plain):.1f}-{max(plain):.1f}]  lookup {statistics.median(fast):6.1f} "
+                f"[{min(fast):.1f}-{max(fast):.1f}]  ratio {statistics.median(ratios):.2f}x "
+                f"[{min(ratios):.2f}-{max(ratios):.2f}]  same text {got['same']}/{got['total']}"
+            )
+        if args.json:
+            Path(args.json).write_text(json.dumps(out))
+        return
     if args.server:
         # Grounded and chat prompts alternate, so every batch holds both kinds.
         mixed = [p for pair in zip(sets["grounded"], sets["chat"], strict=False) for p in pair]
