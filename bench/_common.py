@@ -1,11 +1,13 @@
-"""What the start-up benchmarks share: the prompt, llama-cpp-python's fresh-process script,
-a clean environment, and the timing of a fresh process to its first byte of output.
+"""What the benchmarks share: the prompt, llama-cpp-python's fresh-process script, a clean
+environment, the timing of a fresh process to its first byte of output, and running one
+worker function of a bench script in a fresh interpreter.
 
 The bench scripts run as ``python bench/NAME.py``, so this folder is on ``sys.path``.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
 import subprocess
@@ -69,3 +71,24 @@ def summary(values: list[float], digits: int = 2) -> str:
         f"{statistics.median(values):6.{digits}f} "
         f"[{min(values):.{digits}f}–{max(values):.{digits}f}]"
     )
+
+
+def in_fresh_process(module: str, kind: str, *args: object) -> object:
+    """``module.worker_<kind>(*args)`` in a fresh interpreter, with OpenMP at its defaults
+    (each side as its users run it); its JSON result. A failing worker ends the bench."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    env.pop("OMP_WAIT_POLICY", None)
+    code = (
+        f"import json, sys; sys.path.insert(0, sys.argv[1]); import {module} as b; "
+        f"print(json.dumps(b.worker_{kind}(*json.loads(sys.argv[2]))))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(Path(__file__).parent), json.dumps(args)],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise SystemExit(f"{kind} worker failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -37,6 +37,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _common import in_fresh_process
+
 from llamalab.checkpoint.lora_files import HF_MODULES  # target name -> transformers module
 
 REPO = Path(__file__).resolve().parents[1]
@@ -124,24 +126,9 @@ def worker_peft(hf: str, rows_file: str, settings: dict) -> dict:
 
 
 # ---------------------------------------------------------------------------- driver
-def in_process(kind: str, *args: object) -> dict:
-    """Run one worker in a fresh interpreter, at each library's own OpenMP defaults."""
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
-    env.pop("OMP_WAIT_POLICY", None)
-    code = (
-        "import json, sys; sys.path.insert(0, sys.argv[1]); import bench_finetune as b; "
-        f"print(json.dumps(b.worker_{kind}(*json.loads(sys.argv[2]))))"
-    )
-    proc = subprocess.run(
-        [sys.executable, "-c", code, str(Path(__file__).parent), json.dumps(args)],
-        capture_output=True,
-        text=True,
-        env=env,
-        check=False,
-    )
-    if proc.returncode != 0:
-        raise SystemExit(f"{kind} worker failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+def in_process(kind: str, *args: object):
+    """Run one of this script's workers in a fresh interpreter (``_common.in_fresh_process``)."""
+    return in_fresh_process("bench_finetune", kind, *args)
 
 
 def prepare(tmp: Path, args: argparse.Namespace, model: str) -> tuple[Path, Path, Path]:

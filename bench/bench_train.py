@@ -22,15 +22,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import sysconfig
 import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
+
+from _common import in_fresh_process
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -127,25 +127,9 @@ def worker_peak(threads: int, precision: str) -> float:
 
 
 # ---------------------------------------------------------------------------- driver
-def in_process(kind: str, *args: object) -> object:
-    """Run one worker in a fresh interpreter (each side as its users run it)."""
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
-    # Each side as its users run it: OpenMP at its defaults for both.
-    env.pop("OMP_WAIT_POLICY", None)
-    code = (
-        "import json, sys; sys.path.insert(0, sys.argv[1]); import bench_train as b; "
-        f"print(json.dumps(b.worker_{kind}(*json.loads(sys.argv[2]))))"
-    )
-    proc = subprocess.run(
-        [sys.executable, "-c", code, str(Path(__file__).parent), json.dumps(args)],
-        capture_output=True,
-        text=True,
-        env=env,
-        check=False,
-    )
-    if proc.returncode != 0:
-        raise SystemExit(f"{kind} worker failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+def in_process(kind: str, *args: object):
+    """Run one of this script's workers in a fresh interpreter (``_common.in_fresh_process``)."""
+    return in_fresh_process("bench_train", kind, *args)
 
 
 def small_data(folder: Path) -> Path:
