@@ -73,7 +73,10 @@ def no_packing(monkeypatch):
 
 
 def cache_files(folder):
-    return sorted(p for p in folder.iterdir()) if folder.exists() else []
+    """The cache files in ``folder``, and any other file but their CRC stamps."""
+    if not folder.exists():
+        return []
+    return sorted(p for p in folder.iterdir() if not p.name.endswith(packed_cache.STAMP_SUFFIX))
 
 
 def test_hit_gives_the_fresh_packs_logits_from_the_mapped_file(model_file, cache, monkeypatch):
@@ -139,6 +142,54 @@ def test_a_cut_or_corrupted_cache_file_is_rebuilt(model_file, cache, monkeypatch
         packed_cache.PackedFile.open(path, _identity(model_file))
     assert torch.equal(logits(load_model(model_file, packed=True)), expected)
     assert packed_cache.PackedFile.open(path, _identity(model_file)).entries  # rebuilt
+
+
+def _no_crc(monkeypatch) -> None:
+    def refuse(*args):
+        raise AssertionError("the CRC was computed")
+
+    monkeypatch.setattr(packed_cache.zlib, "crc32", refuse)
+
+
+def test_the_crc_is_computed_once_per_version_of_the_cache_file(model_file, cache, monkeypatch):
+    """The writer stamps the file it wrote; a later open that finds the same file skips the
+    CRC; a stamp that is missing, edited, or not a regular file means the CRC again."""
+    load_model(model_file, packed=True)
+    (path,) = cache_files(cache)
+    stamp = path.with_name(path.name + packed_cache.STAMP_SUFFIX)
+    assert stamp.is_file()
+    with monkeypatch.context() as m:
+        _no_crc(m)
+        assert packed_cache.PackedFile.open(path, _identity(model_file)).entries
+    recorded = stamp.read_text()
+    for bad in (None, recorded.replace('"data_crc32": ', '"data_crc32": 1'), "x" * 5000, "fifo"):
+        stamp.unlink(missing_ok=True)
+        if bad == "fifo":
+            os.mkfifo(stamp)
+        elif bad is not None:
+            stamp.write_text(bad)
+        with monkeypatch.context() as m:
+            _no_crc(m)
+            with pytest.raises(AssertionError, match="the CRC was computed"):
+                packed_cache.PackedFile.open(path, _identity(model_file))
+    stamp.unlink(missing_ok=True)
+    packed_cache.PackedFile.open(path, _identity(model_file))  # checked in full: stamped
+    assert stamp.read_text() == recorded
+
+
+def test_a_data_byte_changed_after_the_stamp_is_found(model_file, cache, monkeypatch):
+    """The same inode, size and header, one data byte rewritten in place: its mtime and
+    ctime move, so the stamp no longer matches and the CRC finds the change."""
+    load_model(model_file, packed=True)
+    (path,) = cache_files(cache)
+    packed_cache.PackedFile.open(path, _identity(model_file))
+    with open(path, "r+b") as f:
+        f.seek(-5, os.SEEK_END)
+        byte = f.read(1)
+        f.seek(-5, os.SEEK_END)
+        f.write(bytes([byte[0] ^ 1]))
+    with pytest.raises(packed_cache.CacheMismatch, match="CRC-32 mismatch"):
+        packed_cache.PackedFile.open(path, _identity(model_file))
 
 
 def _identity(model_file):
