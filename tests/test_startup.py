@@ -87,7 +87,7 @@ def test_a_later_run_maps_the_weights_and_answers_the_same(smollm2_path, tmp_pat
     expected = ids("0")  # packed in memory, no cache
     folder = tmp_path / "packed"
     assert ids(str(folder)) == expected  # packs and writes
-    (written,) = folder.iterdir()
+    (written,) = folder.glob("*.llpack")
     stamp = written.stat().st_mtime_ns
     assert ids(str(folder)) == expected  # maps it
     assert written.stat().st_mtime_ns == stamp  # not written again
