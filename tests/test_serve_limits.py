@@ -263,10 +263,13 @@ def test_slowly_sent_headers_are_cut_off(server):
 
 # ---------------------------------------------------------------------------- shutting down
 def test_sigterm_drains_then_ends_every_stream_properly(smollm2_path):
-    args = ["--model", str(smollm2_path), "--ctx", str(CTX), "--max-batch", "2"]
+    # The long stream must outlast the grace on any machine: 3,000 tokens without prompt
+    # lookup (which speeds up a story that repeats itself) take 10 s at 300 tok/s.
+    args = ["--model", str(smollm2_path), "--ctx", "4096", "--max-batch", "2"]
+    outlasting = {**LONG, "max_tokens": 3000, "lookup": False}
     with ServerProcess([*args, "--shutdown-grace", "3", "--log-level", "info"]) as proc:
         short = open_stream(proc, {"prompt": "Hi", "max_tokens": 8})
-        long = open_stream(proc, LONG)
+        long = open_stream(proc, outlasting)
         wait_for(proc, lambda h: h["active_slots"] == 2)
         results: dict[str, bytes] = {}
         readers = [
