@@ -22,7 +22,7 @@ def _grads(x: torch.Tensor, w: torch.Tensor, hooks) -> tuple[torch.Tensor, list]
         h = torch.nn.functional.silu(x @ w)  # silu saves its input; @ saves x and w
         y = (h * h).sum() + (h @ w.T).sum() + (h.exp() * 1e-3).sum()
         if isinstance(hooks, ft.BFloat16Activations):
-            saved = [copy.dtype for _, copy in hooks._copies.values()]
+            saved = [copy.dtype for _, (copy,) in hooks._copies.values()]
     y.backward()
     return torch.cat([x.grad.flatten(), w.grad.flatten()]), saved
 
@@ -38,6 +38,24 @@ def test_saved_activations_in_bfloat16_give_the_gradients_within_its_rounding() 
     assert saved == [torch.bfloat16] * len(saved) and 2 <= len(saved) <= 4
     error = (compact - exact).norm() / exact.norm()
     assert 1e-5 < error < 1e-2  # bfloat16 keeps 8 bits: a relative error of about 2^-9
+
+
+def test_a_tensor_saved_in_bfloat16_already_comes_back_as_it_was(monkeypatch) -> None:
+    """Under bfloat16 autocast (``precision = "bf16"``) products save bfloat16 inputs:
+    backward gets them back in bfloat16, as without the hooks, not widened to float32."""
+    monkeypatch.setattr(ft, "COMPACT_MIN_NUMEL", 1)
+    g = torch.Generator().manual_seed(0)
+    x0, w0 = torch.randn(64, 64, generator=g), torch.randn(64, 64, generator=g) / 8
+
+    def grads(hooks):
+        x, w = x0.clone().requires_grad_(True), w0.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16), hooks:
+            y = (torch.relu(x @ w) @ w).float().square().sum()
+        y.backward()
+        return torch.cat([x.grad.flatten(), w.grad.flatten()])
+
+    plain = grads(torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t))
+    torch.testing.assert_close(grads(ft.BFloat16Activations()), plain)
 
 
 @pytest.fixture(scope="module")

@@ -584,15 +584,15 @@ class BFloat16Activations:
         seen = self._copies.get(id(t))
         if seen is not None and seen[0]() is t:
             return seen[1]
-        copy = t.to(torch.bfloat16)
+        # Wrapped, so that backward widens only what was narrowed here: a tensor saved in
+        # bfloat16 already (under autocast) comes back as it was.
+        copy = (t.to(torch.bfloat16),)
         self._copies[id(t)] = (weakref.ref(t), copy)
         return copy
 
     @staticmethod
     def _unpack(t):
-        import torch
-
-        return t.float() if t.dtype == torch.bfloat16 else t
+        return t[0].float() if isinstance(t, tuple) else t
 
 
 class _Forward:
