@@ -447,7 +447,6 @@ class ModelDrafter:
         self.max_seq_len = min(max_seq_len, model.config.context_length)
         model.setup_cache(1, self.max_seq_len)
         self.cached: list[int] = []  # the tokens whose keys and values its cache holds
-        self.fed = 0  # tokens the last catch-up fed
         self.call_s: float | None = None  # what one call of it takes (see draft)
 
     def sync(self, tokens: Sequence[int]) -> None:
@@ -457,9 +456,9 @@ class ModelDrafter:
             with torch.inference_mode():
                 self._feed(tokens[:-1])
 
-    def _feed(self, tokens: Sequence[int]) -> torch.Tensor | None:
+    def _feed(self, tokens: Sequence[int]) -> tuple[torch.Tensor | None, int]:
         """Feed ``tokens`` from where they part from the cached ones (at least the last
-        one); the last token's logits, or None where nothing was fed."""
+        one): the last token's logits (None where nothing was fed) and how many were fed."""
         n = len(tokens)
         start = 0
         for a, b in zip(self.cached, tokens, strict=False):
@@ -467,7 +466,7 @@ class ModelDrafter:
                 break
             start += 1
         start = min(start, n - 1)
-        self.fed = n - start
+        fed = n - start
         model, logits = self.model, None
         while start < n:
             end = min(start + DRAFT_PREFILL_CHUNK, n)
@@ -479,7 +478,7 @@ class ModelDrafter:
             logits = model(ids.to(model.device), cache=view)
             start = end
         self.cached = list(tokens)
-        return logits
+        return logits, fed
 
     def draft(self, tokens: Sequence[int], k: int) -> list[int]:
         """Up to ``k`` tokens the draft model expects after ``tokens``, greedily.
@@ -496,7 +495,7 @@ class ModelDrafter:
         out: list[int] = []
         with torch.inference_mode():
             t0 = time.perf_counter()
-            logits = self._feed(tokens)
+            logits, fed = self._feed(tokens)
             t1 = time.perf_counter()
             for i in range(k):
                 token = int(torch.argmax(logits[0, -1, : self.vocab_size]))
@@ -509,7 +508,7 @@ class ModelDrafter:
             t2 = time.perf_counter()
         if k > 1:
             self.call_s = (t2 - t1) / (k - 1)
-        elif self.fed <= SHORT_CATCH_UP:
+        elif fed <= SHORT_CATCH_UP:
             self.call_s = t1 - t0
         self.cached = [*tokens, *out[:-1]]
         return out
