@@ -267,6 +267,7 @@ def test_bad_data_is_one_line_before_anything_is_written(tiny, tmp_path, capsys,
         ("method=qlora", "method must be one of lora, full"),
         ("dropout=1.5", "dropout must be a number from 0 to 0.999"),
         ("base=int8", "base must be one of auto, packed, float"),
+        ("activations=fp8", "activations must be one of auto, float32, bfloat16"),
     ],
 )
 def test_bad_settings_are_one_line(tiny, tmp_path, capsys, setting, message):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_finetune import LORA, losses, make_tiny_chat_model, run_here, sets, write_items
+from test_finetune import LORA, losses, make_tiny_chat_model, run_here, write_items
 
 from llamalab.train import finetune as ft
 
@@ -110,18 +110,6 @@ def test_a_run_with_bfloat16_activations_learns_as_one_with_float32(tiny_gguf, t
         runs[kept] = losses(out)
     assert runs["bfloat16"][0] == runs["float32"][0]  # the first forward pass is the same
     torch.testing.assert_close(runs["bfloat16"], runs["float32"], atol=0, rtol=1e-2)
-
-
-def test_an_unknown_activations_setting_is_one_line(tiny_gguf, tmp_path, capsys):
-    from llamalab.cli import main
-
-    model, _, data = tiny_gguf
-    out = tmp_path / "run"
-    args = ["finetune", str(LORA), *sets(model, data, out, "max_steps=1", "activations=fp8")]
-    assert main(args) == 1
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "activations must be one of auto, float32, bfloat16" in err[0], err
-    assert not out.exists()
 
 
 @pytest.mark.parametrize(("setting", "packed", "bf16", "expected"), [
