@@ -207,3 +207,17 @@ def run_cli(
         env=full_env,
         timeout=timeout,
     )
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory, smollm2_tokenizer):
+    """test_finetune's tiny chat model (a Hugging Face folder), its Q8_0 GGUF conversion,
+    and 40 training items, made once per test module."""
+    from test_finetune import make_tiny_chat_model, write_items
+
+    from llamalab.checkpoint.convert import convert
+
+    base = tmp_path_factory.mktemp("tiny-gguf")
+    model = make_tiny_chat_model(base / "tiny", smollm2_tokenizer)
+    gguf_file = convert(model, base / "tiny.gguf", to="gguf", dtype="q8_0")
+    return model, gguf_file, write_items(base / "items.jsonl")

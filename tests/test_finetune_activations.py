@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_finetune import LORA, losses, make_tiny_chat_model, run_here, write_items
+from test_finetune import LORA, losses, run_here
 
 from llamalab.train import finetune as ft
 
@@ -56,16 +56,6 @@ def test_a_tensor_saved_in_bfloat16_already_comes_back_as_it_was(monkeypatch) ->
 
     plain = grads(torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t))
     torch.testing.assert_close(grads(ft.BFloat16Activations()), plain)
-
-
-@pytest.fixture(scope="module")
-def tiny_gguf(tmp_path_factory, smollm2_tokenizer):
-    from llamalab.checkpoint.convert import convert
-
-    base = tmp_path_factory.mktemp("activations")
-    model = make_tiny_chat_model(base / "tiny", smollm2_tokenizer)
-    gguf_file = convert(model, base / "tiny.gguf", to="gguf", dtype="q8_0")
-    return model, gguf_file, write_items(base / "items.jsonl")
 
 
 def test_adapter_gradients_on_a_packed_base_stay_within_bfloat16(tiny_gguf, monkeypatch):

@@ -6,17 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_finetune import LORA, losses, make_tiny_chat_model, run_here, write_items
-
-
-@pytest.fixture(scope="module")
-def tiny_gguf(tmp_path_factory, smollm2_tokenizer):
-    from llamalab.checkpoint.convert import convert
-
-    base = tmp_path_factory.mktemp("recompute")
-    model = make_tiny_chat_model(base / "tiny", smollm2_tokenizer)
-    gguf_file = convert(model, base / "tiny.gguf", to="gguf", dtype="q8_0")
-    return model, gguf_file, write_items(base / "items.jsonl")
+from test_finetune import LORA, losses, run_here
 
 
 @pytest.mark.parametrize("which", ["float", "packed"])
