@@ -150,10 +150,12 @@ class ByteLevelBPETokenizer(Tokenizer):
         special_ids = np.flatnonzero(np.isin(types, (TOKEN_CONTROL, TOKEN_UNKNOWN))).tolist()
         special = {tokens[i]: i for i in special_ids}
         always = {tokens[i]: i for i in np.flatnonzero(types == TOKEN_USER_DEFINED).tolist()}
-        token_bytes = pieces_to_bytes(tokens)
-        # Control and user-defined tokens are their text's UTF-8 bytes, not byte-level.
-        other = np.flatnonzero(~np.isin(types, (TOKEN_NORMAL, TOKEN_BYTE, TOKEN_UNUSED)))
-        for i in other.tolist():
+        # Control and user-defined tokens are their text's UTF-8 bytes, not byte-level: they
+        # stay out of the one translation of the others (a character of theirs past the
+        # byte table would send every piece down the slow path).
+        byte_level = np.isin(types, (TOKEN_NORMAL, TOKEN_BYTE, TOKEN_UNUSED))
+        token_bytes = pieces_to_bytes([t if b else "" for t, b in zip(tokens, byte_level.tolist())])
+        for i in np.flatnonzero(~byte_level).tolist():
             token_bytes[i] = tokens[i].encode("utf-8", "surrogatepass")
         bos, eos = _gguf_id(meta, "bos", n), _gguf_id(meta, "eos", n)
         add_bos = meta.get("tokenizer.ggml.add_bos_token", family in _ADD_BOS_BY_DEFAULT)
