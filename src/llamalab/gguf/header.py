@@ -108,7 +108,7 @@ class _Cursor:
     once instead of reading gigabytes first.
     """
 
-    def __init__(self, buf: memoryview, path: Path, whole: bool, file_size: int) -> None:
+    def __init__(self, buf: bytes, path: Path, whole: bool, file_size: int) -> None:
         self.buf, self.pos, self.path, self.whole = buf, 0, path, whole
         self.file_size = file_size
         self.key: str | None = None  # the metadata key being read, named in errors
@@ -132,7 +132,7 @@ class _Cursor:
                 f"at byte {self.pos} does not fit in the file ({self.file_size} bytes)"
             )
 
-    def take(self, n: int) -> memoryview:
+    def take(self, n: int) -> bytes:
         end = self.pos + n
         if end > len(self.buf):
             raise self.short(end)
@@ -172,20 +172,23 @@ class _Cursor:
 
     def _strings(self, count: int) -> list[str]:
         self.need(count, _MIN_STRING_BYTES, "an array of strings")
-        # The hot loop for vocabularies: hundreds of thousands of short strings.
-        buf, pos, end = self.buf, self.pos, len(self.buf)
+        # The hot loop for vocabularies: hundreds of thousands of short strings, so no
+        # check inside it. A length past the end makes the slice short and moves ``pos``
+        # past the end, where the next unpack fails or the check after the loop does.
+        buf, pos = self.buf, self.pos
         unpack = struct.Struct("<Q").unpack_from
         out: list[str] = []
         append = out.append
-        for _ in range(count):
-            if pos + 8 > end:
-                raise self.short(pos + 8)
-            (n,) = unpack(buf, pos)
-            pos += 8
-            if pos + n > end:
-                raise self.short(pos + n)
-            append(str(buf[pos : pos + n], "utf-8", "replace"))
-            pos += n
+        try:
+            for _ in range(count):
+                (n,) = unpack(buf, pos)
+                pos += 8
+                append(buf[pos : pos + n].decode("utf-8", "replace"))
+                pos += n
+        except (struct.error, OverflowError):  # OverflowError: a length near 2**64
+            raise self.short(pos + 8) from None
+        if pos > len(buf):
+            raise self.short(pos)
         self.pos = pos
         return out
 
@@ -198,9 +201,10 @@ class _Truncated(Exception):
         self.end = end
 
 
-# The metadata sits at the front of the file; this much covers every vocabulary seen so
-# far (Llama 3's is about 8 MB) without reading gigabytes of tensors.
-_FIRST_READ = 32 << 20
+# The metadata sits at the front of the file. This much covers a 50k-token vocabulary
+# (SmolLM2's header is about 2 MB); a longer one (Llama 3's is about 8 MB) is read on in
+# doubling steps. Reading more than the header costs time at every start.
+_FIRST_READ = 4 << 20
 
 
 @dataclass(frozen=True)
@@ -285,9 +289,7 @@ def _read_uncached(path: Path) -> GGUFHeader:
             data = f.read(_FIRST_READ)
             while True:
                 try:
-                    return _parse(
-                        memoryview(data), path, whole=len(data) >= file_size, file_size=file_size
-                    )
+                    return _parse(data, path, whole=len(data) >= file_size, file_size=file_size)
                 except _Truncated as short:
                     # Read on to where the parse stopped, at least doubling what we hold, so
                     # that a long header costs a few re-parses, never one per missing piece.
@@ -300,7 +302,7 @@ def _read_uncached(path: Path) -> GGUFHeader:
         raise LlamalabError(f"{path}: cannot read GGUF file: {exc}") from None
 
 
-def _parse(buf: memoryview, path: Path, *, whole: bool, file_size: int) -> GGUFHeader:
+def _parse(buf: bytes, path: Path, *, whole: bool, file_size: int) -> GGUFHeader:
     cur = _Cursor(buf, path, whole, file_size)
     if not has_gguf_magic(bytes(cur.take(4))):
         raise cur.error("not a GGUF file (no GGUF magic bytes)")
