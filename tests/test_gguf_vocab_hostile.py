@@ -152,3 +152,22 @@ def test_what_llamacpp_accepts_still_loads(tmp_path: Path) -> None:
     )
     tok = load_tokenizer(path)
     assert tok.encode("ab a") == [7, 2, 4]
+
+
+@pytest.mark.parametrize(
+    ("merges", "kept"),
+    [
+        # The usual vocabulary: settled by the whole-list passes.
+        (["a b", "ab c"], [("a", "b"), ("ab", "c")]),
+        # A second space belongs to the right part; a leading space is no split point.
+        (["a  c", " ab", "a b"], [("a", " c"), ("a", "b")]),
+        # A newline in a part (the loop's case); no space or a part that is not a
+        # token: skipped.
+        (["ab", "a\nb c", "q b", "a b"], [("a\nb", "c"), ("a", "b")]),
+    ],
+)
+def test_merges_split_as_llamacpp_splits_them(merges, kept) -> None:
+    from llamalab.tokenizer.bpe import _usable_merges
+
+    vocab = {t: i for i, t in enumerate(["a", "b", "c", "ab", "abc", " c", "a c", "a\nb", "a\nbc"])}
+    assert _usable_merges(merges, vocab, "x") == kept

@@ -129,16 +129,16 @@ class Tokenizer:
     ) -> None:
         self.source = source
         self._pieces = list(pieces)
-        self._piece_to_id: dict[str, int] = {}
-        for i, p in enumerate(self._pieces):
-            self._piece_to_id.setdefault(p, i)
         n = len(self._pieces)
+        # The first of duplicate texts wins: filled from the end, so earlier ids overwrite.
+        self._piece_to_id: dict[str, int] = dict(zip(reversed(self._pieces), range(n - 1, -1, -1)))
         self._control = frozenset(control_ids)
         # Two byte tables, one per value of ``special``, so decoding is a single join.
         self._bytes_special = list(token_bytes)
-        self._bytes_plain = [
-            b"" if i in self._control else b for i, b in enumerate(self._bytes_special)
-        ]
+        self._bytes_plain = list(self._bytes_special)
+        for i in self._control:
+            if 0 <= i < len(self._bytes_plain):
+                self._bytes_plain[i] = b""
         if len(self._bytes_special) != n:
             raise LlamalabError(f"{source}: {n} pieces but {len(self._bytes_special)} byte strings")
         # Ids whose leading space is SentencePiece's dummy prefix (normal pieces "▁…").

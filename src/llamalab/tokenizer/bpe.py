@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
+from operator import add
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -23,6 +24,7 @@ from tokenizers import Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
 from llamalab.errors import LlamalabError
+from llamalab.runtime import paused_gc
 from llamalab.tokenizer.base import SpecialTokens, Tokenizer, backend_failure, shown_token
 from llamalab.tokenizer.bytelevel import piece_to_bytes, pieces_to_bytes
 
@@ -116,23 +118,7 @@ class ByteLevelBPETokenizer(Tokenizer):
 
         # llama.cpp's token_to_id map: the last of duplicate texts wins.
         vocab = {t: i for i, t in enumerate(tokens)}
-        merges: list[tuple[str, str]] = []
-        for at, m in enumerate(merges_raw):
-            # Split at the first space after position 0, as llama.cpp does.
-            cut = m.find(" ", 1)
-            if cut < 0:
-                continue
-            a, b = m[:cut], m[cut + 1 :]
-            # A merge whose parts are not tokens can never fire; tokenizers refuses them.
-            if a in vocab and b in vocab:
-                # One of two tokens must make a token: `tokenizers` panics on one that
-                # does not (it refuses such a merge in a tokenizer.json).
-                if a + b not in vocab:
-                    raise LlamalabError(
-                        f"{source}: merge {at} of tokenizer.ggml.merges, {shown_token(m)}, "
-                        f"makes {shown_token(a + b)}, which is not in the vocabulary"
-                    )
-                merges.append((a, b))
+        merges = _usable_merges(merges_raw, vocab, source)
         try:
             self._bpe = HFTokenizer(
                 models.BPE(vocab=vocab, merges=merges, ignore_merges=ignore_merges)
@@ -184,6 +170,51 @@ class ByteLevelBPETokenizer(Tokenizer):
             return self._bpe.encode(text, add_special_tokens=False).ids
         except BaseException as exc:  # noqa: BLE001
             raise backend_failure(exc, f"{self.source}: tokenizers failed to encode") from None
+
+
+def _usable_merges(
+    raw: Sequence[str], vocab: Mapping[str, int], source: str
+) -> list[tuple[str, str]]:
+    """The merges `tokenizers` is given: each ``"a b"`` split at its first space after
+    position 0, as llama.cpp splits it, keeping those whose parts are both tokens (no
+    other can fire; `tokenizers` refuses them).
+
+    Raises:
+        LlamalabError: a kept merge makes text that is not a token (`tokenizers` would
+            panic on it).
+    """
+    # At every start, for tens of thousands of merges: whole-list passes first, which
+    # settle the usual vocabulary, where each merge holds one space and no newline, and
+    # every part and result is a token. Anything else goes through the loop below.
+    joined = "\n".join(raw)
+    if joined.count(" ") == len(raw) and joined.count("\n") == len(raw) - 1:
+        parts = joined.replace("\n", " ").split(" ")
+        firsts, seconds = parts[0::2], parts[1::2]
+        known = vocab.keys()
+        if (
+            all(firsts)  # "a b" splits after position 0; " b" would not
+            and known >= set(firsts)
+            and known >= set(seconds)
+            and known >= set(map(add, firsts, seconds))
+        ):
+            with paused_gc():  # tens of thousands of new tuples, none in a cycle
+                return list(zip(firsts, seconds))
+    merges: list[tuple[str, str]] = []
+    for at, m in enumerate(raw):
+        cut = m.find(" ", 1)
+        if cut < 0:
+            continue
+        a, b = m[:cut], m[cut + 1 :]
+        if a in vocab and b in vocab:
+            # One of two tokens must make a token: `tokenizers` panics on one that
+            # does not (it refuses such a merge in a tokenizer.json).
+            if a + b not in vocab:
+                raise LlamalabError(
+                    f"{source}: merge {at} of tokenizer.ggml.merges, {shown_token(m)}, "
+                    f"makes {shown_token(a + b)}, which is not in the vocabulary"
+                )
+            merges.append((a, b))
+    return merges
 
 
 def _gguf_id(meta: Mapping[str, Any], name: str, n: int) -> int | None:

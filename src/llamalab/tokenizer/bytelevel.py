@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from functools import cache
+from itertools import accumulate
 
 
 @cache
@@ -65,12 +66,8 @@ def pieces_to_bytes(pieces: Sequence[str]) -> list[bytes]:
         return [piece_to_bytes(p) for p in pieces]
     if len(data) != len(joined):  # a character that stands for two bytes: piece by piece
         return [piece_to_bytes(p) for p in pieces]
-    out, at = [], 0
-    for p in pieces:
-        end = at + len(p)
-        out.append(data[at:end])
-        at = end
-    return out
+    ends = list(accumulate(map(len, pieces)))
+    return list(map(data.__getitem__, map(slice, [0, *ends[:-1]], ends)))
 
 
 def piece_to_bytes(piece: str) -> bytes:
