@@ -54,22 +54,41 @@ def test_every_command_still_parses_and_helps():
         assert exit_.value.code == 0
 
 
-def test_generate_imports_no_torch_before_the_load_starts():
-    """The load imports torch in the background while it reads the tokenizer: anything
-    that imported torch before it would make the two run one after the other."""
+def test_generate_starts_importing_torch_before_its_other_imports():
+    """torch imports in the background while the command imports the rest and reads the
+    tokenizer: anything that imported torch before that would make the two run one after
+    the other, and imports before it would not overlap it."""
     code = """
 import sys
-import llamalab.cli.generate as g
+import llamalab.runtime as rt
 
-def load(args, **kwargs):
-    print("torch" in sys.modules)
+def start():
+    print("torch" in sys.modules, "llamalab.tokenizer" in sys.modules, "jinja2" in sys.modules)
     raise SystemExit(0)
 
-g.load_runtime_from_args = load
+rt.import_torch_in_background = start
 from llamalab.cli import main
 main(["generate", "--no-server", "-n", "1", "-p", "Hello"])
 """
-    assert _python(code).strip() == "False"
+    assert _python(code).split() == ["False", "False", "False"]
+
+
+def test_a_load_leaves_the_garbage_collector_as_it_found_it(smollm2_path):
+    """The load pauses the collector (its start-up builds hundreds of thousands of
+    objects) and freezes what the first load built; then the collector runs again."""
+    code = f"""
+import gc
+from llamalab.runtime import load_runtime, paused_gc
+with paused_gc():
+    assert not gc.isenabled()
+assert gc.isenabled()
+load_runtime({str(smollm2_path)!r})
+print(gc.isenabled(), gc.get_freeze_count() > 100_000)
+gc.disable()
+load_runtime({str(smollm2_path)!r})
+print(gc.isenabled())
+"""
+    assert _python(code).split() == ["True", "True", "False"]
 
 
 def test_a_later_run_maps_the_weights_and_answers_the_same(smollm2_path, tmp_path):

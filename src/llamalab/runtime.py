@@ -6,9 +6,11 @@ Nothing here imports torch at module level: the CLI builds its parser from these
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 from llamalab.errors import LlamalabError
@@ -20,6 +22,22 @@ DEVICE_CHOICES = ("auto", "cpu", "cuda")
 # experiments; 1024 is also SentencePiece's own limit.
 THREADS_PER_CPU = 4
 MAX_THREADS = 1024
+
+
+@contextlib.contextmanager
+def paused_gc() -> Iterator[None]:
+    """No cyclic garbage collection inside the block (as it was, after it).
+
+    For building tens of thousands of small containers at start-up, none of them in a
+    cycle: each few hundred new ones otherwise start a collection that walks them all.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def max_threads() -> int:
@@ -118,9 +136,7 @@ def load_runtime(
     ``announce`` prints one line on stderr, before the slow part,
     naming what is loaded (``ctx`` is only reported there).
     """
-    from llamalab.checkpoint.load import load_model
     from llamalab.parallel.launch import current
-    from llamalab.tokenizer import load_tokenizer
 
     if dtype not in DTYPE_CHOICES:
         raise LlamalabError(
@@ -133,8 +149,23 @@ def load_runtime(
         return session.load_runtime(path, dtype, threads=threads, announce=announce)
     # torch takes 1.5 s to import on its own: it imports in the background while this
     # thread does what needs no torch (the tokenizer, the model file's header, the check
-    # of its packed-weight cache file).
+    # of its packed-weight cache file). The start-up builds hundreds of thousands of
+    # objects, torch's among them, none of them garbage: each full collection in it would
+    # walk them all (about 70 ms after torch's import).
     importing = import_torch_in_background()
+    with paused_gc():
+        loaded = _load(
+            ref, dtype, importing, device=device, threads=threads, ctx=ctx,
+            progress=progress, compile=compile, announce=announce,
+        )  # fmt: skip
+        _freeze_start_up()
+    return loaded
+
+
+def _load(ref, dtype, importing, *, device, threads, ctx, progress, compile, announce):
+    from llamalab.checkpoint.load import load_model
+    from llamalab.tokenizer import load_tokenizer
+
     try:
         path = resolve_model_ref(ref)
         tokenizer = load_tokenizer(path)
@@ -173,14 +204,35 @@ def load_runtime(
     return model, tokenizer
 
 
-def import_torch_in_background() -> threading.Thread | None:
-    """Start ``import torch`` in a thread, unless it is imported already; join it before use.
+_frozen = False
 
-    The import runs its own code under the GIL, so a thread only gains the parts that let
-    go of it (reading and mapping the libraries, the other thread's file reads and zlib):
-    about 0.1-0.2 s of a command's start here. A failed import is left for the main
-    thread's own ``import torch`` to report.
+
+def _freeze_start_up() -> None:
+    """Move what the process's first load built (torch's modules, the model) out of the
+    garbage collector's sight for good, once: it lives as long as the process, and every
+    full collection would walk it again. Later loads are left to the collector."""
+    global _frozen
+    if not _frozen:
+        _frozen = True
+        gc.freeze()
+
+
+_torch_import: threading.Thread | None = None
+
+
+def import_torch_in_background() -> threading.Thread | None:
+    """Start ``import torch`` in a thread, once, unless it is imported already; join the
+    thread before using torch (None: nothing to wait for).
+
+    A command that will load a model calls this first, before its own imports, and
+    `load_runtime` joins it. The import runs its own code under the GIL, so a thread only
+    gains the parts that let go of it (reading and mapping the libraries, the other
+    thread's file reads and zlib): about 0.1-0.2 s of a command's start here. A failed
+    import is left for the main thread's own ``import torch`` to report.
     """
+    global _torch_import
+    if _torch_import is not None:
+        return _torch_import
     if "torch" in sys.modules:
         return None
 
@@ -188,9 +240,9 @@ def import_torch_in_background() -> threading.Thread | None:
         with contextlib.suppress(BaseException):  # reported by the main thread's import
             import torch  # noqa: F401
 
-    thread = threading.Thread(target=run, name="llamalab-import-torch", daemon=True)
-    thread.start()
-    return thread
+    _torch_import = threading.Thread(target=run, name="llamalab-import-torch", daemon=True)
+    _torch_import.start()
+    return _torch_import
 
 
 def _prefetch_packed_weights(path: Path) -> None:

@@ -118,12 +118,14 @@ def run(args: argparse.Namespace) -> int:
 def _run_here(
     args: argparse.Namespace, sampling, stops: list[str], lookup=None, adapters=()
 ) -> int:
+    from llamalab.runtime import import_torch_in_background
+
+    import_torch_in_background()  # first: the imports below overlap it
     from llamalab.generation.chat import build_messages
     from llamalab.kernels import isa_in_use
 
     grammar = grammar_from_args(args)
     prompt = _read_prompt(args)
-    # Imports torch in the background meanwhile: nothing before it may import torch.
     model, tokenizer = load_runtime_from_args(args)
     if adapters:
         from llamalab.train.lora import load_peft_adapters
