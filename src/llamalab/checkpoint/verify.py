@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from llamalab.errors import LlamalabError
-from llamalab.files import check_regular_file, read_file_bounded
+from llamalab.files import check_regular_file, open_regular, read_file_bounded
 
 SUMS_FILE = "SHA256SUMS"
 CHECKLIST_FILE = "checklist.chk"  # Meta's md5 list
@@ -174,7 +174,9 @@ def hash_files(jobs: dict[Path, set[str]], *, progress: bool = False) -> dict[Pa
         for path, algorithms in jobs.items():
             hashers = [hashlib.new(a) for a in sorted(algorithms)]
             try:
-                with open(path, "rb", buffering=0) as f:
+                # Opened without blocking and checked again: the path may have been
+                # replaced by a FIFO since the check above.
+                with open_regular(path) as f:
                     if hasattr(os, "posix_fadvise"):
                         os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
                     while n := f.readinto(buf):
