@@ -133,7 +133,9 @@ def _state(request: HTTPRequest) -> ServerState:
     return cast(ServerState, request.app.state.llamalab)
 
 
-def _sse(payload: s.BaseModel | str | dict[str, Any]) -> bytes:
+def sse_event(payload: s.BaseModel | str | dict[str, Any]) -> bytes:
+    """One server-sent event: ``data: <JSON>``, non-ASCII escaped (a lone surrogate in a
+    token's text stays valid JSON and valid UTF-8)."""
     if isinstance(payload, s.BaseModel):
         data = payload.model_dump_json()
     elif isinstance(payload, dict):
@@ -421,7 +423,7 @@ def _finished(state: ServerState, reply: Reply, ending: str) -> None:
 
 
 def _error_event(message: str, type_: str, code: str | None = None) -> bytes:
-    return _sse(s.error_body(message, type_, code))
+    return sse_event(s.error_body(message, type_, code))
 
 
 async def _stream(
@@ -435,7 +437,7 @@ async def _stream(
     ending = "cancelled"  # unless the loop below gets further
     try:
         for chunk in reply.opening():
-            yield _sse(chunk)
+            yield sse_event(chunk)
         failed = False
         async for index, event in _events(tickets):
             if event.finish_reason == "error":
@@ -447,9 +449,9 @@ async def _stream(
             delta, released = reply.transcripts[index].add(event)
             if delta or released or event.finish_reason:
                 for chunk in reply.chunks(index, delta, released, event.finish_reason):
-                    yield _sse(chunk)
+                    yield sse_event(chunk)
         if include_usage and not failed:
-            yield _sse(reply.usage_chunk())
+            yield sse_event(reply.usage_chunk())
     except LlamalabError as exc:  # the engine refused the request
         ending = "error"
         yield _error_event(str(exc), "invalid_request_error", "invalid_request")
@@ -463,7 +465,7 @@ async def _stream(
         for ticket in tickets:  # no-op when finished; frees the rows when the client left
             state.scheduler.cancel(ticket)
         _finished(state, reply, ending)
-    yield _sse("[DONE]")
+    yield sse_event("[DONE]")
 
 
 async def _run_to_end(

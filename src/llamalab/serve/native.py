@@ -21,7 +21,6 @@ server whose own context is smaller refuses it rather than answer differently.
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
@@ -41,6 +40,7 @@ from llamalab.serve.app import (
     _state,
     _submit,
     _warn_unknown,
+    sse_event,
 )
 from llamalab.serve.errors import APIError
 from llamalab.serve.scheduler import Unavailable
@@ -84,11 +84,6 @@ class NativeGenerateRequest(s._Request):
         if self.json_schema is not None:
             return Grammar.json_schema(self.json_schema)
         return super().constraint()
-
-
-def _event(payload: dict[str, Any] | str) -> bytes:
-    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
-    return f"data: {data}\n\n".encode()
 
 
 @router.post("/llamalab/tokenize", include_in_schema=False)
@@ -154,10 +149,10 @@ async def native_generate(body: NativeGenerateRequest, request: HTTPRequest) -> 
 
     async def stream() -> AsyncIterator[bytes]:
         try:
-            yield _event({"prompt_ids": prompt_ids})
+            yield sse_event({"prompt_ids": prompt_ids})
             async for event in ticket.events():
                 if event.finish_reason == "error":
-                    yield _event(
+                    yield sse_event(
                         s.error_body(
                             f"generation failed: {event.error or 'unknown error'}",
                             "server_error",
@@ -177,10 +172,10 @@ async def native_generate(body: NativeGenerateRequest, request: HTTPRequest) -> 
                         {"id": i, "token": token_text(i), "logprob": lp}
                         for i, lp in event.top_logprobs or []
                     ]
-                yield _event(out)
+                yield sse_event(out)
                 if event.finish_reason is not None:
                     seq = ticket.generation
-                    yield _event(
+                    yield sse_event(
                         {
                             "done": True,
                             "ids": list(seq.ids) if seq else [],
@@ -190,12 +185,12 @@ async def native_generate(body: NativeGenerateRequest, request: HTTPRequest) -> 
                         }
                     )
         except LlamalabError as exc:  # the engine refused the request
-            yield _event(s.error_body(str(exc), "invalid_request_error", "invalid_request"))
+            yield sse_event(s.error_body(str(exc), "invalid_request_error", "invalid_request"))
         except Unavailable as exc:
-            yield _event(s.error_body(str(exc), "server_error", "server_unavailable"))
+            yield sse_event(s.error_body(str(exc), "server_error", "server_unavailable"))
         finally:
             state.scheduler.cancel(ticket)  # no-op when finished; frees the row otherwise
-        yield _event("[DONE]")
+        yield sse_event("[DONE]")
 
     return StreamingResponse(
         stream(),
