@@ -60,7 +60,7 @@ def test_generate_starts_importing_torch_before_its_other_imports():
     the other, and imports before it would not overlap it."""
     code = """
 import sys
-import llamalab.runtime as rt
+import llamalab.startup as rt
 
 def start():
     print("torch" in sys.modules, "llamalab.tokenizer" in sys.modules, "jinja2" in sys.modules)
@@ -78,7 +78,8 @@ def test_a_load_leaves_the_garbage_collector_as_it_found_it(smollm2_path):
     objects) and freezes what the first load built; then the collector runs again."""
     code = f"""
 import gc
-from llamalab.runtime import load_runtime, paused_gc
+from llamalab.runtime import load_runtime
+from llamalab.startup import paused_gc
 with paused_gc():
     assert not gc.isenabled()
 assert gc.isenabled()

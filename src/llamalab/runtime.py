@@ -5,15 +5,12 @@ Nothing here imports torch at module level: the CLI builds its parser from these
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import os
 import sys
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 from llamalab.errors import LlamalabError
+from llamalab.startup import freeze_start_up, import_torch_in_background, paused_gc
 
 DTYPE_CHOICES = ("auto", "float32")
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
@@ -22,22 +19,6 @@ DEVICE_CHOICES = ("auto", "cpu", "cuda")
 # experiments; 1024 is also SentencePiece's own limit.
 THREADS_PER_CPU = 4
 MAX_THREADS = 1024
-
-
-@contextlib.contextmanager
-def paused_gc() -> Iterator[None]:
-    """No cyclic garbage collection inside the block (as it was, after it).
-
-    For building tens of thousands of small containers at start-up, none of them in a
-    cycle: each few hundred new ones otherwise start a collection that walks them all.
-    """
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
 
 
 def max_threads() -> int:
@@ -158,7 +139,7 @@ def load_runtime(
             ref, dtype, importing, device=device, threads=threads, ctx=ctx,
             progress=progress, compile=compile, announce=announce,
         )  # fmt: skip
-        _freeze_start_up()
+        freeze_start_up()
     return loaded
 
 
@@ -202,47 +183,6 @@ def _load(ref, dtype, importing, *, device, threads, ctx, progress, compile, ann
 
         choose(model, packed=packed, compile=True)
     return model, tokenizer
-
-
-_frozen = False
-
-
-def _freeze_start_up() -> None:
-    """Move what the process's first load built (torch's modules, the model) out of the
-    garbage collector's sight for good, once: it lives as long as the process, and every
-    full collection would walk it again. Later loads are left to the collector."""
-    global _frozen
-    if not _frozen:
-        _frozen = True
-        gc.freeze()
-
-
-_torch_import: threading.Thread | None = None
-
-
-def import_torch_in_background() -> threading.Thread | None:
-    """Start ``import torch`` in a thread, once, unless it is imported already; join the
-    thread before using torch (None: nothing to wait for).
-
-    A command that will load a model calls this first, before its own imports, and
-    `load_runtime` joins it. The import runs its own code under the GIL, so a thread only
-    gains the parts that let go of it (reading and mapping the libraries, the other
-    thread's file reads and zlib): about 0.1-0.2 s of a command's start here. A failed
-    import is left for the main thread's own ``import torch`` to report.
-    """
-    global _torch_import
-    if _torch_import is not None:
-        return _torch_import
-    if "torch" in sys.modules:
-        return None
-
-    def run() -> None:
-        with contextlib.suppress(BaseException):  # reported by the main thread's import
-            import torch  # noqa: F401
-
-    _torch_import = threading.Thread(target=run, name="llamalab-import-torch", daemon=True)
-    _torch_import.start()
-    return _torch_import
 
 
 def _prefetch_packed_weights(path: Path) -> None:

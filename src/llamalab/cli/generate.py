@@ -118,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
 def _run_here(
     args: argparse.Namespace, sampling, stops: list[str], lookup=None, adapters=()
 ) -> int:
-    from llamalab.runtime import import_torch_in_background
+    from llamalab.startup import import_torch_in_background
 
     import_torch_in_background()  # first: the imports below overlap it
     from llamalab.generation.chat import build_messages

@@ -24,7 +24,7 @@ from tokenizers import Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
 from llamalab.errors import LlamalabError
-from llamalab.runtime import paused_gc
+from llamalab.startup import paused_gc
 from llamalab.tokenizer.base import SpecialTokens, Tokenizer, backend_failure, shown_token
 from llamalab.tokenizer.bytelevel import piece_to_bytes, pieces_to_bytes
 
