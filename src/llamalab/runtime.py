@@ -128,11 +128,11 @@ def load_runtime(
     if session is not None:  # a tensor-parallel rank under torchrun: every rank loads a slice
         path = resolve_model_ref(ref)
         return session.load_runtime(path, dtype, threads=threads, announce=announce)
-    # torch takes 1.5 s to import on its own: it imports in the background while this
+    # torch takes most of a second to import: it imports in the background while this
     # thread does what needs no torch (the tokenizer, the model file's header, the check
     # of its packed-weight cache file). The start-up builds hundreds of thousands of
     # objects, torch's among them, none of them garbage: each full collection in it would
-    # walk them all (about 70 ms after torch's import).
+    # walk them all (about 70 ms once torch is imported).
     importing = import_torch_in_background()
     with paused_gc():
         loaded = _load(
