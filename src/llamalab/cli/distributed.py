@@ -22,7 +22,8 @@ NOT_YET = ("chat",)  # model commands that do not run on ranks yet
 
 
 def add_distributed_options(p: argparse.ArgumentParser) -> None:
-    """``--dist-timeout``: how long a rank waits on the others under torchrun."""
+    """``--dist-timeout``: how long a rank waits on the others under torchrun;
+    ``--tp-exact``: the split that gives one process's float logits bit for bit."""
     from llamalab.parallel.launch import DEFAULT_TIMEOUT
 
     p.add_argument(
@@ -32,6 +33,13 @@ def add_distributed_options(p: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="under torchrun: seconds a rank waits on the others before the job ends "
         f"with an error (a rank died or hangs; default {DEFAULT_TIMEOUT:g})",
+    )
+    p.add_argument(
+        "--tp-exact",
+        action="store_true",
+        help="under torchrun: split wo and w2 by their outputs and gather their inputs, so "
+        "that every sum is one process's and float logits equal its own bit for bit "
+        "(four collectives per block instead of two)",
     )
 
 
@@ -75,7 +83,11 @@ def run_command(args: argparse.Namespace) -> int:
     from llamalab.parallel import launch
 
     timeout = getattr(args, "dist_timeout", launch.DEFAULT_TIMEOUT)
-    session = launch.start(timeout=timeout, device=getattr(args, "device", None))
+    session = launch.start(
+        timeout=timeout,
+        device=getattr(args, "device", None),
+        exact=getattr(args, "tp_exact", False),
+    )
     if session.rank != 0:
         return session.follow(_factories())
     # SIGTERM ends rank 0 through its `finally`, which tells the other ranks to stop (a

@@ -64,9 +64,12 @@ def _served_adapters(args: argparse.Namespace) -> list[tuple[str, str, float]]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from llamalab.cli.distributed import add_distributed_options
+
     add_runtime_options(p)
     # The defaults of requests that do not set lookup, lookup_ngram or draft_max.
     add_lookup_options(p)
+    add_distributed_options(p)
     p.add_argument(
         "--lora",
         action="append",

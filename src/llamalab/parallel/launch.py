@@ -93,15 +93,18 @@ def current() -> Session | None:
     return _session
 
 
-def start(*, timeout: float = DEFAULT_TIMEOUT, device: str | None = None) -> Session:
+def start(
+    *, timeout: float = DEFAULT_TIMEOUT, device: str | None = None, exact: bool = False
+) -> Session:
     """Join the other ranks (``$RANK``, ``$MASTER_ADDR`` ... as torchrun sets them):
-    NCCL for the model on GPUs, gloo on CPUs, and a gloo control channel."""
+    NCCL for the model on GPUs, gloo on CPUs, and a gloo control channel. ``exact``: the
+    model is split the exact way (``parallel/tensor.py``)."""
     global _session
     if _session is not None:
         raise LlamalabError("this process already runs as a tensor-parallel rank")
     if not timeout > 0:
         raise LlamalabError(f"--dist-timeout must be a positive number of seconds, got {timeout}")
-    _session = Session(timeout, device)
+    _session = Session(timeout, device, exact)
     return _session
 
 
@@ -203,13 +206,14 @@ class _Watchdog:
 class Session:
     """This process's place among the tensor-parallel ranks (see the module)."""
 
-    def __init__(self, timeout: float, device: str | None) -> None:
+    def __init__(self, timeout: float, device: str | None, exact: bool = False) -> None:
         from datetime import timedelta
 
         import torch
         import torch.distributed as dist
 
         self.timeout = timeout
+        self.exact = exact
         self.world = world_size()
         self.rank = _env_int("RANK", 0)
         self.local_rank = _env_int("LOCAL_RANK", self.rank)
@@ -333,8 +337,9 @@ class Session:
 
         def load():
             return load_sharded(
-                path, self.mesh, dtype=model_dtype, device=self.device, packed=packed
-            )
+                path, self.mesh, dtype=model_dtype, device=self.device, packed=packed,
+                exact=self.exact,
+            )  # fmt: skip
 
         self.model = self._agree("loading the model", load)
         self.objects["model"] = self.model

@@ -45,7 +45,7 @@ from llamalab.parallel.tensor import (
 )
 
 
-def check_blocks(reader: CheckpointReader, world: int) -> None:
+def check_blocks(reader: CheckpointReader, world: int, exact: bool = False) -> None:
     """One clear error where a split by columns would cut a GGUF quantization block.
 
     Rows are always whole blocks (a GGUF row is a run of blocks); a column split must
@@ -56,7 +56,7 @@ def check_blocks(reader: CheckpointReader, world: int) -> None:
 
     records = reader._tensors  # type: ignore[attr-defined]
     for rank in range(world):
-        for name, cut in shard_spec(reader.config, world, rank).items():
+        for name, cut in shard_spec(reader.config, world, rank, exact).items():
             if cut is None or cut.dim != 1 or name not in records:
                 continue
             record = records[name]
@@ -196,6 +196,7 @@ def load_sharded(
     dtype: torch.dtype | str | None = None,
     device: torch.device | str | None = None,
     packed: bool = False,
+    exact: bool = False,
 ) -> torch.nn.Module:
     """Load a checkpoint split across ``mesh`` (1-D, the tensor-parallel ranks).
 
@@ -205,7 +206,8 @@ def load_sharded(
     :func:`~llamalab.checkpoint.load.load_model`. Float weights are split with DTensor
     (:func:`~llamalab.parallel.tensor.apply_tp`); ``packed`` (CPU only) keeps the linear
     layers packed, GGUF weights in their stored type, as ``load_model(packed=True)``
-    does in one process.
+    does in one process. ``exact``: ``wo`` and ``w2`` split by output rows with their
+    input gathered, for one process's float logits bit for bit (``parallel/tensor.py``).
     """
     from llamalab.model import Transformer
 
@@ -216,24 +218,24 @@ def load_sharded(
     try:
         validate(reader)
         config = reader.config
-        check_degree(config, mesh.size())
-        check_blocks(reader, mesh.size())
+        check_degree(config, mesh.size(), exact)
+        check_blocks(reader, mesh.size(), exact)
         with torch.device("meta"):
             model = Transformer(config)
         if packed:
-            _fill_packed(model, reader, mesh, dtype)
+            _fill_packed(model, reader, mesh, dtype, exact)
         else:
 
             def read(name: str, cut: Slice | None) -> torch.Tensor:
                 return read_slice(reader, name, cut).to(device=device, dtype=dtype)
 
-            shard_parameters(model, mesh, read)
+            shard_parameters(model, mesh, read, exact)
     finally:
         reader.close()
     if packed:
-        wire_packed(model, mesh)
+        wire_packed(model, mesh, exact)
     else:
-        apply_tp(model, mesh)
+        apply_tp(model, mesh, exact)
     model.init_buffers(device)
     return model.eval()
 
@@ -284,7 +286,9 @@ def _kernel_of_one_process(qtype, full: tuple[int, int], local: tuple[int, int])
     return "fp16" if fp16_kernel_available() else "float32"
 
 
-def _fill_packed(model: torch.nn.Module, reader: CheckpointReader, mesh, dtype) -> None:
+def _fill_packed(
+    model: torch.nn.Module, reader: CheckpointReader, mesh, dtype, exact: bool = False
+) -> None:
     """Give ``model`` (on ``meta``) this rank's slices as packed layers, the way
     ``checkpoint/load.py`` builds one process's: every ``layers.*`` linear and the output
     as a :class:`~llamalab.quant.linear.QuantizedLinear` (from the slice's GGUF bytes, or
@@ -301,7 +305,7 @@ def _fill_packed(model: torch.nn.Module, reader: CheckpointReader, mesh, dtype) 
     )
 
     config = model.config
-    spec = shard_spec(config, mesh.size(), mesh.get_local_rank())
+    spec = shard_spec(config, mesh.size(), mesh.get_local_rank(), exact)
     gguf = reader.format == "gguf"
 
     def stored(name: str, cut: Slice | None):
