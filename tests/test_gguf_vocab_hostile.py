@@ -164,10 +164,16 @@ def test_what_llamacpp_accepts_still_loads(tmp_path: Path) -> None:
         # A newline in a part (the loop's case); no space or a part that is not a
         # token: skipped.
         (["ab", "a\nb c", "q b", "a b"], [("a\nb", "c"), ("a", "b")]),
+        # As many spaces as merges, but two in one and none in another: no pairing
+        # across merges ("c ab" is not a merge).
+        (["a b c", "ab"], []),
     ],
 )
 def test_merges_split_as_llamacpp_splits_them(merges, kept) -> None:
     from llamalab.tokenizer.bpe import _usable_merges
 
-    vocab = {t: i for i, t in enumerate(["a", "b", "c", "ab", "abc", " c", "a c", "a\nb", "a\nbc"])}
+    vocab = {
+        t: i
+        for i, t in enumerate(["a", "b", "c", "ab", "abc", "cab", " c", "a c", "a\nb", "a\nbc"])
+    }
     assert _usable_merges(merges, vocab, "x") == kept

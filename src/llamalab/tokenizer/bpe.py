@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from operator import add
+from itertools import repeat
+from operator import add, contains
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -187,7 +188,8 @@ def _usable_merges(
     # settle the usual vocabulary, where each merge holds one space and no newline, and
     # every part and result is a token. Anything else goes through the loop below.
     joined = "\n".join(raw)
-    if joined.count(" ") == len(raw) and joined.count("\n") == len(raw) - 1:
+    one_space_each = joined.count(" ") == len(raw) and all(map(contains, raw, repeat(" ")))
+    if one_space_each and joined.count("\n") == len(raw) - 1:
         parts = joined.replace("\n", " ").split(" ")
         firsts, seconds = parts[0::2], parts[1::2]
         known = vocab.keys()
