@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from llamalab.errors import LlamalabError
-from llamalab.startup import freeze_start_up, import_torch_in_background, paused_gc
+from llamalab.startup import import_torch_in_background, paused_gc
 
 DTYPE_CHOICES = ("auto", "float32")
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
@@ -139,7 +139,6 @@ def load_runtime(
             ref, dtype, importing, device=device, threads=threads, ctx=ctx,
             progress=progress, compile=compile, announce=announce,
         )  # fmt: skip
-        freeze_start_up()
     return loaded
 
 

@@ -80,20 +80,26 @@ def load_runtime_from_args(args: argparse.Namespace, *, compile_by_default: bool
     import sys
 
     from llamalab.runtime import load_runtime
+    from llamalab.startup import freeze_start_up, paused_gc
 
     compile = args.compile
     if compile is None:
         env = os.environ.get("LLAMALAB_COMPILE")
         compile = compile_by_default if env is None else env != "0"
-    return load_runtime(
-        args.model,
-        args.dtype,
-        device=args.device,
-        threads=args.threads,
-        ctx=args.ctx,
-        compile=compile,
-        announce=sys.stderr.isatty(),
-    )
+    # A command keeps its model to the end: what the load built is frozen before the
+    # collector runs again (see startup.freeze_start_up).
+    with paused_gc():
+        loaded = load_runtime(
+            args.model,
+            args.dtype,
+            device=args.device,
+            threads=args.threads,
+            ctx=args.ctx,
+            compile=compile,
+            announce=sys.stderr.isatty(),
+        )
+        freeze_start_up()
+    return loaded
 
 
 # The KV cache of a one-off command is sized to its prompt and reply, in steps of this
