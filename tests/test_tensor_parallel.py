@@ -139,6 +139,32 @@ def test_the_ranks_slices_tile_every_tensor(n_kv: int, world: int) -> None:
         assert wk.dtensor == (n_kv >= world)
 
 
+def test_a_rank_prints_one_error_line_when_two_threads_find_the_loss(capsys) -> None:
+    """A model step and the control channel's sender can both see the ranks lose touch at
+    once; the rank still says one line (the first), not one per thread."""
+    import threading
+
+    from llamalab.parallel.launch import Session
+
+    session = object.__new__(Session)  # the reporting alone, without a process group
+    session.rank = 0
+    session._report_lock = threading.Lock()
+    session._reported = False
+    start = threading.Barrier(8)
+
+    def say(i: int) -> None:
+        start.wait()
+        session.report(f"the ranks lost touch ({i})")
+
+    threads = [threading.Thread(target=say, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("llamalab: error: the ranks lost touch ("), lines
+
+
 # ---------------------------------------------------------------- on gloo ranks
 
 # KV heads fewer than, equal to and more than the ranks, for 2 and 4 ranks; tied outputs

@@ -244,6 +244,8 @@ class Session:
         self._depth = 0  # > 0 inside a mirrored call: nested calls are not sent again
         self._calls = threading.RLock()
         self._broken: str | None = None
+        self._report_lock = threading.Lock()
+        self._reported = False
         self.watchdog = _Watchdog(timeout + GRACE, self.report)
         if self.rank == 0:
             self._queue: queue.Queue = queue.Queue()
@@ -254,11 +256,18 @@ class Session:
 
     # ------------------------------------------------------------------ both sides
     def report(self, message: str) -> None:
-        """Print one error line for this rank (followers name themselves)."""
+        """Print this rank's one error line (followers name themselves): only the first
+        call prints. When the ranks lose touch, two threads (a model step and the control
+        channel's sender) can each find out at once; the second waits for the first's
+        line to be written, then says nothing."""
         who = "" if self.rank == 0 else f"rank {self.rank}: "
-        with contextlib.suppress(Exception):
-            sys.stderr.write(f"llamalab: error: {who}{message}\n")
-            sys.stderr.flush()
+        with self._report_lock:
+            if self._reported:
+                return
+            self._reported = True
+            with contextlib.suppress(Exception):
+                sys.stderr.write(f"llamalab: error: {who}{message}\n")
+                sys.stderr.flush()
 
     def die(self, message: str) -> None:
         """Print ``message`` as this rank's one error line and end the process now: a
