@@ -24,23 +24,26 @@ LAUNCH_TIMEOUT = 240  # seconds for one launch: three ranks import torch on 2 bu
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
 
 
-def llamalab(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """The command in one process."""
+def llamalab(
+    *args: str, cwd: Path | None = None, input: str | None = None
+) -> subprocess.CompletedProcess:
+    """The command in one process (``input``: its standard input)."""
     return subprocess.run(
         [sys.executable, "-m", "llamalab", *args], capture_output=True, text=True,
-        timeout=LAUNCH_TIMEOUT, env=ENV, cwd=cwd, check=False,
+        timeout=LAUNCH_TIMEOUT, env=ENV, cwd=cwd, check=False, input=input,
     )  # fmt: skip
 
 
-def torchrun(nproc: int, *args: str) -> subprocess.CompletedProcess:
-    """The command on ``nproc`` ranks under torchrun."""
+def torchrun(nproc: int, *args: str, input: str | None = None) -> subprocess.CompletedProcess:
+    """The command on ``nproc`` ranks under torchrun (``input``: its standard input)."""
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone",
         f"--nproc_per_node={nproc}", "-m", "llamalab", *args,
     ]  # fmt: skip
     return subprocess.run(
-        cmd, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT, env=ENV, check=False
-    )
+        cmd, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT, env=ENV, check=False,
+        input=input,
+    )  # fmt: skip
 
 
 def _free_port() -> int:
@@ -112,6 +115,21 @@ def test_smollm2_on_3_ranks_generates_the_tokens_of_one_process(smollm2_path) ->
     assert len(want["ids"]) == 64
     assert got["ids"] == want["ids"]
     assert got["text"] == want["text"]
+
+
+@pytest.mark.slow
+def test_chat_on_3_ranks_answers_as_one_process(smollm2_path) -> None:
+    """A two-turn conversation read from standard input by rank 0: SmolLM2 in float32 on
+    3 ranks gives one process's replies, and only rank 0 prints."""
+    args = ["chat", "--model", str(smollm2_path), "--dtype", "float32", "--temperature", "0",
+            "--max-tokens", "24"]  # fmt: skip
+    turns = "What is the capital of France?\nAnd of Italy?\n"
+    one = llamalab(*args, input=turns)
+    assert one.returncode == 0, one.stderr
+    ranks = torchrun(3, *args, input=turns)
+    assert ranks.returncode == 0, ranks.stderr[-3000:]
+    assert ranks.stdout == one.stdout
+    assert one.stdout.count("> ") >= 2 and "Paris" in one.stdout
 
 
 def _packed_reference(model, prompt: list[int], ids: list[int]):
@@ -374,14 +392,11 @@ def test_a_split_that_cuts_a_quantization_block_is_refused(tmp_path: Path) -> No
         check_blocks(reader, 4)
 
 
-def test_chat_and_a_bad_world_size_are_refused_before_any_rank_joins(
+def test_a_bad_world_size_is_refused_before_any_rank_joins(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
     from llamalab.cli import main
 
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    assert main(["chat", "--model", "x.gguf"]) == 1
-    assert "chat does not run on tensor-parallel ranks yet" in capsys.readouterr().err
     monkeypatch.setenv("WORLD_SIZE", "two")
     assert main(["generate", "--model", "x.gguf", "Hi"]) == 1
     assert "WORLD_SIZE must be a whole number, got 'two'" in capsys.readouterr().err

@@ -15,6 +15,7 @@ import signal
 import sys
 from pathlib import Path
 
+from llamalab.cli.distributed import add_distributed_options
 from llamalab.cli.options import (
     add_lookup_options,
     add_lora_option,
@@ -60,6 +61,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--system", default=None, help="system message")
     add_lora_option(p)
     add_server_options(p)
+    add_distributed_options(p)
 
 
 def _history_file() -> Path | None:

@@ -1,10 +1,11 @@
-"""Commands under ``torchrun``: tensor-parallel ranks for ``generate``, ``eval`` and ``serve``.
+"""Commands under ``torchrun``: tensor-parallel ranks for ``generate``, ``chat``, ``eval``
+and ``serve``.
 
 ``run_command`` runs any command. Outside a multi-rank launch (``$WORLD_SIZE`` unset or
-1) it only calls the command. Under one, ``generate``, ``eval`` and ``serve`` join the
-other ranks (``parallel/launch.py``): rank 0 runs the command (and owns the server's
-socket), each other rank follows it, holding its slices of the model. ``chat`` is refused
-there; the rest (``train``, ``finetune``) keep their own torchrun handling.
+1) it only calls the command. Under one, the model commands join the other ranks
+(``parallel/launch.py``): rank 0 runs the command (reads the chat's input, owns the
+server's socket), each other rank follows it, holding its slices of the model. The rest
+(``train``, ``finetune``) keep their own torchrun handling.
 """
 
 from __future__ import annotations
@@ -17,8 +18,7 @@ import sys
 
 from llamalab.errors import LlamalabError
 
-RANKED = ("generate", "eval", "serve")  # commands that run on tensor-parallel ranks
-NOT_YET = ("chat",)  # model commands that do not run on ranks yet
+RANKED = ("generate", "chat", "eval", "serve")  # commands that run on tensor-parallel ranks
 
 
 def add_distributed_options(p: argparse.ArgumentParser) -> None:
@@ -73,13 +73,8 @@ def run_command(args: argparse.Namespace) -> int:
     """Run ``args.func(args)``: in this process, or as one of torchrun's ranks."""
     from llamalab.parallel.launch import world_size
 
-    if args.command not in RANKED + NOT_YET or world_size() == 1:
+    if args.command not in RANKED or world_size() == 1:
         return args.func(args)
-    if args.command in NOT_YET:
-        raise LlamalabError(
-            f"{args.command} does not run on tensor-parallel ranks yet: under torchrun, "
-            f"use {' or '.join(RANKED)}"
-        )
     from llamalab.parallel import launch
 
     timeout = getattr(args, "dist_timeout", launch.DEFAULT_TIMEOUT)
