@@ -145,7 +145,7 @@ class _Cursor:
         return struct.unpack("<" + fmt, self.take(size))[0]
 
     def string(self) -> str:
-        raw = bytes(self.take(self.scalar("Q")))
+        raw = self.take(self.scalar("Q"))
         # Token texts are meant to be UTF-8; a broken one must not make the file unreadable.
         return raw.decode("utf-8", errors="replace")
 
@@ -304,7 +304,7 @@ def _read_uncached(path: Path) -> GGUFHeader:
 
 def _parse(buf: bytes, path: Path, *, whole: bool, file_size: int) -> GGUFHeader:
     cur = _Cursor(buf, path, whole, file_size)
-    if not has_gguf_magic(bytes(cur.take(4))):
+    if not has_gguf_magic(cur.take(4)):
         raise cur.error("not a GGUF file (no GGUF magic bytes)")
     version = cur.scalar("I")
     if version not in (2, 3):
