@@ -125,13 +125,13 @@ def shard_spec(
     spec["norm.weight"] = None
     spec["output.weight"] = vocab
     hidden = config.ffn_hidden_dim // world
+    width = config.dim // world
+    out_rows = Slice(0, rank * width, (rank + 1) * width)  # wo and w2 in the exact split
     for i in range(config.n_layers):
         p = f"layers.{i}."
         spec[p + "attention.wq.weight"] = Slice(0, rank * heads * D, (rank + 1) * heads * D)
         for name in ("attention.wk.weight", "attention.wv.weight"):
             spec[p + name] = Slice(0, first_kv * D, (first_kv + kv) * D, not replicated_kv)
-        width = config.dim // world
-        out_rows = Slice(0, rank * width, (rank + 1) * width)
         wo = Slice(1, rank * heads * D, (rank + 1) * heads * D)
         spec[p + "attention.wo.weight"] = out_rows if exact else wo
         spec[p + "feed_forward.w1.weight"] = Slice(0, rank * hidden, (rank + 1) * hidden)
@@ -352,20 +352,14 @@ class VocabParallelOutput(nn.Module):
         super().__init__()
         self.inner = inner
         self.vocab_size = vocab_size
-        self.world = mesh.size()
-        self.step = -(-vocab_size // self.world)  # torch.chunk's split, as shard_spec's
+        self.step = -(-vocab_size // mesh.size())  # torch.chunk's split, as shard_spec's
         self.mesh = mesh
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        import torch.distributed as dist
-
         y = self.inner(x)
         if y.shape[-1] < self.step:  # gloo and NCCL gather equal parts
             y = torch.nn.functional.pad(y, (0, self.step - y.shape[-1]))
-        y = y.contiguous()
-        parts = [torch.empty_like(y) for _ in range(self.world)]
-        dist.all_gather(parts, y, group=self.mesh.get_group())
-        return torch.cat(parts, dim=-1)[..., : self.vocab_size]
+        return _gather_last(y, self.mesh)[..., : self.vocab_size]
 
 
 def wire_packed(model: nn.Module, mesh, exact: bool = False) -> nn.Module:
