@@ -135,11 +135,10 @@ def load_runtime(
     # walk them all (about 70 ms once torch is imported).
     importing = import_torch_in_background()
     with paused_gc():
-        loaded = _load(
+        return _load(
             ref, dtype, importing, device=device, threads=threads, ctx=ctx,
             progress=progress, compile=compile, announce=announce,
         )  # fmt: skip
-    return loaded
 
 
 def _load(ref, dtype, importing, *, device, threads, ctx, progress, compile, announce):

@@ -20,6 +20,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from llamalab.cli.distributed import add_distributed_options
 from llamalab.cli.options import (
     add_lookup_options,
     add_runtime_options,
@@ -64,8 +65,6 @@ def _served_adapters(args: argparse.Namespace) -> list[tuple[str, str, float]]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from llamalab.cli.distributed import add_distributed_options
-
     add_runtime_options(p)
     # The defaults of requests that do not set lookup, lookup_ngram or draft_max.
     add_lookup_options(p)

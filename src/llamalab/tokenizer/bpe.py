@@ -25,7 +25,6 @@ from tokenizers import Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
 from llamalab.errors import LlamalabError
-from llamalab.startup import paused_gc
 from llamalab.tokenizer.base import SpecialTokens, Tokenizer, backend_failure, shown_token
 from llamalab.tokenizer.bytelevel import piece_to_bytes, pieces_to_bytes
 
@@ -199,8 +198,7 @@ def _usable_merges(
             and known >= set(seconds)
             and known >= set(map(add, firsts, seconds))
         ):
-            with paused_gc():  # tens of thousands of new tuples, none in a cycle
-                return list(zip(firsts, seconds))
+            return list(zip(firsts, seconds))
     merges: list[tuple[str, str]] = []
     for at, m in enumerate(raw):
         cut = m.find(" ", 1)

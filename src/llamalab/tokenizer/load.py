@@ -17,6 +17,7 @@ from typing import Any
 from llamalab.errors import LlamalabError
 from llamalab.files import refuse_special
 from llamalab.gguf.header import has_gguf_magic, is_gguf, read_file_head, read_gguf_metadata
+from llamalab.startup import paused_gc
 from llamalab.tokenizer.base import Tokenizer, shown_token
 from llamalab.tokenizer.chat import BUILTIN_TEMPLATES, ChatTemplate, builtin_template_name
 
@@ -61,12 +62,14 @@ def load_tokenizer(ref: TokenizerRef = None) -> Tokenizer:
     from llamalab.default_model import resolve_model_path
 
     path = resolve_model_path(ref)
-    if path.is_dir():
-        return _load_folder(path)
-    if not path.is_file():
+    if not path.is_dir() and not path.is_file():
         refuse_special(path)  # a FIFO or a device: say which, never open it
         raise LlamalabError(f"{path}: no such file or folder")
-    return _load_file(path, config={}, generation_config={})
+    # A vocabulary's tables are tens of thousands of new containers, none in a cycle.
+    with paused_gc():
+        if path.is_dir():
+            return _load_folder(path)
+        return _load_file(path, config={}, generation_config={})
 
 
 def _read_json(path: Path) -> dict[str, Any]:
