@@ -218,7 +218,7 @@ def load_sharded(
     try:
         validate(reader)
         config = reader.config
-        check_degree(config, mesh.size(), exact)
+        check_degree(config, mesh.size())
         check_blocks(reader, mesh.size(), exact)
         with torch.device("meta"):
             model = Transformer(config)

@@ -67,9 +67,11 @@ class Slice:
     dtensor: bool = True
 
 
-def check_degree(config: ModelConfig, world: int, exact: bool = False) -> None:
-    """Refuse, with one clear error, a tensor-parallel degree the model cannot be split by
-    (``exact``: the exact split, which also cuts the model's width)."""
+def check_degree(config: ModelConfig, world: int) -> None:
+    """Refuse, with one clear error, a tensor-parallel degree the model cannot be split by.
+
+    The exact split's cut of the width needs nothing more: the width is the query heads
+    times the head size, so a degree that divides the heads divides it."""
     if world < 1:
         raise LlamalabError(f"tensor-parallel degree must be at least 1, got {world}")
     problems = []
@@ -83,8 +85,6 @@ def check_degree(config: ModelConfig, world: int, exact: bool = False) -> None:
         )
     if config.ffn_hidden_dim % world:
         problems.append(f"its feed-forward hidden size {config.ffn_hidden_dim}")
-    if exact and config.dim % world:
-        problems.append(f"its width {config.dim} (the exact split cuts wo and w2 by it)")
     if problems:
         raise LlamalabError(
             f"tensor-parallel degree {world} does not divide {' or '.join(problems)}"
@@ -115,7 +115,7 @@ def shard_spec(
 ) -> dict[str, Slice | None]:
     """Canonical parameter name → the :class:`Slice` ``rank`` holds (``None``: replicated);
     ``exact``: ``wo`` and ``w2`` by rows of their output (see the module)."""
-    check_degree(config, world, exact)
+    check_degree(config, world)
     heads, kv, first_kv = local_heads(config, world, rank)
     D = config.head_dim
     replicated_kv = config.n_kv_heads < world
@@ -209,7 +209,7 @@ def apply_tp(model: nn.Module, mesh, exact: bool = False) -> nn.Module:
     _refuse_unsupported(model)
     config: ModelConfig = model.config
     world, rank = mesh.size(), mesh.get_local_rank()
-    check_degree(config, world, exact)
+    check_degree(config, world)
     if not any(isinstance(p, DTensor) for p in model.parameters()):
         full = dict(model.named_parameters(remove_duplicate=False))
 
@@ -370,7 +370,7 @@ def wire_packed(model: nn.Module, mesh, exact: bool = False) -> nn.Module:
     full logits on every rank."""
     config: ModelConfig = model.config
     world, rank = mesh.size(), mesh.get_local_rank()
-    check_degree(config, world, exact)
+    check_degree(config, world)
     vocab = shard_spec(config, world, rank)["tok_embeddings.weight"]
     model.tok_embeddings = VocabParallelEmbedding(
         model.tok_embeddings, vocab.start, vocab.stop, mesh
