@@ -32,7 +32,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-DEFAULT_TEXT = Path("/work/debian-text/text/books")
+# The books of the Debian text mixture, as `make data-debian` writes them in the checkout.
+DEFAULT_TEXT = Path(__file__).resolve().parents[1] / "data" / "debian-text" / "text" / "books"
 
 
 def read_text(path: Path, limit: int = 400_000) -> str:
